@@ -1,0 +1,127 @@
+"""``create_model``: the one entry point from a name, spec or checkpoint to a ready model."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+from .errors import MNv4Error
+from .models.mobilenetv4 import MobileNetV4
+from .models.registry import MODELS, Preprocess, get_entry, split_name
+from .models.specs import ModelSpec
+from .weights.checkpoint import load_weights
+from .weights.hub import download_weights
+from .weights.io import read_checkpoint
+from .weights.timm import is_timm_state_dict, timm_to_mnv4
+
+__all__ = ["create_model", "infer_architecture"]
+
+
+def _fits(model: torch.nn.Module, sd: dict[str, torch.Tensor]) -> bool:
+    own = model.state_dict()
+    if is_timm_state_dict(sd):
+        sd = timm_to_mnv4(sd, model)
+    keys = {k for k in own if not k.endswith("num_batches_tracked") and not k.startswith("classifier.")}
+    return all(k in sd and sd[k].shape == own[k].shape for k in keys)
+
+
+def infer_architecture(sd: dict[str, torch.Tensor]) -> str:
+    """The registered architecture whose parameter names and shapes match ``sd``."""
+    for name, entry in MODELS.items():
+        with torch.device("meta"):
+            model = MobileNetV4(entry.spec, num_classes=0)
+        if _fits(model, sd):
+            return name
+    raise MNv4Error("the checkpoint matches no registered MobileNetV4; pass the model name explicitly")
+
+
+def _resolve_spec(name: str | ModelSpec | None, cfg: dict[str, Any] | None, sd) -> tuple[ModelSpec, Any]:
+    """(spec, registry entry or None) from the requested name and the checkpoint's own config."""
+    ckpt_arch = None
+    if cfg:
+        ckpt_arch = cfg.get("architecture")
+        if ckpt_arch is not None:
+            ckpt_arch = split_name(str(ckpt_arch))[0].replace("mobilenetv4_", "mnv4_")
+    if isinstance(name, ModelSpec):
+        return name, None
+    if name is None:
+        if cfg and "spec" in cfg:
+            return ModelSpec.from_dict(cfg["spec"]), None
+        if ckpt_arch is None and sd is not None:
+            ckpt_arch = infer_architecture(sd)
+        if ckpt_arch is None:
+            raise MNv4Error("no model name given; pass one (see `mnv4 models`) or a checkpoint that names it")
+        name = ckpt_arch
+    entry = get_entry(name)
+    if ckpt_arch is not None and ckpt_arch in MODELS and ckpt_arch != entry.name:
+        raise MNv4Error(f"the checkpoint is for {ckpt_arch}, not {entry.name}; pass --model {ckpt_arch}")
+    return entry.spec, entry
+
+
+def create_model(
+    name: str | ModelSpec | None = None,
+    num_classes: int | None = None,
+    pretrained: bool | str = False,
+    checkpoint: str | os.PathLike | None = None,
+    **overrides: Any,
+) -> MobileNetV4:
+    """Build a MobileNetV4.
+
+    Args:
+        name: a registered name (``mnv4_conv_small``, timm's ``mobilenetv4_conv_small``, optionally
+            ``.tag``), a custom :class:`ModelSpec`, or None to take it from ``checkpoint``.
+        num_classes: classifier size; defaults to the checkpoint's or the weights' (else 1000).
+        pretrained: True for the default timm weights, or a tag string; fetched from the hub.
+        checkpoint: a local timm- or mnv4-format file (or hub-style folder) to load.
+        **overrides: MobileNetV4 options: ``in_chans``, ``drop_rate``, ``drop_path_rate``,
+            ``drop_path_schedule``, ``output_stride``, ``features_only``, ``out_indices``, ``act``,
+            ``bn_eps``, ``bn_momentum``, ``layer_scale_init``.
+    """
+    if pretrained and checkpoint is not None:
+        raise MNv4Error("pass either pretrained=... or checkpoint=..., not both")
+    sd = cfg = None
+    if checkpoint is not None:
+        sd, cfg = read_checkpoint(checkpoint)
+    spec, entry = _resolve_spec(name, cfg, sd)
+
+    tag_name = split_name(name)[1] if isinstance(name, str) else None
+    if isinstance(pretrained, str):
+        tag_name = pretrained
+    tag = None
+    if entry is not None and (pretrained or tag_name):
+        tag = entry.get_tag(tag_name)
+    if pretrained:
+        source = tag.hub_id
+        sd, cfg = read_checkpoint(download_weights(tag.hub_id))
+    else:
+        source = str(checkpoint) if checkpoint is not None else None
+
+    if num_classes is None:
+        if sd is not None and "classifier.weight" in sd:
+            num_classes = sd["classifier.weight"].shape[0]
+        elif cfg and isinstance(cfg.get("num_classes"), int):
+            num_classes = cfg["num_classes"]
+        else:
+            num_classes = tag.num_classes if tag else 1000
+    if cfg and "in_chans" in cfg and "in_chans" not in overrides and cfg.get("format") == "mnv4":
+        overrides["in_chans"] = cfg["in_chans"]
+
+    try:
+        model = MobileNetV4(spec, num_classes=num_classes, **overrides)
+    except (TypeError, ValueError) as e:
+        raise MNv4Error(f"cannot build {spec.name}: {e}") from None
+    if tag is not None:
+        model.preprocess = tag.preprocess
+    elif cfg and isinstance(cfg.get("preprocess"), dict):
+        model.preprocess = Preprocess.from_dict(cfg["preprocess"])
+    elif entry is not None:
+        model.preprocess = entry.default_preprocess
+    else:
+        model.preprocess = Preprocess()
+    model.pretrained_tag = tag.tag if tag else None
+    model.class_names = list(cfg["class_names"]) if cfg and cfg.get("class_names") else None
+    if sd is not None:
+        load_weights(model, sd, source=source or "checkpoint")
+    return model

@@ -1,0 +1,36 @@
+"""Architectures: blocks, specs (the models as data), the builder and the registry."""
+
+from .blocks import MHSA, UIB, AttentionBlock, ConvBN, FusedIB, LayerScale, MobileMQA, make_divisible
+from .mobilenetv4 import MobileNetV4, drop_path_rates
+from .registry import MODELS, ModelEntry, Preprocess, WeightTag, get_entry, list_models
+from .specs import MODEL_SPECS, AttentionSpec, ConvBNSpec, FusedIBSpec, ModelSpec, UIBSpec, cn, fib, mhsa, mqa, uib
+
+__all__ = [
+    "MHSA",
+    "UIB",
+    "AttentionBlock",
+    "ConvBN",
+    "FusedIB",
+    "LayerScale",
+    "MobileMQA",
+    "make_divisible",
+    "MobileNetV4",
+    "drop_path_rates",
+    "MODELS",
+    "ModelEntry",
+    "Preprocess",
+    "WeightTag",
+    "get_entry",
+    "list_models",
+    "MODEL_SPECS",
+    "AttentionSpec",
+    "ConvBNSpec",
+    "FusedIBSpec",
+    "ModelSpec",
+    "UIBSpec",
+    "cn",
+    "fib",
+    "mhsa",
+    "mqa",
+    "uib",
+]

@@ -1,0 +1,211 @@
+"""One builder for every MobileNetV4-style network: :class:`ModelSpec` in, ``nn.Module`` out."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from .blocks import UIB, AttentionBlock, ConvBN, FusedIB, init_weights
+from .specs import AttentionSpec, BlockSpec, ConvBNSpec, FusedIBSpec, ModelSpec, UIBSpec
+
+__all__ = ["MobileNetV4", "drop_path_rates"]
+
+DROP_PATH_SCHEDULES = ("tf", "linear", "flat")
+
+
+def drop_path_rates(spec: ModelSpec, peak: float, schedule: str = "tf") -> list[float]:
+    """Stochastic-depth rate of every stage block, in order.
+
+    ``tf`` is the reference schedule (spec §2.1): block i of the full TF spec list (stem, blocks,
+    960 conv, pooling, 1280 conv: N entries) gets ``peak * (i + 1) / N``, except attention blocks,
+    which TF always gives the un-scaled peak. ``linear`` is timm's ramp ``peak * i / N_blocks`` and
+    ``flat`` gives every block ``peak`` (TF's ``flat_stochastic_depth_drop_rate``, used by Conv-L).
+    """
+    if schedule not in DROP_PATH_SCHEDULES:
+        raise ValueError(f"unknown drop-path schedule {schedule!r}; choose one of {DROP_PATH_SCHEDULES}")
+    blocks = spec.blocks
+    if schedule == "flat":
+        return [peak] * len(blocks)
+    if schedule == "linear":
+        n = len(blocks) + 1  # timm counts the stem too
+        return [peak * (i + 1) / n for i in range(len(blocks))]
+    n = len(blocks) + 4  # stem + blocks + 960 conv + pooling + 1280 conv
+    return [peak if isinstance(b, AttentionSpec) else peak * (i + 2) / n for i, b in enumerate(blocks)]
+
+
+class MobileNetV4(nn.Module):
+    """A MobileNetV4 network built from a :class:`ModelSpec`.
+
+    Shapes: ``forward_features`` returns the 960-channel (``num_features``) stride-32 map;
+    ``forward_head(x, pre_logits=True)`` returns the pooled 1280-d embedding (``head_hidden_size``).
+
+    Feature levels (``features_only=True``, ``out_indices`` index into these):
+    0 = stem output (stride 2), 1..4 = the ends of the four stages (strides 4, 8, 16, 32), i.e. the
+    TF ``is_output`` endpoints. Level 4 is the last stage (128/256/512 channels), *not* the 960-channel
+    1x1 conv that timm reports as its stride-32 level.
+    """
+
+    def __init__(
+        self,
+        spec: ModelSpec,
+        num_classes: int = 1000,
+        in_chans: int = 3,
+        drop_rate: float = 0.0,
+        drop_path_rate: float = 0.0,
+        drop_path_schedule: str = "tf",
+        output_stride: int = 32,
+        features_only: bool = False,
+        out_indices: Sequence[int] = (1, 2, 3, 4),
+        act: str | None = None,
+        bn_eps: float | None = None,
+        bn_momentum: float | None = None,
+        layer_scale_init: float | None | str = "spec",
+    ) -> None:
+        super().__init__()
+        if output_stride not in (8, 16, 32):
+            raise ValueError(f"output_stride must be 8, 16 or 32, got {output_stride}")
+        self.spec = spec
+        self.num_classes = num_classes
+        self.drop_rate = drop_rate
+        self.features_only = features_only
+        # Metadata set by create_model: the eval preprocessing of the weights, class names, tag.
+        self.preprocess = None
+        self.class_names: list[str] | None = None
+        self.pretrained_tag: str | None = None
+        act = act or spec.act
+        ls_init = spec.layer_scale_init if layer_scale_init == "spec" else layer_scale_init
+        bn_kwargs = {k: v for k, v in (("eps", bn_eps), ("momentum", bn_momentum)) if v is not None}
+
+        self.stem = _build_block(spec.stem, in_chans, act, 1, None, 0.0, bn_kwargs)
+        chs, stride, dilation = spec.stem.out, spec.stem.stride, 1
+        levels = [dict(module="stem", num_chs=chs, reduction=stride, stage=0)]
+        rates = iter(drop_path_rates(spec, drop_path_rate, drop_path_schedule))
+        stages = []
+        for si, stage_spec in enumerate(spec.stages):
+            blocks = []
+            for b in stage_spec:
+                block_stride = b.stride
+                if block_stride > 1 and stride * block_stride > output_stride:
+                    dilation *= block_stride  # trade stride for dilation (dense prediction)
+                    block_stride = 1
+                else:
+                    stride *= block_stride
+                blocks.append(_build_block(b, chs, act, dilation, ls_init, next(rates), bn_kwargs, block_stride))
+                chs = chs if isinstance(b, AttentionSpec) else b.out
+            stages.append(nn.Sequential(*blocks))
+            levels.append(dict(module=f"stages.{si}", num_chs=chs, reduction=stride, stage=si + 1))
+        self.stages = nn.ModuleList(stages)
+        self._levels = levels
+
+        if features_only:
+            self.out_indices = tuple(out_indices)
+            bad = [i for i in self.out_indices if not 0 <= i < len(levels)]
+            if bad:
+                raise ValueError(f"out_indices {bad} out of range; levels are 0..{len(levels) - 1}")
+            self.feature_info = [levels[i] for i in self.out_indices]
+            self.num_features = self.feature_info[-1]["num_chs"]
+            self.head_hidden_size = self.num_features
+        else:
+            self.out_indices = ()
+            self.feature_info = levels
+            self.num_features = spec.num_features
+            self.head_hidden_size = spec.head_hidden_size
+            self.final_conv = ConvBN(chs, spec.num_features, 1, act=act, bn_kwargs=bn_kwargs)
+            self.head_conv = ConvBN(spec.num_features, spec.head_hidden_size, 1, act=act, bn_kwargs=bn_kwargs)
+            self.dropout = nn.Dropout(drop_rate)
+            self.classifier = self._make_classifier(num_classes)
+        init_weights(self)
+
+    def _make_classifier(self, num_classes: int) -> nn.Module:
+        return nn.Linear(self.head_hidden_size, num_classes) if num_classes > 0 else nn.Identity()
+
+    # -- the common model interface -------------------------------------------------------------
+    def get_classifier(self) -> nn.Module:
+        return self.classifier
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """Replace the classifier; ``num_classes=0`` makes ``forward`` return the 1280-d embedding."""
+        self.num_classes = num_classes
+        self.classifier = self._make_classifier(num_classes)
+        if num_classes > 0:
+            nn.init.normal_(self.classifier.weight, std=0.01)
+            nn.init.zeros_(self.classifier.bias)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        for stage in self.stages:
+            x = stage(x)
+        return self.final_conv(x) if not self.features_only else x
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = self.head_conv(x.mean((2, 3), keepdim=True)).flatten(1)
+        if pre_logits:
+            return x
+        return self.classifier(self.dropout(x))
+
+    def forward_levels(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """All five feature levels (stem, then the end of each stage)."""
+        x = self.stem(x)
+        out = [x]
+        for stage in self.stages:
+            x = stage(x)
+            out.append(x)
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+        if self.features_only:
+            levels = self.forward_levels(x)
+            return [levels[i] for i in self.out_indices]
+        return self.forward_head(self.forward_features(x))
+
+    def extra_repr(self) -> str:
+        return f"spec={self.spec.name}, num_classes={self.num_classes}"
+
+
+def _build_block(
+    b: BlockSpec,
+    in_chs: int,
+    act: str,
+    dilation: int,
+    layer_scale_init: float | None,
+    drop_path: float,
+    bn_kwargs: dict[str, Any],
+    stride: int | None = None,
+) -> nn.Module:
+    stride = b.stride if stride is None else stride
+    if isinstance(b, ConvBNSpec):
+        return ConvBN(in_chs, b.out, b.kernel, stride, dilation=dilation, act=act, bn_kwargs=bn_kwargs)
+    if isinstance(b, FusedIBSpec):
+        return FusedIB(in_chs, b.out, b.kernel, stride, b.expand, act, dilation, drop_path, bn_kwargs)
+    if isinstance(b, UIBSpec):
+        return UIB(
+            in_chs,
+            b.out,
+            b.start_dw,
+            b.mid_dw,
+            stride,
+            b.expand,
+            b.end_dw,
+            act,
+            dilation,
+            layer_scale_init,
+            drop_path,
+            bn_kwargs,
+        )
+    if isinstance(b, AttentionSpec):
+        return AttentionBlock(
+            in_chs,
+            b.heads,
+            b.key_dim,
+            b.value_dim,
+            b.kv_heads,
+            b.kv_stride,
+            b.dw_kernel,
+            layer_scale_init,
+            drop_path,
+            bn_kwargs,
+        )
+    raise TypeError(f"unknown block spec {b!r}")

@@ -1,0 +1,132 @@
+"""Reading and writing checkpoints safely.
+
+mnv4's own format is one ``.safetensors`` file whose header metadata carries a JSON config
+(architecture or full spec, num_classes, preprocessing, class names). Foreign files (timm
+``.safetensors`` / ``.pth`` / ``.bin``, hub folders) are read without unpickling arbitrary code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import MNv4Error
+
+__all__ = ["read_checkpoint", "write_safetensors", "atomic_write", "clean_state_dict", "CONFIG_KEY", "FORMAT"]
+
+CONFIG_KEY = "mnv4_config"
+FORMAT = "mnv4"
+_PREFIXES = ("module.", "_orig_mod.")
+_WRAPPER_KEYS = ("state_dict_ema", "model_ema", "state_dict", "model", "ema")
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
+    """Call ``write(tmp_path)`` then rename onto ``path``, so a crash never leaves a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], config: dict[str, Any]) -> Path:
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    metadata = {CONFIG_KEY: json.dumps(config)}
+    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+def clean_state_dict(sd: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """Strip DDP / torch.compile prefixes and drop non-tensor entries."""
+    out = {}
+    for k, v in sd.items():
+        if not isinstance(v, torch.Tensor):
+            continue
+        for p in _PREFIXES:
+            while k.startswith(p):
+                k = k[len(p) :]
+        out[k] = v
+    return out
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        sd = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise MNv4Error(f"cannot read {path}: not a valid safetensors file ({e})") from None
+    cfg = json.loads(meta[CONFIG_KEY]) if CONFIG_KEY in meta else None
+    return sd, cfg
+
+
+def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises UnpicklingError, RuntimeError or EOFError depending on damage
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise MNv4Error(
+            f"cannot read {path} safely ({first[:160]}); mnv4 only loads plain tensor checkpoints "
+            "(torch.load weights_only=True) - re-save the weights as .safetensors"
+        ) from None
+    if isinstance(obj, Mapping):
+        for key in _WRAPPER_KEYS:
+            if isinstance(obj.get(key), Mapping):
+                obj = obj[key]
+                break
+    if not isinstance(obj, Mapping):
+        raise MNv4Error(f"{path} does not hold a state dict (found {type(obj).__name__})")
+    return dict(obj)
+
+
+def _read_dir(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
+    for name in ("model.safetensors", "pytorch_model.bin", "model.pth"):
+        if (path / name).is_file():
+            sd, cfg = read_checkpoint(path / name)
+            break
+    else:
+        raise MNv4Error(f"{path} holds no model.safetensors or pytorch_model.bin")
+    cfg_file = path / "config.json"
+    if cfg is None and cfg_file.is_file():
+        cfg = json.loads(cfg_file.read_text())
+    return sd, cfg
+
+
+def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
+    """Load (state_dict, config-or-None) from a file or hub-style folder, never unpickling code."""
+    path = Path(path)
+    if not path.exists():
+        raise MNv4Error(f"checkpoint not found: {path}")
+    if path.is_dir():
+        sd, cfg = _read_dir(path)
+    elif path.suffix == ".safetensors":
+        sd, cfg = _read_safetensors(path)
+    else:
+        with open(path, "rb") as f:
+            head = f.read(16)
+        if len(head) >= 9 and head[8:9] == b"{":  # safetensors header under another extension
+            sd, cfg = _read_safetensors(path)
+        else:
+            sd, cfg = _read_pickle(path), None
+    sd = clean_state_dict(sd)
+    if not sd:
+        raise MNv4Error(f"{path} contains no tensors")
+    return sd, cfg
