@@ -123,5 +123,18 @@ def create_model(
     model.pretrained_tag = tag.tag if tag else None
     model.class_names = list(cfg["class_names"]) if cfg and cfg.get("class_names") else None
     if sd is not None:
-        load_weights(model, sd, source=source or "checkpoint")
+        try:
+            load_weights(model, sd, source=source or "checkpoint")
+        except MNv4Error:
+            other = _registered_fit(sd)
+            if other and other != spec.name:
+                raise MNv4Error(f"the checkpoint is for {other}, not {spec.name}; pass --model {other}") from None
+            raise
     return model
+
+
+def _registered_fit(sd: dict[str, torch.Tensor]) -> str | None:
+    try:
+        return infer_architecture(sd)
+    except MNv4Error:
+        return None

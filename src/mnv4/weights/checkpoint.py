@@ -55,7 +55,8 @@ def load_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor], sourc
     if num_classes == 0:
         sd = {k: v for k, v in sd.items() if k not in _CLASSIFIER_KEYS}
     mismatched = [k for k in sd if k in own and sd[k].shape != own[k].shape]
-    if mismatched and set(mismatched) <= set(_CLASSIFIER_KEYS):
+    mismatched_classifier = bool(mismatched) and set(mismatched) <= set(_CLASSIFIER_KEYS)
+    if mismatched_classifier:
         ckpt_classes = sd["classifier.weight"].shape[0] if "classifier.weight" in sd else "?"
         warnings.warn(
             f"{source} has a {ckpt_classes}-class classifier; the model has {num_classes} classes, "
@@ -65,6 +66,10 @@ def load_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor], sourc
         sd = {k: v for k, v in sd.items() if k not in _CLASSIFIER_KEYS}
         mismatched = []
     missing = [k for k in own if k not in sd and not k.endswith("num_batches_tracked")]
+    if missing and set(missing) <= set(_CLASSIFIER_KEYS):
+        if not mismatched_classifier:
+            warnings.warn(f"{source} has no classifier; the model's is freshly initialised", stacklevel=3)
+        missing = []
     unexpected = [k for k in sd if k not in own]
     if missing or unexpected or mismatched:
         problems = []

@@ -1,0 +1,168 @@
+"""One suite over every registered model: shapes, gradients, determinism, features, counts, export."""
+
+import pytest
+import torch
+
+import mnv4
+from mnv4.models.registry import MODELS
+from mnv4.perf import profile
+
+ALL = mnv4.list_models()
+FIVE = ["mnv4_conv_small", "mnv4_conv_medium", "mnv4_hybrid_medium", "mnv4_conv_large", "mnv4_hybrid_large"]
+
+# Trainable parameters with a 1000-class classifier: spec §4.1 (the five models) and timm's
+# builds of the width variants (measured with timm 1.0.31, which is also checked in test_timm).
+PARAMS = {
+    "mnv4_conv_small": 3_774_024,
+    "mnv4_conv_medium": 9_715_512,
+    "mnv4_hybrid_medium": 11_074_648,
+    "mnv4_conv_large": 32_590_864,
+    "mnv4_hybrid_large": 37_764_624,
+    "mnv4_conv_small_035": 1_905_384,
+    "mnv4_conv_small_050": 2_238_952,
+    "mnv4_hybrid_medium_075": 7_313_528,
+    "mnv4_hybrid_large_075": 22_754_984,
+}
+# GMACs at native resolution, spec §4.1 [derived] column.
+GMACS = {
+    "mnv4_conv_small": (224, 0.186),
+    "mnv4_conv_medium": (256, 1.080),
+    "mnv4_hybrid_medium": (256, 1.271),
+    "mnv4_conv_large": (384, 6.376),
+    "mnv4_hybrid_large": (384, 7.712),
+}
+# TF endpoint channels at strides 4/8/16/32 (spec §3.0, TF unit test).
+ENDPOINTS = {
+    "mnv4_conv_small": [32, 64, 96, 128],
+    "mnv4_conv_medium": [48, 80, 160, 256],
+    "mnv4_hybrid_medium": [48, 80, 160, 256],
+    "mnv4_conv_large": [48, 96, 192, 512],
+    "mnv4_hybrid_large": [48, 96, 192, 512],
+}
+
+
+def test_registry_covers_names_and_aliases():
+    assert set(PARAMS) == set(ALL)
+    for name in ALL:
+        alias = MODELS[name].timm_name
+        assert mnv4.models.get_entry(alias).name == name
+    with pytest.raises(mnv4.MNv4Error, match="did you mean"):
+        mnv4.create_model("mnv4_conv_smal")
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_exact_parameter_count(name):
+    with torch.device("meta"):
+        model = mnv4.create_model(name)
+    assert sum(p.numel() for p in model.parameters()) == PARAMS[name]
+
+
+@pytest.mark.parametrize("name", FIVE)
+def test_macs_match_reference(name):
+    res, gmacs = GMACS[name]
+    macs = profile(name, resolution=res).macs / 1e9
+    assert macs == pytest.approx(gmacs, rel=0.02)
+    assert round(macs, 3) == gmacs  # in fact exact to the published 3 decimals
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_forward_backward_and_every_parameter_gets_a_gradient(name):
+    torch.manual_seed(0)
+    model = mnv4.create_model(name, num_classes=7, drop_rate=0.1).train()
+    x = torch.randn(2, 3, 64, 80)
+    out = model(x)
+    assert out.shape == (2, 7)
+    out.square().mean().backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
+    assert not missing
+    zero = [n for n, p in model.named_parameters() if p.grad.abs().sum() == 0]
+    assert not zero, f"parameters with an all-zero gradient: {zero[:5]}"
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_interface_shapes(name):
+    model = mnv4.create_model(name).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        feats = model.forward_features(x)
+        assert feats.shape == (1, model.num_features, 2, 2)
+        emb = model.forward_head(feats, pre_logits=True)
+        assert emb.shape == (1, model.head_hidden_size) == (1, 1280)
+        assert model.forward_head(feats).shape == (1, 1000)
+        model.reset_classifier(0)
+        assert model(x).shape == (1, 1280)
+        model.reset_classifier(5)
+        assert model(x).shape == (1, 5)
+    assert model.num_features == MODELS[name].spec.num_features
+    assert model.preprocess.input_size == MODELS[name].default_preprocess.input_size
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_eval_is_deterministic_and_batch_independent(name):
+    torch.manual_seed(0)
+    model = mnv4.create_model(name).eval()
+    x = torch.randn(3, 3, 72, 56)
+    with torch.no_grad():
+        batched = model(x)
+        again = model(x)
+        single = torch.cat([model(x[i : i + 1]) for i in range(3)])
+    assert torch.equal(batched, again)
+    torch.testing.assert_close(single, batched, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", FIVE)
+@pytest.mark.parametrize("output_stride", [32, 16, 8])
+def test_features_only_levels_match_feature_info(name, output_stride):
+    model = mnv4.create_model(name, features_only=True, output_stride=output_stride).eval()
+    assert [f["num_chs"] for f in model.feature_info] == ENDPOINTS[name]
+    expected = [min(r, output_stride) for r in (4, 8, 16, 32)]
+    assert [f["reduction"] for f in model.feature_info] == expected
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        feats = model(x)
+    for f, info in zip(feats, model.feature_info):
+        assert f.shape == (1, info["num_chs"], 64 // info["reduction"], 96 // info["reduction"])
+
+
+def test_out_indices_select_levels_including_stem():
+    model = mnv4.create_model("mnv4_conv_small", features_only=True, out_indices=(0, 4)).eval()
+    assert [(f["num_chs"], f["reduction"]) for f in model.feature_info] == [(32, 2), (128, 32)]
+    assert [t.shape[1] for t in model(torch.randn(1, 3, 64, 64))] == [32, 128]
+    with pytest.raises(mnv4.MNv4Error, match="out_indices"):
+        mnv4.create_model("mnv4_conv_small", features_only=True, out_indices=(5,))
+
+
+def test_classifier_model_levels_and_in_chans():
+    model = mnv4.create_model("mnv4_conv_medium", in_chans=1, num_classes=3).eval()
+    assert [f["reduction"] for f in model.feature_info] == [2, 4, 8, 16, 32]
+    assert model(torch.randn(2, 1, 64, 64)).shape == (2, 3)
+
+
+def test_hybrid_large_uses_exact_gelu_everywhere():
+    with torch.device("meta"):
+        model = mnv4.create_model("mnv4_hybrid_large")
+    gelus = [m for m in model.modules() if isinstance(m, torch.nn.GELU)]
+    assert gelus and all(m.approximate == "none" for m in gelus)
+    assert not any(isinstance(m, torch.nn.ReLU) for m in model.modules())
+
+
+@pytest.mark.parametrize(
+    "name, count", [("mnv4_hybrid_medium", 30), ("mnv4_hybrid_large", 35), ("mnv4_conv_large", 0)]
+)
+def test_layer_scale_placement_and_init(name, count):
+    # Hybrids: every UIB and every MQA block (not the stem or FusedIB); conv models: none (spec §2.5).
+    model = mnv4.create_model(name)
+    gammas = [m.gamma for m in model.modules() if isinstance(m, mnv4.models.LayerScale)]
+    assert len(gammas) == count
+    assert all(torch.all(g == 1e-5) for g in gammas)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", FIVE)
+def test_torch_export(name):
+    model = mnv4.create_model(name).eval()
+    x = torch.randn(2, 3, 64, 64)
+    ep = torch.export.export(model, (x,), dynamic_shapes=({0: torch.export.Dim.AUTO},))
+    y = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(ep.module()(y), model(y), rtol=1e-4, atol=1e-5)
