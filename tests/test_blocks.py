@@ -21,9 +21,7 @@ def _kinds(block: UIB) -> tuple[bool, bool]:
     return not isinstance(block.dw_start, nn.Identity), not isinstance(block.dw_mid, nn.Identity)
 
 
-@pytest.mark.parametrize(
-    "start, mid, name", [(0, 3, "IB"), (3, 0, "ConvNext"), (3, 5, "ExtraDW"), (0, 0, "FFN")]
-)
+@pytest.mark.parametrize("start, mid, name", [(0, 3, "IB"), (3, 0, "ConvNext"), (3, 5, "ExtraDW"), (0, 0, "FFN")])
 def test_uib_instantiations(start, mid, name):
     block = UIB(32, 32, start_dw=start, mid_dw=mid, stride=1, expand_ratio=3.0)
     assert _kinds(block) == (bool(start), bool(mid))

@@ -146,9 +146,7 @@ def test_hybrid_large_uses_exact_gelu_everywhere():
     assert not any(isinstance(m, torch.nn.ReLU) for m in model.modules())
 
 
-@pytest.mark.parametrize(
-    "name, count", [("mnv4_hybrid_medium", 30), ("mnv4_hybrid_large", 35), ("mnv4_conv_large", 0)]
-)
+@pytest.mark.parametrize("name, count", [("mnv4_hybrid_medium", 30), ("mnv4_hybrid_large", 35), ("mnv4_conv_large", 0)])
 def test_layer_scale_placement_and_init(name, count):
     # Hybrids: every UIB and every MQA block (not the stem or FusedIB); conv models: none (spec §2.5).
     model = mnv4.create_model(name)

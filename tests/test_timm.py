@@ -25,9 +25,7 @@ def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.mark.parametrize("name", mnv4.list_models())
 def test_timm_checkpoint_gives_timm_logits(name, tmp_path):
     ref = _timm_model(name)
-    assert sum(p.numel() for p in ref.parameters()) == sum(
-        p.numel() for p in mnv4.create_model(name).parameters()
-    )
+    assert sum(p.numel() for p in ref.parameters()) == sum(p.numel() for p in mnv4.create_model(name).parameters())
     path = tmp_path / "model.safetensors"
     save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(path))
     model = mnv4.create_model(name, checkpoint=path).eval()

@@ -30,9 +30,10 @@ def _cmd_models(args: argparse.Namespace) -> None:
             continue
         res = entry.default_preprocess.input_size
         prof = profile(entry.spec, resolution=res)
-        tags = ", ".join(t.tag for t in entry.tags) or "-"
+        more = f" (+{len(entry.tags) - 1} more)" if len(entry.tags) > 1 else ""
+        tags = f"{entry.tags[0].tag}{more}" if entry.tags else "- (untrained)"
         rows.append((name, f"{prof.params / 1e6:.2f}M", f"{prof.macs / 1e9:.3f}G", str(res), tags))
-    _print_table(("model", "params", "MACs", "res", "weights (timm tags)"), rows)
+    _print_table(("model", "params", "MACs", "res", "default weights (timm tag)"), rows)
 
 
 def _cmd_profile(args: argparse.Namespace) -> None:

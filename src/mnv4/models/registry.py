@@ -89,9 +89,7 @@ def _pp(size: int, crop: float, test: int | None = None, test_crop: float | None
 
 def _entry(name: str, base: str, mult: float, default: Preprocess, *tags: tuple) -> ModelEntry:
     timm_name = name.replace("mnv4_", "mobilenetv4_")
-    weight_tags = tuple(
-        WeightTag(t[0], t[1], t[2] if len(t) > 2 else 1000, f"timm/{timm_name}.{t[0]}") for t in tags
-    )
+    weight_tags = tuple(WeightTag(t[0], t[1], t[2] if len(t) > 2 else 1000, f"timm/{timm_name}.{t[0]}") for t in tags)
     return ModelEntry(name, base, mult, timm_name, default, weight_tags)
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any
 
 __all__ = [
     "ConvBNSpec",
@@ -70,7 +70,7 @@ class AttentionSpec:
     stride: int = field(default=1, init=False)
 
 
-BlockSpec = Union[ConvBNSpec, FusedIBSpec, UIBSpec, AttentionSpec]
+BlockSpec = ConvBNSpec | FusedIBSpec | UIBSpec | AttentionSpec
 _BLOCK_TYPES: dict[str, type] = {
     "convbn": ConvBNSpec,
     "fused_ib": FusedIBSpec,

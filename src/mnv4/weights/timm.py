@@ -21,7 +21,12 @@ __all__ = ["is_timm_state_dict", "timm_to_mnv4", "mnv4_to_timm"]
 # (timm leaf prefix, mnv4 leaf prefix) per block type; applied to keys under the block prefix.
 _LEAVES: dict[type, list[tuple[str, str]]] = {
     ConvBN: [("conv.", "conv."), ("bn1.", "bn.")],
-    FusedIB: [("conv_exp.", "expand.conv."), ("bn1.", "expand.bn."), ("conv_pwl.", "project.conv."), ("bn2.", "project.bn.")],
+    FusedIB: [
+        ("conv_exp.", "expand.conv."),
+        ("bn1.", "expand.bn."),
+        ("conv_pwl.", "project.conv."),
+        ("bn2.", "project.bn."),
+    ],
     UIB: [
         ("dw_start.", "dw_start."),
         ("pw_exp.", "expand."),

@@ -1,0 +1,75 @@
+"""Batch-1 CPU latency: mnv4 eager vs timm eager, same process, alternating, medians.
+
+    python benchmarks/latency.py [--models mnv4_conv_small ...] [--threads 2] [--rounds 7] [--iters 20]
+
+Each round times ``--iters`` calls of one implementation, then of the other (the order flips every
+round, so drift and noise from other processes hit both); the table shows the median over rounds
+of the per-call mean, and the ratio ours / timm (< 1 means mnv4 is faster). Both models carry the
+same weights (a timm checkpoint converted by mnv4), and the script checks the logits agree.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TIMM_FUSED_ATTN", "1")  # give timm its fastest attention path
+
+import torch  # noqa: E402
+
+import mnv4  # noqa: E402
+from mnv4.models.registry import MODELS  # noqa: E402
+
+FIVE = ["mnv4_conv_small", "mnv4_conv_medium", "mnv4_hybrid_medium", "mnv4_conv_large", "mnv4_hybrid_large"]
+
+
+def _time(fn, x: torch.Tensor, iters: int) -> float:
+    start = time.perf_counter()
+    for _ in range(iters):
+        fn(x)
+    return (time.perf_counter() - start) / iters * 1e3
+
+
+def bench(name: str, rounds: int, iters: int, res: int | None) -> tuple[float, float, float]:
+    import timm
+
+    ref = timm.create_model(MODELS[name].timm_name).eval()
+    ours = mnv4.create_model(name).eval()
+    mnv4.load_weights(ours, ref.state_dict())
+    size = res or ours.preprocess.input_size
+    x = torch.randn(1, 3, size, size)
+    with torch.inference_mode():
+        diff = float((ref(x) - ours(x)).abs().max())
+        for fn in (ref, ours):  # warm-up
+            _time(fn, x, 3)
+        t_ours, t_timm = [], []
+        for r in range(rounds):
+            pair = [(ours, t_ours), (ref, t_timm)]
+            for fn, acc in pair if r % 2 == 0 else pair[::-1]:
+                acc.append(_time(fn, x, iters))
+    return statistics.median(t_ours), statistics.median(t_timm), diff
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=FIVE)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--res", type=int, default=None, help="input size (default: each model's native one)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {args.threads} threads, batch 1, median of {args.rounds} rounds x {args.iters}")
+    print("| model | res | mnv4 eager ms | timm eager ms | ratio mnv4/timm | max abs logit diff |")
+    print("|---|---|---|---|---|---|")
+    for name in args.models:
+        ours, ref, diff = bench(name, args.rounds, args.iters, args.res)
+        res = args.res or MODELS[name].default_preprocess.input_size
+        print(f"| {name} | {res} | {ours:.2f} | {ref:.2f} | {ours / ref:.3f} | {diff:.1e} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
