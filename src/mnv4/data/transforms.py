@@ -66,8 +66,9 @@ def train_transform(
         ops.append(T.RandomHorizontalFlip(hflip))
     if randaug_prob > 0 and randaug_layers > 0:
         tv_magnitude = max(0, min(30, round(3 * randaug_magnitude)))
-        # RandAugment runs on uint8 images (its colour ops assume that range), so before ToDtype.
-        ops.append(T.RandomApply([T.RandAugment(randaug_layers, tv_magnitude, interpolation=interp)], randaug_prob))
+        # On uint8 images (its colour ops assume that range), so before ToDtype; nearest resampling
+        # for its geometric ops as in TF's RandAugment (tensor images have no bicubic affine anyway).
+        ops.append(T.RandomApply([T.RandAugment(randaug_layers, tv_magnitude)], randaug_prob))
     ops += [T.ToDtype(torch.float32, scale=True), T.Normalize(pp.mean, pp.std)]
     return T.Compose(ops)
 

@@ -1,0 +1,98 @@
+"""Image folders (one sub-folder per class) that survive real-world files.
+
+Unreadable or truncated files are not fatal: loading returns a :class:`BadImage` marker that the
+collate function drops and reports, so one broken JPEG in a 100k-image folder costs one sample,
+not the run. Structural problems (empty classes, no images, val classes unknown to train) are
+caught before training starts, with one error naming them.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image
+from torchvision.datasets import ImageFolder
+
+from ..errors import MNv4Error
+
+__all__ = ["BadImage", "SafeImageFolder", "load_rgb", "scan_classes", "IMAGE_EXTENSIONS"]
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+
+
+@dataclass(frozen=True)
+class BadImage:
+    path: str
+    reason: str
+
+
+def load_rgb(path: str) -> Image.Image:
+    """Decode fully (so truncation shows up here, not in a worker later) and convert to RGB.
+    Transparent images are composited on white: dropping alpha would turn transparent pixels into
+    whatever colour the encoder left there, often black."""
+    with Image.open(path) as im:
+        im.load()
+        if im.mode == "P" and "transparency" in im.info:
+            im = im.convert("RGBA")
+        if im.mode in ("RGBA", "LA", "PA"):
+            im = im.convert("RGBA")
+            background = Image.new("RGBA", im.size, (255, 255, 255, 255))
+            return Image.alpha_composite(background, im).convert("RGB")
+        return im.convert("RGB")
+
+
+def _is_image(name: str) -> bool:
+    return name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def scan_classes(root: str | os.PathLike) -> dict[str, int]:
+    """Class folder -> number of image files; raises one error for a missing/empty tree."""
+    root = Path(root)
+    if not root.is_dir():
+        raise MNv4Error(f"no such data folder: {root}")
+    counts = {}
+    for d in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        counts[d.name] = sum(1 for _, _, files in os.walk(d, followlinks=True) for f in files if _is_image(f))
+    if not counts:
+        raise MNv4Error(f"{root} has no class sub-folders; put each class's images in {root}/<class name>/")
+    if not any(counts.values()):
+        raise MNv4Error(f"{root} contains no images ({', '.join(IMAGE_EXTENSIONS)}); check the path")
+    empty = [c for c, n in counts.items() if n == 0]
+    if empty:
+        shown = ", ".join(empty[:5]) + (f" (+{len(empty) - 5} more)" if len(empty) > 5 else "")
+        raise MNv4Error(f"{root}: class folder(s) without images: {shown}; add images or remove the folders")
+    return counts
+
+
+class SafeImageFolder(ImageFolder):
+    """torchvision's ImageFolder with a fixed class list (so val indices match train's) and
+    unreadable files returned as :class:`BadImage` instead of raising."""
+
+    def __init__(self, root: str | os.PathLike, classes: list[str] | None = None) -> None:
+        self._fixed_classes = classes
+        super().__init__(str(root), loader=load_rgb, is_valid_file=_is_image)
+
+    def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
+        present = sorted(scan_classes(directory))
+        if self._fixed_classes is None:
+            return present, {c: i for i, c in enumerate(present)}
+        unknown = [c for c in present if c not in self._fixed_classes]
+        if unknown:
+            raise MNv4Error(
+                f"{directory} has classes the training set lacks: {', '.join(unknown[:5])}; "
+                "give val/ the same class folders as train/"
+            )
+        mapping = {c: i for i, c in enumerate(self._fixed_classes)}
+        return list(self._fixed_classes), {c: mapping[c] for c in present}
+
+    def __getitem__(self, index: int):
+        path, target = self.samples[index]
+        try:
+            sample = self.loader(path)
+        except (OSError, ValueError, SyntaxError) as e:  # PIL raises all three for damaged files
+            return BadImage(path, str(e) or type(e).__name__), target
+        if self.transform is not None:
+            sample = self.transform(sample)
+        return sample, target

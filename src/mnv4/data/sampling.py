@@ -1,0 +1,112 @@
+"""Sampling that makes runs reproducible across restarts, workers and process counts.
+
+Two ideas carry it:
+
+* Randomness per sample, not per worker: :class:`SeededDataset` reseeds torch's RNG from
+  (seed, epoch, index) before augmenting a sample, so an image gets the same crop whether it is
+  loaded by worker 0 or 3, in the first run or after a resume.
+* Sharding per global batch: :class:`GlobalBatchSampler` cuts each epoch's permutation into global
+  batches and hands rank r its consecutive slice of every one. One process accumulating k
+  micro-batches therefore sees exactly the micro-batches k DDP processes see, and a resume can
+  skip whole global batches to continue where the run stopped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Sampler
+
+__all__ = ["GlobalBatchSampler", "SeededDataset", "sample_seed"]
+
+
+def sample_seed(*keys: int) -> int:
+    """A well-mixed 63-bit seed from integer keys (nearby keys give unrelated streams)."""
+    return int(np.random.SeedSequence([int(k) & 0xFFFFFFFF for k in keys]).generate_state(2, np.uint64)[0] >> 1)
+
+
+class SeededDataset(Dataset):
+    """Applies ``transform`` to ``dataset[i]``'s image under a seed derived from (seed, epoch, i).
+
+    Indexed by ``(epoch, i)`` pairs, which :class:`GlobalBatchSampler` yields; a plain int index
+    means epoch 0 (evaluation, where transforms are deterministic anyway).
+    """
+
+    def __init__(self, dataset: Dataset, transform: Callable[[Any], Any] | None, seed: int = 0) -> None:
+        self.dataset = dataset
+        self.transform = transform
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[Any, int]:
+        epoch, i = key if isinstance(key, tuple) else (0, key)
+        image, target = self.dataset[i]
+        if self.transform is None or not _is_image(image):
+            return image, target
+        # fork_rng keeps this from disturbing the caller's RNG when loading in the main process.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(sample_seed(self.seed, epoch, i))
+            return self.transform(image), target
+
+
+def _is_image(x: Any) -> bool:
+    from .folder import BadImage
+
+    return not isinstance(x, BadImage)
+
+
+class GlobalBatchSampler(Sampler):
+    """Yields ``(epoch, index)`` for this rank's share of each full global batch, in order.
+
+    ``global_batch = world_size * accumulation * micro_batch``; the last partial global batch of an
+    epoch is dropped so every optimizer step sees the same number of samples. ``start_batch`` skips
+    that many global batches of the current epoch (resume mid-epoch).
+    """
+
+    def __init__(
+        self,
+        num_samples: int,
+        global_batch: int,
+        rank: int = 0,
+        world_size: int = 1,
+        shuffle: bool = True,
+        seed: int = 0,
+    ) -> None:
+        if global_batch % world_size:
+            raise ValueError(f"global batch {global_batch} is not divisible by {world_size} processes")
+        self.num_samples = num_samples
+        self.global_batch = global_batch
+        self.rank = rank
+        self.world_size = world_size
+        self.shuffle = shuffle
+        self.seed = seed
+        self.epoch = 0
+        self.start_batch = 0
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.num_samples // self.global_batch
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch = epoch
+        self.start_batch = start_batch
+
+    def __len__(self) -> int:
+        return (self.batches_per_epoch - self.start_batch) * (self.global_batch // self.world_size)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        if self.shuffle:
+            g = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, 0x5A3))
+            order = torch.randperm(self.num_samples, generator=g).tolist()
+        else:
+            order = list(range(self.num_samples))
+        share = self.global_batch // self.world_size
+        for b in range(self.start_batch, self.batches_per_epoch):
+            start = b * self.global_batch + self.rank * share
+            for i in order[start : start + share]:
+                yield self.epoch, i
