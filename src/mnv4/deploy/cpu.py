@@ -118,7 +118,7 @@ class PackedAttention(nn.Module):
         # The matmuls want channel-major tokens; one copy out of NHWC per projection.
         q = self.query(x).contiguous().reshape(b * g, self.key_dim, -1)
         if self.key_down is not None:
-            kv = torch.addcmul(self.kv_shift, x, self.kv_scale)
+            kv = torch.addcmul(self.kv_shift, x, self.kv_scale)  # one pass; this path is never exported
             k, v = self.key(self.key_down(kv)), self.value(self.value_down(kv))
         else:
             k, v = self.key(x), self.value(x)

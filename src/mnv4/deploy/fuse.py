@@ -158,7 +158,8 @@ class FusedAttention(nn.Module):
         q = self.query(x).reshape(b * g, self.key_dim, -1)
         if self.key_down is not None:
             # The pre-norm as an explicit affine: the padded DW convs must see BN(x), zero-padded.
-            kv = torch.addcmul(self.kv_shift, x, self.kv_scale) if self.has_kv_affine else x
+            # (mul + add rather than addcmul: Core ML's converter has no addcmul.)
+            kv = x * self.kv_scale + self.kv_shift if self.has_kv_affine else x
             k = self.key(self.key_down(kv))
             v = self.value(self.value_down(kv))
         else:

@@ -1,0 +1,102 @@
+"""INT8 post-training quantization with calibration images, one route per runtime.
+
+* ONNX Runtime: ``quantize_static`` in QDQ form, uint8 activations / int8 per-channel weights,
+  after ``quant_pre_process`` (shape inference + graph cleanup); the fastest ORT int8 layout here.
+* OpenVINO: NNCF ``quantize`` on the converted model.
+* LiteRT and ExecuTorch: PyTorch 2 export (pt2e) quantization through ``torchao`` with the
+  runtime's own quantizer (litert-torch's PT2EQuantizer, ExecuTorch's XNNPACKQuantizer).
+
+All routes take the calibration batch as a float tensor [N, 3, R, R] already preprocessed.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import MNv4Error, missing_extra
+
+__all__ = ["quantize_onnx", "quantize_openvino", "pt2e_quantize"]
+
+
+def quantize_onnx(fp32_path: str | os.PathLike, out_path: str | os.PathLike, calib: torch.Tensor) -> None:
+    """Static QDQ INT8 of an fp32 ONNX model."""
+    try:
+        from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+        from onnxruntime.quantization.shape_inference import quant_pre_process
+    except ImportError:
+        raise missing_extra("onnxruntime", "onnx") from None
+    import onnx
+
+    input_name = onnx.load(str(fp32_path), load_external_data=False).graph.input[0].name
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.items = iter(calib[i : i + 1].numpy() for i in range(len(calib)))
+
+        def get_next(self):
+            x = next(self.items, None)
+            return None if x is None else {input_name: x}
+
+    with tempfile.TemporaryDirectory() as tmp:
+        pre = Path(tmp) / "pre.onnx"
+        quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=True)
+        quantize_static(
+            str(pre),
+            str(out_path),
+            Reader(),
+            quant_format=QuantFormat.QDQ,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            per_channel=True,
+        )
+
+
+def quantize_openvino(ov_model, calib: torch.Tensor):
+    """NNCF post-training INT8 of an ``openvino.Model``."""
+    try:
+        import nncf
+    except ImportError:
+        raise missing_extra("nncf", "openvino") from None
+    dataset = nncf.Dataset([calib[i : i + 1].numpy() for i in range(len(calib))])
+    return nncf.quantize(ov_model, dataset, subset_size=len(calib))
+
+
+def _quantizer(target: str):
+    if target == "litert":
+        try:
+            from litert_torch.quantize.pt2e_quantizer import PT2EQuantizer, get_symmetric_quantization_config
+        except ImportError:
+            raise missing_extra("litert-torch", "litert") from None
+        return PT2EQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
+    if target == "executorch":
+        try:
+            from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
+                XNNPACKQuantizer,
+                get_symmetric_quantization_config,
+            )
+        except ImportError:
+            raise missing_extra("executorch", "executorch") from None
+        return XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
+    raise MNv4Error(f"no pt2e quantizer for {target}")
+
+
+def pt2e_quantize(model: nn.Module, example: torch.Tensor, calib: torch.Tensor, target: str):
+    """(quantized GraphModule, quantizer) for ``target`` in {litert, executorch}."""
+    quantizer = _quantizer(target)
+    try:
+        from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+    except ImportError:
+        # torch 2.14 no longer ships torch.ao's pt2e entry points; torchao is the home now.
+        raise missing_extra("torchao", target) from None
+    graph = torch.export.export(model.eval(), (example,)).module()
+    prepared = prepare_pt2e(graph, quantizer)
+    with torch.no_grad():
+        for i in range(len(calib)):
+            prepared(calib[i : i + 1])
+    # litert's converter wants the weights' quantize ops in the graph (it folds them itself).
+    return convert_pt2e(prepared, fold_quantize=target != "litert"), quantizer
