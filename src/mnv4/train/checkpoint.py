@@ -1,0 +1,59 @@
+"""Training checkpoints: everything a resume needs, loadable with ``torch.load(weights_only=True)``.
+
+Only tensors, numbers, strings and containers of them are stored (RNG states as uint8 tensors,
+the config as a dict), so resuming never unpickles code.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import MNv4Error
+from ..weights.io import atomic_write
+
+__all__ = ["rng_state", "set_rng_state", "save_training_state", "load_training_state", "find_resume"]
+
+LAST = "last.pt"
+
+
+def rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_training_state(path: str | os.PathLike, state: dict[str, Any]) -> Path:
+    return atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def load_training_state(path: str | os.PathLike) -> dict[str, Any]:
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise MNv4Error(f"no checkpoint to resume from at {path}") from None
+    except Exception as e:  # truncated or foreign file: say which, never a pickle traceback
+        raise MNv4Error(f"cannot resume from {path}: not an mnv4 training checkpoint ({type(e).__name__})") from None
+
+
+def find_resume(resume: str, output: str | None, runs_dir: str | os.PathLike = "runs") -> Path:
+    """``--resume`` value -> checkpoint file. 'auto' means OUTPUT/last.pt, or the newest run in ./runs."""
+    if resume != "auto":
+        p = Path(resume)
+        return p / LAST if p.is_dir() else p
+    if output:
+        return Path(output) / LAST
+    candidates = sorted(Path(runs_dir).glob(f"*/{LAST}"), key=lambda p: p.stat().st_mtime)
+    if not candidates:
+        raise MNv4Error(f"--resume: no run with a {LAST} under {runs_dir}/; pass --resume RUN_DIR")
+    return candidates[-1]

@@ -1,0 +1,102 @@
+"""Validation: top-1 / top-5 / loss over a loader (summed across processes), confusion matrix."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .distributed import DistInfo, all_reduce_sum
+
+__all__ = ["EvalResult", "evaluate", "plot_confusion"]
+
+
+@dataclass
+class EvalResult:
+    top1: float  # percent
+    top5: float  # percent
+    loss: float
+    count: int
+    predictions: list[int] = field(default_factory=list, repr=False)
+    targets: list[int] = field(default_factory=list, repr=False)
+
+
+@torch.inference_mode()
+def evaluate(
+    model: nn.Module,
+    loader,
+    device: torch.device | str = "cpu",
+    autocast: contextlib.AbstractContextManager | None = None,
+    channels_last: bool = False,
+    dist_info: DistInfo | None = None,
+    keep_predictions: bool = False,
+) -> EvalResult:
+    """Accuracy and mean cross-entropy (no label smoothing, so losses compare across recipes)."""
+    was_training = model.training
+    model.eval()
+    loss_sum = correct1 = correct5 = count = 0.0
+    preds: list[int] = []
+    targets: list[int] = []
+    for batch in loader:
+        x, y = batch[0], batch[1]
+        if len(y) == 0:
+            continue
+        x = x.to(device, non_blocking=True)
+        y = y.to(device, non_blocking=True)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast or contextlib.nullcontext():
+            logits = model(x)
+        logits = logits.float()
+        loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
+        k = min(5, logits.shape[1])
+        topk = logits.topk(k, dim=1).indices
+        hits = topk.eq(y[:, None])
+        correct1 += hits[:, 0].sum().item()
+        correct5 += hits.any(dim=1).sum().item()
+        count += len(y)
+        if keep_predictions:
+            preds += topk[:, 0].tolist()
+            targets += y.tolist()
+    model.train(was_training)
+    if dist_info is not None:
+        loss_sum, correct1, correct5, count = all_reduce_sum([loss_sum, correct1, correct5, count], dist_info)
+    n = max(count, 1)
+    return EvalResult(100.0 * correct1 / n, 100.0 * correct5 / n, loss_sum / n, int(count), preds, targets)
+
+
+def plot_confusion(result: EvalResult, class_names: list[str], path: str | os.PathLike) -> Path:
+    """Row-normalised confusion matrix as a PNG (counts would hide errors on small classes)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import ConfusionMatrixDisplay
+
+    n = len(class_names)
+    size = min(4 + 0.45 * n, 30)
+    fig, ax = plt.subplots(figsize=(size, size))
+    ConfusionMatrixDisplay.from_predictions(
+        result.targets,
+        result.predictions,
+        labels=list(range(n)),
+        display_labels=class_names,
+        normalize="true",
+        values_format=".2f",
+        include_values=n <= 30,
+        xticks_rotation="vertical",
+        colorbar=False,
+        ax=ax,
+    )
+    ax.set_title(f"top-1 {result.top1:.2f}% on {result.count} images")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

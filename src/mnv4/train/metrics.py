@@ -1,0 +1,121 @@
+"""Per-epoch metrics: ``metrics.csv`` in the run directory, TensorBoard when installed, curve plots."""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+from typing import Any
+
+from ..errors import MNv4Error
+
+__all__ = ["MetricsLog", "read_metrics", "plot_run"]
+
+METRICS_FILE = "metrics.csv"
+
+
+class MetricsLog:
+    """Appends one row per epoch. Columns are fixed by the first row written; a resumed run keeps
+    appending to the same file, dropping rows past the resume point so no epoch appears twice."""
+
+    def __init__(self, run_dir: str | os.PathLike, resume_epoch: int | None = None) -> None:
+        self.path = Path(run_dir) / METRICS_FILE
+        self.tb = None
+        if resume_epoch is not None and self.path.exists():
+            rows = [r for r in read_metrics(self.path) if int(r["epoch"]) <= resume_epoch]
+            self._rewrite(rows)
+        try:  # optional: only when tensorboard is installed
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+        except (ImportError, ModuleNotFoundError):
+            self.tb = None
+
+    def _rewrite(self, rows: list[dict[str, str]]) -> None:
+        if not rows:
+            self.path.unlink(missing_ok=True)
+            return
+        with open(self.path, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+
+    def log(self, row: dict[str, Any]) -> None:
+        new = not self.path.exists()
+        if not new:
+            with open(self.path, newline="") as f:
+                fields = next(csv.reader(f), list(row))
+        else:
+            fields = list(row)
+        with open(self.path, "a", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+            if new:
+                w.writeheader()
+            w.writerow({k: _fmt(row.get(k, "")) for k in fields})
+        if self.tb is not None:
+            step = int(row.get("step", row.get("epoch", 0)))
+            for k, v in row.items():
+                if isinstance(v, int | float) and k not in ("epoch", "step"):
+                    self.tb.add_scalar(k, v, step)
+            self.tb.flush()
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _fmt(v: Any) -> Any:
+    return f"{v:.6g}" if isinstance(v, float) else v
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _column(rows: list[dict[str, str]], key: str) -> tuple[list[float], list[float]]:
+    xs, ys = [], []
+    for r in rows:
+        if r.get(key) not in (None, ""):
+            xs.append(float(r["epoch"]))
+            ys.append(float(r[key]))
+    return xs, ys
+
+
+def plot_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None) -> Path:
+    """Loss and accuracy curves of a run (from its metrics.csv) as one PNG."""
+    run_dir = Path(run_dir)
+    path = run_dir / METRICS_FILE if run_dir.is_dir() else run_dir
+    if not path.is_file():
+        raise MNv4Error(f"no {METRICS_FILE} in {run_dir}; pass the directory of a `mnv4 train` run")
+    rows = read_metrics(path)
+    if not rows:
+        raise MNv4Error(f"{path} has no epochs yet")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_loss, ax_acc, ax_lr) = plt.subplots(1, 3, figsize=(15, 4))
+    for key, label in (("train_loss", "train"), ("val_loss", "val"), ("ema_val_loss", "val (EMA)")):
+        xs, ys = _column(rows, key)
+        if xs:
+            ax_loss.plot(xs, ys, marker=".", label=label)
+    for key, label in (("val_top1", "val top-1"), ("val_top5", "val top-5"), ("ema_val_top1", "val top-1 (EMA)")):
+        xs, ys = _column(rows, key)
+        if xs:
+            ax_acc.plot(xs, ys, marker=".", label=label)
+    xs, ys = _column(rows, "lr")
+    ax_lr.plot(xs, ys, marker=".")
+    for ax, title in ((ax_loss, "loss"), (ax_acc, "accuracy (%)"), (ax_lr, "learning rate (end of epoch)")):
+        ax.set_xlabel("epoch")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
+    fig.suptitle(str(run_dir))
+    fig.tight_layout()
+    out = Path(out) if out else path.parent / "curves.png"
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
