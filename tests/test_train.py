@@ -170,12 +170,15 @@ def test_cli_resume_continues_the_saved_run(tmp_path, capsys, monkeypatch):
     assert main(["train", "--resume", "--output", str(out), "--no-progress"]) == 0
     assert "resuming at step 1" in capsys.readouterr().out
     assert json.loads((out / "summary.json").read_text())["steps"] == 2
+    assert main(["train", "--resume", str(out), "--no-progress"]) == 2
+    assert "already finished" in capsys.readouterr().err
 
 
-def test_recipe_without_data_and_sync_bn_messages(tmp_path):
+def test_recipe_without_data_and_sync_bn_messages(tmp_path, capsys):
     assert main(["train", "--recipe", "paper-conv-small", "--output", str(tmp_path / "x")]) == 2
-    with pytest.raises(MNv4Error, match="no default dataset"):
-        train(resolve_config("paper-conv-small"), progress=False)
+    assert "no default dataset" in capsys.readouterr().err
+    with pytest.raises(MNv4Error, match="SyncBatchNorm has no CPU kernels"):
+        train(tiny_cfg(tmp_path, sync_bn=True, device="cpu"), data=tiny_digits(64, 16), progress=False)
 
 
 def test_checkpoint_files_store_plain_tensors_only(tmp_path):

@@ -209,9 +209,9 @@ def train(
     model.to(device)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
+    if cfg.sync_bn and device.type != "cuda":
+        raise MNv4Error("--sync-bn needs CUDA (PyTorch's SyncBatchNorm has no CPU kernels); drop it on CPU")
     if cfg.sync_bn and info.distributed:
-        if device.type != "cuda":
-            raise MNv4Error("--sync-bn needs CUDA (PyTorch's SyncBatchNorm has no CPU kernels); drop it on CPU")
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     raw = model
     ema = build_ema(raw, cfg.ema_decay)
@@ -232,6 +232,8 @@ def train(
         set_rng_state(state["rng"])
         step, best_top1, best_epoch = int(state["step"]), float(state["best_top1"]), int(state["best_epoch"])
         best_weights, wall_before = str(state.get("best_weights", "raw")), float(state["wall_seconds"])
+        if step >= plan.total_steps:
+            raise MNv4Error(f"the run in {run_dir} already finished ({step} steps); its results are in {SUMMARY}")
 
     if info.distributed:
         model = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
