@@ -189,3 +189,21 @@ def test_checkpoint_files_store_plain_tensors_only(tmp_path):
     with pytest.raises(MNv4Error, match="not an mnv4 training checkpoint"):
         (tmp_path / "bad.pt").write_bytes(b"junk")
         train(cfg, resume=tmp_path / "bad.pt", data=tiny_digits(64, 16), progress=False)
+
+
+def test_finetune_recipe_starts_from_a_checkpoint_with_a_new_classifier(tmp_path):
+    first = train(tiny_cfg(tmp_path / "pre", epochs=1), data=tiny_digits(64, 16), progress=False)
+    tr, va = digits_split(0.2, seed=0, size=16)
+    keep_tr = [i for i, t in enumerate(tr.targets) if t < 5][:64]
+    keep_va = [i for i, t in enumerate(va.targets) if t < 5][:16]
+    tr.images, tr.targets = tr.images[keep_tr], [tr.targets[i] for i in keep_tr]
+    va.images, va.targets = va.images[keep_va], [va.targets[i] for i in keep_va]
+    five = DataBundle("five", tr, va, ["zero", "one", "two", "three", "four"], 16)
+    with pytest.raises(MNv4Error, match="starts from pretrained weights"):
+        train(resolve_config("finetune", batch_size=32), data=five, progress=False)
+    cfg = resolve_config("finetune", checkpoint=str(first.run_dir / "best.safetensors"), epochs=1, batch_size=32)
+    cfg = cfg.__class__.from_dict({**cfg.to_dict(), "output": str(tmp_path / "ft")})
+    with pytest.warns(UserWarning, match="classifier is freshly initialised"):
+        res = train(cfg, data=five, progress=False)
+    assert res.model.spec.name == "tiny_train" and res.model.num_classes == 5  # architecture from the file
+    assert mnv4.create_model(checkpoint=res.summary["best_checkpoint"]).class_names[-1] == "four"

@@ -71,7 +71,15 @@ class PackedConv(nn.Module):
         else:
             residual = residual.contiguous(memory_format=torch.channels_last)
             y = torch.ops.mkldnn._convolution_pointwise.binary(
-                x, residual, w, self.bias, *args, "add", 1.0, None if self.attr == "none" else self.attr, [None],
+                x,
+                residual,
+                w,
+                self.bias,
+                *args,
+                "add",
+                1.0,
+                None if self.attr == "none" else self.attr,
+                [None],
                 self.algorithm,
             )
         return self.post_act(y) if self.post_act is not None else y

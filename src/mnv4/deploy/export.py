@@ -269,6 +269,7 @@ def export(
     precision: str = "fp32",
     calib_dir: str | os.PathLike | None = None,
     eval_dir: str | os.PathLike | None = None,
+    calib_data: torch.Tensor | None = None,
     samples: int = 16,
     calib_samples: int = 128,
     min_top1: float | None = None,
@@ -282,6 +283,7 @@ def export(
             one sub-folder per class).
         eval_dir: a labelled image folder (ImageFolder layout) to compare on and to report the
             accuracy delta with; otherwise held-out calibration images or seeded noise are used.
+        calib_data: a preprocessed calibration batch [N, C, R, R], instead of ``calib_dir``.
         min_top1: also require this top-1 agreement with eager fp32 (0..1).
     """
     if fmt not in FORMATS:
@@ -294,7 +296,7 @@ def export(
         raise MNv4Error(f"{fmt} has no INT8 route in mnv4; use one of: {have}")
     if precision == "fp16" and not info.fp16:
         raise MNv4Error(f"{fmt} export has no fp16 mode here; use fp32 or int8")
-    if precision == "int8" and calib_dir is None:
+    if precision == "int8" and calib_dir is None and calib_data is None:
         raise MNv4Error("INT8 export needs calibration images: pass --calib DIR")
     model = model.eval().float()
     resolution = resolution or _preprocess(model).input_size
@@ -303,9 +305,10 @@ def export(
     if path.suffix.lower() != info.suffix:
         raise MNv4Error(f"a {fmt} artefact must end in {info.suffix}, got {path.name}")
 
-    x, labels, source, calib = _inputs(
-        model, resolution, samples, calib_samples, calib_dir, eval_dir, need_calib=precision == "int8"
-    )
+    need_calib = precision == "int8" and calib_data is None
+    x, labels, source, calib = _inputs(model, resolution, samples, calib_samples, calib_dir, eval_dir, need_calib)
+    if calib_data is not None and precision == "int8":
+        calib = calib_data.float()
     deploy_model = fuse(model)
     if precision == "fp16" and fmt in ("torchscript", "pt2", "onnx"):
         deploy_model = deploy_model.half()
@@ -333,7 +336,9 @@ def export(
         if info.dynamic_batch and len(x) > 1:
             # Dynamic batch must really be dynamic: batch 1 must give the same rows as the big batch.
             single = run_batches(run, x[:1].numpy(), 1)
-            report.dynamic_batch = bool(np.allclose(single, out[:1], rtol=1e-3, atol=1e-4 * np.abs(out).max()))
+            # int8 kernels may pick other blockings per batch size, so allow the format's own noise.
+            tol = {"fp32": 1e-4, "fp16": 1e-2, "int8": 5e-2}[precision] * float(np.abs(out).max())
+            report.dynamic_batch = bool(np.abs(single - out[:1]).max() <= tol)
             if not report.dynamic_batch:
                 report.failures.append("batch-1 and batched outputs differ")
         compare(reference, out, report, criteria, labels)

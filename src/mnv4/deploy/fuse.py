@@ -226,7 +226,18 @@ def _fuse_module(m: nn.Module) -> nn.Module | None:
     return None
 
 
+def _fold_sequential_bn(seq: nn.Sequential) -> None:
+    """Fold ``Conv2d -> BatchNorm2d`` neighbours of a Sequential (how torchvision builds its nets)."""
+    children = list(seq.named_children())
+    for (name, conv), (bn_name, bn) in zip(children, children[1:]):
+        if isinstance(conv, nn.Conv2d) and type(bn) is nn.BatchNorm2d and bn.track_running_stats:
+            setattr(seq, name, fold_bn(conv, bn))
+            setattr(seq, bn_name, nn.Identity())
+
+
 def _fuse_children(parent: nn.Module) -> None:
+    if isinstance(parent, nn.Sequential):
+        _fold_sequential_bn(parent)
     for name, child in list(parent.named_children()):
         new = _fuse_module(child)
         if new is None:
@@ -244,7 +255,8 @@ def fuse(model: nn.Module, inplace: bool = False) -> nn.Module:
     """An inference-only copy of ``model`` (any MobileNetV4) with BN, layer scale and dropout folded away.
 
     Outputs match ``model.eval()`` to float rounding (about 1e-6 relative). The fused model can't be
-    trained; metadata (``spec``, ``preprocess``, ``class_names``...) is kept.
+    trained; metadata (``spec``, ``preprocess``, ``class_names``...) is kept. Other networks get
+    their ``Conv2d -> BatchNorm2d`` pairs inside ``nn.Sequential`` folded and dropout removed.
     """
     if is_fused(model):
         return model

@@ -66,11 +66,22 @@ def _openvino(path: Path, threads: int | None, precision: str = "fp32") -> Runne
     config = {"INFERENCE_PRECISION_HINT": "f16" if precision == "fp16" else "f32"}
     if threads:
         config["INFERENCE_NUM_THREADS"] = threads
-    compiled = ov.Core().compile_model(str(path), "CPU", config)
-    request = compiled.create_infer_request()
+    core = ov.Core()
+    source = core.read_model(str(path))
+    compiled: dict[tuple[int, ...], tuple] = {}
 
+    # One compiled model per input shape: with NNCF INT8 models, OpenVINO 2026.4 returns wrong
+    # results for a smaller batch once a larger one ran through the same dynamic-shape compiled
+    # model (a new infer request does not help), so shapes never share one.
     def run(x: np.ndarray) -> np.ndarray:
-        return np.array(request.infer([x])[compiled.output(0)], dtype=np.float32)
+        key = tuple(x.shape)
+        if key not in compiled:
+            model = source.clone()
+            model.reshape({model.input(0): ov.PartialShape(list(key))})
+            c = core.compile_model(model, "CPU", config)
+            compiled[key] = (c, c.create_infer_request())
+        c, request = compiled[key]
+        return np.array(request.infer([x])[c.output(0)], dtype=np.float32)
 
     return run
 

@@ -54,6 +54,7 @@ def _parse_set(items: list[str]) -> dict[str, Any]:
 def _cmd_train(args: argparse.Namespace) -> None:
     from .checkpoint import find_resume, load_training_state
     from .config import TrainConfig, resolve_config
+    from .distributed import teardown
     from .trainer import train
 
     overrides = {field: getattr(args, field) for _, field, _, _ in _FIELD_FLAGS}
@@ -72,9 +73,10 @@ def _cmd_train(args: argparse.Namespace) -> None:
         cfg = TrainConfig.from_dict(saved)
     else:
         cfg = resolve_config(args.recipe, args.config, **overrides)
-        if cfg.recipe == "finetune" and cfg.checkpoint is None:
-            print("note: the finetune recipe expects pretrained weights (--checkpoint); training from scratch")
-    result = train(cfg, resume=resume, max_steps=args.max_steps, progress=False if args.no_progress else None)
+    try:
+        result = train(cfg, resume=resume, max_steps=args.max_steps, progress=False if args.no_progress else None)
+    finally:
+        teardown()
     s = result.summary
     if not s:
         if result.stopped_early:
@@ -157,7 +159,15 @@ def _cmd_recipes(args: argparse.Namespace) -> None:
         print(yaml.safe_dump(d, sort_keys=False, width=100), end="")
         return
     rows = [
-        (r.name, r.model, str(r.data or "-"), f"{r.epochs:g}", str(r.batch_size), f"{r.lr:g}", r.note)
+        (
+            r.name,
+            str(r.model or "(checkpoint)"),
+            str(r.data or "-"),
+            f"{r.epochs:g}",
+            str(r.batch_size),
+            f"{r.lr:g}",
+            r.note,
+        )
         for r in RECIPES.values()
     ]
     header = ("recipe", "model", "data", "epochs", "batch", "lr", "note")

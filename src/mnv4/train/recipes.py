@@ -28,7 +28,7 @@ __all__ = ["Recipe", "RECIPES", "get_recipe"]
 class Recipe:
     name: str
     note: str = ""
-    model: str = "mnv4_conv_small"
+    model: str | dict | None = "mnv4_conv_small"  # a name, a ModelSpec dict, or None: from --checkpoint
     data: str | None = None  # default --data; None means it must be given
     input_size: int | None = None  # None: the dataset's natural size, else the model's
     epochs: float = 10
@@ -203,8 +203,10 @@ RECIPES: dict[str, Recipe] = {
         ),
         Recipe(
             name="finetune",
+            model=None,
             note=(
-                "Fine-tune a pretrained checkpoint (--checkpoint) on a small dataset: ~10x lower LR than training "
+                "Fine-tune a pretrained checkpoint (--checkpoint; the architecture comes from it) on a small "
+                "dataset: ~10x lower LR than training "
                 "from scratch, light augmentation (no Mixup/CutMix, mild RandAugment), short schedule, PyTorch's "
                 "faster BN momentum so statistics adapt to the new images."
             ),

@@ -96,7 +96,7 @@ def _plan(cfg: TrainConfig, num_train: int, world: int) -> _Plan:
     )
 
 
-def _model_name(cfg: TrainConfig) -> str | ModelSpec:
+def _model_name(cfg: TrainConfig) -> str | ModelSpec | None:
     return ModelSpec.from_dict(cfg.model) if isinstance(cfg.model, dict) else cfg.model
 
 
@@ -108,12 +108,19 @@ def _build_model(cfg: TrainConfig, data: DataBundle) -> nn.Module:
         overrides["bn_momentum"] = cfg.bn_momentum
     if cfg.bn_eps is not None:
         overrides["bn_eps"] = cfg.bn_eps
+    if cfg.model is None and cfg.checkpoint is None:
+        raise MNv4Error(
+            f"recipe {cfg.recipe} starts from pretrained weights: pass --checkpoint PATH (or --model NAME to train "
+            "from scratch)"
+        )
     model = create_model(_model_name(cfg), num_classes=len(data.class_names), checkpoint=cfg.checkpoint, **overrides)
     pp: Preprocess = model.preprocess or Preprocess()
     size = cfg.input_size or data.input_size or pp.input_size
-    if data.input_size is not None and cfg.checkpoint is None:
+    if data.input_size is not None:
         # Small-image sets (digits, CIFAR): no centre crop, or the border of a 32 px image is lost.
-        pp = dataclasses.replace(pp, input_size=size, crop_pct=1.0, interpolation="bilinear")
+        pp = dataclasses.replace(pp, input_size=size, crop_pct=1.0)
+        if cfg.checkpoint is None:
+            pp = dataclasses.replace(pp, interpolation="bilinear")
     else:
         pp = dataclasses.replace(pp, input_size=size)
     model.preprocess = pp
@@ -134,9 +141,8 @@ def _precision(cfg: TrainConfig, device: torch.device) -> tuple[contextlib.Abstr
     raise MNv4Error(f"--precision must be fp32, bf16 or fp16, got {cfg.precision!r}")
 
 
-def _default_run_dir(cfg: TrainConfig, data_name: str) -> Path:
-    model = cfg.model["name"] if isinstance(cfg.model, dict) else cfg.model
-    return Path("runs") / f"{model}-{data_name}-{time.strftime('%Y%m%d-%H%M%S')}"
+def _default_run_dir(model_name: str, data_name: str) -> Path:
+    return Path("runs") / f"{model_name}-{data_name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 def _loaders(cfg: TrainConfig, data: DataBundle, model: nn.Module, plan: _Plan, info: DistInfo):
@@ -199,11 +205,14 @@ def train(
         raise MNv4Error(f"the validation set of {data.name} is empty; add images to val/ or raise --val-split")
 
     state = load_training_state(resume) if resume else None
-    run_dir = Path(resume).parent if resume else Path(cfg.output) if cfg.output else _default_run_dir(cfg, data.name)
     plan = _plan(cfg, len(data.train), info.world_size)
 
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank and every run
     model = _build_model(cfg, data)
+    if resume:
+        run_dir = Path(resume).parent
+    else:
+        run_dir = Path(cfg.output) if cfg.output else _default_run_dir(model.spec.name, data.name)
     train_loader, sampler, val_loader = _loaders(cfg, data, model, plan, info)
     device = info.device
     model.to(device)

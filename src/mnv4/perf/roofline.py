@@ -1,0 +1,160 @@
+"""The paper's roofline latency model (spec §9, Eq. 1) and its ridge-point sweep.
+
+    ModelTime = sum_i max(MACs_i / PeakMACs, Bytes_i / PeakMemBW)
+
+Per-layer MACs and bytes come from :func:`mnv4.perf.profile` at the hardware's dtype (int8 = 1
+byte per element, fp16 = 2, fp32 = 4). Dividing by PeakMACs gives
+``sum_i max(MACs_i, RP * Bytes_i) / PeakMACs`` with RP the ridge point, so rankings depend on RP
+alone; :func:`ridge_sweep` is the paper's analysis of RP from 0 (pure MAC count) to 500.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from torch import nn
+
+from ..errors import MNv4Error
+from ..models.specs import ModelSpec
+from .counting import Profile, profile
+from .hardware import HardwareProfile, get_profile
+
+__all__ = [
+    "RooflinePrediction",
+    "predict_latency",
+    "roofline_units",
+    "ridge_sweep",
+    "fit_hardware",
+    "spearman",
+]
+
+ModelLike = nn.Module | ModelSpec | str | Profile
+
+
+@dataclass
+class RooflinePrediction:
+    model: str
+    hardware: str
+    latency_s: float
+    compute_s: float  # time of the compute-bound layers
+    memory_s: float  # time of the memory-bound layers
+    layers: list[tuple[str, float, bool]]  # (layer, seconds, memory-bound?)
+
+    @property
+    def latency_ms(self) -> float:
+        return self.latency_s * 1e3
+
+    @property
+    def memory_bound_fraction(self) -> float:
+        return self.memory_s / self.latency_s if self.latency_s else 0.0
+
+
+def _as_profile(model: ModelLike, resolution: int | tuple[int, int] | None, dtype: str) -> Profile:
+    if isinstance(model, Profile):
+        return model
+    if resolution is None:
+        pp = getattr(model, "preprocess", None)
+        if pp is None and isinstance(model, str):
+            from ..models.registry import get_entry
+
+            pp = get_entry(model).default_preprocess
+        resolution = pp.input_size if pp is not None else 224
+    return profile(model, resolution, dtype=dtype)
+
+
+def roofline_units(prof: Profile, ridge_point: float) -> float:
+    """sum_i max(MACs_i, RP * Bytes_i): the latency in units of 1 / PeakMACs."""
+    return float(sum(max(layer.macs, ridge_point * layer.bytes) for layer in prof.layers))
+
+
+def predict_latency(
+    model: ModelLike,
+    hardware: str | HardwareProfile,
+    resolution: int | tuple[int, int] | None = None,
+    dtype: str | None = None,
+) -> RooflinePrediction:
+    """Roofline latency of ``model`` on ``hardware`` (a built-in name, a profile file or object).
+
+    ``dtype`` defaults to the hardware's (int8 for the paper's devices)."""
+    hw = get_profile(hardware)
+    prof = _as_profile(model, resolution, dtype or hw.dtype)
+    layers, compute, memory = [], 0.0, 0.0
+    for layer in prof.layers:
+        t_mac = layer.macs / hw.peak_macs
+        t_mem = layer.bytes / hw.bandwidth
+        if t_mem > t_mac:
+            memory += t_mem
+        else:
+            compute += t_mac
+        layers.append((layer.name, max(t_mac, t_mem), t_mem > t_mac))
+    return RooflinePrediction(prof.model, hw.name, compute + memory, compute, memory, layers)
+
+
+def ridge_sweep(
+    profiles: Sequence[Profile],
+    ridge_points: Iterable[float] | None = None,
+    normalize: str = "macs",
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """(ridge points, {model: relative latency}) for RP from 0 to 500 MACs/byte.
+
+    ``normalize="macs"``: each model's latency over its own MAC-only latency (1.0 at RP = 0, the
+    slowdown memory traffic costs it); otherwise the name of one of the models, whose latency at
+    each RP is the unit (the paper's relative-latency view, rankings visible directly).
+    """
+    rps = np.asarray(list(ridge_points) if ridge_points is not None else np.linspace(0, 500, 251), dtype=float)
+    raw = {}
+    for p in profiles:
+        macs = np.array([layer.macs for layer in p.layers], dtype=float)
+        byts = np.array([layer.bytes for layer in p.layers], dtype=float)
+        raw[p.model] = np.maximum(macs[None, :], rps[:, None] * byts[None, :]).sum(1)
+    if normalize == "macs":
+        return rps, {k: v / v[0] if v[0] else v for k, v in raw.items()}
+    if normalize not in raw:
+        raise MNv4Error(f"normalize must be 'macs' or one of {list(raw)}, got {normalize!r}")
+    return rps, {k: v / raw[normalize] for k, v in raw.items()}
+
+
+def _ranks(x: np.ndarray) -> np.ndarray:
+    order = np.argsort(x, kind="mergesort")
+    ranks = np.empty(len(x), dtype=float)
+    ranks[order] = np.arange(len(x), dtype=float)
+    for value in np.unique(x):  # ties share their average rank
+        tie = x == value
+        if tie.sum() > 1:
+            ranks[tie] = ranks[tie].mean()
+    return ranks
+
+
+def spearman(a: Sequence[float], b: Sequence[float]) -> float:
+    """Spearman rank correlation (Pearson correlation of the ranks, ties averaged)."""
+    ra, rb = _ranks(np.asarray(a, float)), _ranks(np.asarray(b, float))
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    denom = np.sqrt((ra**2).sum() * (rb**2).sum())
+    return float((ra * rb).sum() / denom) if denom else 0.0
+
+
+def fit_hardware(
+    profiles: Sequence[Profile],
+    latencies_s: Sequence[float],
+    name: str = "fitted",
+    ridge_points: Iterable[float] | None = None,
+) -> tuple[HardwareProfile, float]:
+    """Fit peak MAC/s and bandwidth to measured latencies; returns (profile, rms log error).
+
+    For a fixed ridge point the best peak (in log space) is closed-form, so the fit is a 1-D search
+    over ridge points (log grid 0.01..2000 MACs/byte by default)."""
+    y = np.log(np.asarray(latencies_s, dtype=float))
+    rps = np.asarray(list(ridge_points) if ridge_points is not None else np.geomspace(0.01, 2000, 400), dtype=float)
+    best = None
+    for rp in rps:
+        units = np.log([roofline_units(p, rp) for p in profiles])
+        log_inv_peak = float(np.mean(y - units))  # latency = units / peak
+        err = float(np.sqrt(np.mean((units + log_inv_peak - y) ** 2)))
+        if best is None or err < best[0]:
+            best = (err, rp, float(np.exp(-log_inv_peak)))
+    err, rp, peak = best
+    dtype = profiles[0].dtype if profiles else "float32"
+    hw = HardwareProfile.from_ridge(name, rp, peak, dtype=dtype, source="fitted by mnv4 roofline calibrate")
+    return hw, err
