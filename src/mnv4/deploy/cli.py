@@ -90,8 +90,14 @@ def _cmd_roofline(args: argparse.Namespace) -> None:
     for name in models:
         res = args.res or _native_res(name)
         cells = [name, str(res), ""]
+        if _is_zoo_baseline(name):  # torchvision / timm baselines are built, as in --sweep
+            from .zoo import build
+
+            target = build(name)[0]
+        else:
+            target = name
         for h in hardware:
-            prof = profile(name, res, dtype=args.dtype or h.dtype)
+            prof = profile(target, res, dtype=args.dtype or h.dtype)
             cells[2] = f"{prof.macs / 1e9:.3f}"
             pred = predict_latency(prof, h)
             cells.append(f"{pred.latency_ms:.2f} ({pred.memory_bound_fraction:.0%} mem)")

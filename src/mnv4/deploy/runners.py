@@ -25,6 +25,7 @@ FORMAT_OF_SUFFIX = {
     ".pte": "executorch",
     ".mlpackage": "coreml",
     ".mlmodel": "coreml",
+    ".pt": "torchscript",
     ".ts": "torchscript",
     ".pt2": "pt2",
 }

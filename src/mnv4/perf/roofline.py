@@ -153,7 +153,7 @@ def fit_hardware(
         log_inv_peak = float(np.mean(y - units))  # latency = units / peak
         err = float(np.sqrt(np.mean((units + log_inv_peak - y) ** 2)))
         if best is None or err < best[0]:
-            best = (err, rp, float(np.exp(-log_inv_peak)))
+            best = (err, float(rp), float(np.exp(-log_inv_peak)))  # plain floats: the profile is saved as YAML
     err, rp, peak = best
     dtype = profiles[0].dtype if profiles else "float32"
     hw = HardwareProfile.from_ridge(name, rp, peak, dtype=dtype, source="fitted by mnv4 roofline calibrate")
