@@ -114,6 +114,7 @@ def main() -> None:
     ap.add_argument("--no-onnx", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    torch.set_flush_denormal(True)  # random-init hybrids: see mnv4.perf.latency.flush_denormals
     lat_keys = ["eager"] + ([] if args.no_onnx else ["onnxruntime"])
     print(f"torch {torch.__version__}, {args.threads} threads, batch 1, median of {args.rounds} rounds x {args.iters}")
 

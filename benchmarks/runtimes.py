@@ -133,9 +133,10 @@ def _time_worker(spec: dict) -> None:
     """Runs in a child process: time one artefact (or the fused eager model) with the paper's protocol."""
     import numpy as np
 
-    from mnv4.perf.latency import measure_latency, set_threads
+    from mnv4.perf.latency import flush_denormals, measure_latency, set_threads
 
     set_threads(spec["threads"])
+    flush_denormals()
     x = torch.randn(1, 3, spec["res"], spec["res"], generator=torch.Generator().manual_seed(0))
     if spec["format"] == "torch-fused":
         model = optimize_for_cpu(mnv4.create_model(checkpoint=spec["path"]).eval())
@@ -237,6 +238,7 @@ def main() -> None:
     if args._time:
         return _time_worker(json.loads(args._time))
     torch.set_num_threads(args.threads)
+    torch.set_flush_denormal(True)  # random-init hybrids: see mnv4.perf.latency.flush_denormals
     print(f"torch {torch.__version__}, {args.threads} threads, batch 1; {os.cpu_count()} CPUs visible")
 
     peak = gemm_peak(args.threads, args.rounds)

@@ -164,3 +164,22 @@ def test_torch_export(name):
     y = torch.randn(3, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(ep.module()(y), model(y), rtol=1e-4, atol=1e-5)
+
+
+def test_cpu_channels_last_eval_is_the_same_function(tiny_hybrid_spec):
+    torch.manual_seed(0)
+    model = mnv4.create_model(tiny_hybrid_spec, num_classes=7).eval()
+    feats = mnv4.create_model(tiny_hybrid_spec, features_only=True).eval()
+    feats.load_state_dict({k: v for k, v in model.state_dict().items() if k in feats.state_dict()})
+    x = torch.randn(3, 3, 72, 56)
+    with torch.no_grad():
+        fast, fast_levels = model(x), feats(x)
+        assert fast.is_contiguous() and all(f.is_contiguous() for f in fast_levels)  # caller's layout back
+        model.cpu_channels_last = feats.cpu_channels_last = False
+        slow, slow_levels = model(x), feats(x)
+    assert (fast - slow).abs().max() <= 1e-5 * slow.abs().max()
+    for a, b in zip(fast_levels, slow_levels):
+        assert (a - b).abs().max() <= 1e-5 * b.abs().max()
+    model.cpu_channels_last = True
+    graph = str(torch.export.export(model, (x,)).graph)  # exported graphs carry no layout change
+    assert "channels_last" not in graph and "clone" not in graph

@@ -108,7 +108,7 @@ def run_one(
     import torch
 
     from ..perf.counting import profile
-    from ..perf.latency import measure_latency, set_threads
+    from ..perf.latency import flush_denormals, measure_latency, set_threads
     from .zoo import build
 
     if runtime not in RUNTIMES:
@@ -117,6 +117,7 @@ def run_one(
     if precision not in precisions:
         raise MNv4Error(f"{runtime} has no {precision} route; it offers {', '.join(precisions)}")
     set_threads(threads)
+    flush_denormals()
     model, entry = build(model_name)
     res = resolution or entry.resolution
     prof = profile(model, res)

@@ -7,6 +7,7 @@ decides widths, strides, dilation, activation and the stochastic-depth rate of e
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import StochasticDepth
 
@@ -34,12 +35,22 @@ def make_divisible(value: float, divisor: int = 8, min_value: int | None = None)
     return rounded
 
 
+class GELU(nn.GELU):
+    """nn.GELU that stays fast on channels_last maps: PyTorch's CPU GELU kernel is ~10x slower on a
+    channels_last NCHW tensor than on the same memory viewed as contiguous NHWC."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+            return F.gelu(x.permute(0, 2, 3, 1), approximate=self.approximate).permute(0, 3, 1, 2)
+        return F.gelu(x, approximate=self.approximate)
+
+
 _ACTS = {
     "relu": lambda: nn.ReLU(inplace=True),
     "relu6": lambda: nn.ReLU6(inplace=True),
     # Hybrid-L uses the exact erf GELU (spec §2.1), which is nn.GELU's default.
-    "gelu": lambda: nn.GELU(),
-    "gelu_tanh": lambda: nn.GELU(approximate="tanh"),
+    "gelu": lambda: GELU(),
+    "gelu_tanh": lambda: GELU(approximate="tanh"),
     "hardswish": lambda: nn.Hardswish(inplace=True),
     "silu": lambda: nn.SiLU(inplace=True),
 }
@@ -205,7 +216,9 @@ class AttentionCore(nn.Module):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         attn = torch.bmm(q.transpose(1, 2), k * self.scale).softmax(dim=-1)  # [G, L, M]
-        return torch.bmm(v, attn.transpose(1, 2))  # [G, dv, L]
+        # (attn v^T)^T rather than v attn^T: the same product, but BLAS streams attn row-major
+        # instead of through a transposed view, 3x faster on CPU for Hybrid-L's 4608 x 144 maps.
+        return torch.bmm(attn, v.transpose(1, 2)).transpose(1, 2)  # [G, dv, L] (a view)
 
 
 class GroupedQueryAttention(nn.Module):
