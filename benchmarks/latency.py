@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
-import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TIMM_FUSED_ATTN", "1")  # give timm its fastest attention path
@@ -22,15 +20,9 @@ import torch  # noqa: E402
 
 import mnv4  # noqa: E402
 from mnv4.models.registry import MODELS  # noqa: E402
+from mnv4.perf.latency import alternating_medians  # noqa: E402
 
 FIVE = ["mnv4_conv_small", "mnv4_conv_medium", "mnv4_hybrid_medium", "mnv4_conv_large", "mnv4_hybrid_large"]
-
-
-def _time(fn, x: torch.Tensor, iters: int) -> float:
-    start = time.perf_counter()
-    for _ in range(iters):
-        fn(x)
-    return (time.perf_counter() - start) / iters * 1e3
 
 
 def bench(name: str, rounds: int, iters: int, res: int | None) -> tuple[float, float, float]:
@@ -44,14 +36,8 @@ def bench(name: str, rounds: int, iters: int, res: int | None) -> tuple[float, f
     with torch.inference_mode():
         want = ref(x)
         diff = float((want - ours(x)).abs().max() / want.abs().max())
-        for fn in (ref, ours):  # warm-up
-            _time(fn, x, 3)
-        t_ours, t_timm = [], []
-        for r in range(rounds):
-            pair = [(ours, t_ours), (ref, t_timm)]
-            for fn, acc in pair if r % 2 == 0 else pair[::-1]:
-                acc.append(_time(fn, x, iters))
-    return statistics.median(t_ours), statistics.median(t_timm), diff
+        t = alternating_medians({"mnv4": ours, "timm": ref}, x, rounds, iters)
+    return t["mnv4"], t["timm"], diff
 
 
 def main() -> None:

@@ -21,9 +21,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -34,6 +32,7 @@ import torch  # noqa: E402
 import mnv4  # noqa: E402
 from mnv4.deploy import fuse  # noqa: E402
 from mnv4.models.specs import MODEL_SPECS, AttentionSpec, ModelSpec, mhsa, mqa  # noqa: E402
+from mnv4.perf.latency import alternating_medians  # noqa: E402
 
 PAPER_TAB2 = {"params": -25.5, "macs": -28.6, "Pixel 7 EdgeTPU": -84.2, "Pixel 8 EdgeTPU": -39.0, "S23 GPU": -41.1}
 PAPER_TAB3 = {"macs": 3.0, "CPU": 23.0, "GPU": 25.0}  # efficiency gain = without / with - 1, in %
@@ -54,24 +53,6 @@ def without_kv_downsampling(spec: ModelSpec) -> ModelSpec:
     )
 
 
-def _time(fn, x, iters: int) -> float:
-    start = time.perf_counter()
-    for _ in range(iters):
-        fn(x)
-    return (time.perf_counter() - start) / iters * 1e3
-
-
-def alternate(fns: dict, x, rounds: int, iters: int) -> dict[str, float]:
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    names = list(fns)
-    for name in names:
-        _time(fns[name], x, 2)
-    for r in range(rounds):
-        for name in names[r % len(names) :] + names[: r % len(names)]:
-            times[name].append(_time(fns[name], x, iters))
-    return {k: statistics.median(v) for k, v in times.items()}
-
-
 def measure(specs: dict[str, ModelSpec], res: int, args) -> dict[str, dict[str, float]]:
     torch.manual_seed(0)
     models = {k: mnv4.create_model(s).eval() for k, s in specs.items()}
@@ -82,7 +63,7 @@ def measure(specs: dict[str, ModelSpec], res: int, args) -> dict[str, dict[str, 
     x = torch.randn(1, 3, res, res)
     fused = {k: fuse(m) for k, m in models.items()}
     with torch.inference_mode():
-        for k, ms in alternate(fused, x, args.rounds, args.iters).items():
+        for k, ms in alternating_medians(fused, x, args.rounds, args.iters).items():
             out[k]["eager"] = ms
     if not args.no_onnx:
         try:
@@ -95,7 +76,7 @@ def measure(specs: dict[str, ModelSpec], res: int, args) -> dict[str, dict[str, 
                 path = export(m, "onnx", tmp / f"{k}.onnx", resolution=res, samples=2, verbose=False).path
                 runners[k] = load_runner(path, "onnx", threads=args.threads)
             xn = np.ascontiguousarray(x.numpy())
-            for k, ms in alternate(runners, xn, args.rounds, args.iters).items():
+            for k, ms in alternating_medians(runners, xn, args.rounds, args.iters).items():
                 out[k]["onnxruntime"] = ms
         except mnv4.MNv4Error as e:
             print(f"(onnxruntime skipped: {e})")

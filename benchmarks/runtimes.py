@@ -23,11 +23,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -39,36 +37,16 @@ import mnv4  # noqa: E402
 from mnv4.deploy import fuse  # noqa: E402
 from mnv4.deploy.cpu import optimize_for_cpu  # noqa: E402
 from mnv4.models.registry import MODELS  # noqa: E402
+from mnv4.perf.latency import alternating_medians  # noqa: E402
 
 FIVE = ["mnv4_conv_small", "mnv4_conv_medium", "mnv4_hybrid_medium", "mnv4_conv_large", "mnv4_hybrid_large"]
 HERE = Path(__file__).resolve().parent
 
 
-def _time(fn, x, iters: int) -> float:
-    start = time.perf_counter()
-    for _ in range(iters):
-        fn(x)
-    return (time.perf_counter() - start) / iters * 1e3
-
-
-def _alternate(fns: dict, x, rounds: int, iters: int) -> dict[str, float]:
-    """Median per-call ms of each fn; the order rotates every round so drift hits all alike."""
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    names = list(fns)
-    with torch.inference_mode():
-        for name in names:
-            _time(fns[name], x, 3)
-        for r in range(rounds):
-            order = names[r % len(names) :] + names[: r % len(names)]
-            for name in order:
-                times[name].append(_time(fns[name], x, iters))
-    return {k: statistics.median(v) for k, v in times.items()}
-
-
 def gemm_peak(threads: int, rounds: int, n: int = 2048) -> dict[str, float]:
     """GMAC/s of an n x n x n fp32 matmul: torch, and onnxruntime when installed."""
     a, b = torch.randn(n, n), torch.randn(n, n)
-    out = {"torch": n**3 / (_alternate({"mm": lambda x: torch.mm(x, b)}, a, rounds, 5)["mm"] / 1e3) / 1e9}
+    out = {"torch": n**3 / (alternating_medians({"mm": lambda x: torch.mm(x, b)}, a, rounds, 5)["mm"] / 1e3) / 1e9}
     try:
         import onnx
         import onnxruntime as ort
@@ -88,7 +66,7 @@ def gemm_peak(threads: int, rounds: int, n: int = 2048) -> dict[str, float]:
     opts.intra_op_num_threads = threads
     sess = ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     an = a.numpy()
-    ms = _alternate({"ort": lambda x: sess.run(None, {"a": x})}, an, rounds, 5)["ort"]
+    ms = alternating_medians({"ort": lambda x: sess.run(None, {"a": x})}, an, rounds, 5)["ort"]
     out["onnxruntime"] = n**3 / (ms / 1e3) / 1e9
     del onnx
     return out
@@ -111,8 +89,9 @@ def eager_table(models: list[str], rounds: int, iters: int) -> dict[str, dict[st
                 diff = float((m(x) - want).abs().max() / want.abs().max())
                 assert diff < 1e-4, f"{name}: an mnv4 variant disagrees with timm ({diff:.1e})"
         fns = {"timm": ref, "mnv4": ours, "fused": fused, "fused+packed": packed}
-        results[name] = {"res": size, "macs": mnv4.perf.profile(ours, size).macs, **_alternate(fns, x, rounds, iters)}
-        timed = {k: v for k, v in results[name].items() if k not in ("res", "macs")}
+        with torch.inference_mode():
+            timed = alternating_medians(fns, x, rounds, iters)
+        results[name] = {"res": size, "macs": mnv4.perf.profile(ours, size).macs, **timed}
         print(f"  {name}: " + ", ".join(f"{k} {v:.2f} ms" for k, v in timed.items()), flush=True)
     return results
 

@@ -1,5 +1,7 @@
 """The profiler's per-layer table: MACs agree with torch's FLOP counter, bytes follow the dtype."""
 
+import time
+
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -49,3 +51,20 @@ def test_per_layer_numbers_for_a_known_conv():
 def test_macs_grow_with_resolution():
     # spec §3.2: Conv-M is 0.828 GMACs at 224 and 1.080 at 256
     assert round(profile("mnv4_conv_medium", resolution=224).macs / 1e9, 3) == 0.828
+
+
+def test_alternating_medians_times_every_candidate_each_round():
+    from mnv4.perf.latency import alternating_medians
+
+    calls = {"a": 0, "b": 0}
+
+    def make(key, sleep_s):
+        def fn(_x):
+            calls[key] += 1
+            time.sleep(sleep_s)
+
+        return fn
+
+    out = alternating_medians({"a": make("a", 0.0), "b": make("b", 0.004)}, None, rounds=3, iters=2)
+    assert set(out) == {"a", "b"} and calls == {"a": 2 + 3 * 2, "b": 2 + 3 * 2}
+    assert out["b"] > out["a"] and out["b"] >= 4.0  # ms per call

@@ -33,7 +33,7 @@ def _cmd_models(args: argparse.Namespace) -> None:
         more = f" (+{len(entry.tags) - 1} more)" if len(entry.tags) > 1 else ""
         tags = f"{entry.tags[0].tag}{more}" if entry.tags else "- (untrained)"
         rows.append((name, f"{prof.params / 1e6:.2f}M", f"{prof.macs / 1e9:.3f}G", str(res), tags))
-    _print_table(("model", "params", "MACs", "res", "default weights (timm tag)"), rows)
+    print_table(("model", "params", "MACs", "res", "default weights (timm tag)"), rows)
 
 
 def _cmd_profile(args: argparse.Namespace) -> None:
@@ -56,7 +56,7 @@ def _cmd_profile(args: argparse.Namespace) -> None:
             )
             for layer in prof.layers
         ]
-        _print_table(("layer", "op", "output", "MMACs", "params", "MB moved", "MACs/byte"), rows)
+        print_table(("layer", "op", "output", "MMACs", "params", "MB moved", "MACs/byte"), rows)
         print()
     print(prof.summary())
 
@@ -116,7 +116,8 @@ def _cmd_predict(args: argparse.Namespace) -> None:
         print(f"{path}: {preds}")
 
 
-def _print_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+def print_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+    """Left-aligned columns with a dashed rule under the header (the CLI's table style)."""
     widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
     line = "  ".join(f"{{:<{w}}}" for w in widths)
     print(line.format(*header))

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..cli import print_table
 from ..errors import MNv4Error
 
 __all__ = ["register"]
@@ -102,7 +103,7 @@ def _cmd_roofline(args: argparse.Namespace) -> None:
             pred = predict_latency(prof, h)
             cells.append(f"{pred.latency_ms:.2f} ({pred.memory_bound_fraction:.0%} mem)")
         rows.append(cells)
-    _print_table(header, rows)
+    print_table(header, rows)
 
 
 def _native_res(name: str) -> int:
@@ -156,7 +157,7 @@ def _sweep(models: list[str], args: argparse.Namespace) -> None:
     rows = []
     for name, y in rel.items():
         rows.append([name] + [f"{np.interp(rp, rps, y):.2f}" for rp in picks])
-    _print_table(["model"] + [f"RP {rp:g}" for rp in picks], rows)
+    print_table(["model"] + [f"RP {rp:g}" for rp in picks], rows)
     print(f"wrote {out}")
 
 
@@ -184,15 +185,6 @@ def _cmd_calibrate(args: argparse.Namespace) -> None:
     if args.save:
         path = result.hardware.save(args.save)
         print(f"saved the fitted profile to {path} (use it with --hardware {path})")
-
-
-def _print_table(header, rows) -> None:
-    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
-    line = "  ".join(f"{{:<{w}}}" for w in widths)
-    print(line.format(*header))
-    print(line.format(*("-" * w for w in widths)))
-    for row in rows:
-        print(line.format(*row))
 
 
 def register(subparsers) -> None:

@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
-__all__ = ["LatencyResult", "measure_latency", "set_threads", "flush_denormals"]
+__all__ = ["LatencyResult", "measure_latency", "alternating_medians", "set_threads", "flush_denormals"]
 
 
 @dataclass
@@ -66,6 +66,24 @@ def measure_latency(
         means.append((time.perf_counter() - start) / n * 1e3)
         done.append(n)
     return LatencyResult(statistics.median(means), means, min(done), repeats, warmup, threads)
+
+
+def alternating_medians(fns: dict[str, Callable], x, rounds: int = 7, iters: int = 20) -> dict[str, float]:
+    """Median per-call ms of each ``fn(x)``, timed in rounds of ``iters`` calls whose order rotates
+    every round, so drift and noise from other processes hit every candidate alike. For side-by-side
+    comparisons inside one process (same runtime); call under ``torch.inference_mode()`` for torch."""
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    names = list(fns)
+    for name in names:  # warm-up
+        for _ in range(2):
+            fns[name](x)
+    for r in range(rounds):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            start = time.perf_counter()
+            for _ in range(iters):
+                fns[name](x)
+            times[name].append((time.perf_counter() - start) / iters * 1e3)
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def set_threads(threads: int | None) -> None:
