@@ -212,6 +212,7 @@ def main() -> None:
     ap.add_argument("--int8-res", type=int, default=224, help="resolution the real images are upscaled to")
     ap.add_argument("--eval-images", type=int, default=1000)
     ap.add_argument("--calib-images", type=int, default=256)
+    ap.add_argument("--int8-only", action="store_true", help="only the INT8 part (needs --checkpoint)")
     ap.add_argument("--_time", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args._time:
@@ -227,24 +228,26 @@ def main() -> None:
     for k, v in peak.items():
         print(f"| {k} | {v:.1f} |")
 
-    print("\n## eager, same weights, alternating rounds\n", flush=True)
-    eager = eager_table(args.models, args.rounds, args.iters)
-    rows = _bench_rows(args.models, args.runtimes.split(","), "fp32", args.threads, args.runs, args.repeats)
-    exported = {(r.model, r.runtime): r.median_ms for r in rows if not r.error}
-    rt_names = sorted({r.runtime for r in rows})
-    head = ["model", "res", "timm ms", "mnv4 ms", "fused ms", "fused+packed ms", *[f"{r} ms" for r in rt_names]]
-    head += ["mnv4/timm", "fused/timm", "fused+packed/timm", *[f"{r}/timm" for r in rt_names]]
-    print("\n| " + " | ".join(head) + " |\n" + "|---" * len(head) + "|")
-    for name, e in eager.items():
-        ext = [exported.get((name, r), float("nan")) for r in rt_names]
-        cells = [name, str(e["res"])] + [f"{v:.2f}" for v in (e["timm"], e["mnv4"], e["fused"], e["fused+packed"])]
-        cells += [f"{v:.2f}" for v in ext]
-        cells += [f"{e[k] / e['timm']:.3f}" for k in ("mnv4", "fused", "fused+packed")]
-        cells += [f"{v / e['timm']:.3f}" for v in ext]
-        print("| " + " | ".join(cells) + " |")
-    for r in rows:
-        if r.error:
-            print(f"(failed: {r.model} {r.runtime}: {r.error})")
+    eager: dict[str, dict[str, float]] = {}
+    if not args.int8_only:
+        print("\n## eager, same weights, alternating rounds\n", flush=True)
+        eager = eager_table(args.models, args.rounds, args.iters)
+        rows = _bench_rows(args.models, args.runtimes.split(","), "fp32", args.threads, args.runs, args.repeats)
+        exported = {(r.model, r.runtime): r.median_ms for r in rows if not r.error}
+        rt_names = sorted({r.runtime for r in rows})
+        head = ["model", "res", "timm ms", "mnv4 ms", "fused ms", "fused+packed ms", *[f"{r} ms" for r in rt_names]]
+        head += ["mnv4/timm", "fused/timm", "fused+packed/timm", *[f"{r}/timm" for r in rt_names]]
+        print("\n| " + " | ".join(head) + " |\n" + "|---" * len(head) + "|")
+        for name, e in eager.items():
+            ext = [exported.get((name, r), float("nan")) for r in rt_names]
+            cells = [name, str(e["res"])] + [f"{v:.2f}" for v in (e["timm"], e["mnv4"], e["fused"], e["fused+packed"])]
+            cells += [f"{v:.2f}" for v in ext]
+            cells += [f"{e[k] / e['timm']:.3f}" for k in ("mnv4", "fused", "fused+packed")]
+            cells += [f"{v / e['timm']:.3f}" for v in ext]
+            print("| " + " | ".join(cells) + " |")
+        for r in rows:
+            if r.error:
+                print(f"(failed: {r.model} {r.runtime}: {r.error})")
 
     if "mnv4_conv_medium" in eager:
         e = eager["mnv4_conv_medium"]
