@@ -138,6 +138,46 @@ def test_onnx_int8_with_calibration_and_labels(tiny, tmp_path, image_folder):
     assert report["accuracy_reference"] is not None and report["accuracy_delta"] is not None
     assert "QuantizeLinear" in out.read_bytes().decode("latin-1")
     assert result.report.max_abs_diff > 0  # really quantized, not a copy of the fp32 graph
+    assert any("stem conv and head" in n for n in report["notes"])
+
+
+def _weight_dequantized(path, node_type: str) -> list[bool]:
+    """Per ``node_type`` node in graph order: is its weight input produced by a DequantizeLinear?"""
+    import onnx
+
+    graph = onnx.load(str(path)).graph
+    producer = {o: n.op_type for n in graph.node for o in n.output}
+    return [producer.get(n.input[1]) == "DequantizeLinear" for n in graph.node if n.op_type == node_type]
+
+
+def test_onnx_int8_keeps_stem_and_head_float_unless_asked(tiny, tmp_path, image_folder):
+    pytest.importorskip("onnxscript")
+    pytest.importorskip("onnxruntime")
+    kw = dict(resolution=RES, precision="int8", calib_dir=image_folder, samples=4, calib_samples=8, verbose=False)
+    export(tiny, "onnx", tmp_path / "ends.onnx", **kw)
+    convs = _weight_dequantized(tmp_path / "ends.onnx", "Conv")
+    # stem and the post-pool head conv float, every conv between them int8; classifier float
+    assert not convs[0] and not convs[-1] and all(convs[1:-1])
+    assert _weight_dequantized(tmp_path / "ends.onnx", "Gemm") == [False]
+    export(tiny, "onnx", tmp_path / "all.onnx", int8_all_layers=True, **kw)
+    assert all(_weight_dequantized(tmp_path / "all.onnx", "Conv"))
+    assert _weight_dequantized(tmp_path / "all.onnx", "Gemm") == [True]
+
+
+def test_float_end_ops_picks_stem_and_post_pool_compute():
+    from mnv4.deploy.quantize import float_end_ops
+
+    ops = [("in", "Parameter"), ("c0", "Conv"), ("r", "Relu"), ("c1", "Conv"), ("mm", "MatMul")]
+    ops += [("gap", "ReduceMean"), ("head", "Conv"), ("fc", "Gemm"), ("out", "Result")]
+    assert float_end_ops(ops) == ["c0", "head", "fc"]
+    # no pooling: only the stem; no compute at all: nothing
+    assert float_end_ops(ops[:5]) == ["c0"]
+    assert float_end_ops([("a", "Relu")]) == []
+    # OpenVINO op types
+    assert float_end_ops([("s", "Convolution"), ("d", "GroupConvolution"), ("p", "AvgPool"), ("l", "MatMul")]) == [
+        "s",
+        "l",
+    ]
 
 
 def test_argument_errors(tiny, tmp_path, monkeypatch):

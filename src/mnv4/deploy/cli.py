@@ -36,6 +36,7 @@ def _cmd_export(args: argparse.Namespace) -> None:
         samples=args.samples,
         calib_samples=args.calib_samples,
         min_top1=args.min_top1,
+        int8_all_layers=args.int8_all_layers,
     )
     print(f"wrote {result.path} and {result.path}.parity.json")
 
@@ -201,6 +202,11 @@ def register(subparsers) -> None:
     p.add_argument("--fp16", action="store_true", help="half precision (onnx, openvino, coreml, torchscript, pt2)")
     p.add_argument("--int8", action="store_true", help="post-training INT8 (onnx, openvino, litert, executorch)")
     p.add_argument("--calib", default=None, help="calibration image folder (flat or one folder per class)")
+    p.add_argument(
+        "--int8-all-layers",
+        action="store_true",
+        help="onnx/openvino: quantize the stem conv and head too (default: kept float; litert/executorch: always int8)",
+    )
     p.add_argument("--eval", default=None, help="labelled image folder to compare on and report accuracy delta")
     p.add_argument("--res", type=int, default=None, help="input resolution (default: the model's)")
     p.add_argument("--output", default=None, help="artefact path (default: <model>_<res>_<precision>.<ext>)")

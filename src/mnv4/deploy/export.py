@@ -105,7 +105,7 @@ def _onnx_export(model: nn.Module, example: torch.Tensor, target: Path) -> None:
     program.save(str(target))
 
 
-def _write_onnx(model, example, target, precision, calib) -> None:
+def _write_onnx(model, example, target, precision, calib, float_ends: bool = True) -> None:
     if precision != "int8":
         _onnx_export(model, example, target)
         return
@@ -114,10 +114,10 @@ def _write_onnx(model, example, target, precision, calib) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         fp32 = Path(tmp) / "fp32.onnx"
         _onnx_export(model, example, fp32)
-        quantize_onnx(fp32, target, calib)
+        quantize_onnx(fp32, target, calib, float_ends=float_ends)
 
 
-def _write_openvino(model, example, target, precision, calib) -> None:
+def _write_openvino(model, example, target, precision, calib, float_ends: bool = True) -> None:
     try:
         import openvino as ov
     except ImportError:
@@ -126,7 +126,7 @@ def _write_openvino(model, example, target, precision, calib) -> None:
     if precision == "int8":
         from .quantize import quantize_openvino
 
-        ov_model = quantize_openvino(ov_model, calib)
+        ov_model = quantize_openvino(ov_model, calib, float_ends=float_ends)
     # save_model compresses weights to fp16 by default; keep fp32 weights unless fp16 was asked for.
     ov.save_model(ov_model, str(target), compress_to_fp16=precision == "fp16")
 
@@ -275,6 +275,7 @@ def export(
     min_top1: float | None = None,
     threads: int | None = None,
     verbose: bool = True,
+    int8_all_layers: bool = False,
 ) -> ExportResult:
     """Export ``model`` to ``fmt`` (see :data:`FORMATS`) and check the artefact against eager PyTorch.
 
@@ -285,6 +286,9 @@ def export(
             accuracy delta with; otherwise held-out calibration images or seeded noise are used.
         calib_data: a preprocessed calibration batch [N, C, R, R], instead of ``calib_dir``.
         min_top1: also require this top-1 agreement with eager fp32 (0..1).
+        int8_all_layers: ONNX/OpenVINO INT8 keep the stem conv and the head (after the global
+            pool) in float unless this is set (see :mod:`mnv4.deploy.quantize`); LiteRT and
+            ExecuTorch always quantize every layer.
     """
     if fmt not in FORMATS:
         raise MNv4Error(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
@@ -313,13 +317,17 @@ def export(
     if precision == "fp16" and fmt in ("torchscript", "pt2", "onnx"):
         deploy_model = deploy_model.half()
     example = x[:2].to(next(deploy_model.parameters()).dtype)
-    _write_atomically(path, lambda target: _WRITERS[fmt](deploy_model, example, target, precision, calib))
+    float_ends = precision == "int8" and fmt in ("onnx", "openvino") and not int8_all_layers
+    kw = {"float_ends": float_ends} if fmt in ("onnx", "openvino") else {}
+    _write_atomically(path, lambda target: _WRITERS[fmt](deploy_model, example, target, precision, calib, **kw))
 
     criteria = CRITERIA[precision]
     if min_top1 is not None:
         criteria = replace(criteria, min_top1=min_top1)
     report = ParityReport(fmt, precision, str(path), len(x), list(x.shape[1:]))
     report.notes.append(f"reference: eager PyTorch fp32, unfused; inputs: {source}")
+    if float_ends:
+        report.notes.append("int8: stem conv and head (after the global pool) kept in float")
     reference = _eager(model, x)
     if fmt == "coreml" and platform.system() != "Darwin":
         st = report.structure = _coreml_structure(path, x, reference.shape[1])
