@@ -127,9 +127,7 @@ def main() -> None:
         suffix = {"params": "M", "macs": "G"}.get(key, " ms")
         paper = PAPER_TAB2[paper_for[key]]
         others = "" if key in ("params", "macs") else " (EdgeTPU P7 -84.2%, S23 GPU -41.1%)"
-        print(
-            f"| {key} | {dh / unit:.3f}{suffix} | {dq / unit:.3f}{suffix} | {_pct(dq, dh)} | {paper:+.1f}%{others} |"
-        )
+        print(f"| {key} | {dh / unit:.3f}{suffix} | {dq / unit:.3f}{suffix} | {_pct(dq, dh)} | {paper:+.1f}%{others} |")
 
     hm = MODEL_SPECS["mnv4_hybrid_medium"]
     tab3 = measure({"with K/V down-sampling": hm, "without": without_kv_downsampling(hm)}, 256, args)
