@@ -7,7 +7,7 @@ this machine's fp32 GEMM peak, and INT8 vs fp32 on real images. Issue #4's targe
     # INT8 target on conv_medium (parts 1 and 4 only), with a model trained on the real photos:
     mnv4 train --model mnv4_conv_medium --data ../shared/data/cifar10-mini --recipe quick \
         --input-size 128 --epochs 10 --output runs/cifar-mini-medium-128
-    mnv4 train --data ../shared/data/cifar10-mini --recipe finetune --input-size 256 --epochs 1 \
+    mnv4 train --data ../shared/data/cifar10-mini --recipe finetune --input-size 256 --epochs 3 \
         --checkpoint runs/cifar-mini-medium-128/best.safetensors --output runs/cifar-mini-medium-256
     python benchmarks/runtimes.py --int8-only --int8-res 256 \
         --checkpoint runs/cifar-mini-medium-256/best.safetensors
