@@ -1,0 +1,181 @@
+"""Writing files without ever losing data: atomic writes, output-folder locks, orphan clean-up.
+
+* :func:`atomic_write` writes to a temporary file in the destination folder and renames it over the
+  target, so a crash or kill never leaves a half-written checkpoint, export or report. The file gets
+  the permissions the process umask allows (like ``open()``), not the private mode of a temp file.
+* :class:`DirLock` makes one process the owner of an output folder (a run, a labelled dataset, a
+  search). A second writer gets one clear error naming the owner; a lock left by a dead process is
+  taken over.
+* :func:`remove_orphan_temps` deletes temporary files that a killed writer left behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from .errors import MNv4Error
+
+__all__ = [
+    "atomic_write",
+    "atomic_write_text",
+    "atomic_write_json",
+    "DirLock",
+    "FolderLocked",
+    "remove_orphan_temps",
+    "TEMP_SUFFIX",
+]
+
+TEMP_SUFFIX = ".tmp"
+_TEMP_PREFIX = "."
+LOCK_NAME = ".mnv4.lock"
+
+
+def _umask() -> int:
+    # os.umask can only be read by setting it; set it back at once (single-threaded at this point).
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
+    """Call ``write(tmp_path)`` then rename onto ``path``; on any error the temp file is removed.
+
+    The temp file is named ``.<name>.<pid>.<random>.tmp`` next to ``path`` (same filesystem, so the
+    rename is atomic); :func:`remove_orphan_temps` recognises these by the pid of their writer.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f"{_TEMP_PREFIX}{path.name}.{os.getpid()}.", suffix=TEMP_SUFFIX, dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        if Path(tmp).is_file():
+            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; honour the umask like open() does
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
+    return atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def remove_orphan_temps(folder: str | os.PathLike) -> list[Path]:
+    """Delete ``atomic_write`` temp files in ``folder`` whose writer process no longer runs."""
+    removed = []
+    folder = Path(folder)
+    if not folder.is_dir():
+        return removed
+    for p in folder.iterdir():
+        if not (p.name.startswith(_TEMP_PREFIX) and p.name.endswith(TEMP_SUFFIX)):
+            continue
+        parts = p.name.split(".")
+        pid = next((int(x) for x in reversed(parts[:-2]) if x.isdigit()), -1)
+        if pid == os.getpid() or _pid_alive(pid):
+            continue
+        with contextlib.suppress(OSError):
+            if p.is_dir():
+                import shutil
+
+                shutil.rmtree(p)
+            else:
+                p.unlink()
+            removed.append(p)
+    return removed
+
+
+class FolderLocked(MNv4Error):
+    """Another live process owns the folder."""
+
+
+class DirLock:
+    """Exclusive ownership of an output folder for the life of one process (or one ``with`` block).
+
+    The lock is a file ``.mnv4.lock`` holding the owner's pid, host and command line, created with
+    ``O_EXCL`` so two processes cannot both win. A lock whose pid is dead on this host is stale and
+    is taken over (the owner was killed). Re-acquiring a lock this process already holds is a no-op.
+    """
+
+    def __init__(self, folder: str | os.PathLike, what: str = "run") -> None:
+        self.folder = Path(folder)
+        self.path = self.folder / LOCK_NAME
+        self.what = what
+        self.held = False
+
+    def _owner(self) -> dict[str, Any] | None:
+        try:
+            return json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return None
+
+    def acquire(self) -> DirLock:
+        if self.held:
+            return self
+        self.folder.mkdir(parents=True, exist_ok=True)
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time(), "cmd": " ".join(sys.argv)}
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+            except FileExistsError:
+                owner = self._owner()
+                if owner is None:  # being written right now, or garbage: give the writer a moment
+                    time.sleep(0.05)
+                    owner = self._owner()
+                if owner and owner.get("pid") == os.getpid() and owner.get("host") == me["host"]:
+                    self.held = True
+                    return self
+                same_host = owner is not None and owner.get("host") == me["host"]
+                if owner is None or (same_host and not _pid_alive(int(owner.get("pid", -1)))):
+                    self.path.unlink(missing_ok=True)  # stale: its owner was killed
+                    continue
+                raise FolderLocked(
+                    f"{self.folder} is in use by another {self.what} (pid {owner.get('pid')} on {owner.get('host')}, "
+                    f"started {time.strftime('%Y-%m-%d %H:%M', time.localtime(owner.get('since', 0)))}); "
+                    f"wait for it to finish or choose another output folder"
+                ) from None
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+            self.held = True
+            return self
+        raise FolderLocked(f"could not lock {self.folder}; remove {self.path} if no {self.what} is using it")
+
+    def release(self) -> None:
+        if not self.held:
+            return
+        owner = self._owner()
+        if owner is None or owner.get("pid") == os.getpid():
+            self.path.unlink(missing_ok=True)
+        self.held = False
+
+    def __enter__(self) -> DirLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
