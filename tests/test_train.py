@@ -99,15 +99,17 @@ def test_killed_mid_epoch_then_resumed_matches_uninterrupted_run(tmp_path):
     full = train(tiny_cfg(tmp_path / "a", **kw), data=data, progress=False)
 
     cfg = tiny_cfg(tmp_path / "b", **kw)
-    stopped = train(cfg, data=data, max_steps=7, progress=False)  # "killed" at step 7 of 12, in epoch 2
-    assert stopped.stopped_early and not (stopped.run_dir / "summary.json").exists()
-    assert torch.load(stopped.run_dir / "last.pt", weights_only=True)["step"] == 6  # mid-epoch checkpoint
+    stopped = train(cfg, data=data, max_steps=7, progress=False)  # stopped at step 7 of 12, in epoch 2
+    assert stopped.stopped_early and stopped.stop_reason == "max_steps"
+    assert not (stopped.run_dir / "summary.json").exists()
+    assert torch.load(stopped.run_dir / "last.pt", weights_only=True)["step"] == 7  # saved where it stopped
     resumed = train(cfg, resume=stopped.run_dir / "last.pt", data=data, progress=False)
 
+    # Bit-exact, as the docs promise: every parameter, buffer and EMA tensor is identical.
     for name, ref in full.model.state_dict().items():
-        torch.testing.assert_close(resumed.model.state_dict()[name], ref, rtol=0, atol=1e-6, msg=name)
+        assert torch.equal(resumed.model.state_dict()[name], ref), name
     for name, ref in full.ema_model.state_dict().items():
-        torch.testing.assert_close(resumed.ema_model.state_dict()[name], ref, rtol=0, atol=1e-6, msg=name)
+        assert torch.equal(resumed.ema_model.state_dict()[name], ref), name
     rows = (resumed.run_dir / "metrics.csv").read_text().strip().splitlines()
     assert [r.split(",")[0] for r in rows[1:]] == ["1", "2", "3"]
     assert resumed.summary["val_top1"] == full.summary["val_top1"]
@@ -115,11 +117,11 @@ def test_killed_mid_epoch_then_resumed_matches_uninterrupted_run(tmp_path):
 
 def test_bad_configurations_fail_before_training(tmp_path):
     data = tiny_digits(n_train=64, n_val=16)
-    with pytest.raises(MNv4Error, match="fewer than the batch size"):
+    with pytest.raises(MNv4Error, match="fewer than `batch_size`"):
         train(tiny_cfg(tmp_path, batch_size=128), data=data, progress=False)
     with pytest.raises(MNv4Error, match="fp16 training needs CUDA"):
         train(tiny_cfg(tmp_path, precision="fp16"), data=data, progress=False)
-    with pytest.raises(MNv4Error, match="not a multiple of --micro-batch"):
+    with pytest.raises(MNv4Error, match="not a multiple of `micro_batch`"):
         train(tiny_cfg(tmp_path, micro_batch=12), data=data, progress=False)
 
 

@@ -1,14 +1,33 @@
-"""mnv4: MobileNetV4 (arXiv 2404.10518) in PyTorch - models, weights, training, deployment."""
+"""mnv4: MobileNetV4 (arXiv 2404.10518) in PyTorch - models, weights, training, distillation, search, deployment.
 
-from .errors import MNv4Error
-from .factory import create_model, infer_architecture
-from .models import MobileNetV4, ModelSpec, list_models
-from .weights.checkpoint import load_weights, save_model
+The names below are imported on first use, so ``import mnv4`` (and ``mnv4 --help``) does not pay
+for torch until a model is actually built.
+"""
 
-__version__ = "0.1.0"
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from .errors import InvalidValue, MNv4Error
+
+__version__ = "0.2.0"
+
+_LAZY = {
+    "create_model": "mnv4.factory",
+    "infer_architecture": "mnv4.factory",
+    "MobileNetV4": "mnv4.models.mobilenetv4",
+    "ModelSpec": "mnv4.models.specs",
+    "list_models": "mnv4.models.registry",
+    "load_weights": "mnv4.weights.checkpoint",
+    "save_model": "mnv4.weights.checkpoint",
+    "predict": "mnv4.inference",
+}
 
 __all__ = [
     "MNv4Error",
+    "InvalidValue",
+    "__version__",
     "create_model",
     "infer_architecture",
     "MobileNetV4",
@@ -16,5 +35,25 @@ __all__ = [
     "list_models",
     "load_weights",
     "save_model",
-    "__version__",
+    "predict",
 ]
+
+if TYPE_CHECKING:  # for type checkers and IDEs; at run time these come from __getattr__
+    from .factory import create_model, infer_architecture
+    from .inference import predict
+    from .models.mobilenetv4 import MobileNetV4
+    from .models.registry import list_models
+    from .models.specs import ModelSpec
+    from .weights.checkpoint import load_weights, save_model
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'mnv4' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

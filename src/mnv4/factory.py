@@ -121,6 +121,8 @@ def create_model(
     else:
         model.preprocess = Preprocess()
     model.pretrained_tag = tag.tag if tag else None
+    # Where the weights came from; None means random initialisation (commands announce that).
+    model.weights_source = source if sd is not None else None
     model.class_names = list(cfg["class_names"]) if cfg and cfg.get("class_names") else None
     if sd is not None:
         try:

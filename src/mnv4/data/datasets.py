@@ -1,4 +1,4 @@
-"""Where training data comes from: ``--data`` (a folder, ``cifar10``, ``fashion-mnist`` or
+"""Where training data comes from: ``data`` (a folder, ``cifar10``, ``fashion-mnist`` or
 ``digits``) to a train/val pair of (PIL image, label) datasets with class names.
 
 Transforms are not applied here; :class:`~mnv4.data.sampling.SeededDataset` adds them, so the
@@ -10,7 +10,6 @@ from __future__ import annotations
 import gzip
 import os
 import shutil
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,10 +17,20 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset, Subset
 
-from ..errors import MNv4Error
-from .folder import BadImage, SafeImageFolder, scan_classes
+from ..errors import MNv4Error, check_float
+from .folder import SafeImageFolder, scan_classes
+from .images import BadImage, BadImageLog
 
-__all__ = ["DataBundle", "load_data", "collate_images", "BUILTIN_DATASETS", "DEBIAN_FASHION_MNIST"]
+__all__ = [
+    "DataBundle",
+    "load_data",
+    "collate_images",
+    "align_classes",
+    "Relabelled",
+    "BadImageLog",
+    "BUILTIN_DATASETS",
+    "DEBIAN_FASHION_MNIST",
+]
 
 BUILTIN_DATASETS = ("digits", "cifar10", "fashion-mnist")
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -62,7 +71,7 @@ def load_data(
         return _fashion_mnist(root)
     path = Path(data)
     if not path.exists():
-        raise MNv4Error(f"--data {data}: no such folder, and not one of {', '.join(BUILTIN_DATASETS)}")
+        raise MNv4Error(f"`data` {data}: no such folder, and not one of {', '.join(BUILTIN_DATASETS)}")
     return _folder(path, val_fraction, seed)
 
 
@@ -87,8 +96,7 @@ def _split(ds: SafeImageFolder, val_fraction: float, seed: int) -> tuple[Subset,
     """Seeded split, stratified so that every class keeps at least one training image."""
     from sklearn.model_selection import train_test_split
 
-    if not 0 < val_fraction < 1:
-        raise MNv4Error(f"--val-split must be between 0 and 1, got {val_fraction}")
+    check_float("val_split", val_fraction, 0.0, 1.0, lo_open=True, hi_open=True)
     targets = [t for _, t in ds.samples]
     idx = list(range(len(targets)))
     try:
@@ -123,7 +131,7 @@ def _cifar10(root: Path) -> DataBundle:
     except Exception as e:  # URLError, socket errors, corrupt archives: all mean "not available"
         raise MNv4Error(
             f"CIFAR-10 is not in {root} and could not be downloaded ({type(e).__name__}); "
-            "run once with network access or pass --data PATH to an image folder"
+            "run once with network access or pass `data` as an image folder"
         ) from None
     return DataBundle("cifar10", _PILDataset(train), _PILDataset(val), list(train.classes), 32)
 
@@ -149,29 +157,51 @@ def _fashion_mnist(root: Path) -> DataBundle:
     return DataBundle("fashion-mnist", _PILDataset(train), _PILDataset(val), list(train.classes), 32)
 
 
-class BadImageLog:
-    """Collects unreadable files reported by :func:`collate_images`; prints each path once."""
+def collate_images(batch: list[tuple[Any, Any]]) -> tuple[torch.Tensor, torch.Tensor, list[BadImage]]:
+    """Stack a batch, leaving out unreadable files (returned third, for reporting).
 
-    def __init__(self, verbose: bool = True) -> None:
-        self.paths: dict[str, str] = {}
-        self.verbose = verbose
-
-    def add(self, bad: list[BadImage]) -> None:
-        for b in bad:
-            if b.path not in self.paths:
-                self.paths[b.path] = b.reason
-                if self.verbose:
-                    print(f"skipping unreadable image {b.path}: {b.reason}", file=sys.stderr)
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-
-def collate_images(batch: list[tuple[Any, int]]) -> tuple[torch.Tensor, torch.Tensor, list[BadImage]]:
-    """Stack a batch, leaving out unreadable files (returned third, for reporting)."""
+    Targets are int labels (stacked to ``[B]`` long) or probability vectors (stacked to ``[B, C]``)."""
     good = [(x, y) for x, y in batch if not isinstance(x, BadImage)]
     bad = [x for x, _ in batch if isinstance(x, BadImage)]
     if not good:
         return torch.empty(0), torch.empty(0, dtype=torch.long), bad
     xs, ys = zip(*good)
-    return torch.stack(xs), torch.tensor(ys, dtype=torch.long), bad
+    if isinstance(ys[0], torch.Tensor) and ys[0].dim() > 0:
+        return torch.stack(xs), torch.stack(ys), bad
+    return torch.stack(xs), torch.tensor([int(y) for y in ys], dtype=torch.long), bad
+
+
+class Relabelled(Dataset):
+    """A view of a labelled dataset whose labels follow another class order (a checkpoint's)."""
+
+    def __init__(self, ds: Dataset, remap: list[int]) -> None:
+        self.ds, self.remap = ds, remap
+
+    def __len__(self) -> int:
+        return len(self.ds)  # type: ignore[arg-type]
+
+    def __getitem__(self, i: int):
+        x, y = self.ds[i]
+        return x, self.remap[y]
+
+
+def align_classes(ds: Dataset, data_classes: list[str], model_classes: list[str] | None, num_classes: int) -> Dataset:
+    """``ds`` with labels in the model's class order.
+
+    With class names on both sides, labels are remapped by name (the folder may hold a subset, in
+    any order); without, the class counts must match. Anything else is an error naming the problem.
+    """
+    if model_classes and list(model_classes) != list(data_classes):
+        unknown = [c for c in data_classes if c not in model_classes]
+        if unknown:
+            raise MNv4Error(
+                f"the data has classes the model was not trained on: {', '.join(unknown[:5])}; "
+                "evaluate on the classes it knows"
+            )
+        return Relabelled(ds, [list(model_classes).index(c) for c in data_classes])
+    if not model_classes and len(data_classes) != num_classes:
+        raise MNv4Error(
+            f"the model has {num_classes} classes but the data has {len(data_classes)}; "
+            "evaluate on the dataset it was trained on"
+        )
+    return ds

@@ -1,50 +1,27 @@
 """Image folders (one sub-folder per class) that survive real-world files.
 
-Unreadable or truncated files are not fatal: loading returns a :class:`BadImage` marker that the
-collate function drops and reports, so one broken JPEG in a 100k-image folder costs one sample,
-not the run. Structural problems (empty classes, no images, val classes unknown to train) are
+Images are read by the one loader of :mod:`mnv4.data.images`. Unreadable, truncated or oversized
+files are not fatal: loading returns a :class:`BadImage` marker that the collate function drops and
+reports, so one broken JPEG in a 100k-image folder costs one sample, not the run. Structural
+problems (empty classes, no images, val classes unknown to train) are
 caught before training starts, with one error naming them.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
-from PIL import Image
 from torchvision.datasets import ImageFolder
 
 from ..errors import MNv4Error
+from .images import IMAGE_SUFFIXES, BadImage, ImageReadError, is_image_file, load_rgb
 
-__all__ = ["BadImage", "SafeImageFolder", "load_rgb", "scan_classes", "IMAGE_EXTENSIONS"]
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
-
-
-@dataclass(frozen=True)
-class BadImage:
-    path: str
-    reason: str
-
-
-def load_rgb(path: str) -> Image.Image:
-    """Decode fully (so truncation shows up here, not in a worker later) and convert to RGB.
-    Transparent images are composited on white: dropping alpha would turn transparent pixels into
-    whatever colour the encoder left there, often black."""
-    with Image.open(path) as im:
-        im.load()
-        if im.mode == "P" and "transparency" in im.info:
-            im = im.convert("RGBA")
-        if im.mode in ("RGBA", "LA", "PA"):
-            im = im.convert("RGBA")
-            background = Image.new("RGBA", im.size, (255, 255, 255, 255))
-            return Image.alpha_composite(background, im).convert("RGB")
-        return im.convert("RGB")
+__all__ = ["BadImage", "SafeImageFolder", "scan_classes"]
 
 
 def _is_image(name: str) -> bool:
-    return name.lower().endswith(IMAGE_EXTENSIONS)
+    return is_image_file(name)
 
 
 def scan_classes(root: str | os.PathLike) -> dict[str, int]:
@@ -58,7 +35,7 @@ def scan_classes(root: str | os.PathLike) -> dict[str, int]:
     if not counts:
         raise MNv4Error(f"{root} has no class sub-folders; put each class's images in {root}/<class name>/")
     if not any(counts.values()):
-        raise MNv4Error(f"{root} contains no images ({', '.join(IMAGE_EXTENSIONS)}); check the path")
+        raise MNv4Error(f"{root} contains no images ({', '.join(IMAGE_SUFFIXES)}); check the path")
     empty = [c for c, n in counts.items() if n == 0]
     if empty:
         shown = ", ".join(empty[:5]) + (f" (+{len(empty) - 5} more)" if len(empty) > 5 else "")
@@ -91,8 +68,8 @@ class SafeImageFolder(ImageFolder):
         path, target = self.samples[index]
         try:
             sample = self.loader(path)
-        except (OSError, ValueError, SyntaxError) as e:  # PIL raises all three for damaged files
-            return BadImage(path, str(e) or type(e).__name__), target
+        except ImageReadError as e:
+            return BadImage(e.path, e.reason), target
         if self.transform is not None:
             sample = self.transform(sample)
         return sample, target

@@ -11,7 +11,7 @@ from torch import nn
 
 from ..errors import MNv4Error, missing_extra
 
-__all__ = ["ZooEntry", "ZOO", "DEFAULT_MODELS", "build"]
+__all__ = ["ZooEntry", "ZOO", "DEFAULT_MODELS", "build", "default_models", "is_baseline", "native_resolution"]
 
 
 @dataclass(frozen=True)
@@ -75,3 +75,30 @@ def build(name: str) -> tuple[nn.Module, ZooEntry]:
             raise missing_extra("timm", "timm") from None
         model = timm.create_model(entry.arch, pretrained=False)
     return model.eval(), entry
+
+
+def default_models() -> list[str]:
+    """The default comparison set, without the timm baselines when timm is not installed."""
+    import importlib.util
+
+    have_timm = importlib.util.find_spec("timm") is not None
+    return [m for m in DEFAULT_MODELS if have_timm or ZOO[m].source != "timm"]
+
+
+def is_baseline(name: str) -> bool:
+    """A torchvision / timm comparison model (built here), not an MNv4 registry model."""
+    return name in ZOO and ZOO[name].source != "mnv4"
+
+
+def native_resolution(name: str) -> int:
+    """The resolution a model is evaluated at: the registry's for MNv4 models, the zoo's for baselines."""
+    from ..models.registry import MODELS, get_entry
+
+    if is_baseline(name):
+        return ZOO[name].resolution
+    try:
+        return get_entry(name).resolution
+    except MNv4Error:
+        if name in MODELS:
+            raise
+        return 224

@@ -89,6 +89,7 @@ class MobileNetV4(nn.Module):
         self.preprocess = None
         self.class_names: list[str] | None = None
         self.pretrained_tag: str | None = None
+        self.weights_source: str | None = None  # checkpoint path or hub id; None = random init
         # Eval on CPU runs the convs in channels_last (oneDNN's native layout): 5-25% faster at batch 1
         # (benchmarks/latency.py), same values to float rounding; outputs are returned in the caller's layout.
         self.cpu_channels_last = True

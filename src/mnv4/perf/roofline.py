@@ -28,6 +28,7 @@ __all__ = [
     "ridge_sweep",
     "fit_hardware",
     "spearman",
+    "plot_sweep",
 ]
 
 ModelLike = nn.Module | ModelSpec | str | Profile
@@ -158,3 +159,46 @@ def fit_hardware(
     dtype = profiles[0].dtype if profiles else "float32"
     hw = HardwareProfile.from_ridge(name, rp, peak, dtype=dtype, source="fitted by mnv4 roofline calibrate")
     return hw, err
+
+
+def plot_sweep(
+    profiles: Sequence[Profile],
+    path,
+    max_ridge: float = 500.0,
+    normalize: str = "macs",
+    points: int = 251,
+) -> list[list[str]]:
+    """The paper's ridge-point sweep as a PNG at ``path``; returns a table (header first) of the
+    relative latencies at the reference devices' ridge points."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ..files import atomic_write
+    from .hardware import BUILTIN_PROFILES
+
+    rps, rel = ridge_sweep(profiles, np.linspace(0, max_ridge, points), normalize=normalize)
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for name, y in rel.items():
+        ax.plot(rps, y, label=name, lw=2 if name.startswith("mnv4") else 1)
+    for hw in BUILTIN_PROFILES.values():
+        if hw.ridge_point <= max_ridge:
+            ax.axvline(hw.ridge_point, color="gray", ls=":", lw=0.8)
+            ax.text(hw.ridge_point, ax.get_ylim()[1], hw.name, rotation=90, va="top", ha="right", fontsize=7)
+    ax.set_xlabel("ridge point (MACs / byte)")
+    unit = "own MAC-only latency" if normalize == "macs" else normalize
+    ax.set_ylabel(f"roofline latency relative to {unit}")
+    dtype = profiles[0].dtype if profiles else ""
+    ax.set_title(f"Roofline sweep ({dtype} bytes)")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=130, format="png"))
+    plt.close(fig)
+    picks = [0.0] + sorted(h.ridge_point for h in BUILTIN_PROFILES.values() if h.ridge_point <= max_ridge)
+    picks.append(max_ridge)
+    table = [["model"] + [f"RP {rp:g}" for rp in picks]]
+    for name, y in rel.items():
+        table.append([name] + [f"{np.interp(rp, rps, y):.2f}" for rp in picks])
+    return table

@@ -18,6 +18,7 @@ from ..weights.io import atomic_write
 __all__ = ["rng_state", "set_rng_state", "save_training_state", "load_training_state", "find_resume"]
 
 LAST = "last.pt"
+_REQUIRED = ("model", "optimizer", "scheduler", "step", "config", "rng")
 
 
 def rng_state() -> dict[str, Any]:
@@ -38,12 +39,28 @@ def save_training_state(path: str | os.PathLike, state: dict[str, Any]) -> Path:
 
 
 def load_training_state(path: str | os.PathLike) -> dict[str, Any]:
+    """The state saved in ``last.pt``; one clear error for anything else (weights files included)."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        raise MNv4Error(
+            f"{path} holds weights only, not a training state; to resume pass the run folder or its {LAST}, "
+            "to start a new run from these weights pass them as `checkpoint`"
+        )
     try:
-        return torch.load(str(path), map_location="cpu", weights_only=True)
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise MNv4Error(f"no checkpoint to resume from at {path}") from None
+    except IsADirectoryError:
+        raise MNv4Error(f"{path} is a folder without a {LAST}; pass a run folder that holds one") from None
     except Exception as e:  # truncated or foreign file: say which, never a pickle traceback
         raise MNv4Error(f"cannot resume from {path}: not an mnv4 training checkpoint ({type(e).__name__})") from None
+    missing = [k for k in _REQUIRED if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise MNv4Error(
+            f"cannot resume from {path}: not an mnv4 training checkpoint (no {', '.join(missing[:3])}); "
+            f"pass a run folder or its {LAST}"
+        )
+    return state
 
 
 def find_resume(resume: str, output: str | None, runs_dir: str | os.PathLike = "runs") -> Path:
@@ -55,5 +72,5 @@ def find_resume(resume: str, output: str | None, runs_dir: str | os.PathLike = "
         return Path(output) / LAST
     candidates = sorted(Path(runs_dir).glob(f"*/{LAST}"), key=lambda p: p.stat().st_mtime)
     if not candidates:
-        raise MNv4Error(f"--resume: no run with a {LAST} under {runs_dir}/; pass --resume RUN_DIR")
+        raise MNv4Error(f"`resume`: no run with a {LAST} under {runs_dir}/; pass the run folder")
     return candidates[-1]

@@ -16,10 +16,10 @@ from typing import Any
 
 import yaml
 
-from ..errors import MNv4Error
+from ..errors import InvalidValue, MNv4Error, check_choice, check_float, check_int
 from .recipes import Recipe, get_recipe
 
-__all__ = ["TrainConfig", "resolve_config", "load_config_file"]
+__all__ = ["TrainConfig", "resolve_config", "load_config_file", "validate"]
 
 
 @dataclass(frozen=True)
@@ -31,6 +31,7 @@ class TrainConfig(Recipe):
     val_split: float = 0.2  # for folders without val/ and for digits
     output: str | None = None
     checkpoint: str | None = None  # pretrained weights to start from (fine-tuning)
+    pretrained: str | None = None  # timm weights to start from: "default" or a tag
     seed: int = 0
     workers: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -39,6 +40,9 @@ class TrainConfig(Recipe):
     sync_bn: bool = False
     save_every_steps: int = 0  # 0: checkpoint at epoch ends only
     eval_every: int = 1  # epochs
+
+    def __post_init__(self) -> None:
+        validate(self)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -62,13 +66,97 @@ class TrainConfig(Recipe):
 
 _TUPLE_FIELDS = ("betas", "crop_scale")
 
+# Every numeric and enum field with its allowed range: (kind, lo, hi, lo_open, hi_open, nullable) or a
+# tuple of choices. Checked whenever a config is built (recipe + file + overrides, or a saved run).
+_UNIT = ("float", 0.0, 1.0, False, False, False)
+_RULES: dict[str, tuple] = {
+    "epochs": ("float", 0.0, None, True, False, False),
+    "batch_size": ("int", 1, None, False, False, False),
+    "micro_batch": ("int", 1, None, False, False, True),
+    "lr": ("float", 0.0, None, True, False, False),
+    "lr_ref_batch": ("int", 1, None, False, False, True),
+    "lr_scaling": ("linear", "sqrt", "none"),
+    "min_lr_ratio": _UNIT,
+    "warmup_epochs": ("float", 0.0, None, False, False, False),
+    "weight_decay": ("float", 0.0, None, False, False, False),
+    "eps": ("float", 0.0, None, True, False, False),
+    "l2": ("float", 0.0, None, False, False, False),
+    "ema_decay": ("float", 0.0, 1.0, False, True, False),
+    "ema_start_epochs": ("float", 0.0, None, False, False, False),
+    "grad_clip": ("float", 0.0, None, False, False, False),
+    "label_smoothing": ("float", 0.0, 1.0, False, True, False),
+    "dropout": ("float", 0.0, 1.0, False, True, False),
+    "drop_path": ("float", 0.0, 1.0, False, True, False),
+    "drop_path_schedule": ("tf", "linear", "flat"),
+    "bn_momentum": ("float", 0.0, 1.0, True, False, True),
+    "bn_eps": ("float", 0.0, None, True, False, True),
+    "hflip": _UNIT,
+    "randaug_prob": _UNIT,
+    "randaug_layers": ("int", 0, 16, False, False, False),
+    "randaug_magnitude": ("float", 0.0, 30.0, False, False, False),
+    "mix_prob": _UNIT,
+    "mixup_alpha": ("float", 0.0, None, False, False, False),
+    "cutmix_alpha": ("float", 0.0, None, False, False, False),
+    "switch_prob": _UNIT,
+    "precision": ("fp32", "bf16", "fp16"),
+    "max_nonfinite_steps": ("int", 1, None, False, False, False),
+    "input_size": ("int", 8, 4096, False, False, True),
+    "val_split": ("float", 0.0, 1.0, True, True, False),
+    "seed": ("int", 0, 2**63 - 1, False, False, False),
+    "workers": ("int", 0, 256, False, False, False),
+    "save_every_steps": ("int", 0, None, False, False, False),
+    "eval_every": ("int", 1, None, False, False, False),
+}
+
+
+def validate(cfg: Any) -> None:
+    """Raise :class:`~mnv4.errors.InvalidValue` for the first field outside its allowed range."""
+    for name, rule in _RULES.items():
+        if not hasattr(cfg, name):
+            continue
+        value = getattr(cfg, name)
+        if isinstance(rule[0], str) and rule[0] in ("int", "float"):
+            kind, lo, hi, lo_open, hi_open, nullable = rule
+            if value is None and nullable:
+                continue
+            if kind == "int":
+                check_int(name, value, lo, hi)
+            else:
+                check_float(name, value, lo, hi, lo_open, hi_open)
+        else:
+            check_choice(name, value, rule)
+    betas = getattr(cfg, "betas", None)
+    if betas is not None:
+        if not isinstance(betas, tuple | list) or len(betas) != 2:
+            raise InvalidValue("betas", betas, "must be two numbers, e.g. [0.9, 0.999]")
+        for b in betas:
+            check_float("betas", b, 0.0, 1.0, False, True)
+    scale = getattr(cfg, "crop_scale", None)
+    if scale is not None:
+        if not isinstance(scale, tuple | list) or len(scale) != 2:
+            raise InvalidValue("crop_scale", scale, "must be two numbers lo <= hi in (0, 1], e.g. [0.08, 1.0]")
+        lo, hi = (check_float("crop_scale", v, 0.0, 1.0, True, False) for v in scale)
+        if lo > hi:
+            raise InvalidValue("crop_scale", scale, "the first value must not exceed the second")
+    device = getattr(cfg, "device", None)
+    if device is not None:
+        from .distributed import check_device
+
+        check_device(device)
+
 
 def _build(cls: type, d: dict[str, Any]) -> Any:
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(d) - known)
     if unknown:
-        raise MNv4Error(f"unknown config field(s): {', '.join(unknown)}; `mnv4 recipes --show NAME` lists the fields")
-    d = {k: (tuple(v) if k in _TUPLE_FIELDS and v is not None else v) for k, v in d.items()}
+        import difflib
+
+        close = difflib.get_close_matches(unknown[0], sorted(known), n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise MNv4Error(
+            f"unknown config field(s): {', '.join(unknown)}{hint}; `mnv4 recipes --show NAME` lists the fields"
+        )
+    d = {k: (tuple(v) if k in _TUPLE_FIELDS and isinstance(v, list | tuple) else v) for k, v in d.items()}
     return cls(**d)
 
 

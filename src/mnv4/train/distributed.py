@@ -7,14 +7,15 @@ environment variables are absent.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from ..errors import MNv4Error
+from ..errors import InvalidValue, MNv4Error
 
-__all__ = ["DistInfo", "setup", "teardown", "all_reduce_sum"]
+__all__ = ["DistInfo", "setup", "teardown", "all_reduce_sum", "pick_device", "check_device"]
 
 
 @dataclass(frozen=True)
@@ -33,13 +34,29 @@ class DistInfo:
         return self.world_size > 1
 
 
-def _pick_device(requested: str, local_rank: int) -> torch.device:
+_DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?|mps)$")
+
+
+def check_device(requested: str) -> str:
+    """``requested`` if it names a device mnv4 can use, else :class:`InvalidValue`."""
+    if not isinstance(requested, str) or not _DEVICE.match(requested):
+        raise InvalidValue("device", requested, "choose auto, cpu, cuda, cuda:N or mps")
+    return requested
+
+
+def pick_device(requested: str = "auto", local_rank: int = 0) -> torch.device:
+    """The device for ``requested`` (auto: CUDA when available, else CPU), checked to exist."""
+    check_device(requested)
     if requested == "auto":
         requested = "cuda" if torch.cuda.is_available() else "cpu"
     if requested.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise MNv4Error("--device cuda was requested but no CUDA device is available; use --device cpu")
+            raise MNv4Error("`device` cuda was requested but no CUDA device is available; use cpu")
+        if ":" in requested and int(requested.split(":")[1]) >= torch.cuda.device_count():
+            raise InvalidValue("device", requested, f"this machine has {torch.cuda.device_count()} CUDA device(s)")
         return torch.device(requested if ":" in requested else f"cuda:{local_rank}")
+    if requested == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise MNv4Error("`device` mps was requested but this machine has no Apple GPU; use cpu")
     return torch.device(requested)
 
 
@@ -48,7 +65,7 @@ def setup(device: str = "auto") -> DistInfo:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    dev = _pick_device(device, local_rank)
+    dev = pick_device(device, local_rank)
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if dev.type == "cuda" else "gloo"
         if dev.type == "cuda":

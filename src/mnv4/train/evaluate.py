@@ -10,10 +10,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm import tqdm
 
+from ..data.images import BadImageLog
 from .distributed import DistInfo, all_reduce_sum
 
-__all__ = ["EvalResult", "evaluate", "plot_confusion"]
+__all__ = ["EvalResult", "evaluate", "evaluate_on", "plot_confusion"]
 
 
 @dataclass
@@ -35,15 +37,22 @@ def evaluate(
     channels_last: bool = False,
     dist_info: DistInfo | None = None,
     keep_predictions: bool = False,
+    bad_images: BadImageLog | None = None,
+    progress: bool | None = False,
 ) -> EvalResult:
-    """Accuracy and mean cross-entropy (no label smoothing, so losses compare across recipes)."""
+    """Accuracy and mean cross-entropy (no label smoothing, so losses compare across recipes).
+
+    Unreadable images (the loader's third element) are added to ``bad_images`` when given."""
     was_training = model.training
     model.eval()
     loss_sum = correct1 = correct5 = count = 0.0
     preds: list[int] = []
     targets: list[int] = []
-    for batch in loader:
+    bar = tqdm(loader, desc="eval", unit="batch", leave=False, disable=None if progress is None else not progress)
+    for batch in bar:
         x, y = batch[0], batch[1]
+        if bad_images is not None and len(batch) > 2:
+            bad_images.add(batch[2])
         if len(y) == 0:
             continue
         x = x.to(device, non_blocking=True)
@@ -68,6 +77,39 @@ def evaluate(
         loss_sum, correct1, correct5, count = all_reduce_sum([loss_sum, correct1, correct5, count], dist_info)
     n = max(count, 1)
     return EvalResult(100.0 * correct1 / n, 100.0 * correct5 / n, loss_sum / n, int(count), preds, targets)
+
+
+def evaluate_on(
+    model: nn.Module,
+    data,
+    input_size: int | None = None,
+    batch_size: int = 128,
+    workers: int = 0,
+    device: torch.device | str = "cpu",
+    progress: bool | None = None,
+) -> tuple[EvalResult, BadImageLog]:
+    """Evaluate ``model`` on the validation split of ``data`` (a :class:`~mnv4.data.datasets.DataBundle`)
+    with the model's eval preprocessing, labels aligned to the model's class names."""
+    from torch.utils.data import DataLoader
+
+    from ..data.datasets import align_classes, collate_images
+    from ..data.sampling import SeededDataset
+    from ..data.transforms import eval_transform
+
+    val = align_classes(data.val, list(data.class_names), getattr(model, "class_names", None), model.num_classes)
+    loader = DataLoader(
+        SeededDataset(val, eval_transform(model.preprocess, input_size=input_size)),
+        batch_size=batch_size,
+        num_workers=workers,
+        collate_fn=collate_images,
+    )
+    bad = BadImageLog()
+    result = evaluate(model.to(device), loader, device, keep_predictions=True, bad_images=bad, progress=progress)
+    if result.count == 0:
+        from ..errors import MNv4Error
+
+        raise MNv4Error(f"no image of the {data.name} validation set could be read; nothing was evaluated")
+    return result, bad
 
 
 def plot_confusion(result: EvalResult, class_names: list[str], path: str | os.PathLike) -> Path:
@@ -95,8 +137,8 @@ def plot_confusion(result: EvalResult, class_names: list[str], path: str | os.Pa
     )
     ax.set_title(f"top-1 {result.top1:.2f}% on {result.count} images")
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
+    from ..files import atomic_write
+
+    path = atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     plt.close(fig)
     return path

@@ -87,7 +87,7 @@ def plot_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None) -
     run_dir = Path(run_dir)
     path = run_dir / METRICS_FILE if run_dir.is_dir() else run_dir
     if not path.is_file():
-        raise MNv4Error(f"no {METRICS_FILE} in {run_dir}; pass the directory of a `mnv4 train` run")
+        raise MNv4Error(f"no {METRICS_FILE} in {run_dir}; pass the folder of a training run")
     rows = read_metrics(path)
     if not rows:
         raise MNv4Error(f"{path} has no epochs yet")
@@ -115,7 +115,10 @@ def plot_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None) -
             ax.legend()
     fig.suptitle(str(run_dir))
     fig.tight_layout()
-    out = Path(out) if out else path.parent / "curves.png"
-    fig.savefig(out, dpi=100)
+    from ..files import atomic_write
+
+    out = atomic_write(
+        Path(out) if out else path.parent / "curves.png", lambda t: fig.savefig(t, dpi=100, format="png")
+    )
     plt.close(fig)
     return out

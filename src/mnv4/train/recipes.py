@@ -62,6 +62,7 @@ class Recipe:
     cutmix_alpha: float = 1.0
     switch_prob: float = 0.5
     precision: str = "fp32"  # fp32 | bf16 | fp16 (fp16 on CUDA only)
+    max_nonfinite_steps: int = 5  # stop after this many consecutive steps with a NaN/inf loss
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -1,17 +1,30 @@
-"""The training loop: one function, :func:`train`, for one process or many (torchrun).
+"""The training loop: :class:`Trainer`, one run in named phases, for one process or many (torchrun).
+
+Phases, in the order :meth:`Trainer.run` calls them: :meth:`~Trainer.setup` (processes, data, model,
+optimizer, run directory), :meth:`~Trainer.resume` (from ``last.pt``), then per epoch
+:meth:`~Trainer.train_epoch` (steps of :meth:`~Trainer.train_step`) and
+:meth:`~Trainer.evaluate_and_select`, and :meth:`~Trainer.finish`. Distillation and the NAS
+super-network subclass it and override the hooks (``build_train_dataset``, ``make_targets``,
+``loss``, ``before_step``, ``after_step``, ``extra_state``) rather than copying the loop.
 
 Reproducibility is designed in rather than hoped for: data order and augmentation depend only on
 (seed, epoch, sample) (see ``mnv4.data.sampling``), and the RNG that dropout, stochastic depth and
 Mixup/CutMix draw from is reseeded from (seed, step, rank) at every optimizer step. A run resumed
-from any checkpoint therefore replays exactly what the uninterrupted run would have done.
+from any checkpoint therefore ends bit-identical to the uninterrupted run.
+
+Robustness (docs/training.md "What the trainer guarantees"): one process owns a run directory (a
+lock); a stop request (``max_steps``, Ctrl-C, SIGTERM) saves ``last.pt`` at the next step boundary;
+non-finite losses skip the update and stop the run after ``max_nonfinite_steps`` in a row; unreadable
+images never desynchronise DDP ranks or leave BatchNorm a batch of one.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
+import shutil
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -20,31 +33,37 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
-from ..data.datasets import BadImageLog, DataBundle, collate_images, load_data
+from ..data.datasets import DataBundle, collate_images, load_data
+from ..data.images import BadImage, BadImageLog
 from ..data.sampling import GlobalBatchSampler, SeededDataset, sample_seed
 from ..data.transforms import batch_mix, eval_transform, train_transform
 from ..errors import MNv4Error
+from ..files import DirLock, atomic_write_json, atomic_write_text, remove_orphan_temps
 from ..models.registry import Preprocess
 from ..models.specs import ModelSpec
 from ..weights.checkpoint import save_model
-from ..weights.io import atomic_write
 from .checkpoint import LAST, load_training_state, rng_state, save_training_state, set_rng_state
 from .config import TrainConfig
-from .distributed import DistInfo, setup
+from .distributed import DistInfo, all_reduce_sum, setup
 from .evaluate import EvalResult, evaluate
-from .metrics import MetricsLog
+from .metrics import METRICS_FILE, MetricsLog
 from .optim import build_ema, build_optimizer, build_scheduler, l2_penalty
 
-__all__ = ["train", "TrainResult", "BEST", "LAST_WEIGHTS", "SUMMARY"]
+__all__ = ["Trainer", "train", "TrainResult", "Plan", "plan_run", "BEST", "LAST_WEIGHTS", "SUMMARY", "RUN_FILES"]
 
 BEST = "best.safetensors"
 LAST_WEIGHTS = "last.safetensors"
+LAST_EMA = "last_ema.safetensors"
 SUMMARY = "summary.json"
+CONFIG = "config.yaml"
+# What a run writes; a folder holding any of these holds a run.
+RUN_FILES = (CONFIG, METRICS_FILE, SUMMARY, LAST, BEST, LAST_WEIGHTS, LAST_EMA, "curves.png", "tensorboard")
 
 
 @dataclass
@@ -53,12 +72,18 @@ class TrainResult:
     summary: dict[str, Any]
     model: nn.Module  # the raw (not EMA) weights at the end, unwrapped from DDP/compile
     ema_model: nn.Module | None
-    stopped_early: bool  # True when max_steps ended this invocation before the schedule did
+    stopped_early: bool  # True when this invocation stopped before the schedule ended (see stop_reason)
+    stop_reason: str | None = None  # "max_steps", "SIGINT" or "SIGTERM"
+    step: int = 0
+
+    @property
+    def resume_command(self) -> str:
+        return f"mnv4 train --resume {self.run_dir}"
 
 
 @dataclass
-class _Plan:
-    """Batch arithmetic, fixed for the whole run."""
+class Plan:
+    """Batch arithmetic, fixed for the whole run (re-planned only when a finished run is extended)."""
 
     micro_batch: int
     accumulation: int
@@ -69,23 +94,23 @@ class _Plan:
     num_epochs: int
 
 
-def _plan(cfg: TrainConfig, num_train: int, world: int) -> _Plan:
+def plan_run(cfg: TrainConfig, num_train: int, world: int) -> Plan:
     if cfg.batch_size % world:
-        raise MNv4Error(f"batch size {cfg.batch_size} is not divisible by {world} processes; change --batch-size")
+        raise MNv4Error(f"`batch_size` {cfg.batch_size} is not divisible by {world} processes; change it")
     per_rank = cfg.batch_size // world
     micro = min(cfg.micro_batch or per_rank, per_rank)
     if per_rank % micro:
         raise MNv4Error(
-            f"per-process batch {per_rank} is not a multiple of --micro-batch {micro}; pick a divisor of {per_rank}"
+            f"per-process batch {per_rank} is not a multiple of `micro_batch` {micro}; pick a divisor of {per_rank}"
         )
     if num_train < cfg.batch_size:
         raise MNv4Error(
-            f"the training set has {num_train} images, fewer than the batch size {cfg.batch_size}; "
-            "lower --batch-size (the LR scales with it)"
+            f"the training set has {num_train} images, fewer than `batch_size` {cfg.batch_size}; "
+            "lower it (the LR scales with it)"
         )
     spe = num_train // cfg.batch_size
     total = max(1, round(cfg.epochs * spe))
-    return _Plan(
+    return Plan(
         micro_batch=micro,
         accumulation=per_rank // micro,
         steps_per_epoch=spe,
@@ -96,36 +121,713 @@ def _plan(cfg: TrainConfig, num_train: int, world: int) -> _Plan:
     )
 
 
-def _model_name(cfg: TrainConfig) -> str | ModelSpec | None:
-    return ModelSpec.from_dict(cfg.model) if isinstance(cfg.model, dict) else cfg.model
+class _StopRequests:
+    """SIGINT / SIGTERM set a flag the loop checks at step boundaries; a second Ctrl-C aborts at once.
 
+    Installed before the data-loader workers fork, so they inherit it and keep running instead of
+    dying on the Ctrl-C that reaches the whole process group.
+    """
 
-def _build_model(cfg: TrainConfig, data: DataBundle) -> nn.Module:
-    from ..factory import create_model
+    def __init__(self) -> None:
+        self.reason: str | None = None
+        self._old: dict[int, Any] = {}
 
-    overrides = dict(drop_rate=cfg.dropout, drop_path_rate=cfg.drop_path, drop_path_schedule=cfg.drop_path_schedule)
-    if cfg.bn_momentum is not None:
-        overrides["bn_momentum"] = cfg.bn_momentum
-    if cfg.bn_eps is not None:
-        overrides["bn_eps"] = cfg.bn_eps
-    if cfg.model is None and cfg.checkpoint is None:
-        raise MNv4Error(
-            f"recipe {cfg.recipe} starts from pretrained weights: pass --checkpoint PATH (or --model NAME to train "
-            "from scratch)"
+    def _handle(self, signum, frame) -> None:
+        if self.reason == "SIGINT" and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # second Ctrl-C: the user does not want to wait for the step
+        self.reason = signal.Signals(signum).name
+        print(
+            f"\nmnv4: {self.reason} received; saving a checkpoint at the end of this step (Ctrl-C again to abort)",
+            file=sys.stderr,
         )
-    model = create_model(_model_name(cfg), num_classes=len(data.class_names), checkpoint=cfg.checkpoint, **overrides)
-    pp: Preprocess = model.preprocess or Preprocess()
-    size = cfg.input_size or data.input_size or pp.input_size
-    if data.input_size is not None:
-        # Small-image sets (digits, CIFAR): no centre crop, or the border of a 32 px image is lost.
-        pp = dataclasses.replace(pp, input_size=size, crop_pct=1.0)
-        if cfg.checkpoint is None:
-            pp = dataclasses.replace(pp, interpolation="bilinear")
-    else:
-        pp = dataclasses.replace(pp, input_size=size)
-    model.preprocess = pp
-    model.class_names = list(data.class_names)
-    return model
+
+    def __enter__(self) -> _StopRequests:
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        self._old.clear()
+
+
+class Trainer:
+    """One training run. ``cfg`` says what to train; ``data`` and ``model`` may be given directly
+    (tests, notebooks, a non-MobileNetV4 classifier such as a distillation teacher).
+
+    ``exist_ok``: start a new run in a folder that already holds one, replacing its files (otherwise
+    that is refused, so a run is never overwritten by accident).
+    """
+
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        data: DataBundle | None = None,
+        model: nn.Module | None = None,
+        progress: bool | None = None,
+        log=None,
+        exist_ok: bool = False,
+    ) -> None:
+        self.cfg = cfg
+        self.data = data
+        self._given_model = model
+        self.progress = progress
+        self.exist_ok = exist_ok
+        self._log = log
+        self.step = 0
+        self.best_top1, self.best_epoch, self.best_weights = -1.0, 0, "raw"
+        self.wall_before = 0.0
+        self.last_eval: dict[str, EvalResult] = {}
+        self.nonfinite_in_a_row = 0
+        self.skipped_steps = 0  # steps without a readable image on any rank, or with a non-finite loss
+        self.stop_reason: str | None = None
+        self.lock: DirLock | None = None
+        self.metrics: MetricsLog | None = None
+        self._stop = _StopRequests()
+
+    # ------------------------------------------------------------------ hooks (override in subclasses)
+    def build_model(self) -> nn.Module:
+        """The model to train: the given one, else ``create_model`` from the config."""
+        from ..factory import create_model
+
+        cfg, data = self.cfg, self.data
+        if self._given_model is not None:
+            model = self._given_model
+        else:
+            overrides = dict(
+                drop_rate=cfg.dropout, drop_path_rate=cfg.drop_path, drop_path_schedule=cfg.drop_path_schedule
+            )
+            if cfg.bn_momentum is not None:
+                overrides["bn_momentum"] = cfg.bn_momentum
+            if cfg.bn_eps is not None:
+                overrides["bn_eps"] = cfg.bn_eps
+            if cfg.model is None and cfg.checkpoint is None and not cfg.pretrained:
+                raise MNv4Error(
+                    f"recipe {cfg.recipe} starts from pretrained weights: pass `checkpoint` or `pretrained` "
+                    "(or `model` to train from scratch)"
+                )
+            name = ModelSpec.from_dict(cfg.model) if isinstance(cfg.model, dict) else cfg.model
+            pretrained = True if cfg.pretrained == "default" else (cfg.pretrained or False)
+            model = create_model(
+                name, num_classes=len(data.class_names), checkpoint=cfg.checkpoint, pretrained=pretrained, **overrides
+            )
+        pp: Preprocess = getattr(model, "preprocess", None) or Preprocess()
+        size = cfg.input_size or data.input_size or pp.input_size
+        if data.input_size is not None:
+            # Small-image sets (digits, CIFAR): no centre crop, or the border of a 32 px image is lost.
+            pp = dataclasses.replace(pp, input_size=size, crop_pct=1.0)
+            if cfg.checkpoint is None and not cfg.pretrained:
+                pp = dataclasses.replace(pp, interpolation="bilinear")
+        else:
+            pp = dataclasses.replace(pp, input_size=size)
+        model.preprocess = pp
+        model.class_names = list(data.class_names)
+        return model
+
+    def build_train_dataset(self) -> Dataset:
+        """Items ``(image tensor or BadImage, target)``, indexed by ``(epoch, i)`` from the sampler."""
+        cfg = self.cfg
+        tf = train_transform(
+            self.model.preprocess,
+            scale=tuple(cfg.crop_scale),
+            hflip=cfg.hflip,
+            randaug_prob=cfg.randaug_prob,
+            randaug_layers=cfg.randaug_layers,
+            randaug_magnitude=cfg.randaug_magnitude,
+        )
+        return SeededDataset(self.data.train, tf, cfg.seed)
+
+    def build_train_sampler(self, dataset: Dataset) -> GlobalBatchSampler:
+        info = self.info
+        return GlobalBatchSampler(
+            len(dataset), self.cfg.batch_size, info.rank, info.world_size, shuffle=True, seed=self.cfg.seed
+        )
+
+    def make_targets(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per micro-batch: Mixup/CutMix as the recipe says (int labels may become soft ones)."""
+        return self.mix(x, y) if self.mix is not None else (x, y)
+
+    def loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Per-sample loss ``[B]``; ``target`` is int labels ``[B]`` or probabilities ``[B, C]``."""
+        return F.cross_entropy(logits, target, reduction="none", label_smoothing=self.cfg.label_smoothing)
+
+    def before_step(self, step: int) -> None:
+        """Called before each optimizer step's forward passes (after the step's RNG reseed)."""
+
+    def after_step(self, step: int, loss: float) -> None:
+        """Called after each optimizer step with the global mean loss."""
+
+    def extra_state(self) -> dict[str, Any]:
+        """More state to save in ``last.pt`` (tensors, numbers, strings and containers only)."""
+        return {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        pass
+
+    def wrap_distributed(self, model: nn.Module) -> nn.Module:
+        # broadcast_buffers=False: ranks may run different numbers of forwards in a step (unreadable
+        # images), which a per-forward buffer broadcast would deadlock; buffers are broadcast
+        # explicitly before evaluation and saving instead (see _sync_buffers).
+        device = self.info.device
+        return DistributedDataParallel(
+            model, device_ids=[device] if device.type == "cuda" else None, broadcast_buffers=False
+        )
+
+    # ------------------------------------------------------------------ phases
+    def say(self, msg: str) -> None:
+        if not self.info.is_main:
+            return
+        if self._log is not None:
+            self._log(msg)
+        else:
+            tqdm.write(msg, file=sys.stdout)
+
+    def setup(self, resume: str | Path | None = None) -> None:
+        """Processes, data, model, optimizer and the run directory; restores ``resume`` if given."""
+        cfg = self.cfg
+        self.t_start = time.perf_counter()
+        self.info = info = setup(cfg.device)
+        if self.data is None:
+            if cfg.data is None:
+                raise MNv4Error(
+                    f"recipe {cfg.recipe} has no default dataset; pass `data` (a folder, cifar10 or digits)"
+                )
+            if info.is_main:
+                self.data = load_data(cfg.data, cfg.data_root, cfg.val_split, cfg.seed)
+            if info.distributed:
+                dist.barrier()  # rank 0 downloads/unpacks first; the others then read the cache
+            if self.data is None:
+                self.data = load_data(cfg.data, cfg.data_root, cfg.val_split, cfg.seed)
+        data = self.data
+        if len(data.val) == 0:
+            raise MNv4Error(f"the validation set of {data.name} is empty; add images to val/ or raise `val_split`")
+        _check_readable(data.train, "training")
+
+        state = load_training_state(resume) if resume else None
+        if state is not None and "step" not in state:
+            raise MNv4Error(f"{resume} is not a training checkpoint (it has no step); pass a run's last.pt")
+        self.plan = plan_run(cfg, len(data.train), info.world_size)
+        torch.manual_seed(cfg.seed)  # identical initial weights on every rank and every run
+        self.model = self.build_model()
+        self.run_dir = self._claim_run_dir(resume)
+
+        self.train_dataset = self.build_train_dataset()
+        self.sampler = self.build_train_sampler(self.train_dataset)
+        common: dict[str, Any] = dict(
+            num_workers=cfg.workers, collate_fn=collate_images, pin_memory=info.device.type == "cuda"
+        )
+        if cfg.workers > 0:
+            common["persistent_workers"] = True
+        self.train_loader = DataLoader(
+            self.train_dataset, batch_size=self.plan.micro_batch, sampler=self.sampler, **common
+        )
+        val_ds: Any = SeededDataset(data.val, eval_transform(self.model.preprocess))
+        if info.distributed:  # disjoint shards without padding, so summed counts are exact
+            val_ds = Subset(val_ds, range(info.rank, len(val_ds), info.world_size))
+        self.val_loader = DataLoader(val_ds, batch_size=max(self.plan.micro_batch, 64), shuffle=False, **common)
+
+        device = info.device
+        self.model.to(device)
+        if cfg.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        if cfg.sync_bn and device.type != "cuda":
+            raise MNv4Error("`sync_bn` needs CUDA (PyTorch's SyncBatchNorm has no CPU kernels); turn it off on CPU")
+        if cfg.sync_bn and info.distributed:
+            self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+        self.raw = self.model
+        self.ema = build_ema(self.raw, cfg.ema_decay)
+        self.optimizer = build_optimizer(self.raw, cfg.scaled_lr(), cfg.weight_decay, tuple(cfg.betas), cfg.eps)
+        self.scheduler = build_scheduler(
+            self.optimizer, self.plan.warmup_steps, self.plan.total_steps, cfg.min_lr_ratio
+        )
+        self.autocast, use_scaler = _precision(cfg, device)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
+        self.mix = batch_mix(len(data.class_names), cfg.mix_prob, cfg.mixup_alpha, cfg.cutmix_alpha, cfg.switch_prob)
+        self.bad = BadImageLog(verbose=info.is_main)
+        if state is not None:
+            self.resume(state)
+        self.net = self.wrap_distributed(self.raw) if info.distributed else self.raw
+        if cfg.compile:
+            self.net = torch.compile(self.net)
+        if info.is_main:
+            atomic_write_text(self.run_dir / CONFIG, _config_yaml(cfg, self.plan, info))
+            resume_epoch = self.step // self.plan.steps_per_epoch if state is not None else None
+            self.metrics = MetricsLog(self.run_dir, resume_epoch=resume_epoch)
+            p = self.plan
+            eff = f"{p.micro_batch} x {p.accumulation} accumulation x {info.world_size} process(es)"
+            self.say(
+                f"training {getattr(self.raw, 'spec', None) and self.raw.spec.name or type(self.raw).__name__} on "
+                f"{data.name} ({len(data.train)} train / {len(data.val)} val images, {len(data.class_names)} "
+                f"classes) at {self.raw.preprocess.input_size} px, recipe {cfg.recipe}: {p.total_steps} steps, "
+                f"batch {cfg.batch_size} = {eff}, peak LR {cfg.scaled_lr():.3g}, device {device}"
+                + (f", resuming at step {self.step}" if state is not None else "")
+                + f"; run directory {self.run_dir}"
+            )
+
+    def resume(self, state: dict[str, Any]) -> None:
+        """Restore a ``last.pt`` state (already loaded) into the freshly built objects."""
+        self.raw.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        if self.ema is not None and state.get("ema") is not None:
+            self.ema.load_state_dict(state["ema"])
+        set_rng_state(state["rng"])
+        self.step = int(state["step"])
+        self.best_top1, self.best_epoch = float(state["best_top1"]), int(state["best_epoch"])
+        self.best_weights, self.wall_before = str(state.get("best_weights", "raw")), float(state["wall_seconds"])
+        self.skipped_steps = int(state.get("skipped_steps", 0))
+        self.load_extra_state(state.get("extra", {}))
+        saved_total = int(state.get("total_steps", self.plan.total_steps))
+        if self.step >= self.plan.total_steps:
+            raise MNv4Error(
+                f"the run in {self.run_dir} already finished ({self.step} steps = {self.cfg.epochs:g} epochs); "
+                f"its results are in {SUMMARY}. To train it longer, resume with a larger `epochs`"
+            )
+        if saved_total != self.plan.total_steps:
+            self.say(
+                f"extending the run from {saved_total} to {self.plan.total_steps} steps: from step {self.step} on, "
+                f"the LR follows the warm-up + cosine schedule of a run planned for {self.cfg.epochs:g} epochs "
+                f"(so it rises from where the shorter schedule ended to that schedule's value at this step)"
+            )
+
+    def _claim_run_dir(self, resume: str | Path | None) -> Path:
+        """Decide the run directory (rank 0 decides, the others follow) and lock it for this process."""
+        cfg, info = self.cfg, self.info
+        decided = None
+        if info.is_main:
+            if resume:
+                run_dir = Path(resume).parent
+            elif cfg.output:
+                run_dir = Path(cfg.output)
+                existing = [f for f in RUN_FILES if (run_dir / f).exists()]
+                if existing and not self.exist_ok:
+                    raise MNv4Error(
+                        f"{run_dir} already holds a run ({', '.join(existing[:4])}); continue it with `resume`, "
+                        "choose another `output`, or replace it with `exist_ok`"
+                    )
+            else:
+                run_dir = _unused_dir(Path("runs") / f"{_model_label(self.model)}-{self.data.name}")
+            self.lock = DirLock(run_dir, "training run").acquire()
+            if not resume and cfg.output and self.exist_ok:
+                replaced = [f for f in RUN_FILES if (run_dir / f).exists()]
+                if replaced:
+                    self.say(f"replacing the run in {run_dir}: removing {', '.join(replaced)}")
+                    for f in replaced:
+                        p = run_dir / f
+                        shutil.rmtree(p) if p.is_dir() else p.unlink()
+            removed = remove_orphan_temps(run_dir)
+            if removed:
+                self.say(f"removed {len(removed)} temporary file(s) left by an interrupted save in {run_dir}")
+            decided = str(run_dir)
+        if info.distributed:
+            box = [decided]
+            dist.broadcast_object_list(box, src=0)
+            decided = box[0]
+        return Path(decided)
+
+    # ------------------------------------------------------------------ the loop
+    def run(self, resume: str | Path | None = None, max_steps: int | None = None) -> TrainResult:
+        """setup -> (train_epoch, evaluate_and_select, checkpoint) per epoch -> finish."""
+        try:
+            with self._stop:
+                self.setup(resume)
+                self.steps_this_run = 0
+                self.max_steps = max_steps
+                start_epoch = self.step // self.plan.steps_per_epoch
+                for epoch in range(start_epoch, self.plan.num_epochs):
+                    row = self.train_epoch(epoch)
+                    if self.stop_reason is not None:
+                        break
+                    self.evaluate_and_select(epoch, row)
+                    if self.info.is_main:
+                        self.metrics.log(row)
+                        self.say(_epoch_line(row, self.plan, epoch, time.perf_counter() - self.t_start))
+                    self.save_checkpoint()
+                return self.finish()
+        finally:
+            if self.metrics is not None:
+                self.metrics.close()
+            if self.lock is not None:
+                self.lock.release()
+
+    def _stop_requested(self) -> str | None:
+        if self.max_steps is not None and self.steps_this_run >= self.max_steps:
+            return "max_steps"
+        return self._stop.reason
+
+    def train_epoch(self, epoch: int) -> dict[str, Any]:
+        plan = self.plan
+        first = self.step - epoch * plan.steps_per_epoch
+        last = min(plan.steps_per_epoch, plan.total_steps - epoch * plan.steps_per_epoch)
+        self.sampler.set_epoch(epoch, first)
+        self.raw.train()
+        self._epoch_t0, self._seen, loss_sum, loss_n = time.perf_counter(), 0, 0.0, 0
+        self._batches = iter(self.train_loader)
+        progress = self.progress
+        bar = tqdm(
+            total=last - first,
+            desc=f"epoch {epoch + 1}/{plan.num_epochs}",
+            unit="step",
+            disable=True if not self.info.is_main or progress is False else (None if progress is None else False),
+            leave=False,
+            dynamic_ncols=True,
+        )
+        self._epoch_readable = 0
+        for _ in range(first, last):
+            reason = self._stop_requested()
+            if reason is not None:
+                # Every rank must agree before anyone stops (a signal may reach one rank first).
+                self.stop_reason = reason
+            loss = self.train_step()
+            if loss is None and self.stop_reason is not None:
+                break
+            if loss is not None and math.isfinite(loss):
+                loss_sum, loss_n = loss_sum + loss, loss_n + 1
+            elapsed = time.perf_counter() - self._epoch_t0
+            bar.set_postfix(
+                loss=f"{loss:.3f}" if loss is not None else "-",
+                lr=f"{self.optimizer.param_groups[0]['lr']:.2e}",
+                img_s=f"{self._seen * self.info.world_size / max(elapsed, 1e-9):.0f}",
+            )
+            bar.update()
+            if self.cfg.save_every_steps and self.step % self.cfg.save_every_steps == 0:
+                if self.step % plan.steps_per_epoch:  # epoch ends checkpoint anyway
+                    self.save_checkpoint()
+        bar.close()
+        if self.stop_reason is not None:
+            self.save_checkpoint()
+            return {}
+        if self._epoch_readable == 0 and last > first:
+            raise MNv4Error(
+                f"no training image of epoch {epoch + 1} could be read; check the files of {self.data.name}"
+            )
+        epoch_time = time.perf_counter() - self._epoch_t0
+        return {
+            "epoch": epoch + 1,
+            "step": self.step,
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "train_loss": loss_sum / max(loss_n, 1),
+            "images_per_sec": self._seen * self.info.world_size / max(epoch_time, 1e-9),
+            "epoch_seconds": epoch_time,
+        }
+
+    def _fetch_step(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        xs, ys = [], []
+        for _ in range(self.plan.accumulation):
+            x, y, broken = next(self._batches)
+            self.bad.add(broken)
+            if len(y):
+                xs.append(x)
+                ys.append(y)
+        return xs, ys
+
+    def train_step(self) -> float | None:
+        """One optimizer step; returns the global mean loss, or None when no update was made.
+
+        The step's micro-batches are fetched first, so the global count of readable images is known
+        before any backward pass: each rank's loss is scaled by world_size / count, which DDP's
+        gradient average turns into the exact mean over every readable image of the global batch.
+        """
+        cfg, info, device = self.cfg, self.info, self.info.device
+        _seed_step(sample_seed(cfg.seed, self.step, info.rank, 0xD7), device)
+        xs, ys = self._fetch_step()
+        local = sum(len(y) for y in ys)
+        total, stop = local, int(self.stop_reason is not None)
+        if info.distributed:
+            t = torch.tensor([local, stop], dtype=torch.float64, device=device)
+            dist.all_reduce(t)
+            total, stop = int(t[0].item()), int(t[1].item())
+            if stop and self.stop_reason is None:
+                self.stop_reason = "stop requested on another rank"
+        if stop:
+            return None  # nothing changed in this step: last.pt resumes exactly here
+        self._epoch_readable += total
+        self.before_step(self.step)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_sum = 0.0
+        if total > 0:
+            chunks = _rechunk(xs, ys, self.plan.micro_batch)
+            scale = info.world_size / total
+            if not chunks:
+                self._idle_backward()
+            for i, (x, y, w) in enumerate(chunks):
+                sync = i == len(chunks) - 1 or not info.distributed
+                x, y, w = x.to(device, non_blocking=True), y.to(device, non_blocking=True), w.to(device)
+                x, y = self.make_targets(x, y)
+                if cfg.channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                with contextlib.nullcontext() if sync else self._ddp().no_sync():
+                    with self.autocast:
+                        logits = self.net(x)
+                    per_sample = self.loss(logits.float(), y) * w
+                    loss = per_sample.sum() * scale
+                    if i == len(chunks) - 1:
+                        reg = l2_penalty(self.raw, cfg.l2)
+                        if reg is not None:
+                            loss = loss + reg
+                    self.scaler.scale(loss).backward()
+                loss_sum += per_sample.detach().sum().item()
+                self._seen += int(round(w.sum().item()))
+        loss_sum = all_reduce_sum([loss_sum], info)[0]
+        mean_loss = loss_sum / total if total else None
+        if total == 0 or not math.isfinite(mean_loss):
+            self._skip_update(total, mean_loss)
+        else:
+            self.nonfinite_in_a_row = 0
+            if cfg.grad_clip > 0:
+                self.scaler.unscale_(self.optimizer)
+                nn.utils.clip_grad_norm_(self.raw.parameters(), cfg.grad_clip)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        self.scheduler.step()
+        self.step += 1
+        self.steps_this_run += 1
+        if self.ema is not None and self.step >= self.plan.ema_start_step:
+            self.ema.update_parameters(self.raw)
+        self.after_step(self.step, mean_loss if mean_loss is not None else float("nan"))
+        return mean_loss
+
+    def _ddp(self) -> DistributedDataParallel:
+        return getattr(self.net, "_orig_mod", self.net)  # under torch.compile, the wrapped DDP module
+
+    def _idle_backward(self) -> None:
+        """A rank without a readable image still joins DDP's gradient all-reduce, contributing zero.
+
+        Eval mode, so BatchNorm statistics are not touched and dropout/stochastic depth leave every
+        parameter in the graph (DDP expects a gradient for each).
+        """
+        self.raw.eval()
+        try:
+            size = self.raw.preprocess.input_size
+            in_chans = next(m for m in self.raw.modules() if isinstance(m, nn.Conv2d)).in_channels
+            x = torch.zeros(2, in_chans, size, size, device=self.info.device)
+            with self.autocast:
+                out = self.net(x)
+            loss = out.float().sum() * 0.0
+            reg = l2_penalty(self.raw, self.cfg.l2)
+            if reg is not None:
+                loss = loss + reg
+            self.scaler.scale(loss).backward()
+        finally:
+            self.raw.train()
+
+    def _skip_update(self, total: int, mean_loss: float | None) -> None:
+        self.skipped_steps += 1
+        if total == 0:
+            self.say(f"step {self.step + 1}: no readable image in the whole global batch; no update")
+            return
+        self.nonfinite_in_a_row += 1
+        self.say(f"step {self.step + 1}: loss is {mean_loss}; the update is skipped")
+        if self.nonfinite_in_a_row >= self.cfg.max_nonfinite_steps:
+            last = self.run_dir / LAST
+            kept = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was saved yet"
+            raise MNv4Error(
+                f"the loss was not finite for {self.nonfinite_in_a_row} steps in a row (last: {mean_loss}); "
+                f"training stopped at step {self.step + 1} and {kept}. Lower `lr` or set `grad_clip`"
+            )
+
+    # ------------------------------------------------------------------ evaluation, checkpoints, end
+    def _sync_buffers(self) -> None:
+        """Give every rank rank 0's BatchNorm statistics (raw and EMA) before evaluating or saving."""
+        if not self.info.distributed:
+            return
+        modules = [self.raw] + ([self.ema] if self.ema is not None else [])
+        for m in modules:
+            for b in m.buffers():
+                dist.broadcast(b, src=0)
+
+    def evaluate_and_select(self, epoch: int, row: dict[str, Any]) -> None:
+        cfg, plan, info = self.cfg, self.plan, self.info
+        final_epoch = epoch + 1 == plan.num_epochs
+        if (epoch + 1) % max(cfg.eval_every, 1) == 0 or final_epoch:
+            self._sync_buffers()
+            args = (self.val_loader, info.device, self.autocast, cfg.channels_last, info)
+            self.last_eval = {"raw": evaluate(self.raw, *args)}
+            if self.ema is not None and self.step >= plan.ema_start_step:
+                self.last_eval["ema"] = evaluate(self.ema.module, *args)
+            for kind, res in self.last_eval.items():
+                prefix = "" if kind == "raw" else "ema_"
+                row.update(
+                    {f"{prefix}val_top1": res.top1, f"{prefix}val_top5": res.top5, f"{prefix}val_loss": res.loss}
+                )
+            kind, res = max(self.last_eval.items(), key=lambda kv: kv[1].top1)
+            if res.top1 > self.best_top1:
+                self.best_top1, self.best_epoch, self.best_weights = res.top1, epoch + 1, kind
+                if info.is_main:
+                    weights = self.raw if kind == "raw" else self.ema.module
+                    save_model(
+                        weights, self.run_dir / BEST, extra={"epoch": epoch + 1, "val_top1": res.top1, "weights": kind}
+                    )
+        # Fixed columns: the CSV header comes from the first row, which may precede eval or EMA.
+        for key in ("val_top1", "val_top5", "val_loss") + (
+            ("ema_val_top1", "ema_val_top5", "ema_val_loss") if self.ema else ()
+        ):
+            row.setdefault(key, "")
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        return {
+            "version": 2,
+            "model": self.raw.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "rng": rng_state(),
+            "step": self.step,
+            "total_steps": self.plan.total_steps,
+            "best_top1": self.best_top1,
+            "best_epoch": self.best_epoch,
+            "best_weights": self.best_weights,
+            "skipped_steps": self.skipped_steps,
+            "wall_seconds": self.wall_before + time.perf_counter() - self.t_start,
+            "config": self.cfg.to_dict(),
+            "class_names": list(self.data.class_names),
+            "extra": self.extra_state(),
+        }
+
+    def save_checkpoint(self) -> None:
+        self._sync_buffers()
+        if self.info.is_main:
+            save_training_state(self.run_dir / LAST, self.checkpoint_state())
+
+    def finish(self) -> TrainResult:
+        info = self.info
+        wall = self.wall_before + time.perf_counter() - self.t_start
+        summary: dict[str, Any] = {}
+        stopped = self.stop_reason is not None
+        if stopped:
+            self.say(
+                f"stopped at step {self.step} of {self.plan.total_steps} ({self.stop_reason}); "
+                f"checkpoint {self.run_dir / LAST}; continue with: mnv4 train --resume {self.run_dir}"
+            )
+        elif info.is_main:
+            save_model(self.raw, self.run_dir / LAST_WEIGHTS, extra={"epoch": self.plan.num_epochs, "weights": "raw"})
+            if self.ema is not None:
+                save_model(
+                    self.ema.module, self.run_dir / LAST_EMA, extra={"epoch": self.plan.num_epochs, "weights": "ema"}
+                )
+            summary = self.summary(wall)
+            atomic_write_json(self.run_dir / SUMMARY, summary)
+        if info.distributed:
+            dist.barrier()
+        return TrainResult(
+            self.run_dir,
+            summary,
+            self.raw,
+            self.ema.module if self.ema is not None else None,
+            stopped,
+            self.stop_reason,
+            self.step,
+        )
+
+    def summary(self, wall: float) -> dict[str, Any]:
+        final = self.last_eval.get("raw")
+        plan, data = self.plan, self.data
+        summary = {
+            "model": _model_label(self.raw),
+            "dataset": data.name,
+            "recipe": self.cfg.recipe,
+            "epochs": plan.num_epochs,
+            "steps": plan.total_steps,
+            "num_classes": len(data.class_names),
+            "input_size": self.raw.preprocess.input_size,
+            "val_top1": round(self.best_top1, 4),  # best epoch, raw or EMA weights (see best_weights)
+            "val_top1_final": round(final.top1, 4) if final else None,
+            "val_top5_final": round(final.top5, 4) if final else None,
+            "val_loss_final": round(final.loss, 6) if final else None,
+            "best_epoch": self.best_epoch,
+            "best_weights": self.best_weights,
+            "best_checkpoint": str(self.run_dir / BEST),
+            "last_checkpoint": str(self.run_dir / LAST_WEIGHTS),
+            "wall_seconds": round(wall, 2),
+            "skipped_images": len(self.bad),
+            "skipped_steps": self.skipped_steps,
+        }
+        if "ema" in self.last_eval:
+            summary["ema_val_top1_final"] = round(self.last_eval["ema"].top1, 4)
+        return summary
+
+
+def train(
+    cfg: TrainConfig,
+    resume: str | Path | None = None,
+    data: DataBundle | None = None,
+    max_steps: int | None = None,
+    progress: bool | None = None,
+    log=None,
+    exist_ok: bool = False,
+) -> TrainResult:
+    """Train according to ``cfg``; under torchrun every process calls this with the same ``cfg``.
+
+    Args:
+        resume: a training checkpoint (``last.pt``) to continue from; the run directory is its folder.
+        data: datasets to use instead of resolving ``cfg.data`` (tests, notebooks).
+        max_steps: stop this invocation after that many optimizer steps, saving ``last.pt`` there.
+        progress: progress bars; None shows them on terminals only.
+        log: where per-epoch lines go (default: print on rank 0).
+        exist_ok: replace a run that already exists in ``cfg.output``.
+    """
+    return Trainer(cfg, data=data, progress=progress, log=log, exist_ok=exist_ok).run(resume, max_steps)
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def _model_label(model: nn.Module) -> str:
+    spec = getattr(model, "spec", None)
+    return spec.name if spec is not None else type(model).__name__.lower()
+
+
+def _unused_dir(base: Path) -> Path:
+    """``base``, or ``base-2``, ``base-3``... : the first that does not exist yet."""
+    if not base.exists():
+        return base
+    n = 2
+    while Path(f"{base}-{n}").exists():
+        n += 1
+    return Path(f"{base}-{n}")
+
+
+def _check_readable(dataset: Dataset, what: str, probes: int = 32) -> None:
+    """Fail before training when none of a spread of sample images can be read."""
+    n = len(dataset)
+    if n == 0:
+        raise MNv4Error(f"the {what} set is empty")
+    idx = sorted({round(i * (n - 1) / max(probes - 1, 1)) for i in range(min(probes, n))})
+    bad = []
+    for i in idx:
+        item = dataset[i][0]
+        if not isinstance(item, BadImage):
+            return
+        bad.append(item)
+    raise MNv4Error(
+        f"none of {len(idx)} {what} images sampled across the set could be read (e.g. {bad[0].path}: "
+        f"{bad[0].reason}); check the files"
+    )
+
+
+def _rechunk(
+    xs: list[torch.Tensor], ys: list[torch.Tensor], micro: int
+) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """This rank's readable samples of a step as micro-batches with per-sample weights.
+
+    Unreadable files shrink micro-batches; a micro-batch of one image would make BatchNorm fail on
+    the 1x1 head features, so a lone image joins the previous micro-batch, and a rank whose whole
+    step is one image runs it twice at half weight (same loss and gradient, a valid batch for BN).
+    """
+    if not xs:
+        return []
+    x, y = torch.cat(xs), torch.cat(ys)
+    n = len(x)
+    if n == 1:
+        return [(torch.cat([x, x]), torch.cat([y, y]), torch.full((2,), 0.5))]
+    bounds = list(range(0, n, micro)) + [n]
+    if bounds[-1] - bounds[-2] == 1 and len(bounds) > 2:
+        bounds.pop(-2)
+    return [(x[a:b], y[a:b], torch.ones(b - a)) for a, b in zip(bounds, bounds[1:])]
 
 
 def _precision(cfg: TrainConfig, device: torch.device) -> tuple[contextlib.AbstractContextManager, bool]:
@@ -136,278 +838,9 @@ def _precision(cfg: TrainConfig, device: torch.device) -> tuple[contextlib.Abstr
         return torch.autocast(device.type, dtype=torch.bfloat16), False
     if cfg.precision == "fp16":
         if device.type != "cuda":
-            raise MNv4Error("fp16 training needs CUDA; use --precision bf16 on CPU")
+            raise MNv4Error("fp16 training needs CUDA; use `precision` bf16 on CPU")
         return torch.autocast("cuda", dtype=torch.float16), True
-    raise MNv4Error(f"--precision must be fp32, bf16 or fp16, got {cfg.precision!r}")
-
-
-def _default_run_dir(model_name: str, data_name: str) -> Path:
-    return Path("runs") / f"{model_name}-{data_name}-{time.strftime('%Y%m%d-%H%M%S')}"
-
-
-def _loaders(cfg: TrainConfig, data: DataBundle, model: nn.Module, plan: _Plan, info: DistInfo):
-    pp = model.preprocess
-    train_tf = train_transform(
-        pp,
-        scale=tuple(cfg.crop_scale),
-        hflip=cfg.hflip,
-        randaug_prob=cfg.randaug_prob,
-        randaug_layers=cfg.randaug_layers,
-        randaug_magnitude=cfg.randaug_magnitude,
-    )
-    train_ds = SeededDataset(data.train, train_tf, cfg.seed)
-    sampler = GlobalBatchSampler(len(train_ds), cfg.batch_size, info.rank, info.world_size, shuffle=True, seed=cfg.seed)
-    common = dict(num_workers=cfg.workers, collate_fn=collate_images, pin_memory=info.device.type == "cuda")
-    if cfg.workers > 0:
-        common["persistent_workers"] = True
-    train_loader = DataLoader(train_ds, batch_size=plan.micro_batch, sampler=sampler, **common)
-    val_ds: Any = SeededDataset(data.val, eval_transform(pp))
-    if info.distributed:  # disjoint shards without padding, so summed counts are exact
-        val_ds = Subset(val_ds, range(info.rank, len(val_ds), info.world_size))
-    val_loader = DataLoader(val_ds, batch_size=max(plan.micro_batch, 64), shuffle=False, **common)
-    return train_loader, sampler, val_loader
-
-
-def train(
-    cfg: TrainConfig,
-    resume: str | Path | None = None,
-    data: DataBundle | None = None,
-    max_steps: int | None = None,
-    progress: bool | None = None,
-    log=None,
-) -> TrainResult:
-    """Train according to ``cfg``; under torchrun every process calls this with the same ``cfg``.
-
-    Args:
-        resume: a training checkpoint (``last.pt``) to continue from; the run directory is its folder.
-        data: datasets to use instead of resolving ``cfg.data`` (tests, notebooks).
-        max_steps: stop this invocation after that many optimizer steps, writing nothing extra, as
-            a killed process would (used to test resuming); checkpoints written before still count.
-        progress: progress bars; None shows them on terminals only.
-        log: where per-epoch lines go (default: print on rank 0).
-    """
-    t_start = time.perf_counter()
-    info = setup(cfg.device)
-    say = log or (lambda msg: tqdm.write(msg, file=sys.stdout))
-    if not info.is_main:
-        say = lambda msg: None  # noqa: E731 - only rank 0 talks
-
-    if data is None:
-        if cfg.data is None:
-            raise MNv4Error(f"recipe {cfg.recipe} has no default dataset; pass --data PATH|cifar10|digits")
-        if info.is_main:
-            data = load_data(cfg.data, cfg.data_root, cfg.val_split, cfg.seed)
-        if info.distributed:
-            dist.barrier()  # rank 0 downloads/unpacks first; the others then read the cache
-        if data is None:
-            data = load_data(cfg.data, cfg.data_root, cfg.val_split, cfg.seed)
-    if len(data.val) == 0:
-        raise MNv4Error(f"the validation set of {data.name} is empty; add images to val/ or raise --val-split")
-
-    state = load_training_state(resume) if resume else None
-    plan = _plan(cfg, len(data.train), info.world_size)
-
-    torch.manual_seed(cfg.seed)  # identical initial weights on every rank and every run
-    model = _build_model(cfg, data)
-    if resume:
-        run_dir = Path(resume).parent
-    else:
-        run_dir = Path(cfg.output) if cfg.output else _default_run_dir(model.spec.name, data.name)
-    train_loader, sampler, val_loader = _loaders(cfg, data, model, plan, info)
-    device = info.device
-    model.to(device)
-    if cfg.channels_last:
-        model.to(memory_format=torch.channels_last)
-    if cfg.sync_bn and device.type != "cuda":
-        raise MNv4Error("--sync-bn needs CUDA (PyTorch's SyncBatchNorm has no CPU kernels); drop it on CPU")
-    if cfg.sync_bn and info.distributed:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    raw = model
-    ema = build_ema(raw, cfg.ema_decay)
-    optimizer = build_optimizer(raw, cfg.scaled_lr(), cfg.weight_decay, tuple(cfg.betas), cfg.eps)
-    scheduler = build_scheduler(optimizer, plan.warmup_steps, plan.total_steps, cfg.min_lr_ratio)
-    autocast, use_scaler = _precision(cfg, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
-
-    step, best_top1, best_epoch, wall_before = 0, -1.0, 0, 0.0
-    best_weights = "raw"
-    if state is not None:
-        raw.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        if ema is not None and state.get("ema") is not None:
-            ema.load_state_dict(state["ema"])
-        set_rng_state(state["rng"])
-        step, best_top1, best_epoch = int(state["step"]), float(state["best_top1"]), int(state["best_epoch"])
-        best_weights, wall_before = str(state.get("best_weights", "raw")), float(state["wall_seconds"])
-        if step >= plan.total_steps:
-            raise MNv4Error(f"the run in {run_dir} already finished ({step} steps); its results are in {SUMMARY}")
-
-    if info.distributed:
-        model = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
-    if cfg.compile:
-        model = torch.compile(model)
-
-    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    mix = batch_mix(len(data.class_names), cfg.mix_prob, cfg.mixup_alpha, cfg.cutmix_alpha, cfg.switch_prob)
-    bad = BadImageLog(verbose=info.is_main)
-    metrics = None
-    if info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write(run_dir / "config.yaml", lambda tmp: Path(tmp).write_text(_config_yaml(cfg, plan, info)))
-        metrics = MetricsLog(run_dir, resume_epoch=step // plan.steps_per_epoch if state else None)
-        eff = f"{plan.micro_batch} x {plan.accumulation} accumulation x {info.world_size} process(es)"
-        say(
-            f"training {raw.spec.name} on {data.name} ({len(data.train)} train / {len(data.val)} val images, "
-            f"{len(data.class_names)} classes) at {raw.preprocess.input_size} px, recipe {cfg.recipe}: "
-            f"{plan.total_steps} steps, batch {cfg.batch_size} = {eff}, peak LR {cfg.scaled_lr():.3g}, "
-            f"device {device}" + (f", resuming at step {step}" if state else "")
-        )
-
-    def checkpoint() -> None:
-        if not info.is_main:
-            return
-        save_training_state(
-            run_dir / LAST,
-            {
-                "version": 1,
-                "model": raw.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(),
-                "ema": ema.state_dict() if ema is not None else None,
-                "rng": rng_state(),
-                "step": step,
-                "best_top1": best_top1,
-                "best_epoch": best_epoch,
-                "best_weights": best_weights,
-                "wall_seconds": wall_before + time.perf_counter() - t_start,
-                "config": cfg.to_dict(),
-                "class_names": list(data.class_names),
-            },
-        )
-
-    last_eval: dict[str, EvalResult] = {}
-    steps_this_run = 0
-    stopped = False
-    start_epoch = step // plan.steps_per_epoch
-    for epoch in range(start_epoch, plan.num_epochs):
-        first = step - epoch * plan.steps_per_epoch
-        last = min(plan.steps_per_epoch, plan.total_steps - epoch * plan.steps_per_epoch)
-        sampler.set_epoch(epoch, first)
-        model.train()
-        t_epoch, seen, loss_sum, loss_n = time.perf_counter(), 0, 0.0, 0
-        batches = iter(train_loader)
-        bar = tqdm(
-            total=last - first,
-            desc=f"epoch {epoch + 1}/{plan.num_epochs}",
-            unit="step",
-            disable=True if not info.is_main or progress is False else (None if progress is None else False),
-            leave=False,
-            dynamic_ncols=True,
-        )
-        for _ in range(first, last):
-            _seed_step(sample_seed(cfg.seed, step, info.rank, 0xD7), device)
-            optimizer.zero_grad(set_to_none=True)
-            step_loss = 0.0
-            for micro in range(plan.accumulation):
-                x, y, broken = next(batches)
-                bad.add(broken)
-                if len(y) == 0:
-                    continue
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                if mix is not None:
-                    x, y = mix(x, y)
-                if cfg.channels_last:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                sync = micro == plan.accumulation - 1 or not info.distributed
-                with contextlib.nullcontext() if sync else model.no_sync():
-                    with autocast:
-                        logits = model(x)
-                    loss = criterion(logits.float(), y)
-                    reg = l2_penalty(raw, cfg.l2)
-                    if reg is not None:
-                        loss = loss + reg
-                    scaler.scale(loss / plan.accumulation).backward()
-                step_loss += loss.item() / plan.accumulation
-                seen += len(y)
-            if cfg.grad_clip > 0:
-                scaler.unscale_(optimizer)
-                nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            step += 1
-            steps_this_run += 1
-            if ema is not None and step >= plan.ema_start_step:
-                ema.update_parameters(raw)
-            loss_sum, loss_n = loss_sum + step_loss, loss_n + 1
-            elapsed = time.perf_counter() - t_epoch
-            bar.set_postfix(
-                loss=f"{step_loss:.3f}",
-                lr=f"{optimizer.param_groups[0]['lr']:.2e}",
-                img_s=f"{seen * info.world_size / max(elapsed, 1e-9):.0f}",
-            )
-            bar.update()
-            if cfg.save_every_steps and step % cfg.save_every_steps == 0 and step % plan.steps_per_epoch:
-                checkpoint()
-            if max_steps is not None and steps_this_run >= max_steps and step < plan.total_steps:
-                stopped = True
-                break
-        bar.close()
-        if stopped:
-            break
-        epoch_time = time.perf_counter() - t_epoch
-        row: dict[str, Any] = {
-            "epoch": epoch + 1,
-            "step": step,
-            "lr": optimizer.param_groups[0]["lr"],
-            "train_loss": loss_sum / max(loss_n, 1),
-            "images_per_sec": seen * info.world_size / max(epoch_time, 1e-9),
-            "epoch_seconds": epoch_time,
-        }
-        final_epoch = epoch + 1 == plan.num_epochs
-        if (epoch + 1) % max(cfg.eval_every, 1) == 0 or final_epoch:
-            last_eval = {"raw": evaluate(raw, val_loader, device, autocast, cfg.channels_last, info)}
-            if ema is not None and step >= plan.ema_start_step:
-                last_eval["ema"] = evaluate(ema.module, val_loader, device, autocast, cfg.channels_last, info)
-            for kind, res in last_eval.items():
-                prefix = "" if kind == "raw" else "ema_"
-                row.update(
-                    {f"{prefix}val_top1": res.top1, f"{prefix}val_top5": res.top5, f"{prefix}val_loss": res.loss}
-                )
-            kind, res = max(last_eval.items(), key=lambda kv: kv[1].top1)
-            if res.top1 > best_top1:
-                best_top1, best_epoch, best_weights = res.top1, epoch + 1, kind
-                if info.is_main:
-                    weights = raw if kind == "raw" else ema.module
-                    save_model(
-                        weights, run_dir / BEST, extra={"epoch": epoch + 1, "val_top1": res.top1, "weights": kind}
-                    )
-        # Fixed columns: the CSV header comes from the first row, which may precede eval or EMA.
-        for key in ("val_top1", "val_top5", "val_loss") + (
-            ("ema_val_top1", "ema_val_top5", "ema_val_loss") if ema else ()
-        ):
-            row.setdefault(key, "")
-        if info.is_main:
-            metrics.log(row)
-            say(_epoch_line(row, plan, epoch, time.perf_counter() - t_start))
-        checkpoint()
-
-    wall = wall_before + time.perf_counter() - t_start
-    summary: dict[str, Any] = {}
-    if not stopped and info.is_main:
-        save_model(raw, run_dir / LAST_WEIGHTS, extra={"epoch": plan.num_epochs, "weights": "raw"})
-        if ema is not None:
-            save_model(ema.module, run_dir / "last_ema.safetensors", extra={"epoch": plan.num_epochs, "weights": "ema"})
-        summary = _summary(cfg, data, raw, run_dir, plan, last_eval, best_top1, best_epoch, best_weights, wall, bad)
-        atomic_write(run_dir / SUMMARY, lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2) + "\n"))
-        if metrics is not None:
-            metrics.close()
-    if info.distributed:
-        dist.barrier()
-    return TrainResult(run_dir, summary, raw, ema.module if ema is not None else None, stopped)
+    raise MNv4Error(f"`precision` must be fp32, bf16 or fp16, got {cfg.precision!r}")
 
 
 def _seed_step(seed: int, device: torch.device) -> None:
@@ -417,7 +850,7 @@ def _seed_step(seed: int, device: torch.device) -> None:
         torch.cuda.manual_seed(seed)
 
 
-def _epoch_line(row: dict[str, Any], plan: _Plan, epoch: int, elapsed: float) -> str:
+def _epoch_line(row: dict[str, Any], plan: Plan, epoch: int, elapsed: float) -> str:
     parts = [f"epoch {epoch + 1}/{plan.num_epochs}", f"train_loss {row['train_loss']:.4f}"]
     if row["val_top1"] != "":
         parts.append(f"val top-1 {row['val_top1']:.2f}% top-5 {row['val_top5']:.2f}% loss {row['val_loss']:.4f}")
@@ -429,33 +862,7 @@ def _epoch_line(row: dict[str, Any], plan: _Plan, epoch: int, elapsed: float) ->
     return "  ".join(parts)
 
 
-def _summary(cfg, data, raw, run_dir, plan, last_eval, best_top1, best_epoch, best_weights, wall, bad) -> dict:
-    final = last_eval.get("raw")
-    summary = {
-        "model": raw.spec.name,
-        "dataset": data.name,
-        "recipe": cfg.recipe,
-        "epochs": plan.num_epochs,
-        "steps": plan.total_steps,
-        "num_classes": len(data.class_names),
-        "input_size": raw.preprocess.input_size,
-        "val_top1": round(best_top1, 4),  # best epoch, raw or EMA weights (see best_weights)
-        "val_top1_final": round(final.top1, 4) if final else None,
-        "val_top5_final": round(final.top5, 4) if final else None,
-        "val_loss_final": round(final.loss, 6) if final else None,
-        "best_epoch": best_epoch,
-        "best_weights": best_weights,
-        "best_checkpoint": str(run_dir / BEST),
-        "last_checkpoint": str(run_dir / LAST_WEIGHTS),
-        "wall_seconds": round(wall, 2),
-        "skipped_images": len(bad),
-    }
-    if "ema" in last_eval:
-        summary["ema_val_top1_final"] = round(last_eval["ema"].top1, 4)
-    return summary
-
-
-def _config_yaml(cfg: TrainConfig, plan: _Plan, info: DistInfo) -> str:
+def _config_yaml(cfg: TrainConfig, plan: Plan, info: DistInfo) -> str:
     import yaml
 
     d = {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.to_dict().items()}

@@ -9,36 +9,21 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..errors import MNv4Error
+from ..files import atomic_write
 
-__all__ = ["read_checkpoint", "write_safetensors", "atomic_write", "clean_state_dict", "CONFIG_KEY", "FORMAT"]
+__all__ = ["read_checkpoint", "write_safetensors", "clean_state_dict", "CONFIG_KEY", "FORMAT"]
 
 CONFIG_KEY = "mnv4_config"
 FORMAT = "mnv4"
 _PREFIXES = ("module.", "_orig_mod.")
 _WRAPPER_KEYS = ("state_dict_ema", "model_ema", "state_dict", "model", "ema")
-
-
-def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
-    """Call ``write(tmp_path)`` then rename onto ``path``, so a crash never leaves a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], config: dict[str, Any]) -> Path:
@@ -74,7 +59,14 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, An
         sd = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:
         raise MNv4Error(f"cannot read {path}: not a valid safetensors file ({e})") from None
-    cfg = json.loads(meta[CONFIG_KEY]) if CONFIG_KEY in meta else None
+    cfg = None
+    if CONFIG_KEY in meta:
+        try:
+            cfg = json.loads(meta[CONFIG_KEY])
+        except json.JSONDecodeError as e:
+            raise MNv4Error(f"{path}: its mnv4 metadata is not valid JSON ({e.msg}); the file is damaged") from None
+        if not isinstance(cfg, dict):
+            raise MNv4Error(f"{path}: its mnv4 metadata is not a JSON object; the file is damaged")
     return sd, cfg
 
 
@@ -106,7 +98,10 @@ def _read_dir(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any] | Non
         raise MNv4Error(f"{path} holds no model.safetensors or pytorch_model.bin")
     cfg_file = path / "config.json"
     if cfg is None and cfg_file.is_file():
-        cfg = json.loads(cfg_file.read_text())
+        try:
+            cfg = json.loads(cfg_file.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise MNv4Error(f"{cfg_file} is not valid JSON ({e}); fix or remove it") from None
     return sd, cfg
 
 

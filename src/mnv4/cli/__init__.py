@@ -1,0 +1,135 @@
+"""The ``mnv4`` command: a thin shell over the library API.
+
+Each command group is a module of this package with a ``register(subparsers)`` function; command
+functions import the library (and torch) only when they run, so ``mnv4 --help`` answers at once.
+Flags follow one vocabulary (:mod:`mnv4.cli.args`). Errors print one line (``mnv4: error: ...``)
+with the library's field names rewritten to the command's flags; ``--debug`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import warnings
+from collections.abc import Sequence
+
+from ..errors import MNv4Error
+from .args import Formatter, render_message
+
+__all__ = ["main", "build_parser"]
+
+# Command groups, in the order `mnv4 --help` lists them.
+_COMMAND_MODULES = ("mnv4.cli.models", "mnv4.cli.train", "mnv4.cli.deploy")
+
+
+def _version() -> str:
+    from .. import __version__
+
+    return __version__
+
+
+def common_parser() -> argparse.ArgumentParser:
+    """--debug and --version, accepted before or after the subcommand."""
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks on errors")
+    p.add_argument("--version", action="version", version=f"mnv4 {_version()}")
+    return p
+
+
+class _Subparsers:
+    """Wraps argparse's subparsers so every command gets the common flags and the help formatter."""
+
+    def __init__(self, action: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+        self.action, self.common = action, common
+
+    def add_parser(self, name: str, **kw) -> argparse.ArgumentParser:
+        kw.setdefault("formatter_class", Formatter)
+        kw.setdefault("description", kw.get("help"))
+        kw["parents"] = [*kw.get("parents", []), self.common]
+        p = self.action.add_parser(name, **kw)
+        p.set_defaults(_parser=p)
+        return p
+
+    def add_group(self, name: str, **kw) -> _Subparsers:
+        """A command with subcommands of its own (``mnv4 roofline predict|sweep|calibrate``)."""
+        p = self.add_parser(name, **kw)
+        sub = p.add_subparsers(dest=f"{name}_command", metavar="SUBCOMMAND")
+        sub.required = True
+        return _Subparsers(sub, self.common)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = common_parser()
+    parser = argparse.ArgumentParser(
+        prog="mnv4",
+        description="MobileNetV4 models, weights, training, distillation, search and deployment",
+        parents=[common],
+        formatter_class=Formatter,
+    )
+    # Not set_defaults(debug=...): the --debug action object is shared with every subparser.
+    parser.set_defaults(_parser=parser)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    wrapped = _Subparsers(sub, common)
+    for name in _COMMAND_MODULES:
+        importlib.import_module(name).register(wrapped)
+    return parser
+
+
+# Old spellings of subcommand groups, rewritten before parsing (kept for one release).
+_GROUPS = {"roofline": ("predict", "sweep", "calibrate"), "distill": ("label",)}
+
+
+def _rewrite_legacy(argv: list[str]) -> list[str]:
+    """``mnv4 roofline [MODELS] [--sweep]`` -> ``mnv4 roofline predict|sweep ...``."""
+    for i, tok in enumerate(argv):
+        if tok.startswith("-"):
+            continue
+        if tok == "roofline":
+            rest = argv[i + 1 :]
+            if rest and (rest[0] in _GROUPS["roofline"] or rest[0] in ("-h", "--help")):
+                return argv
+            if "--sweep" in rest:
+                rest = [t for t in rest if t != "--sweep"]
+                return [*argv[: i + 1], "sweep", *rest]
+            return [*argv[: i + 1], "predict", *rest]
+        return argv
+    return argv
+
+
+def _one_line_warnings() -> None:
+    def show(message, category, filename, lineno, file=None, line=None):
+        text = " ".join(str(message).split())
+        print(f"mnv4: warning: {text}", file=file or sys.stderr)
+
+    warnings.showwarning = show
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = _rewrite_legacy(list(sys.argv[1:] if argv is None else argv))
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.debug = getattr(args, "debug", False)
+    _one_line_warnings()
+    sub = getattr(args, "_parser", parser)
+    try:
+        result = args.func(args)
+    except MNv4Error as e:
+        if args.debug:
+            raise
+        msg = render_message(str(e), sub, getattr(args, "_field_fallback", None))
+        print(f"mnv4: error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print("mnv4: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # anything unexpected still gets one line unless --debug
+        if args.debug:
+            raise
+        first = (str(e).strip().splitlines() or [""])[0]
+        print(f"mnv4: error: {type(e).__name__}: {first} (rerun with --debug for the traceback)", file=sys.stderr)
+        return 1
+    return int(result or 0)

@@ -1,0 +1,212 @@
+"""The command line's shared vocabulary: one flag per idea, the same in every command.
+
+| idea               | flag                        | hidden aliases (kept for one release)      |
+|--------------------|-----------------------------|--------------------------------------------|
+| model              | ``--model/-m NAME``         | a positional model name                    |
+| weights file       | ``--checkpoint PATH``       |                                            |
+| published weights  | ``--pretrained [TAG]``      |                                            |
+| resolution         | ``--input-size N``          | ``--res``, ``--img-size``                  |
+| batch size         | ``--batch-size/-b N``       | ``--batch``                                |
+| output             | ``--output/-o PATH``        | ``--out``, ``--output-dir``                |
+| device             | ``--device``                |                                            |
+| threads            | ``--threads N``             |                                            |
+| data loader procs  | ``--workers/-j N``          |                                            |
+| progress bars      | ``--no-progress``           |                                            |
+
+Every command module calls these helpers instead of spelling flags itself; the README's table is
+this one. Nothing here imports torch: ``mnv4 --help`` must stay fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+__all__ = [
+    "Formatter",
+    "add_model",
+    "add_models",
+    "add_weights",
+    "add_input_size",
+    "add_batch_size",
+    "add_output",
+    "add_device",
+    "add_threads",
+    "add_workers",
+    "add_progress",
+    "add_hidden_alias",
+    "print_table",
+    "render_message",
+    "positive_int",
+    "nonneg_int",
+    "positive_float",
+    "model_list",
+]
+
+
+class Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Shows each option's default; keeps hand-wrapped descriptions and epilogs as written."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        # Defaults of None / False say nothing useful ("default: None"); leave them out.
+        if action.default in (None, False, argparse.SUPPRESS) or not action.help:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def add_hidden_alias(parser: argparse.ArgumentParser, *flags: str, dest: str, **kw: Any) -> None:
+    """Old spellings of a flag: accepted, not shown in --help, never overriding the canonical default."""
+    parser.add_argument(*flags, dest=dest, default=argparse.SUPPRESS, help=argparse.SUPPRESS, **kw)
+
+
+def _number(kind: type, lo: float, name: str):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {name}, got {text!r}") from None
+        if value < lo or value != value:
+            raise argparse.ArgumentTypeError(f"expected {name}, got {text!r}")
+        return value
+
+    parse.__name__ = name
+    return parse
+
+
+positive_int = _number(int, 1, "an integer >= 1")
+nonneg_int = _number(int, 0, "an integer >= 0")
+positive_float = _number(float, 1e-300, "a number > 0")
+
+
+def model_list(text: str) -> list[str]:
+    return [t for t in (s.strip() for s in text.split(",")) if t]
+
+
+def add_model(
+    parser: argparse.ArgumentParser, required: bool = False, help: str | None = None, positional: bool = True
+) -> None:
+    """``--model/-m NAME`` (plus the old positional form, hidden). Result in ``args.model``."""
+    parser.add_argument(
+        "-m",
+        "--model",
+        default=None,
+        required=required,
+        help=help or "architecture, e.g. mnv4_conv_small or mnv4_conv_small.e2400_r224_in1k (see `mnv4 models`)",
+    )
+    if positional:
+        parser.add_argument("model_pos", nargs="?", default=None, metavar="MODEL", help=argparse.SUPPRESS)
+
+
+def add_models(parser: argparse.ArgumentParser, help: str) -> None:
+    """Several models: ``--model a --model b`` or ``--model a,b`` (and old positionals). ``args.models``."""
+    parser.add_argument("-m", "--model", dest="models", action="extend", type=model_list, default=None, help=help)
+    parser.add_argument("models_pos", nargs="*", default=[], metavar="MODEL", help=argparse.SUPPRESS)
+
+
+def resolve_models(args: argparse.Namespace) -> list[str]:
+    return list(args.models or []) + list(getattr(args, "models_pos", []) or [])
+
+
+def resolve_model(args: argparse.Namespace) -> str | None:
+    pos = getattr(args, "model_pos", None)
+    if pos and args.model and pos != args.model:
+        from ..errors import MNv4Error
+
+        raise MNv4Error(f"two models given ({pos} and --model {args.model}); pass one")
+    return args.model or pos
+
+
+def add_weights(parser: argparse.ArgumentParser, pretrained: bool = True, checkpoint_help: str | None = None) -> None:
+    """``--checkpoint PATH`` and ``--pretrained [TAG]`` (timm weights; no TAG = the default tag)."""
+    parser.add_argument("--checkpoint", default=None, help=checkpoint_help or "weights file (mnv4 or timm format)")
+    if pretrained:
+        parser.add_argument(
+            "--pretrained",
+            nargs="?",
+            const=True,
+            default=None,
+            metavar="TAG",
+            help="published timm weights (default tag, or TAG; `mnv4 models -v` lists them)",
+        )
+
+
+def add_input_size(parser: argparse.ArgumentParser, help: str | None = None, dest: str = "input_size") -> None:
+    parser.add_argument(
+        "--input-size",
+        dest=dest,
+        type=positive_int,
+        default=None,
+        metavar="N",
+        help=help or "input resolution in pixels (default: the weights' own)",
+    )
+    add_hidden_alias(parser, "--res", "--img-size", "--imgsz", dest=dest, type=positive_int)
+
+
+def add_batch_size(parser: argparse.ArgumentParser, default: int | None, help: str = "images per batch") -> None:
+    parser.add_argument("-b", "--batch-size", type=positive_int, default=default, metavar="N", help=help)
+    add_hidden_alias(parser, "--batch", dest="batch_size", type=positive_int)
+
+
+def add_output(parser: argparse.ArgumentParser, help: str, default: str | None = None) -> None:
+    parser.add_argument("-o", "--output", default=default, metavar="PATH", help=help)
+    add_hidden_alias(parser, "--out", "--output-dir", dest="output")
+
+
+def add_device(parser: argparse.ArgumentParser, default: str = "auto") -> None:
+    parser.add_argument("--device", default=default, help="auto | cpu | cuda | cuda:N")
+
+
+def add_threads(parser: argparse.ArgumentParser, default: int | None = None) -> None:
+    parser.add_argument(
+        "--threads", type=positive_int, default=default, metavar="N", help="CPU threads (default: torch's choice)"
+    )
+
+
+def add_workers(parser: argparse.ArgumentParser, default: int | None = 0) -> None:
+    parser.add_argument("-j", "--workers", type=nonneg_int, default=default, metavar="N", help="data-loading processes")
+
+
+def add_progress(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--no-progress", action="store_true", help="no progress bars (they only show on a terminal anyway)"
+    )
+
+
+def print_table(header: Sequence[str], rows: Sequence[Sequence[Any]], file=None) -> None:
+    """Left-aligned columns with a dashed rule under the header (the CLI's table style)."""
+    rows = [[str(c) for c in row] for row in rows]
+    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
+    line = "  ".join(f"{{:<{w}}}" for w in widths)
+    out = file or sys.stdout
+    print(line.format(*header).rstrip(), file=out)
+    print(line.format(*("-" * w for w in widths)), file=out)
+    for row in rows:
+        print(line.format(*row).rstrip(), file=out)
+
+
+_FIELD = re.compile(r"`([A-Za-z_][A-Za-z0-9_.]*)`")
+
+
+def render_message(message: str, parser: argparse.ArgumentParser | None, fallback: str | None = None) -> str:
+    """Rewrite the library's `field` names into this command's flags (``--batch-size``).
+
+    A field without a flag of its own becomes ``fallback.format(field)`` when given (``--set field``
+    for train), else its plain name.
+    """
+    flags: dict[str, str] = {}
+    if parser is not None:
+        for action in parser._actions:
+            longs = [s for s in action.option_strings if s.startswith("--")]
+            if longs and action.help != argparse.SUPPRESS and action.dest not in flags:
+                flags[action.dest] = longs[0]
+
+    def sub(m: re.Match) -> str:
+        field = m.group(1)
+        if field in flags:
+            return flags[field]
+        return fallback.format(field) if fallback else field
+
+    return _FIELD.sub(sub, message)

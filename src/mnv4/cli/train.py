@@ -1,0 +1,276 @@
+"""``mnv4 train | eval | recipes | plot``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from ..errors import MNv4Error
+from . import args as A
+
+__all__ = ["register"]
+
+OWN_IMAGES_HINT = (
+    "next: train on your own images with `mnv4 train --data PATH` "
+    "(PATH/<class>/*.jpg, or PATH/train/<class>/ and PATH/val/<class>/); "
+    "to fine-tune pretrained weights add `--recipe finetune --pretrained` or `--checkpoint WEIGHTS`"
+)
+
+# Flags that map straight onto TrainConfig fields: (flags, field, type, help). Range checks live in
+# one place, mnv4.train.config.validate, so these only parse.
+_FIELD_FLAGS: tuple[tuple[tuple[str, ...], str, Any, str], ...] = (
+    (("--data",), "data", str, "PATH to an image folder, or cifar10 | fashion-mnist | digits (default: the recipe's)"),
+    (("--epochs",), "epochs", float, "training epochs (fractions allowed; with --resume: extend a run to this)"),
+    (("--micro-batch",), "micro_batch", int, "per-process batch that fits in memory; the rest is accumulated"),
+    (("--lr",), "lr", float, "peak LR at lr_ref_batch (the recipe's batch), scaled to --batch-size by lr_scaling"),
+    (("--data-root",), "data_root", str, "cache folder for cifar10 / fashion-mnist (default: ~/.cache/mnv4/data)"),
+    (("--val-split",), "val_split", float, "validation fraction for folders without val/ (and digits)"),
+    (("--precision",), "precision", str, "fp32 | bf16 (CPU and CUDA) | fp16 (CUDA)"),
+    (("--seed",), "seed", int, "seed for weights, data order and augmentation"),
+    (("--save-every-steps",), "save_every_steps", int, "also checkpoint every N optimizer steps"),
+    (("--grad-clip",), "grad_clip", float, "max gradient norm (0: off)"),
+)
+# What a resumed run may change: where and how it runs, and how long (extending a finished run).
+_RESUME_MAY_CHANGE = ("workers", "device", "save_every_steps", "data_root", "epochs")
+
+
+def _parse_set(items: list[str]) -> dict[str, Any]:
+    import yaml
+
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise MNv4Error(f"--set expects FIELD=VALUE, got {item!r}")
+        try:
+            out[key.strip().replace("-", "_")] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise MNv4Error(f"--set {item}: the value is not valid YAML") from None
+    return out
+
+
+def _spec_model(path: str) -> dict:
+    """A spec file (JSON of ``ModelSpec.to_dict``, e.g. written by ``mnv4 search``) as a model field."""
+    from ..models.specs import ModelSpec
+
+    try:
+        d = json.loads(Path(path).read_text())
+    except OSError as e:
+        raise MNv4Error(f"cannot read spec file {path}: {e.strerror}") from None
+    except json.JSONDecodeError as e:
+        raise MNv4Error(f"{path} is not valid JSON ({e.msg})") from None
+    d = d.get("spec", d) if isinstance(d, dict) else d
+    try:
+        return ModelSpec.from_dict(d).to_dict()
+    except (KeyError, TypeError, ValueError) as e:
+        raise MNv4Error(f"{path} is not a model spec ({e})") from None
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from ..train.checkpoint import find_resume, load_training_state
+    from ..train.config import TrainConfig, resolve_config
+    from ..train.distributed import teardown
+    from ..train.trainer import train
+
+    overrides: dict[str, Any] = {field: getattr(args, field) for _, field, _, _ in _FIELD_FLAGS}
+    overrides.update(
+        model=A.resolve_model(args),
+        batch_size=args.batch_size,
+        input_size=args.input_size,
+        output=args.output,
+        checkpoint=args.checkpoint,
+        workers=args.workers,
+        device=args.device,
+        pretrained=("default" if args.pretrained is True else args.pretrained),
+    )
+    if args.spec:
+        if overrides["model"]:
+            raise MNv4Error("pass either `model` or `spec`, not both")
+        overrides["model"] = _spec_model(args.spec)
+    for flag in ("channels_last", "compile", "sync_bn"):
+        if getattr(args, flag):
+            overrides[flag] = True
+    overrides.update(_parse_set(args.set or []))
+    resume = None
+    if args.resume:
+        resume = find_resume(args.resume, args.output)
+        saved = load_training_state(resume)["config"]
+        fixed = sorted(k for k, v in overrides.items() if v is not None and k not in _RESUME_MAY_CHANGE + ("output",))
+        if fixed or args.recipe or args.config:
+            what = ", ".join(f"`{k}`" for k in fixed) or "the recipe"
+            raise MNv4Error(
+                f"a resumed run keeps its recipe and hyper-parameters; {what} cannot change "
+                "(start a new run with another `output` instead)"
+            )
+        saved.update({k: overrides[k] for k in _RESUME_MAY_CHANGE if overrides.get(k) is not None})
+        cfg = TrainConfig.from_dict(saved)
+    else:
+        cfg = resolve_config(args.recipe, args.config, **overrides)
+    try:
+        result = train(
+            cfg,
+            resume=resume,
+            max_steps=args.max_steps,
+            progress=False if args.no_progress else None,
+            exist_ok=args.exist_ok,
+        )
+    finally:
+        teardown()
+    if result.stopped_early:
+        print(f"stopped at step {result.step} ({result.stop_reason}); continue with: {result.resume_command}")
+        return {"SIGINT": 130, "SIGTERM": 143}.get(result.stop_reason or "", 0)
+    s = result.summary
+    if not s:  # a non-zero rank under torchrun
+        return 0
+    print(
+        f"{s['model']} on {s['dataset']}: best val top-1 {s['val_top1']:.2f}% (epoch {s['best_epoch']}, "
+        f"{s['best_weights']} weights), final {s['val_top1_final']:.2f}%, {s['wall_seconds']:.0f} s"
+    )
+    print(f"best weights: {s['best_checkpoint']}  (summary: {result.run_dir / 'summary.json'})")
+    if s["skipped_images"]:
+        print(f"skipped {s['skipped_images']} unreadable image(s) (listed above)")
+    if cfg.data == "digits":
+        print(OWN_IMAGES_HINT)
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from ..data.datasets import load_data
+    from ..train.distributed import pick_device
+    from ..train.evaluate import evaluate_on, plot_confusion
+    from .models import announce_weights, load_model
+
+    device = pick_device(args.device)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    model = load_model(args).eval()
+    announce_weights(model, "its accuracy will be chance")
+    data = load_data(args.data, args.data_root, args.val_split, args.seed)
+    res, bad = evaluate_on(
+        model,
+        data,
+        input_size=args.input_size,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        device=device,
+        progress=False if args.no_progress else None,
+    )
+    skipped = f", {len(bad)} unreadable skipped" if bad else ""
+    print(
+        f"{model.spec.name} on {data.name} ({res.count} images{skipped}): "
+        f"top-1 {res.top1:.2f}%  top-5 {res.top5:.2f}%  loss {res.loss:.4f}"
+    )
+    if args.output:
+        out = Path(args.output)
+    elif args.checkpoint:
+        out = Path(Path(args.checkpoint).with_suffix("").as_posix() + "-confusion.png")
+    else:
+        out = Path(f"{model.spec.name}-{data.name}-confusion.png")
+    names = list(model.class_names or data.class_names)
+    plot_confusion(res, names, out)
+    print(f"confusion matrix: {out}")
+    if args.json:
+        print(
+            json.dumps({"top1": res.top1, "top5": res.top5, "loss": res.loss, "count": res.count, "skipped": len(bad)})
+        )
+    return 0
+
+
+def _cmd_recipes(args: argparse.Namespace) -> int:
+    import yaml
+
+    from ..train.recipes import RECIPES, get_recipe
+
+    if args.show:
+        d = {k: (list(v) if isinstance(v, tuple) else v) for k, v in get_recipe(args.show).to_dict().items()}
+        print(yaml.safe_dump(d, sort_keys=False, width=100), end="")
+        return 0
+    rows = [
+        (r.name, str(r.model or "(checkpoint)"), str(r.data or "-"), f"{r.epochs:g}", str(r.batch_size), f"{r.lr:g}")
+        for r in RECIPES.values()
+    ]
+    A.print_table(("recipe", "model", "data", "epochs", "batch", "lr"), rows)
+    print()
+    for r in RECIPES.values():
+        print(f"{r.name}: {r.note}")
+    print(
+        "\nLR is the peak at the recipe's batch size; other --batch-size values scale it linearly "
+        "(lr_scaling). `mnv4 recipes --show NAME` prints every field; override any with --set FIELD=VALUE "
+        "or --config FILE.yaml."
+    )
+    return 0
+
+
+def _cmd_plot(args: argparse.Namespace) -> int:
+    from ..train.metrics import plot_run
+
+    print(f"wrote {plot_run(args.run_dir, args.output)}")
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train or fine-tune (also under torchrun); default: digits in about a minute",
+        epilog="Config fields without a flag of their own: --set FIELD=VALUE (`mnv4 recipes --show NAME` lists them).",
+    )
+    p.add_argument("--recipe", default=None, help="named recipe (see `mnv4 recipes`); default: quick")
+    p.add_argument("--config", default=None, help="YAML/JSON file of config fields (applied after the recipe)")
+    A.add_model(p, help="architecture (see `mnv4 models`); default: the recipe's", positional=False)
+    p.add_argument("--spec", default=None, metavar="FILE", help="architecture from a spec JSON (e.g. mnv4 search)")
+    A.add_weights(p, checkpoint_help="weights to start from (fine-tuning; the architecture comes from them)")
+    A.add_input_size(p, help="training/eval resolution (default: the dataset's or model's)")
+    A.add_batch_size(p, None, help="global effective batch; the LR scales with it (default: the recipe's)")
+    A.add_output(p, help="run folder (default: runs/MODEL-DATA, suffixed -2, -3... when taken)")
+    A.add_device(p, default=None)
+    A.add_workers(p, default=None)
+    for flags, field, typ, text in _FIELD_FLAGS:
+        p.add_argument(*flags, dest=field, type=typ, default=None, help=text)
+    p.add_argument("--set", action="append", metavar="FIELD=VALUE", help="override any config field (repeatable)")
+    p.add_argument("--channels-last", action="store_true", help="channels_last memory format")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across processes (CUDA only)")
+    p.add_argument(
+        "--resume",
+        nargs="?",
+        const="auto",
+        default=None,
+        metavar="RUN_DIR|last.pt",
+        help="continue a run (no value: --output's, else the newest under runs/); with a larger --epochs: extend it",
+    )
+    p.add_argument("--exist-ok", action="store_true", help="start a new run in --output even if it holds one")
+    p.add_argument(
+        "--max-steps", type=A.positive_int, default=None, help="stop after N optimizer steps, resumable from there"
+    )
+    A.add_progress(p)
+    p.set_defaults(func=_cmd_train, _field_fallback="--set {}")
+
+    p = sub.add_parser("eval", help="top-1/top-5/loss and a confusion-matrix PNG for weights on labelled images")
+    A.add_model(p, help="architecture (default: from the checkpoint)", positional=False)
+    A.add_weights(p, checkpoint_help="weights (e.g. a run's best.safetensors)")
+    p.add_argument("--data", default="digits", help="PATH (uses val/ when present) | cifar10 | fashion-mnist | digits")
+    p.add_argument("--data-root", default=None, help="cache folder of cifar10 / fashion-mnist")
+    p.add_argument("--val-split", type=float, default=0.2, help="as used in training, for folders without val/")
+    p.add_argument("--seed", type=int, default=0, help="split seed, as used in training")
+    A.add_input_size(p)
+    A.add_batch_size(p, 128)
+    A.add_workers(p)
+    A.add_device(p)
+    A.add_threads(p)
+    A.add_output(p, help="confusion-matrix PNG (default: next to the checkpoint)")
+    p.add_argument("--json", action="store_true", help="also print the metrics as one JSON line")
+    A.add_progress(p)
+    p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("recipes", help="list the training recipes (paper per-model, finetune, quick)")
+    p.add_argument("--show", metavar="NAME", default=None, help="print every field of one recipe as YAML")
+    p.set_defaults(func=_cmd_recipes)
+
+    p = sub.add_parser("plot", help="PNG of a run's training curves (from its metrics.csv)")
+    p.add_argument("run_dir", help="a training run folder")
+    A.add_output(p, help="output PNG (default: RUN_DIR/curves.png)")
+    p.set_defaults(func=_cmd_plot)
