@@ -1,4 +1,4 @@
-"""Block semantics of spec §2: rounding, UIB instantiations, residual rule, attention maths."""
+"""Block semantics of docs/architecture.md §2: rounding, UIB instantiations, residual rule, attention maths."""
 
 import math
 
@@ -138,7 +138,7 @@ def test_mhsa_matches_torch_multihead_attention_maths():
 
 
 def test_attention_macs_follow_spec_worked_example():
-    # spec §4.3: the Hybrid-M stage-4 MQA at 16x16x160 costs 30.9 MMACs (convs + both matmuls).
+    # docs/architecture.md §4: the Hybrid-M stage-4 MQA at 16x16x160 costs 30.9 MMACs (convs + both matmuls).
     prof = profile("mnv4_hybrid_medium", resolution=256)
     block = [layer for layer in prof.layers if layer.name.startswith("stages.2.4.")]
     assert sum(layer.macs for layer in block) / 1e6 == pytest.approx(30.9, abs=0.05)

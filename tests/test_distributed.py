@@ -75,3 +75,56 @@ def test_two_process_torchrun_matches_single_process_with_accumulation(tmp_path)
     init = mnv4.create_model(TINY, num_classes=10).state_dict()
     moved = max((a[k] - init[k]).abs().max().item() for k in params)
     assert moved > 1e-2  # so agreement within 1e-4 is meaningful
+
+
+@pytest.mark.slow
+def test_unreadable_images_concentrated_on_one_rank_neither_hang_nor_crash(tmp_path):
+    """Rank 1's whole share of the epoch is broken except one image: it has steps with no readable
+    image (it must still join the gradient all-reduce) and a step with one (BatchNorm needs two)."""
+    from PIL import Image
+
+    from mnv4.data.digits import digits_split
+    from mnv4.data.sampling import GlobalBatchSampler
+
+    tr, _ = digits_split(0.2, seed=0, size=16)
+    n, batch = 32, 8
+    names = [f"{i:03d}.png" for i in range(n)]  # one class folder per digit; sorted order = index order
+    rank1 = {i for _, i in GlobalBatchSampler(n, batch, rank=1, world_size=2, shuffle=True, seed=0)}
+    keep_one = min(rank1)
+    root = tmp_path / "data"
+    for c in range(10):
+        (root / "train" / f"d{c}").mkdir(parents=True)
+        (root / "val" / f"d{c}").mkdir(parents=True)
+    # ImageFolder orders by class folder, then file name: put every training image in one folder
+    # order so dataset index == our index.
+    order = []
+    for i in range(n):
+        im, y = tr[i]
+        order.append((f"d{y}", names[i]))
+    order.sort()
+    for idx, (cls, name) in enumerate(order):
+        path = root / "train" / cls / name
+        if idx in rank1 and idx != keep_one:
+            path.write_bytes(b"\x89PNG\r\n\x1a\n broken")
+        else:
+            tr[int(name[:3])][0].save(path)
+    for c in range(10):
+        for j in range(2):
+            Image.new("RGB", (16, 16), (c * 20, j * 50, 0)).save(root / "val" / f"d{c}" / f"{j}.png")
+
+    conf = tmp_path / "tiny.json"
+    conf.write_text(json.dumps({"model": TINY.to_dict(), "input_size": 16, "lr": 0.01, "lr_scaling": "none"}))
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "mnv4.cli"]
+    args = ["train", "--config", str(conf), "--data", str(root), "--batch-size", str(batch), "--epochs", "1"]
+    ddp = subprocess.run(
+        [*launch, *args, "--no-progress", "--output", str(tmp_path / "run")],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    s = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert s["steps"] == n // batch and s["skipped_images"] == len(rank1) - 1  # counted over both ranks
+    weights = load_file(str(tmp_path / "run" / "last.safetensors"))
+    assert all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point())

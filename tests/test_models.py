@@ -10,39 +10,12 @@ from mnv4.perf import profile
 ALL = mnv4.list_models()
 FIVE = ["mnv4_conv_small", "mnv4_conv_medium", "mnv4_hybrid_medium", "mnv4_conv_large", "mnv4_hybrid_large"]
 
-# Trainable parameters with a 1000-class classifier: spec §4.1 (the five models) and timm's
-# builds of the width variants (measured with timm 1.0.31, which is also checked in test_timm).
-PARAMS = {
-    "mnv4_conv_small": 3_774_024,
-    "mnv4_conv_medium": 9_715_512,
-    "mnv4_hybrid_medium": 11_074_648,
-    "mnv4_conv_large": 32_590_864,
-    "mnv4_hybrid_large": 37_764_624,
-    "mnv4_conv_small_035": 1_905_384,
-    "mnv4_conv_small_050": 2_238_952,
-    "mnv4_hybrid_medium_075": 7_313_528,
-    "mnv4_hybrid_large_075": 22_754_984,
-}
-# GMACs at native resolution, spec §4.1 [derived] column.
-GMACS = {
-    "mnv4_conv_small": (224, 0.186),
-    "mnv4_conv_medium": (256, 1.080),
-    "mnv4_hybrid_medium": (256, 1.271),
-    "mnv4_conv_large": (384, 6.376),
-    "mnv4_hybrid_large": (384, 7.712),
-}
-# TF endpoint channels at strides 4/8/16/32 (spec §3.0, TF unit test).
-ENDPOINTS = {
-    "mnv4_conv_small": [32, 64, 96, 128],
-    "mnv4_conv_medium": [48, 80, 160, 256],
-    "mnv4_hybrid_medium": [48, 80, 160, 256],
-    "mnv4_conv_large": [48, 96, 192, 512],
-    "mnv4_hybrid_large": [48, 96, 192, 512],
-}
+# The expected counts are the registry's facts (mnv4/models/registry.py, sourced in
+# docs/architecture.md §4): TF unit-test counts for the five models, timm's builds for the width variants.
 
 
 def test_registry_covers_names_and_aliases():
-    assert set(PARAMS) == set(ALL)
+    assert set(MODELS) == set(ALL) and all(MODELS[n].params > 0 and MODELS[n].gmacs for n in ALL)
     for name in ALL:
         alias = MODELS[name].timm_name
         assert mnv4.models.get_entry(alias).name == name
@@ -54,15 +27,14 @@ def test_registry_covers_names_and_aliases():
 def test_exact_parameter_count(name):
     with torch.device("meta"):
         model = mnv4.create_model(name)
-    assert sum(p.numel() for p in model.parameters()) == PARAMS[name]
+    assert sum(p.numel() for p in model.parameters()) == MODELS[name].params
 
 
-@pytest.mark.parametrize("name", FIVE)
-def test_macs_match_reference(name):
-    res, gmacs = GMACS[name]
-    macs = profile(name, resolution=res).macs / 1e9
-    assert macs == pytest.approx(gmacs, rel=0.02)
-    assert round(macs, 3) == gmacs  # in fact exact to the published 3 decimals
+@pytest.mark.parametrize("name", ALL)
+def test_macs_match_the_registry_at_the_native_resolution(name):
+    entry = MODELS[name]
+    macs = profile(name, resolution=entry.resolution).macs / 1e9
+    assert round(macs, 3) == entry.gmacs  # exact to the published 3 decimals
 
 
 @pytest.mark.parametrize("name", ALL)
@@ -114,7 +86,7 @@ def test_eval_is_deterministic_and_batch_independent(name):
 @pytest.mark.parametrize("output_stride", [32, 16, 8])
 def test_features_only_levels_match_feature_info(name, output_stride):
     model = mnv4.create_model(name, features_only=True, output_stride=output_stride).eval()
-    assert [f["num_chs"] for f in model.feature_info] == ENDPOINTS[name]
+    assert [f["num_chs"] for f in model.feature_info] == list(MODELS[name].endpoints)
     expected = [min(r, output_stride) for r in (4, 8, 16, 32)]
     assert [f["reduction"] for f in model.feature_info] == expected
     x = torch.randn(1, 3, 64, 96)
@@ -148,7 +120,7 @@ def test_hybrid_large_uses_exact_gelu_everywhere():
 
 @pytest.mark.parametrize("name, count", [("mnv4_hybrid_medium", 30), ("mnv4_hybrid_large", 35), ("mnv4_conv_large", 0)])
 def test_layer_scale_placement_and_init(name, count):
-    # Hybrids: every UIB and every MQA block (not the stem or FusedIB); conv models: none (spec §2.5).
+    # Hybrids: every UIB and every MQA block (not the stem or FusedIB); conv models: none (docs/architecture.md §2.5).
     model = mnv4.create_model(name)
     gammas = [m.gamma for m in model.modules() if isinstance(m, mnv4.models.LayerScale)]
     assert len(gammas) == count

@@ -49,7 +49,7 @@ def test_per_layer_numbers_for_a_known_conv():
 
 
 def test_macs_grow_with_resolution():
-    # spec §3.2: Conv-M is 0.828 GMACs at 224 and 1.080 at 256
+    # docs/architecture.md §4: Conv-M is 0.828 GMACs at 224 and 1.080 at 256
     assert round(profile("mnv4_conv_medium", resolution=224).macs / 1e9, 3) == 0.828
 
 

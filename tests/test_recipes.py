@@ -1,4 +1,4 @@
-"""Recipes hold the paper / TF-config numbers (spec §11) and resolve with file and CLI overrides."""
+"""Recipes hold the paper / TF-config numbers (docs/training.md, Recipes) and resolve with file and CLI overrides."""
 
 from __future__ import annotations
 

@@ -83,3 +83,19 @@ def test_features_only_loads_classifier_checkpoint_and_matches_timm_levels(tmp_p
     with torch.no_grad():
         for a, b in zip(tfeats.eval()(x), feats.eval()(x)):
             assert _rel_err(a, b) <= 1e-4
+
+
+@pytest.mark.parametrize("name", ["mnv4_conv_medium", "mnv4_hybrid_large"])
+def test_linear_drop_path_schedule_is_timms_ramp(name):
+    """`linear` reproduces timm's per-block rates exactly (blocks without a residual have none)."""
+    ref = timm.create_model(MODELS[name].timm_name, drop_path_rate=0.2)
+    ours = mnv4.create_model(name, drop_path_rate=0.2, drop_path_schedule="linear")
+    theirs = [block for stage in ref.blocks[:-1] for block in stage]  # the last timm stage is the 960 conv
+    mine = [block for stage in ours.stages for block in stage]
+    assert len(mine) == len(theirs)
+    # Only blocks with a residual apply stochastic depth (timm builds a DropPath it never uses on the others).
+    pairs = [(m, t) for m, t in zip(mine, theirs) if getattr(m, "has_skip", True)]
+    got = [getattr(m.drop_path, "p", 0.0) for m, _ in pairs]
+    expected = [t.drop_path.drop_prob for _, t in pairs]
+    assert len(pairs) > 10 and all(r > 0 for r in got)
+    assert got == pytest.approx(expected, abs=1e-12)

@@ -69,14 +69,14 @@ def check_float(
     """``value`` as a finite float within the bounds (``*_open``: the bound itself is excluded)."""
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise InvalidValue(field, value, "must be a number")
-    value = float(value)
-    if not math.isfinite(value):
+    number = float(value)
+    if not math.isfinite(number):
         raise InvalidValue(field, value, "must be finite")
-    if lo is not None and (value < lo or (lo_open and value == lo)):
+    if lo is not None and (number < lo or (lo_open and number == lo)):
         raise InvalidValue(field, value, _describe(lo, hi, lo_open, hi_open))
-    if hi is not None and (value > hi or (hi_open and value == hi)):
+    if hi is not None and (number > hi or (hi_open and number == hi)):
         raise InvalidValue(field, value, _describe(lo, hi, lo_open, hi_open))
-    return value
+    return number
 
 
 def check_choice(field: str, value: Any, choices: Iterable[Any]) -> Any:

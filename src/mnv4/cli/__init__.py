@@ -37,6 +37,14 @@ def common_parser() -> argparse.ArgumentParser:
     return p
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line usage errors (``mnv4 train: error: ...``), like the rest of the CLI."""
+
+    def error(self, message: str):  # type: ignore[override]
+        print(f"{self.prog}: error: {message} (see {self.prog} --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
 class _Subparsers:
     """Wraps argparse's subparsers so every command gets the common flags and the help formatter."""
 
@@ -54,14 +62,14 @@ class _Subparsers:
     def add_group(self, name: str, **kw) -> _Subparsers:
         """A command with subcommands of its own (``mnv4 roofline predict|sweep|calibrate``)."""
         p = self.add_parser(name, **kw)
-        sub = p.add_subparsers(dest=f"{name}_command", metavar="SUBCOMMAND")
+        sub = p.add_subparsers(dest=f"{name}_command", metavar="SUBCOMMAND", parser_class=Parser)
         sub.required = True
         return _Subparsers(sub, self.common)
 
 
 def build_parser() -> argparse.ArgumentParser:
     common = common_parser()
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="mnv4",
         description="MobileNetV4 models, weights, training, distillation, search and deployment",
         parents=[common],
@@ -69,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     # Not set_defaults(debug=...): the --debug action object is shared with every subparser.
     parser.set_defaults(_parser=parser)
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     sub.required = True
     wrapped = _Subparsers(sub, common)
     for name in _COMMAND_MODULES:
@@ -109,7 +117,10 @@ def _one_line_warnings() -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = _rewrite_legacy(list(sys.argv[1:] if argv is None else argv))
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help / --version (0) or a usage error (2, already printed)
+        return int(e.code or 0)
     args.debug = getattr(args, "debug", False)
     _one_line_warnings()
     sub = getattr(args, "_parser", parser)

@@ -50,7 +50,7 @@ def train_transform(
     randaug_layers: int = 2,
     randaug_magnitude: float = 9,
 ) -> T.Compose:
-    """The paper's training augmentation (spec §11): Inception-style random resized crop,
+    """The paper's training augmentation (docs/training.md): Inception-style random resized crop,
     horizontal flip, RandAugment applied with probability ``randaug_prob``, then normalisation.
 
     ``randaug_magnitude`` is on the TF / timm 0-10 level scale that the paper and configs use

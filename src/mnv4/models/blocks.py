@@ -1,4 +1,4 @@
-"""The building blocks of MobileNetV4 (spec §2): ConvBN, FusedIB, UIB, Mobile MQA and MHSA.
+"""The building blocks of MobileNetV4 (docs/architecture.md §2): ConvBN, FusedIB, UIB, Mobile MQA and MHSA.
 
 Every block takes NCHW tensors and owns only its own parameters; the builder (mobilenetv4.py)
 decides widths, strides, dilation, activation and the stochastic-depth rate of each block.
@@ -48,7 +48,7 @@ class GELU(nn.GELU):
 _ACTS = {
     "relu": lambda: nn.ReLU(inplace=True),
     "relu6": lambda: nn.ReLU6(inplace=True),
-    # Hybrid-L uses the exact erf GELU (spec §2.1), which is nn.GELU's default.
+    # Hybrid-L uses the exact erf GELU (docs/architecture.md §2.1), which is nn.GELU's default.
     "gelu": lambda: GELU(),
     "gelu_tanh": lambda: GELU(approximate="tanh"),
     "hardswish": lambda: nn.Hardswish(inplace=True),
@@ -96,7 +96,7 @@ class ConvBN(nn.Module):
 
 
 class LayerScale(nn.Module):
-    """Per-channel learnable scale (spec §2.5), initialised to ``init_value``."""
+    """Per-channel learnable scale (docs/architecture.md §2.5), initialised to ``init_value``."""
 
     def __init__(self, channels: int, init_value: float = 1e-5) -> None:
         super().__init__()
@@ -111,7 +111,7 @@ def _layer_scale(channels: int, init_value: float | None) -> nn.Module:
 
 
 class _ResidualBlock(nn.Module):
-    """Shared residual logic: add the shortcut only when shapes match (spec §2.1)."""
+    """Shared residual logic: add the shortcut only when shapes match (docs/architecture.md §2.1)."""
 
     has_skip: bool
     drop_path: nn.Module
@@ -126,7 +126,7 @@ class _ResidualBlock(nn.Module):
 
 
 class FusedIB(_ResidualBlock):
-    """Fused inverted bottleneck (spec §2.3): full kxk expansion conv, then a linear 1x1 projection."""
+    """Fused inverted bottleneck (docs/architecture.md §2.3): full kxk expansion conv, then a linear 1x1 projection."""
 
     def __init__(
         self,
@@ -151,7 +151,7 @@ class FusedIB(_ResidualBlock):
 
 
 class UIB(_ResidualBlock):
-    """Universal Inverted Bottleneck (spec §2.4).
+    """Universal Inverted Bottleneck (docs/architecture.md §2.4).
 
     ``start_dw``/``mid_dw``/``end_dw`` are depthwise kernel sizes, 0 meaning absent:
     IB = (0, k), ConvNext-like = (k, 0), ExtraDW = (k1, k2), FFN = (0, 0). The stride sits on the
@@ -207,7 +207,8 @@ class AttentionCore(nn.Module):
 
     Shapes: q [G, dk, L], k [G, dk, M], v [G, dv, M] -> out [G, dv, L]. Both products are plain
     batched matmuls whose transposed operands are views, which is the transpose-free layout of the
-    paper's einsum optimisation (spec §6.5). Kept as its own module so profilers can see the matmuls.
+    paper's einsum optimisation (docs/architecture.md §2.6, Layout). Kept as its own module so
+    profilers can see the matmuls.
     """
 
     def __init__(self, key_dim: int) -> None:
@@ -273,7 +274,7 @@ class GroupedQueryAttention(nn.Module):
 
 
 class AttentionBlock(nn.Module):
-    """Pre-norm attention block (spec §2.6): BN -> attention -> layer scale -> residual."""
+    """Pre-norm attention block (docs/architecture.md §2.6): BN -> attention -> layer scale -> residual."""
 
     def __init__(
         self,
@@ -301,14 +302,14 @@ class AttentionBlock(nn.Module):
 
 
 class MobileMQA(AttentionBlock):
-    """Mobile MQA block: many query heads, one shared key and value head (spec §2.6)."""
+    """Mobile MQA block: many query heads, one shared key and value head (docs/architecture.md §2.6)."""
 
     def __init__(self, dim: int, heads: int, key_dim: int, value_dim: int, **kwargs) -> None:
         super().__init__(dim, heads, key_dim, value_dim, kv_heads=1, **kwargs)
 
 
 class MHSA(AttentionBlock):
-    """Standard multi-head self-attention block with the same interface, for the MQA ablation (spec §6.3)."""
+    """Standard multi-head self-attention block with the same interface, for the MQA ablation (paper Tab. 2)."""
 
     def __init__(self, dim: int, heads: int, key_dim: int, value_dim: int, **kwargs) -> None:
         super().__init__(dim, heads, key_dim, value_dim, kv_heads=heads, **kwargs)

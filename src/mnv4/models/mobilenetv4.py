@@ -17,11 +17,12 @@ DROP_PATH_SCHEDULES = ("tf", "linear", "flat")
 
 
 def drop_path_rates(spec: ModelSpec, peak: float, schedule: str = "tf") -> list[float]:
-    """Stochastic-depth rate of every stage block, in order.
+    """Stochastic-depth rate of every stage block, in order (docs/architecture.md "Stochastic depth").
 
-    ``tf`` is the reference schedule (spec §2.1): block i of the full TF spec list (stem, blocks,
-    960 conv, pooling, 1280 conv: N entries) gets ``peak * (i + 1) / N``, except attention blocks,
-    which TF always gives the un-scaled peak. ``linear`` is timm's ramp ``peak * i / N_blocks`` and
+    ``tf`` is the reference schedule: block i of the full TF spec list (stem, stage blocks, 960 conv,
+    pooling, 1280 conv: N entries) gets ``peak * (i + 1) / N``, except attention blocks, which TF
+    always gives the un-scaled peak. ``linear`` is timm's ramp: stage block i (0-based) gets
+    ``peak * i / (B + 1)`` with B stage blocks plus the 960 conv, which timm's builder counts as a block.
     ``flat`` gives every block ``peak`` (TF's ``flat_stochastic_depth_drop_rate``, used by Conv-L).
     """
     if schedule not in DROP_PATH_SCHEDULES:
@@ -30,8 +31,8 @@ def drop_path_rates(spec: ModelSpec, peak: float, schedule: str = "tf") -> list[
     if schedule == "flat":
         return [peak] * len(blocks)
     if schedule == "linear":
-        n = len(blocks) + 1  # timm counts the stem too
-        return [peak * (i + 1) / n for i in range(len(blocks))]
+        n = len(blocks) + 1
+        return [peak * i / n for i in range(len(blocks))]
     n = len(blocks) + 4  # stem + blocks + 960 conv + pooling + 1280 conv
     return [peak if isinstance(b, AttentionSpec) else peak * (i + 2) / n for i, b in enumerate(blocks)]
 

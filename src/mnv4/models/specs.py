@@ -1,4 +1,4 @@
-"""MobileNetV4 architectures as data (spec §3): one table of block specs per model.
+"""MobileNetV4 architectures as data (docs/architecture.md §3): one table of block specs per model.
 
 A model is a stem conv, four stages ending at stride 4 / 8 / 16 / 32 (the TF ``is_output``
 endpoints), then the fixed head (1x1 conv to ``num_features`` = 960, global pool, 1x1 conv to
@@ -181,7 +181,7 @@ class ModelSpec:
         )
 
 
-# --- the five published models (TF Model Garden block specs, spec §3) ---------------------------
+# --- the five published models (TF Model Garden block specs, docs/architecture.md §3) ---------------------------
 
 # Conv-S has no FusedIB in TF: its "FusedIB" rows are two separate conv-BN-ReLU layers (§3.1).
 CONV_SMALL = ModelSpec(
@@ -240,7 +240,7 @@ CONV_MEDIUM = ModelSpec(
     ),
 )
 
-# Hybrid-M follows the TF code, not the paper's Tab. 13 (they disagree; spec §3.3 and §15).
+# Hybrid-M follows the TF code, not the paper's Tab. 13 (they disagree; docs/architecture.md §6).
 _HM_MQA_S16 = mqa(4, 64, kv_stride=2)
 _HM_MQA_S32 = mqa(4, 64, kv_stride=1)
 HYBRID_MEDIUM = ModelSpec(

@@ -1,9 +1,9 @@
-"""Training and evaluation: recipes, the trainer (single process or torchrun/DDP), metrics, CLI."""
+"""Training and evaluation: recipes, the trainer (single process or torchrun/DDP), metrics."""
 
 from .config import TrainConfig, resolve_config
 from .evaluate import EvalResult, evaluate
 from .recipes import RECIPES, Recipe, get_recipe
-from .trainer import TrainResult, train
+from .trainer import Trainer, TrainResult, train
 
 __all__ = [
     "TrainConfig",
@@ -13,6 +13,7 @@ __all__ = [
     "RECIPES",
     "Recipe",
     "get_recipe",
+    "Trainer",
     "TrainResult",
     "train",
 ]

@@ -128,16 +128,22 @@ def validate(cfg: Any) -> None:
     betas = getattr(cfg, "betas", None)
     if betas is not None:
         if not isinstance(betas, tuple | list) or len(betas) != 2:
-            raise InvalidValue("betas", betas, "must be two numbers, e.g. [0.9, 0.999]")
+            raise InvalidValue(
+                "betas", list(betas) if isinstance(betas, tuple) else betas, "must be two numbers, e.g. [0.9, 0.999]"
+            )
         for b in betas:
             check_float("betas", b, 0.0, 1.0, False, True)
     scale = getattr(cfg, "crop_scale", None)
     if scale is not None:
         if not isinstance(scale, tuple | list) or len(scale) != 2:
-            raise InvalidValue("crop_scale", scale, "must be two numbers lo <= hi in (0, 1], e.g. [0.08, 1.0]")
+            raise InvalidValue(
+                "crop_scale",
+                list(scale) if isinstance(scale, tuple) else scale,
+                "must be two numbers lo <= hi in (0, 1], e.g. [0.08, 1.0]",
+            )
         lo, hi = (check_float("crop_scale", v, 0.0, 1.0, True, False) for v in scale)
         if lo > hi:
-            raise InvalidValue("crop_scale", scale, "the first value must not exceed the second")
+            raise InvalidValue("crop_scale", list(scale), "the first value must not exceed the second")
     device = getattr(cfg, "device", None)
     if device is not None:
         from .distributed import check_device

@@ -1,4 +1,4 @@
-"""Optimizer, LR schedule and weight EMA as the TF configs set them up (spec §11)."""
+"""Optimizer, LR schedule and weight EMA as the TF configs set them up (docs/training.md, Recipes)."""
 
 from __future__ import annotations
 

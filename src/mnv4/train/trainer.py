@@ -347,7 +347,7 @@ class Trainer:
         self.autocast, use_scaler = _precision(cfg, device)
         self.scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
         self.mix = batch_mix(len(data.class_names), cfg.mix_prob, cfg.mixup_alpha, cfg.cutmix_alpha, cfg.switch_prob)
-        self.bad = BadImageLog(verbose=info.is_main)
+        self.bad = BadImageLog(verbose=True)  # every rank names the files it skips
         if state is not None:
             self.resume(state)
         self.net = self.wrap_distributed(self.raw) if info.distributed else self.raw
@@ -691,12 +691,25 @@ class Trainer:
         }
 
     def save_checkpoint(self) -> None:
+        if self.nonfinite_in_a_row:
+            return  # inside a run of non-finite losses: keep the last good checkpoint as it is
         self._sync_buffers()
         if self.info.is_main:
             save_training_state(self.run_dir / LAST, self.checkpoint_state())
 
+    def _gather_bad_images(self) -> None:
+        """Rank 0's count of skipped files covers every rank (a file is counted once)."""
+        if not self.info.distributed:
+            return
+        everyone: list[Any] = [None] * self.info.world_size
+        dist.all_gather_object(everyone, dict(self.bad.paths))
+        for paths in everyone:
+            for path, reason in paths.items():
+                self.bad.paths.setdefault(path, reason)
+
     def finish(self) -> TrainResult:
         info = self.info
+        self._gather_bad_images()
         wall = self.wall_before + time.perf_counter() - self.t_start
         summary: dict[str, Any] = {}
         stopped = self.stop_reason is not None
@@ -796,7 +809,7 @@ def _check_readable(dataset: Dataset, what: str, probes: int = 32) -> None:
     n = len(dataset)
     if n == 0:
         raise MNv4Error(f"the {what} set is empty")
-    idx = sorted({round(i * (n - 1) / max(probes - 1, 1)) for i in range(min(probes, n))})
+    idx = list(range(n)) if n <= probes else sorted({round(i * (n - 1) / (probes - 1)) for i in range(probes)})
     bad = []
     for i in idx:
         item = dataset[i][0]

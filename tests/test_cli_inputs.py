@@ -1,0 +1,175 @@
+"""Bad input, table-driven: every case exits 2 with one line that names the flag and what is allowed,
+before any work is done; and the command line's shared vocabulary (aliases, --debug, --version, help)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from PIL import Image
+
+import mnv4
+from mnv4.cli import main
+
+TRAIN_CASES = [
+    (["--epochs", "-1"], "--epochs -1.0 is invalid: must be > 0"),
+    (["--epochs", "0"], "--epochs 0.0 is invalid: must be > 0"),
+    (["--batch-size", "0"], "argument -b/--batch-size: expected an integer >= 1, got '0'"),
+    (["--input-size", "0"], "argument --input-size: expected an integer >= 1, got '0'"),
+    (["--micro-batch", "0"], "--micro-batch 0 is invalid: must be >= 1"),
+    (["--grad-clip", "-1"], "--grad-clip -1.0 is invalid: must be >= 0"),
+    (["--set", "drop_path=-1"], "--set drop_path -1 is invalid: must be >= 0 and < 1"),
+    (["--set", "mix_prob=2"], "--set mix_prob 2 is invalid: must be >= 0 and <= 1"),
+    (["--val-split", "1.5"], "--val-split 1.5 is invalid: must be > 0 and < 1"),
+    (["--device", "banana"], "--device 'banana' is invalid: choose auto, cpu, cuda, cuda:N or mps"),
+    (["--set", "epochs=abc"], "--epochs 'abc' is invalid: must be a number"),
+    (["--lr", "inf"], "--lr inf is invalid: must be finite"),
+    (["--lr", "nan"], "--lr nan is invalid: must be finite"),
+    (["--precision", "fp64"], "--precision 'fp64' is invalid: choose one of fp32, bf16, fp16"),
+    (["--set", "warmup_epoch=1"], "unknown config field(s): warmup_epoch (did you mean warmup_epochs?)"),
+    (["--set", "betas=[0.9]"], "--set betas [0.9] is invalid: must be two numbers"),
+    (["--set", "crop_scale=[0.9,0.1]"], "--set crop_scale [0.9, 0.1] is invalid: the first value must not exceed"),
+    (["--workers", "-1"], "argument -j/--workers: expected an integer >= 0, got '-1'"),
+    (["--recipe", "nope"], "unknown recipe 'nope'"),
+    (["--model", "mnv4_nope"], "unknown model 'mnv4_nope'"),
+]
+
+
+def _one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+@pytest.mark.parametrize("argv,message", TRAIN_CASES, ids=[" ".join(c[0]) for c in TRAIN_CASES])
+def test_train_rejects_bad_options_before_training(argv, message, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--output", str(out), "--no-progress", *argv]) == 2
+    line = _one_line_error(capsys)
+    assert line.startswith("mnv4") and message in line, line
+    assert not out.exists() or not any(out.iterdir())  # nothing was written
+
+
+def test_resume_from_a_weights_file_or_junk_is_one_clear_line(tmp_path, capsys):
+    model = mnv4.create_model("mnv4_conv_small_035", num_classes=2)
+    mnv4.save_model(model, tmp_path / "best.safetensors")
+    assert main(["train", "--resume", str(tmp_path / "best.safetensors")]) == 2
+    assert "holds weights only, not a training state" in _one_line_error(capsys)
+    (tmp_path / "last.pt").write_bytes(b"junk")
+    assert main(["train", "--resume", str(tmp_path)]) == 2
+    assert "not an mnv4 training checkpoint" in _one_line_error(capsys)
+    torch.save({"step": 3}, tmp_path / "other.pt")
+    assert main(["train", "--resume", str(tmp_path / "other.pt")]) == 2
+    assert "not an mnv4 training checkpoint (no model, optimizer, scheduler)" in _one_line_error(capsys)
+
+
+def test_malformed_checkpoint_metadata_names_the_file(tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "m.safetensors"
+    save_file({"x": torch.zeros(1)}, str(path), metadata={"mnv4_config": "{not json"})
+    assert main(["predict", str(path), "--checkpoint", str(path)]) == 2
+    line = _one_line_error(capsys)
+    assert str(path) in line and "not valid JSON" in line
+
+
+def test_predict_and_eval_bad_inputs(tmp_path, capsys):
+    ck = tmp_path / "m.safetensors"
+    model = mnv4.create_model("mnv4_conv_small_035", num_classes=3)
+    model.class_names = ["a", "b", "c"]
+    mnv4.save_model(model, ck)
+    assert main(["predict", str(tmp_path / "missing.jpg"), "--checkpoint", str(ck)]) == 2
+    assert "no such image file or folder" in _one_line_error(capsys)
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "x.jpg").write_text("not a jpeg")
+    assert main(["predict", str(tmp_path / "junk"), "--checkpoint", str(ck), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "x.jpg: not an image PIL can read" in err and "no image could be read" in err
+    assert main(["predict", str(tmp_path / "junk"), "--checkpoint", str(ck), "-k", "0"]) == 2
+    assert "--topk" in _one_line_error(capsys)
+    assert main(["eval", "--checkpoint", str(ck), "--device", "banana"]) == 2
+    assert "--device 'banana' is invalid" in _one_line_error(capsys)
+    assert main(["predict", str(tmp_path / "junk")]) == 2
+    assert "no model given; pass --model" in _one_line_error(capsys)
+
+
+def test_predict_reads_every_image_mode_in_batches_with_json_and_csv(tmp_path, capsys):
+    ck = tmp_path / "m.safetensors"
+    model = mnv4.create_model("mnv4_conv_small_035", num_classes=3)
+    model.class_names = ["a", "b", "c"]
+    mnv4.save_model(model, ck)
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    for mode in ("RGB", "RGBA", "LA", "P", "CMYK", "L"):
+        suffix = ".jpg" if mode == "CMYK" else ".png"
+        Image.new("RGB", (20, 14), (200, 30, 90)).convert(mode).save(imgs / f"{mode}{suffix}")
+    (imgs / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nxx")
+    argv = ["predict", str(imgs), "--checkpoint", str(ck), "--input-size", "32", "-b", "4", "--no-progress"]
+    assert main([*argv, "--json"]) == 0
+    captured = capsys.readouterr()
+    rows = [json.loads(line) for line in captured.out.splitlines()]
+    assert len(rows) == 6 and all(len(r["top"]) == 3 for r in rows)
+    assert "broken.png" in captured.err and "skipped 1 unreadable image(s)" in captured.err
+    assert "random weights" not in captured.err  # trained checkpoint: no warning
+    assert main([*argv, "--csv", "-k", "1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "path,rank,class,index,prob" and len(lines) == 7
+
+
+def test_random_weights_are_announced(tmp_path, capsys):
+    Image.new("RGB", (20, 20)).save(tmp_path / "x.png")
+    assert main(["predict", str(tmp_path / "x.png"), "-m", "mnv4_conv_small_035", "--input-size", "32"]) == 0
+    err = capsys.readouterr().err
+    assert "mnv4_conv_small_035 has random weights" in err and err.count("\n") == 1
+
+
+def test_old_spellings_still_work_but_are_hidden(capsys):
+    assert main(["profile", "mnv4_conv_small", "--res", "160", "--batch", "2"]) == 0
+    assert "@ 160x160, batch 2" in capsys.readouterr().out
+    assert main(["profile", "--model", "mnv4_conv_small", "--input-size", "160"]) == 0
+    assert "@ 160x160" in capsys.readouterr().out
+    assert main(["profile", "--help"]) == 0
+    text = capsys.readouterr().out
+    assert "--input-size" in text and "--res" not in text and "(default: 1)" in text
+
+
+def test_debug_and_version_anywhere():
+    assert main(["--version"]) == 0
+    with pytest.raises(mnv4.MNv4Error):
+        main(["profile", "mnv4_nope", "--debug"])
+    with pytest.raises(mnv4.MNv4Error):
+        main(["--debug", "profile", "mnv4_nope"])
+
+
+def test_models_filter_and_unmatched_pattern(capsys):
+    assert main(["models", "hybrid", "-v"]) == 0
+    out = capsys.readouterr().out
+    assert "mnv4_hybrid_large.ix_e600_r384_in1k" in out and "84.00" in out and "mnv4_conv_small " not in out
+    assert main(["models", "zzz"]) == 2
+    assert "no model matches 'zzz'" in _one_line_error(capsys)
+
+
+def test_help_is_fast_because_torch_is_imported_lazily():
+    code = (
+        "import sys, time; t=time.perf_counter(); from mnv4.cli import main; main(['train', '--help']);"
+        "print('TORCH' if 'torch' in sys.modules else 'NO_TORCH', time.perf_counter()-t, file=sys.stderr)"
+    )
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and "NO_TORCH" in proc.stderr, proc.stderr
+    assert time.perf_counter() - t0 < 10  # generous for a loaded CI machine; typically ~0.2 s
+
+
+def test_readme_model_table_is_generated_from_the_registry():
+    from pathlib import Path
+
+    from mnv4.models.registry import models_markdown
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    assert models_markdown() in readme
