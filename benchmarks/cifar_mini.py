@@ -54,7 +54,7 @@ def main() -> None:
         output=args.output,
         **SMALL_DATA,
     )
-    result = train(cfg, progress=False)
+    result = train(cfg, progress=False, exist_ok=True)  # a rerun replaces the previous benchmark run
     s = result.summary
     plot_run(result.run_dir)
     print(

@@ -209,3 +209,15 @@ def test_finetune_recipe_starts_from_a_checkpoint_with_a_new_classifier(tmp_path
         res = train(cfg, data=five, progress=False)
     assert res.model.spec.name == "tiny_train" and res.model.num_classes == 5  # architecture from the file
     assert mnv4.create_model(checkpoint=res.summary["best_checkpoint"]).class_names[-1] == "four"
+
+
+@pytest.mark.slow
+def test_resume_is_bit_exact_with_loader_workers(tmp_path):
+    kw = dict(epochs=2, batch_size=32, randaug_prob=0.5, mix_prob=0.5, dropout=0.2, workers=2)
+    data = tiny_digits(n_train=96, n_val=32)
+    full = train(tiny_cfg(tmp_path / "a", **kw), data=data, progress=False)
+    cfg = tiny_cfg(tmp_path / "b", **kw)
+    stopped = train(cfg, data=data, max_steps=4, progress=False)
+    resumed = train(cfg, resume=stopped.run_dir, data=data, progress=False)
+    for name, ref in full.model.state_dict().items():
+        assert torch.equal(resumed.model.state_dict()[name], ref), name

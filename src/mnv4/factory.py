@@ -34,7 +34,7 @@ def infer_architecture(sd: dict[str, torch.Tensor]) -> str:
             model = MobileNetV4(entry.spec, num_classes=0)
         if _fits(model, sd):
             return name
-    raise MNv4Error("the checkpoint matches no registered MobileNetV4; pass the model name explicitly")
+    raise MNv4Error("the checkpoint matches no registered MobileNetV4; pass `model` explicitly")
 
 
 def _resolve_spec(name: str | ModelSpec | None, cfg: dict[str, Any] | None, sd) -> tuple[ModelSpec, Any]:
@@ -52,11 +52,11 @@ def _resolve_spec(name: str | ModelSpec | None, cfg: dict[str, Any] | None, sd) 
         if ckpt_arch is None and sd is not None:
             ckpt_arch = infer_architecture(sd)
         if ckpt_arch is None:
-            raise MNv4Error("no model name given; pass one (see `mnv4 models`) or a checkpoint that names it")
+            raise MNv4Error("no `model` given; pass a name (see `mnv4 models`) or a `checkpoint` that names it")
         name = ckpt_arch
     entry = get_entry(name)
     if ckpt_arch is not None and ckpt_arch in MODELS and ckpt_arch != entry.name:
-        raise MNv4Error(f"the checkpoint is for {ckpt_arch}, not {entry.name}; pass --model {ckpt_arch}")
+        raise MNv4Error(f"the checkpoint is for {ckpt_arch}, not {entry.name}; pass `model` {ckpt_arch}")
     return entry.spec, entry
 
 
@@ -130,7 +130,7 @@ def create_model(
         except MNv4Error:
             other = _registered_fit(sd)
             if other and other != spec.name:
-                raise MNv4Error(f"the checkpoint is for {other}, not {spec.name}; pass --model {other}") from None
+                raise MNv4Error(f"the checkpoint is for {other}, not {spec.name}; pass `model` {other}") from None
             raise
     return model
 

@@ -433,6 +433,8 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
     def run(self, resume: str | Path | None = None, max_steps: int | None = None) -> TrainResult:
         """setup -> (train_epoch, evaluate_and_select, checkpoint) per epoch -> finish."""
+        if resume is not None and Path(resume).is_dir():
+            resume = Path(resume) / LAST  # a run folder stands for its last.pt
         try:
             with self._stop:
                 self.setup(resume)
@@ -778,7 +780,7 @@ def train(
     """Train according to ``cfg``; under torchrun every process calls this with the same ``cfg``.
 
     Args:
-        resume: a training checkpoint (``last.pt``) to continue from; the run directory is its folder.
+        resume: a run folder or its training checkpoint (``last.pt``) to continue from.
         data: datasets to use instead of resolving ``cfg.data`` (tests, notebooks).
         max_steps: stop this invocation after that many optimizer steps, saving ``last.pt`` there.
         progress: progress bars; None shows them on terminals only.
