@@ -207,8 +207,9 @@ RECIPES: dict[str, Recipe] = {
             model=None,
             note=(
                 "Fine-tune pretrained weights (`checkpoint`, whose architecture is used, or `model` + "
-                "`pretrained`) on a small dataset: ~10x lower LR than training from scratch, light augmentation (no Mixup/CutMix, mild RandAugment), short schedule, PyTorch's "
-                "faster BN momentum so statistics adapt to the new images."
+                "`pretrained`) on a small dataset: ~10x lower LR than training from scratch, light augmentation "
+                "(no Mixup/CutMix, mild RandAugment), short schedule, PyTorch's faster BN momentum so statistics "
+                "adapt to the new images."
             ),
             epochs=15,
             batch_size=64,
