@@ -46,7 +46,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--iters", type=int, default=20)
-    parser.add_argument("--res", type=int, default=None, help="input size (default: each model's native one)")
+    parser.add_argument(
+        "--input-size", "--res", dest="res", type=int, default=None, help="input size (default: native)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)  # random-init hybrids: see mnv4.perf.latency.flush_denormals

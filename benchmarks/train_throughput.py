@@ -7,7 +7,7 @@ LR schedule, label smoothing, metrics and checkpoints. The timm side is the lowe
 pre-made tensor batch, forward, cross-entropy, backward, AdamW step. The ratio is therefore the
 cost of everything the trainer does on top of the raw step, plus any model speed difference.
 
-    python benchmarks/train_throughput.py [--res 128] [--batch 32] [--steps 12] [--rounds 3]
+    python benchmarks/train_throughput.py [--input-size 128] [--batch-size 32] [--steps 12] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -78,8 +78,8 @@ def timm_images_per_s(model: str, res: int, batch: int, steps: int) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="mnv4_conv_small")
-    ap.add_argument("--res", type=int, default=128)
-    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--input-size", "--res", dest="res", type=int, default=128)
+    ap.add_argument("--batch-size", "--batch", dest="batch", type=int, default=32)
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
