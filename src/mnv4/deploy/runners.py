@@ -66,7 +66,10 @@ def load_onnx(path: Path, options: RunOptions) -> Runner:
         opts.inter_op_num_threads = 1
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if options.flush_denormals:
+        # Applies to the session's intra-op threads, and to the calling thread only if this is the
+        # process's first session (ORT sets the main thread once); so set the caller ourselves too.
         opts.add_session_config_entry("session.set_denormal_as_zero", "1")
+        _flush_calling_thread(options)
     sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     inp = sess.get_inputs()[0]
     dtype = np.float16 if "float16" in inp.type else np.float32
@@ -166,10 +169,10 @@ def load_executorch(path: Path, options: RunOptions) -> Runner:
     return run
 
 
-def _torch_module_runner(module, options: RunOptions) -> Runner:
+def _torch_module_runner(module, options: RunOptions, dtype=None) -> Runner:
     import torch
 
-    dtype = next((p.dtype for p in module.parameters()), torch.float32)
+    dtype = dtype or next((p.dtype for p in module.parameters()), torch.float32)
 
     def run(x: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
@@ -184,7 +187,12 @@ def load_torchscript(path: Path, options: RunOptions) -> Runner:
     if options.threads:
         torch.set_num_threads(options.threads)
     _flush_calling_thread(options)
-    return _torch_module_runner(torch.jit.load(str(path), map_location="cpu").eval(), options)
+    from .writers import TORCHSCRIPT_META
+
+    extra = {TORCHSCRIPT_META: ""}
+    module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra).eval()
+    dtype = torch.float16 if "float16" in str(extra[TORCHSCRIPT_META]) else torch.float32
+    return _torch_module_runner(module, options, dtype)
 
 
 def load_pt2(path: Path, options: RunOptions) -> Runner:

@@ -10,6 +10,7 @@ recorded in :data:`mnv4.deploy.formats.FORMATS`.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -36,7 +37,10 @@ __all__ = [
     "write_coreml",
     "write_torchscript",
     "write_pt2",
+    "TORCHSCRIPT_META",
 ]
+
+TORCHSCRIPT_META = "mnv4.json"  # extra file inside a TorchScript artefact: {"dtype": "torch.float16"}
 
 
 @dataclass(frozen=True)
@@ -186,7 +190,8 @@ def write_torchscript(model: nn.Module, example: torch.Tensor, target: Path, job
         warnings.simplefilter("ignore")  # jit.trace is deprecated in favour of torch.export, still works
         traced = torch.jit.trace(model, example[:1], check_trace=False)
         traced = torch.jit.freeze(traced.eval())
-    traced.save(str(target))
+    # A frozen module has no parameters left to tell its dtype by; record it for the loader.
+    traced.save(str(target), _extra_files={TORCHSCRIPT_META: json.dumps({"dtype": str(example.dtype)})})
 
 
 def write_pt2(model: nn.Module, example: torch.Tensor, target: Path, job: WriteJob) -> None:

@@ -12,6 +12,11 @@ in training mode, accumulating a plain average of the batch statistics (``moment
 eval mode every BN again outputs activations of unit scale, as in a trained network. Weights are
 not touched and nothing is learned; the result is a faithful stand-in for timing and for checking
 a runtime's arithmetic, not a model with any accuracy.
+
+One limit: a hybrid's layer scale (1e-5 at init) also scales blocks without a residual, so its
+late-stage trunk stays near 1e-5, where BN's own eps (1e-5) caps the renormalisation; those BN
+outputs come back to ~1e-4 rather than 1 (logits ~0.1): far from denormals, which is what timing
+needs (Hybrid-M: every BN output's std goes from below 1e-20 to above 1e-5, ``tests/test_batchnorm.py``).
 """
 
 from __future__ import annotations
