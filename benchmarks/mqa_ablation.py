@@ -44,7 +44,7 @@ import torch  # noqa: E402
 
 import mnv4  # noqa: E402
 from mnv4.deploy import fuse  # noqa: E402
-from mnv4.deploy.fuse import FusedAttention  # noqa: E402
+from mnv4.deploy.fusion import FusedAttention  # noqa: E402
 from mnv4.models import noise_batches, recalibrate_batchnorm  # noqa: E402
 from mnv4.models.specs import MODEL_SPECS, AttentionSpec, ModelSpec, mhsa, mqa  # noqa: E402
 from mnv4.perf.latency import alternating_rounds, flush_denormals, paired_difference  # noqa: E402

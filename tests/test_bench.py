@@ -107,10 +107,30 @@ def test_request_expands_to_the_supported_combinations():
     ]
 
 
-def test_every_measurement_failing_is_an_error(monkeypatch):
+def test_every_measurement_failing_is_a_failed_command(monkeypatch, tmp_path, capsys):
+    from mnv4.cli import main
+
     monkeypatch.setattr(bench_mod, "measure_in_subprocess", lambda m, timeout: bench_mod.error_row(m, "boom"))
-    with pytest.raises(MNv4Error, match="every measurement failed; the first: mnv4_conv_small torch: boom"):
-        bench(["mnv4_conv_small"], ["torch"], ["fp32"], progress=False)
+    rows = bench(["mnv4_conv_small"], ["torch"], ["fp32"], progress=False)
+    assert [(r.model, r.error) for r in rows] == [("mnv4_conv_small", "boom")]
+    args = ["bench", "-m", "mnv4_conv_small", "--runtimes", "torch", "-o", str(tmp_path), "--no-progress"]
+    assert main(args) == 2
+    captured = capsys.readouterr()
+    assert "failed: boom" in captured.out and "no measurement succeeded" in captured.err
+
+
+def test_cli_bench_errors_name_the_flags(no_subprocess, tmp_path, capsys):
+    from mnv4.cli import main
+
+    base = ["bench", "-m", "mnv4_conv_small", "-o", str(tmp_path), "--no-progress"]
+    assert main([*base, "--precisions", "fp64"]) == 2
+    assert "--precisions 'fp64' is invalid" in capsys.readouterr().err
+    assert main([*base, "--runtimes", "tflite"]) == 2
+    assert "--runtimes 'tflite' is invalid" in capsys.readouterr().err
+    assert main([*base, "-m", "nope"]) == 2
+    assert "--model 'nope' is invalid" in capsys.readouterr().err
+    assert main([*base, "--budget", "-1"]) == 2
+    assert "--budget -1.0 is invalid: must be > 0" in capsys.readouterr().err
 
 
 def test_a_hung_measurement_becomes_an_error_row():

@@ -592,6 +592,21 @@ def test_every_benched_runtime_is_checked_for_denormals():
     assert {f.name for f in FORMATS.values() if f.can_run() and f.name != "coreml"} <= checked
 
 
+def test_cli_export_errors_name_the_flags(tmp_path, capsys):
+    from mnv4.cli import main
+
+    base = ["export", "-m", "mnv4_conv_small", "--no-progress", "-o", str(tmp_path / "m.onnx")]
+    assert main([*base, "--format", "onnx", "--int8"]) == 2
+    assert "INT8 export needs calibration images: pass an image folder as --calib" in capsys.readouterr().err
+    assert main([*base, "--format", "onnx", "--input-size", "4096"]) == 2
+    assert "--input-size 4096 is invalid: must be >= 16 and <= 2048" in capsys.readouterr().err
+    assert main([*base, "--format", "onnx", "--calib", str(tmp_path / "none")]) == 2
+    assert "calibration folder not found" in capsys.readouterr().err
+    assert main([*base, "--format", "litert", "--fp16"]) == 2
+    assert "litert has no fp16 route" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.slow
 def test_cli_export_torchscript(tmp_path, capsys):
     from mnv4.cli import main

@@ -24,7 +24,7 @@ from torch import nn
 from ..data.images import BadImage, BadImageLog
 from ..errors import InvalidValue, MNv4Error, check_float, check_int
 from .formats import PRECISIONS, Format, get_format
-from .fuse import fuse
+from .fusion import fuse
 from .inputs import load_images, random_inputs
 from .parity import CRITERIA, ParityError, ParityReport, compare, run_batches, save_report
 from .runners import RunOptions
@@ -195,8 +195,9 @@ def export(
 
     from ..models.batchnorm import has_default_bn_stats
 
-    random_weights = bool(getattr(model, "random_weights", False))
-    weights = getattr(model, "weights_note", "as given")
+    random_weights = bool(getattr(model, "random_weights", False))  # set by mnv4.deploy.zoo.build
+    source = getattr(model, "weights_source", None)  # set by create_model when it loaded weights
+    weights = getattr(model, "weights_note", None) or (f"from {source}" if source else "as given")
     if recalibrate_random and has_default_bn_stats(model):
         model, weights = _realistic_copy(model, input_size, calib)
         random_weights = True

@@ -12,9 +12,12 @@ from __future__ import annotations
 import importlib.util
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from ..errors import InvalidValue, MNv4Error, check_int
-from ..perf.hardware import HardwareProfile
+
+if TYPE_CHECKING:
+    from ..perf.hardware import HardwareProfile
 
 __all__ = ["CalibrationResult", "calibrate", "DEFAULT_CALIBRATION_MODELS", "FIT_RUNTIMES"]
 
