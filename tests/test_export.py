@@ -616,3 +616,14 @@ def test_cli_export_torchscript(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "parity torchscript/fp32" in text and "PASS" in text
     assert parity_path(out).is_file()
+
+
+def test_docs_tables_match_the_records():
+    from pathlib import Path
+
+    from mnv4.deploy.bench import denormal_table
+    from mnv4.deploy.formats import format_table
+
+    docs = (Path(__file__).resolve().parent.parent / "docs" / "deploy.md").read_text()
+    assert format_table() in docs, "regenerate the format table in docs/deploy.md from format_table()"
+    assert denormal_table() in docs, "regenerate the denormal table in docs/deploy.md from denormal_table()"

@@ -36,6 +36,7 @@ __all__ = [
     "BenchRow",
     "Measurement",
     "all_runtimes",
+    "denormal_table",
     "runtime_precisions",
     "available_runtimes",
     "check_bench_request",
@@ -55,6 +56,14 @@ TORCH_RUNTIMES: dict[str, str] = {
 }
 TORCH_DENORMALS = "`torch.set_flush_denormal(True)` in the measuring process (mnv4.perf.latency.flush_denormals)"
 DEFAULT_RUNTIMES = ("torch", "torch-fused", *(f.runtime for f in FORMATS.values() if f.bench_default))
+
+
+def denormal_table() -> str:
+    """How every runtime ``bench`` drives is made to flush denormals (Markdown, for docs/deploy.md)."""
+    lines = ["| bench runtime | denormals flushed by |", "|---|---|"]
+    lines.append(f"| {', '.join(f'`{r}`' for r in TORCH_RUNTIMES)} | {TORCH_DENORMALS} |")
+    lines += [f"| `{f.runtime}` | {f.denormals} |" for f in FORMATS.values()]
+    return "\n".join(lines) + "\n"
 
 
 def all_runtimes() -> list[str]:

@@ -134,9 +134,10 @@ def write_litert(model: nn.Module, example: torch.Tensor, target: Path, job: Wri
     if job.precision == "int8":
         from litert_torch.quantize.quant_config import QuantConfig
 
-        from .quantize import pt2e_quantize
+        from .quantize import litert_quantizer, pt2e_quantize
 
-        qmodel, quantizer = pt2e_quantize(model, x, job.calib, "litert")
+        quantizer = litert_quantizer()
+        qmodel = pt2e_quantize(model, x, job.calib, quantizer, fold_quantize=False)
         edge = litert_torch.convert(qmodel, (x,), quant_config=QuantConfig(pt2e_quantizer=quantizer))
     else:
         edge = litert_torch.convert(model, (x,))
@@ -153,9 +154,9 @@ def write_executorch(model: nn.Module, example: torch.Tensor, target: Path, job:
         raise missing_extra("executorch", "executorch") from None
     x = example[:1]
     if job.precision == "int8":
-        from .quantize import pt2e_quantize
+        from .quantize import pt2e_quantize, xnnpack_quantizer
 
-        model, _ = pt2e_quantize(model, x, job.calib, "executorch")
+        model = pt2e_quantize(model, x, job.calib, xnnpack_quantizer())
     ep = torch.export.export(model, (x,))
     # Always lower to XNNPACK: a portable-kernel-only .pte is correct but ~300x slower.
     program = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()]).to_executorch()
