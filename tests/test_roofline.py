@@ -383,3 +383,41 @@ def test_cli_calibrate_then_use_the_profile(tmp_path, capsys):
     assert f"{ms:.2f} (" in capsys.readouterr().out
     data = json.loads(json.dumps(hw.to_dict()))
     assert HardwareProfile.from_dict(data) == hw
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda: predict_latency("nope", "pixel6_cpu"), "unknown model 'nope'"),
+        (lambda: predict_latency("mnv4_conv_small", "nope"), "unknown hardware profile 'nope'"),
+        (lambda: predict_latency("mnv4_conv_small", "pixel6_cpu", resolution=0), "`resolution` 0 is invalid"),
+        (lambda: predict_latency("mnv4_conv_small", "pixel6_cpu", dtype="fp64"), "`dtype` 'fp64' is invalid"),
+        (lambda: profile("mnv4_conv_small", (224, -1)), "`resolution` -1 is invalid"),
+        (lambda: profile("mnv4_conv_small", 64, batch_size=0), "`batch_size` 0 is invalid"),
+        (lambda: ridge_sweep([profile("mnv4_conv_small", 64)], normalize="x"), "normalize must be 'macs'"),
+    ],
+)
+def test_roofline_requests_are_validated(call, message):
+    with pytest.raises(MNv4Error, match=message):
+        call()
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(runtime="tflite"), "`runtime` 'tflite' is invalid: choose one of auto, torch, torch-fused, onnxruntime"),
+        (dict(models=["mnv4_conv_small", "mnv4_conv_medium"]), "needs at least 3 models, got 2"),
+        (dict(models=["mnv4_conv_small", "mobilenet_v2", "nope"]), "`models` 'nope' is invalid"),
+        (dict(runs=0), "`runs` 0 is invalid"),
+        (dict(threads=0), "`threads` 0 is invalid"),
+        (dict(dtype="fp64"), "`dtype` 'fp64' is invalid"),
+    ],
+)
+def test_calibrate_requests_fail_before_any_process(monkeypatch, kwargs, message):
+    import subprocess
+
+    from mnv4.deploy.roofline_fit import calibrate
+
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: pytest.fail("a process was started"))
+    with pytest.raises(MNv4Error, match=message):
+        calibrate(**kwargs)
