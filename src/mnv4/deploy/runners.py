@@ -44,6 +44,9 @@ class RunOptions:
     threads: int | None = None  # intra-op threads (None: the runtime's default)
     precision: str = "fp32"  # what the artefact was exported as; OpenVINO pins its inference precision to it
     flush_denormals: bool = True
+    # ONNX Runtime's intra-op threads busy-wait after each run (fastest for one session alone); turn it
+    # off when several sessions alternate in one process, or their idle pools steal each other's cores.
+    spin: bool = True
 
 
 def _flush_calling_thread(options: RunOptions) -> None:
@@ -65,6 +68,8 @@ def load_onnx(path: Path, options: RunOptions) -> Runner:
         opts.intra_op_num_threads = options.threads
         opts.inter_op_num_threads = 1
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if not options.spin:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if options.flush_denormals:
         # Applies to the session's intra-op threads, and to the calling thread only if this is the
         # process's first session (ORT sets the main thread once); so set the caller ourselves too.
