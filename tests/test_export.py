@@ -62,20 +62,6 @@ def tiny():
     return _tiny()
 
 
-@pytest.fixture(scope="module")
-def image_folder(tmp_path_factory):
-    """A labelled ImageFolder of smooth random images (3 classes x 12), for the INT8 plumbing."""
-    root = tmp_path_factory.mktemp("images")
-    rng = np.random.default_rng(0)
-    for c in range(3):
-        (root / f"class{c}").mkdir()
-        for i in range(12):
-            base = rng.random((6, 8, 3)) * 255
-            img = Image.fromarray(base.astype(np.uint8)).resize((72, 80), Image.BILINEAR)
-            img.save(root / f"class{c}" / f"{i}.png")
-    return root
-
-
 @pytest.fixture
 def no_flush():
     """Denormals on in this thread for the test, and back off afterwards (loaders turn flushing on)."""
@@ -389,17 +375,18 @@ def _weight_dequantized(path, node_type: str) -> list[bool]:
 
 
 @pytest.mark.slow
-def test_onnx_int8_keeps_stem_and_head_float_unless_asked(tiny, tmp_path, image_folder):
+def test_onnx_int8_keeps_stem_and_head_float_unless_asked(digits, tmp_path):
     _needs("onnx", "int8")
-    kw = dict(input_size=RES, precision="int8", calib_dir=image_folder, samples=4, calib_samples=8, verbose=False)
-    export(tiny, "onnx", tmp_path / "ends.onnx", **kw)
+    model, train_dir, _ = digits
+    kw = dict(precision="int8", calib_dir=train_dir, samples=16, calib_samples=64, verbose=False)
+    export(model, "onnx", tmp_path / "ends.onnx", **kw)
     convs = _weight_dequantized(tmp_path / "ends.onnx", "Conv")
     # stem and the post-pool head conv float, every conv between them int8; classifier float
     assert not convs[0] and not convs[-1] and all(convs[1:-1])
     assert _weight_dequantized(tmp_path / "ends.onnx", "Gemm") == [False]
     notes = json.loads(parity_path(tmp_path / "ends.onnx").read_text())["notes"]
     assert any("stem conv and head" in n for n in notes)
-    export(tiny, "onnx", tmp_path / "all.onnx", int8_all_layers=True, **kw)
+    export(model, "onnx", tmp_path / "all.onnx", int8_all_layers=True, **kw)
     assert all(_weight_dequantized(tmp_path / "all.onnx", "Conv"))
     assert _weight_dequantized(tmp_path / "all.onnx", "Gemm") == [True]
 
