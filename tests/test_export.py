@@ -447,6 +447,23 @@ def test_random_weights_are_recalibrated_and_reported(tmp_path, no_flush):
     assert report["max_rel_diff"] < 1e-4
 
 
+@pytest.mark.slow
+def test_int8_on_random_weights_has_its_own_bar(tmp_path):
+    _needs("onnx", "int8")
+    from mnv4.deploy.export import RANDOM_INT8_MIN_COSINE
+    from mnv4.deploy.inputs import random_inputs
+
+    model = mnv4.create_model("mnv4_conv_small_035").eval()
+    calib = random_inputs(32, RES, seed=3)
+    result = export(
+        model, "onnx", tmp_path / "q.onnx", input_size=RES, precision="int8", calib_data=calib, verbose=False
+    )
+    report = json.loads(parity_path(result.path).read_text())
+    assert report["random_weights"] and report["criteria"]["min_cosine"] == RANDOM_INT8_MIN_COSINE < 0.95
+    assert any("int8 on random weights" in n for n in report["notes"])
+    assert RANDOM_INT8_MIN_COSINE < report["cosine"] < 1.0
+
+
 @pytest.fixture
 def mixed_folder(tmp_path):
     """Images in many PIL modes, plus two files that cannot be read."""
