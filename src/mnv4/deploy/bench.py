@@ -443,7 +443,8 @@ def pareto_plot(rows: Sequence[BenchRow], path: str | os.PathLike, title: str = 
     sources = sorted({r.top1_source for r in rows if r.top1_source})
     ax.set_title(title or "MNv4 vs baselines (red: MNv4)")
     fig.text(0.01, 0.005, "top-1 sources: " + "; ".join(sources), fontsize=6)
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:  # nothing to plot when no model has a published top-1
+        ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout(rect=(0, 0.03, 1, 1))
 
