@@ -46,6 +46,7 @@ import torch  # noqa: E402
 import mnv4  # noqa: E402
 from mnv4.deploy import fuse  # noqa: E402
 from mnv4.deploy.cpu import optimize_for_cpu  # noqa: E402
+from mnv4.models import noise_batches, recalibrate_batchnorm  # noqa: E402
 from mnv4.models.registry import MODELS  # noqa: E402
 from mnv4.perf.latency import alternating_medians  # noqa: E402
 
@@ -87,10 +88,12 @@ def eager_table(models: list[str], rounds: int, iters: int) -> dict[str, dict[st
 
     results = {}
     for name in models:
-        ref = timm.create_model(MODELS[name].timm_name).eval()
         ours = mnv4.create_model(name).eval()
-        mnv4.load_weights(ours, ref.state_dict())
         size = ours.preprocess.input_size
+        ref = timm.create_model(MODELS[name].timm_name).eval()
+        # Random weights with realistic activations (default BN statistics would time denormals).
+        recalibrate_batchnorm(ref, noise_batches(size, batches=2, batch_size=8))
+        mnv4.load_weights(ours, ref.state_dict())
         x = torch.randn(1, 3, size, size)
         fused, packed = fuse(ours), optimize_for_cpu(ours)
         with torch.inference_mode():
@@ -136,8 +139,7 @@ def _time_worker(spec: dict) -> None:
     else:
         from mnv4.deploy.runners import load_runner
 
-        kw = {"precision": spec["precision"]} if spec["format"] == "openvino" else {}
-        run = load_runner(spec["path"], spec["format"], threads=spec["threads"], **kw)
+        run = load_runner(spec["path"], spec["format"], threads=spec["threads"], precision=spec["precision"])
         xn = np.ascontiguousarray(x.numpy())
 
         def fn():
@@ -160,12 +162,13 @@ def _time_in_child(spec: dict) -> dict:
 
 def int8_table(args) -> list[dict]:
     from mnv4.deploy.bench import available_runtimes
-    from mnv4.deploy.export import FORMATS, export
+    from mnv4.deploy.export import export
+    from mnv4.deploy.formats import FORMATS
 
     model = mnv4.create_model(checkpoint=args.checkpoint).eval()
     data = Path(args.data)
     out_dir = Path(tempfile.mkdtemp(prefix="mnv4-int8-"))
-    routes = {"onnx": "onnxruntime", "openvino": "openvino", "executorch": "executorch", "litert": "litert"}
+    routes = {f.name: f.runtime for f in FORMATS.values() if f.int8}
     rows = []
     spec = dict(threads=args.threads, res=args.int8_res, runs=args.runs, repeats=args.repeats)
     t = _time_in_child({**spec, "format": "torch-fused", "path": args.checkpoint, "precision": "fp32"})
@@ -180,7 +183,7 @@ def int8_table(args) -> list[dict]:
                     model,
                     fmt,
                     path,
-                    resolution=args.int8_res,
+                    input_size=args.int8_res,
                     precision=precision,
                     calib_dir=data / "train",
                     eval_dir=data / "val",

@@ -43,3 +43,17 @@ def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
             elif name.endswith("running_var"):
                 b.copy_(torch.rand(b.shape, generator=g) * 0.5 + 0.75)
     return model
+
+
+def require(module: str, reason: str | None = None):
+    """``pytest.importorskip(module)``, except that with ``MNV4_REQUIRE_RUNTIMES=1`` in the environment
+    (CI, where every runtime is installed) a missing module fails the test instead of skipping it,
+    so a broken install cannot turn the runtime tests into silent skips."""
+    if os.environ.get("MNV4_REQUIRE_RUNTIMES", "") not in ("", "0"):
+        import importlib
+
+        try:
+            return importlib.import_module(module)
+        except ImportError as e:
+            pytest.fail(f"MNV4_REQUIRE_RUNTIMES is set but {module} cannot be imported: {e}", pytrace=False)
+    return pytest.importorskip(module, reason=reason)

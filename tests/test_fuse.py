@@ -9,7 +9,7 @@ from torchvision.ops import StochasticDepth
 
 import mnv4
 from mnv4.deploy import fuse
-from mnv4.deploy.fuse import FusedAttention
+from mnv4.deploy.fusion import FusedAttention
 from mnv4.models.blocks import LayerScale
 from mnv4.models.specs import ModelSpec, UIBSpec, cn, fib, mhsa, mqa, uib
 from mnv4.perf import profile

@@ -1,29 +1,35 @@
-"""The roofline model, hardware profiles, `mnv4 roofline` and `mnv4 bench`: formulas checked by hand."""
+"""The roofline model and hardware profiles, `mnv4 roofline`: formulas checked by hand, and models
+whose roofline ranking differs from their MAC ranking, so the roofline is told from a MAC count."""
 
-import csv
 import json
 import math
 
 import numpy as np
 import pytest
-import torch
 
 import mnv4
 from mnv4.cli import main
-from mnv4.deploy.bench import BenchRow, bench, pareto_plot, run_one, write_table
 from mnv4.errors import MNv4Error
+from mnv4.models.registry import get_entry
+from mnv4.models.specs import ModelSpec, cn, fib
 from mnv4.perf import profile
 from mnv4.perf.hardware import (
-    _ANCHORED_PEAKS,
     BUILTIN_PROFILES,
     PAPER_LATENCIES_MS,
-    PAPER_RESOLUTIONS,
     HardwareProfile,
     anchor_peak,
     get_profile,
     load_profile,
 )
-from mnv4.perf.roofline import fit_hardware, predict_latency, ridge_sweep, roofline_units, spearman
+from mnv4.perf.roofline import (
+    fit_hardware,
+    plot_sweep,
+    predict_latency,
+    ridge_sweep,
+    roofline_units,
+    spearman,
+    sweep_points,
+)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -44,18 +50,18 @@ def test_builtin_ridge_points_are_the_papers():
         hw = get_profile(name)
         assert hw is BUILTIN_PROFILES[name] and hw.dtype == "int8"
         assert hw.ridge_point == pytest.approx(rp, rel=1e-12)
-        assert hw.peak_macs == _ANCHORED_PEAKS[name]
 
 
-def test_anchored_peaks_match_anchor_peak():
-    for name, peak in _ANCHORED_PEAKS.items():
-        assert anchor_peak(name) == pytest.approx(peak, rel=0.02), name
+def test_builtin_peaks_are_the_fit_to_the_paper_latencies():
+    # the stored peaks must still be what anchor_peak computes from the profiler and Tab. 6
+    for name, hw in BUILTIN_PROFILES.items():
+        assert anchor_peak(name) == pytest.approx(hw.peak_macs, rel=0.02), name
 
 
 def test_builtin_profiles_reproduce_paper_rankings_and_scale():
     for name, paper in PAPER_LATENCIES_MS.items():
         models = list(paper)
-        pred = [predict_latency(m, name, PAPER_RESOLUTIONS[m]).latency_ms for m in models]
+        pred = [predict_latency(m, name, get_entry(m).default_preprocess.input_size).latency_ms for m in models]
         measured = [paper[m] for m in models]
         assert spearman(pred, measured) == 1.0, name
         # anchoring: geometric mean of predicted / measured is 1
@@ -238,6 +244,68 @@ def test_fitted_profile_saves_as_yaml(mixed_profiles, tmp_path):
     assert load_profile(hw.save(tmp_path / "fit.yaml")) == hw
 
 
+# Two models built so that MACs and bytes disagree: a wide classifier (few MACs, many weight bytes)
+# and a full-resolution early conv stack (many MACs, few bytes).
+WIDE_FC = ModelSpec(
+    name="wide_fc",
+    stem=cn(3, 2, 8),
+    stages=((cn(3, 2, 8),), (cn(3, 2, 16),), (cn(3, 2, 16),), (cn(3, 2, 16),)),
+    num_features=512,
+    head_hidden_size=4096,
+)
+EARLY_MACS = ModelSpec(
+    name="early_macs",
+    stem=cn(3, 1, 64),
+    stages=((fib(3, 1, 64, 2.0),), (cn(3, 2, 16),), (cn(3, 2, 16),), (cn(3, 2, 16),)),
+    num_features=64,
+    head_hidden_size=64,
+)
+
+
+@pytest.fixture(scope="module")
+def disagreeing():
+    return {s.name: profile(s, 64, dtype="int8") for s in (WIDE_FC, EARLY_MACS)}
+
+
+def test_roofline_ranks_differently_from_macs(disagreeing):
+    wide, early = disagreeing["wide_fc"], disagreeing["early_macs"]
+    assert wide.macs * 5 < early.macs and wide.bytes > 2 * early.bytes  # the premise
+    # at RP 0 the roofline is the MAC count; past the crossover the wide classifier is the slow one
+    assert roofline_units(wide, 0) < roofline_units(early, 0)
+    crossover = (early.macs - wide.macs) / (wide.bytes - early.bytes)  # upper bound where they swap
+    assert 0 < crossover < 500
+    for rp in (100.0, 347.3, 433.8):  # a memory-bound accelerator: pixel4_dsp, pixel8_edgetpu
+        assert roofline_units(wide, rp) > roofline_units(early, rp), rp
+    dsp, edgetpu = predict_latency(wide, "pixel8_edgetpu"), predict_latency(early, "pixel8_edgetpu")
+    assert dsp.latency_s > edgetpu.latency_s and dsp.memory_bound_fraction > 0.9
+    # the sweep shows the swap too
+    rps, rel = ridge_sweep([wide, early], [0, 50, 200, 500], normalize="early_macs")
+    assert rel["wide_fc"][0] < 1 < rel["wide_fc"][-1]
+
+
+def test_fit_prefers_the_roofline_to_macs_when_they_disagree(disagreeing, mixed_profiles):
+    # latencies from a memory-heavy device: Spearman(roofline) is 1, Spearman(MACs) is not
+    profiles = [*mixed_profiles, *disagreeing.values()]
+    device = HardwareProfile("dev", peak_macs=1e11, bandwidth=1e9, dtype="int8")  # RP 100
+    lat = [predict_latency(p, device).latency_s for p in profiles]
+    hw, err = fit_hardware(profiles, lat)
+    pred = [predict_latency(p, hw).latency_s for p in profiles]
+    assert spearman(pred, lat) == 1.0 and err < 0.02
+    assert spearman([p.macs for p in profiles], lat) < 0.9
+
+
+def test_plot_sweep_marks_the_devices(tmp_path, disagreeing):
+    out, rps, rel = plot_sweep(list(disagreeing.values()), tmp_path / "s" / "sweep.png", max_ridge=200)
+    assert out.read_bytes()[:8] == PNG_MAGIC and rps[0] == 0 and rps[-1] == 200
+    assert set(rel) == {"wide_fc", "early_macs"} and rel["wide_fc"][-1] > rel["early_macs"][-1]
+    devices = sorted(hw.ridge_point for hw in BUILTIN_PROFILES.values())
+    assert sweep_points(500) == [0.0, devices[0], devices[1], 100.0, devices[2], devices[3], 500.0]
+    with pytest.raises(MNv4Error, match="share a dtype"):
+        plot_sweep([disagreeing["wide_fc"], profile(EARLY_MACS, 64)], tmp_path / "x.png")
+    with pytest.raises(MNv4Error, match="`max_ridge` 0 is invalid"):
+        plot_sweep(list(disagreeing.values()), tmp_path / "x.png", max_ridge=0)
+
+
 # --- mnv4 roofline ----------------------------------------------------------------------------------
 
 
@@ -297,91 +365,6 @@ def test_cli_roofline_errors(tmp_path, capsys):
     assert err.startswith("mnv4: error: normalize must be") and err.count("\n") == 1
 
 
-# --- mnv4 bench -------------------------------------------------------------------------------------
-
-
-def _rows():
-    ok = BenchRow("mnv4_conv_small", "torch", "fp32", 224, 5.4321, 0.03, 100, 5, 2, 186_000_000, 3_774_024, 73.8, "P")
-    fast = BenchRow("mobilenet_v2", "onnxruntime", "int8", 224, 2.5, 0.1, 100, 5, 2, 300_000_000, 3_500_000, 71.9, "T")
-    nan = math.nan
-    bad = BenchRow("mnv4_conv_large", "openvino", "int8", 384, nan, nan, 0, 0, 2, 0, 0, 82.9, "P", "", "boom: it broke")
-    untrained = BenchRow("mnv4_conv_small_035", "torch", "fp32", 224, 1.0, 0.0, 10, 1, 2, 48_000_000, 1, nan, "")
-    return [ok, fast, bad, untrained]
-
-
-def test_write_table(tmp_path):
-    rows = _rows()
-    text = write_table(rows, tmp_path / "bench.md", tmp_path / "bench.csv")
-    assert (tmp_path / "bench.md").read_text() == text
-    lines = text.splitlines()
-    assert len(lines) == 2 + len(rows)
-    assert lines[2] == ("| mnv4_conv_small | torch | fp32 | 224 | 0.186 | 5.43 | 0.03 | 100x5 | 73.8 (P) | - |")
-    assert "| failed: boom: it broke |" in lines[4]
-    assert lines[5].split("|")[9].strip() == "-"  # no published accuracy
-    with open(tmp_path / "bench.csv", newline="") as f:
-        back = list(csv.DictReader(f))
-    assert [r["model"] for r in back] == [r.model for r in rows]
-    assert list(back[0]) == list(BenchRow.__dataclass_fields__)
-    assert float(back[0]["median_ms"]) == 5.4321 and int(back[0]["macs"]) == 186_000_000
-    assert math.isnan(float(back[2]["median_ms"])) and back[2]["error"] == "boom: it broke"
-    assert write_table(rows, None, None) == text
-
-
-def test_pareto_plot(tmp_path):
-    out = pareto_plot(_rows(), tmp_path / "p" / "pareto.png", title="t")
-    assert out == tmp_path / "p" / "pareto.png" and out.read_bytes()[:8] == PNG_MAGIC
-
-
-@pytest.fixture
-def restore_threads():
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
-
-
-def test_run_one_in_process(restore_threads):
-    # one thread: two spinning OpenMP threads on a busy 2-core machine can take seconds
-    row = run_one("mnv4_conv_small", "torch", threads=1, runs=3, repeats=2, warmup=1, budget_s=None, resolution=64)
-    assert row.median_ms > 0 and math.isfinite(row.spread) and not row.error
-    assert (row.runs, row.repeats, row.resolution, row.threads) == (3, 2, 64, 1)
-    assert torch.get_num_threads() == 1  # the protocol pins the thread count
-    assert row.macs == profile("mnv4_conv_small", 64).macs and row.params == 3_774_024
-    assert (row.top1, row.top1_source) == (73.8, "MNv4 paper Tab. 6")
-
-
-def test_run_one_and_bench_reject_bad_requests():
-    with pytest.raises(MNv4Error, match="unknown runtime 'tflite'"):
-        run_one("mnv4_conv_small", "tflite")
-    with pytest.raises(MNv4Error, match="torch has no int8 route"):
-        run_one("mnv4_conv_small", "torch", precision="int8")
-    with pytest.raises(MNv4Error, match="unknown benchmark model 'nope'"):
-        run_one("nope", "torch")
-    with pytest.raises(MNv4Error, match="none of the requested runtimes is installed"):
-        bench(["mnv4_conv_small"], ["tflite"])
-
-
-@pytest.mark.slow
-def test_bench_one_process_per_measurement(tmp_path):
-    # torch has no int8 route, so only fp32 rows; the unknown model fails in its own process only
-    rows = bench(
-        ["mnv4_conv_small_035", "nope"],
-        ["torch"],
-        precisions=("fp32", "int8"),
-        resolution=64,
-        runs=2,
-        repeats=1,
-        warmup=0,
-        budget_s=None,
-        artefact_dir=tmp_path,
-        progress=False,
-    )
-    assert [(r.model, r.precision) for r in rows] == [("mnv4_conv_small_035", "fp32"), ("nope", "fp32")]
-    ok, bad = rows
-    assert ok.median_ms > 0 and not ok.error and (ok.runs, ok.repeats, ok.resolution) == (2, 1, 64)
-    assert math.isnan(ok.top1)  # a registered variant without a published accuracy
-    assert math.isnan(bad.median_ms) and "unknown benchmark model 'nope'" in bad.error
-
-
 @pytest.mark.slow
 def test_cli_calibrate_then_use_the_profile(tmp_path, capsys):
     saved = tmp_path / "this.yaml"
@@ -400,3 +383,41 @@ def test_cli_calibrate_then_use_the_profile(tmp_path, capsys):
     assert f"{ms:.2f} (" in capsys.readouterr().out
     data = json.loads(json.dumps(hw.to_dict()))
     assert HardwareProfile.from_dict(data) == hw
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda: predict_latency("nope", "pixel6_cpu"), "unknown model 'nope'"),
+        (lambda: predict_latency("mnv4_conv_small", "nope"), "unknown hardware profile 'nope'"),
+        (lambda: predict_latency("mnv4_conv_small", "pixel6_cpu", resolution=0), "`resolution` 0 is invalid"),
+        (lambda: predict_latency("mnv4_conv_small", "pixel6_cpu", dtype="fp64"), "`dtype` 'fp64' is invalid"),
+        (lambda: profile("mnv4_conv_small", (224, -1)), "`resolution` -1 is invalid"),
+        (lambda: profile("mnv4_conv_small", 64, batch_size=0), "`batch_size` 0 is invalid"),
+        (lambda: ridge_sweep([profile("mnv4_conv_small", 64)], normalize="x"), "normalize must be 'macs'"),
+    ],
+)
+def test_roofline_requests_are_validated(call, message):
+    with pytest.raises(MNv4Error, match=message):
+        call()
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(runtime="tflite"), "`runtime` 'tflite' is invalid: choose one of auto, torch, torch-fused, onnxruntime"),
+        (dict(models=["mnv4_conv_small", "mnv4_conv_medium"]), "needs at least 3 models, got 2"),
+        (dict(models=["mnv4_conv_small", "mobilenet_v2", "nope"]), "`models` 'nope' is invalid"),
+        (dict(runs=0), "`runs` 0 is invalid"),
+        (dict(threads=0), "`threads` 0 is invalid"),
+        (dict(dtype="fp64"), "`dtype` 'fp64' is invalid"),
+    ],
+)
+def test_calibrate_requests_fail_before_any_process(monkeypatch, kwargs, message):
+    import subprocess
+
+    from mnv4.deploy.roofline_fit import calibrate
+
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: pytest.fail("a process was started"))
+    with pytest.raises(MNv4Error, match=message):
+        calibrate(**kwargs)

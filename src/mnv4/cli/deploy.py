@@ -10,7 +10,10 @@ from . import args as A
 
 __all__ = ["register"]
 
-_EXPORT_FORMATS = ("onnx", "openvino", "litert", "executorch", "coreml", "torchscript", "pt2")
+
+def _progress(args: argparse.Namespace) -> bool | None:
+    """Library ``progress``: None shows bars on terminals only; --no-progress turns them off."""
+    return False if args.no_progress else None
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
@@ -26,7 +29,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
         model,
         args.format,
         args.output,
-        resolution=args.input_size,
+        input_size=args.input_size,
         precision=precision,
         calib_dir=args.calib,
         eval_dir=args.eval,
@@ -35,6 +38,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
         min_top1=args.min_top1,
         int8_all_layers=args.int8_all_layers,
         threads=args.threads,
+        progress=_progress(args),
     )
     print(f"wrote {result.path} and {result.path}.parity.json")
     return 0
@@ -47,21 +51,22 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from ..deploy.zoo import default_models
 
     models = A.resolve_models(args) or default_models()
-    runtimes = args.runtimes.split(",") if args.runtimes else None
+    runtimes = A.model_list(args.runtimes) if args.runtimes else None
     print(f"runtimes installed: {', '.join(available_runtimes())}", file=sys.stderr)
     out = Path(args.output)
     rows = bench(
         models,
         runtimes,
-        precisions=args.precisions.split(","),
-        resolution=args.input_size,
+        precisions=A.model_list(args.precisions),
+        input_size=args.input_size,
         threads=args.threads,
         runs=args.runs,
         repeats=args.repeats,
         warmup=args.warmup,
-        budget_s=args.budget if args.budget > 0 else None,
+        budget_s=None if args.budget_s == 0 else args.budget_s,
         artefact_dir=out / "artefacts",
         calib_dir=args.calib,
+        progress=_progress(args),
     )
     ok = [r for r in rows if not r.error]
     print(write_table(rows, out / "bench.md", out / "bench.csv"))
@@ -78,7 +83,7 @@ def _profiles_for(models: list[str], res: int | None, dtype: str):
 
     out = []
     for name in models:
-        target = build(name)[0] if is_baseline(name) else name
+        target = build(name, realistic=False)[0] if is_baseline(name) else name  # counting needs no weights
         prof = profile(target, res or native_resolution(name), dtype=dtype)
         prof.model = name
         out.append(prof)
@@ -109,21 +114,22 @@ def _cmd_roofline_predict(args: argparse.Namespace) -> int:
 
 def _cmd_roofline_sweep(args: argparse.Namespace) -> int:
     from ..models.registry import PUBLISHED
-    from ..perf.roofline import plot_sweep
+    from ..perf.roofline import plot_sweep, sweep_points, sweep_table
 
     models = A.resolve_models(args) or list(PUBLISHED)
     profiles = _profiles_for(models, args.input_size, args.dtype)
     out = args.output or "roofline_sweep.png"
     if not str(out).lower().endswith(".png"):
         raise MNv4Error(f"`output` {out} must be a .png file")
-    table = plot_sweep(profiles, out, max_ridge=args.max_ridge, normalize=args.normalize)
+    _, rps, rel = plot_sweep(profiles, out, max_ridge=args.max_ridge, normalize=args.normalize)
+    table = sweep_table(rps, rel, sweep_points(args.max_ridge))
     A.print_table(table[0], table[1:])
     print(f"wrote {out}")
     return 0
 
 
 def _cmd_roofline_calibrate(args: argparse.Namespace) -> int:
-    from ..deploy.calibrate import calibrate
+    from ..deploy.roofline_fit import calibrate
 
     result = calibrate(
         A.resolve_models(args) or None,
@@ -132,7 +138,7 @@ def _cmd_roofline_calibrate(args: argparse.Namespace) -> int:
         runs=args.runs,
         repeats=args.repeats,
         dtype=args.dtype,
-        progress=not args.no_progress,
+        progress=_progress(args),
     )
     print(result.table())
     print(result.summary())
@@ -143,6 +149,14 @@ def _cmd_roofline_calibrate(args: argparse.Namespace) -> int:
 
 
 def register(sub) -> None:
+    # The format table and runtime list are read without torch (mnv4 --help stays fast).
+    from ..deploy.bench import all_runtimes
+    from ..deploy.formats import FORMATS, PRECISIONS
+    from ..deploy.roofline_fit import FIT_RUNTIMES
+
+    def having(what: str) -> str:
+        return ", ".join(f.name for f in FORMATS.values() if getattr(f, what))
+
     p = sub.add_parser(
         "export",
         help="export to onnx/openvino/litert/executorch/coreml/torchscript/pt2 and check parity with eager",
@@ -151,14 +165,14 @@ def register(sub) -> None:
     )
     A.add_model(p)
     A.add_weights(p, checkpoint_help="weights to export (default: random init, announced)")
-    p.add_argument("--format", required=True, choices=_EXPORT_FORMATS, help="artefact format / runtime")
-    p.add_argument("--fp16", action="store_true", help="half precision (onnx, openvino, coreml, torchscript, pt2)")
-    p.add_argument("--int8", action="store_true", help="post-training INT8 (onnx, openvino, litert, executorch)")
+    p.add_argument("--format", required=True, choices=list(FORMATS), help="artefact format / runtime")
+    p.add_argument("--fp16", action="store_true", help=f"half precision ({having('fp16')})")
+    p.add_argument("--int8", action="store_true", help=f"post-training INT8 ({having('int8')})")
     p.add_argument("--calib", default=None, help="calibration image folder for --int8 (flat or one folder per class)")
     p.add_argument(
         "--int8-all-layers",
         action="store_true",
-        help="onnx/openvino: quantize the stem conv and head too (default: kept float; litert/executorch: always int8)",
+        help=f"{having('float_ends')}: quantize the stem conv and head too (default: kept float; others: always int8)",
     )
     p.add_argument("--eval", default=None, help="labelled image folder to compare on and report accuracy delta")
     A.add_input_size(p, help="input resolution (default: the model's)")
@@ -178,14 +192,16 @@ def register(sub) -> None:
         "BatchNorm statistics re-estimated, so their activations have a realistic scale.",
     )
     A.add_models(p, "models, repeatable or comma-separated (default: MNv4 family + torchvision + timm baselines)")
-    p.add_argument("--runtimes", default=None, help="comma list: torch,torch-fused,torch-compile,onnxruntime,...")
-    p.add_argument("--precisions", default="fp32", help="comma list of fp32,fp16,int8")
+    p.add_argument("--runtimes", default=None, help=f"comma list of {','.join(all_runtimes())} (default: installed)")
+    p.add_argument("--precisions", default="fp32", help=f"comma list of {','.join(PRECISIONS)}")
     A.add_input_size(p, help="resolution for all models (default: each model's)")
     A.add_threads(p, default=2)
     p.add_argument("--runs", type=A.positive_int, default=1000, help="runs per repeat (paper: ~1000)")
     p.add_argument("--repeats", type=A.positive_int, default=5, help="repeats; the median of their means is reported")
     p.add_argument("--warmup", type=A.nonneg_int, default=20, help="untimed runs first")
-    p.add_argument("--budget", type=float, default=3.0, help="max seconds per repeat (0 = always --runs)")
+    p.add_argument(
+        "--budget", dest="budget_s", type=float, default=3.0, help="max seconds per repeat (0 = always --runs)"
+    )
     p.add_argument("--calib", default=None, help="calibration images for INT8 routes (default: noise)")
     A.add_output(p, help="folder for bench.md, bench.csv, pareto.png and the artefacts", default="bench_out")
     A.add_progress(p)
@@ -223,7 +239,9 @@ def register(sub) -> None:
 
     p = g.add_parser("calibrate", help="time models on this machine, fit its roofline, report rank correlation")
     A.add_models(p, "models to time (default: 8 MNv4 + 4 torchvision models)")
-    p.add_argument("--runtime", default="auto", help="onnxruntime, torch-fused or torch (auto: the first installed)")
+    p.add_argument(
+        "--runtime", default="auto", choices=FIT_RUNTIMES, help="auto: onnxruntime when installed, else torch-fused"
+    )
     p.add_argument(
         "--dtype",
         default="float32",

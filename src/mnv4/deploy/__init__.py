@@ -1,9 +1,24 @@
 """Deployment: inference fusion, export to mobile/edge runtimes with parity checks, INT8, benchmarks.
 
-Only :func:`fuse` is imported eagerly; the export, quantization and benchmark routes import their
-(optional, heavy) runtimes inside the functions that need them.
+Nothing heavy is imported here: the format table (:mod:`mnv4.deploy.formats`) must be readable
+without torch (the CLI lists the formats at start-up), and each export, quantization and benchmark
+route imports its runtime inside the function that needs it. :func:`fuse` and :func:`is_fused`
+(from :mod:`mnv4.deploy.fusion`) load on first use.
 """
 
-from .fuse import fuse, is_fused
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .fusion import fuse, is_fused
 
 __all__ = ["fuse", "is_fused"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in __all__:
+        from . import fusion
+
+        return getattr(fusion, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -4,14 +4,17 @@ Each (model, runtime, precision) runs in a fresh subprocess (``python -m mnv4.de
 several runtimes in one process inflate every figure because idle thread pools spin on the few
 cores. Exported runtimes benchmark the very artefact that passed its parity check.
 
-Runtimes: ``torch`` (eager, as built), ``torch-fused`` (:func:`mnv4.deploy.fuse` + the oneDNN packed
-path for MNv4; BN folding for baselines), ``torch-compile`` (inductor, freezing), ``onnxruntime``,
-``openvino``, ``litert``, ``executorch``; precisions fp32 / fp16 / int8 where the route has them.
+Runtimes: the in-process torch ones of :data:`TORCH_RUNTIMES` (``torch``, ``torch-fused``,
+``torch-compile``) and the runtime of every export format (``Format.runtime`` in
+:data:`mnv4.deploy.formats.FORMATS`: ``onnxruntime``, ``openvino``, ``litert``, ``executorch``, ...),
+at the precisions each format offers. Models have random weights with BatchNorm statistics
+estimated (:func:`mnv4.deploy.zoo.build`), and every runtime flushes denormals.
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import math
@@ -23,21 +26,65 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import MNv4Error
+from ..errors import InvalidValue, MNv4Error, check_float, check_int
+from ..files import atomic_write, atomic_write_text
+from .formats import FORMATS, PRECISIONS, Format, format_for_runtime
 
-__all__ = ["RUNTIMES", "BenchRow", "available_runtimes", "bench", "run_one", "write_table", "pareto_plot"]
+__all__ = [
+    "TORCH_RUNTIMES",
+    "DEFAULT_RUNTIMES",
+    "BenchRow",
+    "Measurement",
+    "all_runtimes",
+    "denormal_table",
+    "runtime_precisions",
+    "available_runtimes",
+    "check_bench_request",
+    "bench",
+    "run_one",
+    "measure_in_subprocess",
+    "error_row",
+    "write_table",
+    "pareto_plot",
+]
 
-# runtime -> (export format or None for in-process torch, precisions, python package it needs)
-RUNTIMES: dict[str, tuple[str | None, tuple[str, ...], str | None]] = {
-    "torch": (None, ("fp32",), None),
-    "torch-fused": (None, ("fp32",), None),
-    "torch-compile": (None, ("fp32",), None),
-    "onnxruntime": ("onnx", ("fp32", "fp16", "int8"), "onnxruntime"),
-    "openvino": ("openvino", ("fp32", "int8"), "openvino"),
-    "litert": ("litert", ("fp32", "int8"), "litert_torch"),
-    "executorch": ("executorch", ("fp32", "int8"), "executorch"),
+# In-process torch runtimes (no artefact): name -> what runs. Exported runtimes come from FORMATS.
+TORCH_RUNTIMES: dict[str, str] = {
+    "torch": "eager PyTorch, the model as built",
+    "torch-fused": "mnv4.deploy.cpu.optimize_for_cpu for MNv4 (fuse + pre-packed oneDNN convs), BN folding for others",
+    "torch-compile": "torch.compile (inductor, freezing) of the fused model",
 }
-DEFAULT_RUNTIMES = ("torch", "torch-fused", "onnxruntime", "openvino", "litert", "executorch")
+TORCH_DENORMALS = "`torch.set_flush_denormal(True)` in the measuring process (mnv4.perf.latency.flush_denormals)"
+DEFAULT_RUNTIMES = ("torch", "torch-fused", *(f.runtime for f in FORMATS.values() if f.bench_default))
+
+
+def denormal_table() -> str:
+    """How every runtime ``bench`` drives is made to flush denormals (Markdown, for docs/deploy.md)."""
+    lines = ["| bench runtime | denormals flushed by |", "|---|---|"]
+    lines.append(f"| {', '.join(f'`{r}`' for r in TORCH_RUNTIMES)} | {TORCH_DENORMALS} |")
+    lines += [f"| `{f.runtime}` | {f.denormals} |" for f in FORMATS.values()]
+    return "\n".join(lines) + "\n"
+
+
+def all_runtimes() -> list[str]:
+    """Every runtime name ``bench`` knows, installed or not."""
+    return [*TORCH_RUNTIMES, *(f.runtime for f in FORMATS.values())]
+
+
+def runtime_precisions(runtime: str) -> tuple[str, ...]:
+    fmt = format_for_runtime(runtime)
+    return fmt.precisions if fmt is not None else ("fp32",)
+
+
+def _runtime_format(runtime: str) -> Format | None:
+    if runtime not in all_runtimes():
+        raise InvalidValue("runtimes", runtime, f"choose from {', '.join(all_runtimes())}")
+    return format_for_runtime(runtime)
+
+
+def available_runtimes() -> list[str]:
+    """The runtimes that are installed and can run on this platform."""
+    return [*TORCH_RUNTIMES, *(f.runtime for f in FORMATS.values() if f.installed() and f.can_run())]
 
 
 @dataclass
@@ -57,23 +104,31 @@ class BenchRow:
     top1_source: str
     parity: str = ""
     error: str = ""
+    weights: str = ""
 
 
-def available_runtimes() -> list[str]:
-    import importlib.util
+@dataclass
+class Measurement:
+    """One (model, runtime, precision) to time; the arguments of :func:`run_one`."""
 
-    out = []
-    for name, (_, _, package) in RUNTIMES.items():
-        if package is None or importlib.util.find_spec(package) is not None:
-            out.append(name)
-    return out
+    model_name: str
+    runtime: str
+    precision: str = "fp32"
+    input_size: int | None = None
+    threads: int = 2
+    runs: int = 1000
+    repeats: int = 5
+    warmup: int = 20
+    budget_s: float | None = 3.0
+    artefact_dir: str | None = None
+    calib_dir: str | None = None
 
 
 def _torch_fn(model, runtime: str, x):
     import torch
 
     from .cpu import optimize_for_cpu
-    from .fuse import fuse
+    from .fusion import fuse
 
     if runtime == "torch-fused":
         model = optimize_for_cpu(model) if hasattr(model, "spec") else fuse(model)
@@ -94,7 +149,7 @@ def run_one(
     model_name: str,
     runtime: str,
     precision: str = "fp32",
-    resolution: int | None = None,
+    input_size: int | None = None,
     threads: int = 2,
     runs: int = 1000,
     repeats: int = 5,
@@ -103,7 +158,7 @@ def run_one(
     artefact_dir: str | os.PathLike | None = None,
     calib_dir: str | os.PathLike | None = None,
 ) -> BenchRow:
-    """Measure one (model, runtime, precision) in *this* process."""
+    """Measure one (model, runtime, precision) in *this* process (``bench`` runs each in its own)."""
     import numpy as np
     import torch
 
@@ -111,33 +166,30 @@ def run_one(
     from ..perf.latency import flush_denormals, measure_latency, set_threads
     from .zoo import build
 
-    if runtime not in RUNTIMES:
-        raise MNv4Error(f"unknown runtime {runtime!r}; choose from {', '.join(RUNTIMES)}")
-    fmt, precisions, _ = RUNTIMES[runtime]
-    if precision not in precisions:
-        raise MNv4Error(f"{runtime} has no {precision} route; it offers {', '.join(precisions)}")
+    check_bench_request([model_name], [runtime], [precision], input_size, threads, runs, repeats, warmup, budget_s)
+    fmt = _runtime_format(runtime)
     set_threads(threads)
     flush_denormals()
-    model, entry = build(model_name)
-    res = resolution or entry.resolution
+    model, entry = build(model_name, input_size)
+    res = input_size or entry.resolution
     prof = profile(model, res)
     x = torch.randn(1, 3, res, res, generator=torch.Generator().manual_seed(0))
     parity = ""
     if fmt is None:
         fn = _torch_fn(model, runtime, x)
     else:
-        from .calib import random_inputs
-        from .export import FORMATS, export
+        from .export import export
+        from .inputs import random_inputs
         from .runners import load_runner
 
         out_dir = Path(artefact_dir or tempfile.mkdtemp(prefix="mnv4-bench-"))
-        path = out_dir / f"{model_name}_{res}_{precision}{FORMATS[fmt].suffix}"
+        path = out_dir / f"{model_name}_{res}_{precision}{fmt.suffix}"
         calib = None if calib_dir else random_inputs(32, res, seed=1)
         result = export(
             model,
-            fmt,
+            fmt.name,
             path,
-            resolution=res,
+            input_size=res,
             precision=precision,
             calib_dir=calib_dir,
             calib_data=calib,
@@ -147,7 +199,7 @@ def run_one(
         )
         rep = result.report
         parity = f"diff {rep.max_abs_diff:.1e}, top-1 {rep.top1_agreement:.0%}"
-        run = load_runner(path, fmt, threads=threads, **({"precision": precision} if fmt == "openvino" else {}))
+        run = load_runner(path, fmt.name, threads=threads, precision=precision)
         xn = np.ascontiguousarray(x.numpy())
 
         def fn():
@@ -169,37 +221,44 @@ def run_one(
         entry.top1,
         entry.top1_source,
         parity,
+        weights=getattr(model, "weights_note", ""),
     )
 
 
-def _subprocess_row(args: dict, timeout: float) -> BenchRow:
-    cmd = [sys.executable, "-m", "mnv4.deploy.bench", json.dumps(args)]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS=str(args["threads"]))
+def measure_in_subprocess(m: Measurement, timeout: float = 900.0) -> BenchRow:
+    """:func:`run_one` in a fresh ``python -m mnv4.deploy.bench`` process; a crash or a timeout
+    becomes a row with ``error`` set."""
+    cmd = [sys.executable, "-m", "mnv4.deploy.bench", json.dumps(dataclasses.asdict(m))]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS=str(m.threads))
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
-        return _error_row(args, f"timed out after {timeout:.0f} s")
+        return error_row(m, f"timed out after {timeout:.0f} s")
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith("{") and '"median_ms"' in line:
             return BenchRow(**json.loads(line))
     err = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-    return _error_row(args, err[:200])
+    return error_row(m, err[:200])
 
 
-def _error_row(args: dict, error: str) -> BenchRow:
-    from .zoo import ZOO
+def error_row(m: Measurement, error: str) -> BenchRow:
+    """The row of a measurement that failed: NaN latency, the error, and what the zoo knows."""
+    from .zoo import zoo_entry
 
-    entry = ZOO.get(args["model_name"])
+    try:
+        entry = zoo_entry(m.model_name)
+    except MNv4Error:
+        entry = None
     return BenchRow(
-        args["model_name"],
-        args["runtime"],
-        args["precision"],
-        args.get("resolution") or (entry.resolution if entry else 0),
+        m.model_name,
+        m.runtime,
+        m.precision,
+        m.input_size or (entry.resolution if entry else 0),
         math.nan,
         math.nan,
         0,
         0,
-        args["threads"],
+        m.threads,
         0,
         0,
         entry.top1 if entry else math.nan,
@@ -209,11 +268,76 @@ def _error_row(args: dict, error: str) -> BenchRow:
     )
 
 
+def check_bench_request(
+    models: Sequence[str],
+    runtimes: Sequence[str] | None = None,
+    precisions: Sequence[str] = ("fp32", "int8"),
+    input_size: int | None = None,
+    threads: int = 2,
+    runs: int = 1000,
+    repeats: int = 5,
+    warmup: int = 20,
+    budget_s: float | None = 3.0,
+    timeout: float = 900.0,
+) -> list[Measurement]:
+    """Validate a benchmark request in one place; returns the measurements it asks for.
+
+    Unknown models, runtimes or precisions and out-of-range numbers are one clear error each; a
+    runtime named explicitly must be installed (the defaults skip the ones that are not); a
+    request that leaves nothing to measure is an error too.
+    """
+    from .export import MAX_INPUT_SIZE, MIN_INPUT_SIZE
+    from .zoo import zoo_entry
+
+    if isinstance(models, str) or not models:
+        raise MNv4Error("no models to benchmark; pass at least one model name as `models`")
+    for m in models:
+        zoo_entry(m)
+    if isinstance(precisions, str) or not precisions:
+        raise MNv4Error(f"no precisions to benchmark; pass some of {', '.join(PRECISIONS)} as `precisions`")
+    for p in precisions:
+        if p not in PRECISIONS:
+            raise InvalidValue("precisions", p, f"choose from {', '.join(PRECISIONS)}")
+    if input_size is not None:
+        check_int("input_size", input_size, MIN_INPUT_SIZE, MAX_INPUT_SIZE)
+    check_int("threads", threads, 1)
+    check_int("runs", runs, 1)
+    check_int("repeats", repeats, 1)
+    check_int("warmup", warmup, 0)
+    if budget_s is not None:
+        check_float("budget_s", budget_s, 0.0, lo_open=True)
+    check_float("timeout", timeout, 0.0, lo_open=True)
+    if runtimes is None:
+        have = available_runtimes()
+        chosen = [r for r in DEFAULT_RUNTIMES if r in have]
+    else:
+        if isinstance(runtimes, str) or not runtimes:
+            raise MNv4Error(f"no runtimes to benchmark; pass some of {', '.join(all_runtimes())} as `runtimes`")
+        chosen = list(runtimes)
+        for r in chosen:
+            fmt = _runtime_format(r)
+            if fmt is not None and not fmt.can_run():
+                raise MNv4Error(f"{r} cannot run on this platform (it needs {', '.join(fmt.predicts_on)})")
+            if fmt is not None:
+                fmt.require("fp32")
+    todo = [
+        Measurement(m, r, p, input_size, threads, runs, repeats, warmup, budget_s)
+        for m in models
+        for r in chosen
+        for p in precisions
+        if p in runtime_precisions(r) and (format_for_runtime(r) is None or format_for_runtime(r).installed(p))  # type: ignore[union-attr]
+    ]
+    if not todo:
+        offers = "; ".join(f"{r}: {', '.join(runtime_precisions(r))}" for r in chosen)
+        raise MNv4Error(f"nothing to measure: no runtime offers precision {', '.join(precisions)} ({offers})")
+    return todo
+
+
 def bench(
     models: Sequence[str],
     runtimes: Sequence[str] | None = None,
     precisions: Sequence[str] = ("fp32", "int8"),
-    resolution: int | None = None,
+    input_size: int | None = None,
     threads: int = 2,
     runs: int = 1000,
     repeats: int = 5,
@@ -222,38 +346,32 @@ def bench(
     artefact_dir: str | os.PathLike | None = None,
     calib_dir: str | os.PathLike | None = None,
     timeout: float = 900.0,
-    progress: bool = True,
+    progress: bool | None = None,
 ) -> list[BenchRow]:
-    """Every (model, runtime, precision) combination the installed runtimes support, each in its own process."""
-    have = available_runtimes()
-    runtimes = [r for r in (runtimes or DEFAULT_RUNTIMES) if r in have]
-    if not runtimes:
-        raise MNv4Error("none of the requested runtimes is installed")
+    """Every (model, runtime, precision) combination the chosen runtimes support, each in its own process.
+
+    The request is validated first (:func:`check_bench_request`): a request that names nothing to
+    measure is an error. A measurement that fails is a row with ``error`` set, so one broken
+    runtime does not cost the others; callers decide what a table without a success means.
+    """
+    from tqdm import tqdm
+
+    todo = check_bench_request(
+        models, runtimes, precisions, input_size, threads, runs, repeats, warmup, budget_s, timeout
+    )
+    if calib_dir is not None and not Path(calib_dir).is_dir():
+        raise MNv4Error(f"calibration folder not found: {calib_dir} (`calib`)")
     artefact_dir = str(artefact_dir or tempfile.mkdtemp(prefix="mnv4-bench-"))
     rows = []
-    for model in models:
-        for runtime in runtimes:
-            for precision in precisions:
-                if precision not in RUNTIMES[runtime][1]:
-                    continue
-                args = dict(
-                    model_name=model,
-                    runtime=runtime,
-                    precision=precision,
-                    resolution=resolution,
-                    threads=threads,
-                    runs=runs,
-                    repeats=repeats,
-                    warmup=warmup,
-                    budget_s=budget_s,
-                    artefact_dir=artefact_dir,
-                    calib_dir=str(calib_dir) if calib_dir else None,
-                )
-                row = _subprocess_row(args, timeout)
-                if progress:
-                    status = f"{row.median_ms:.2f} ms" if not row.error else f"failed: {row.error}"
-                    print(f"  {model:20s} {runtime:14s} {precision:5s} {status}", file=sys.stderr, flush=True)
-                rows.append(row)
+    bar = tqdm(todo, desc="bench", unit="run", disable=None if progress is None else not progress)
+    for m in bar:
+        m.artefact_dir, m.calib_dir = artefact_dir, str(calib_dir) if calib_dir else None
+        bar.set_postfix_str(f"{m.model_name} {m.runtime} {m.precision}")
+        row = measure_in_subprocess(m, timeout)
+        status = f"{row.median_ms:.2f} ms" if not row.error else f"failed: {row.error}"
+        if row.error or not bar.disable:
+            tqdm.write(f"  {m.model_name:20s} {m.runtime:14s} {m.precision:5s} {status}", file=sys.stderr)
+        rows.append(row)
     return rows
 
 
@@ -262,8 +380,6 @@ _COLUMNS = ("model", "runtime", "precision", "resolution", "median_ms", "spread"
 
 def write_table(rows: Sequence[BenchRow], md_path: str | os.PathLike | None, csv_path: str | os.PathLike | None) -> str:
     """Markdown table (returned, and written when a path is given) plus a CSV with every field."""
-    from ..weights.io import atomic_write
-
     header = "| model | runtime | prec | res | GMACs | median ms | spread | runs x reps | top-1 (source) | parity |"
     lines = [header, "|---" * (header.count("|") - 1) + "|"]
     for r in rows:
@@ -275,7 +391,7 @@ def write_table(rows: Sequence[BenchRow], md_path: str | os.PathLike | None, csv
         )
     text = "\n".join(lines) + "\n"
     if md_path:
-        atomic_write(md_path, lambda tmp: Path(tmp).write_text(text)).chmod(0o644)
+        atomic_write_text(md_path, text)
     if csv_path:
         buf = io.StringIO()
         fields = list(BenchRow.__dataclass_fields__)
@@ -283,7 +399,7 @@ def write_table(rows: Sequence[BenchRow], md_path: str | os.PathLike | None, csv
         writer.writeheader()
         for r in rows:
             writer.writerow({f: getattr(r, f) for f in fields})
-        atomic_write(csv_path, lambda tmp: Path(tmp).write_text(buf.getvalue())).chmod(0o644)
+        atomic_write_text(csv_path, buf.getvalue())
     return text
 
 
@@ -293,8 +409,6 @@ def pareto_plot(rows: Sequence[BenchRow], path: str | os.PathLike, title: str = 
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from ..weights.io import atomic_write
 
     def best(filter_fn):
         out: dict[str, BenchRow] = {}
@@ -329,7 +443,8 @@ def pareto_plot(rows: Sequence[BenchRow], path: str | os.PathLike, title: str = 
     sources = sorted({r.top1_source for r in rows if r.top1_source})
     ax.set_title(title or "MNv4 vs baselines (red: MNv4)")
     fig.text(0.01, 0.005, "top-1 sources: " + "; ".join(sources), fontsize=6)
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:  # nothing to plot when no model has a published top-1
+        ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout(rect=(0, 0.03, 1, 1))
 
@@ -337,7 +452,6 @@ def pareto_plot(rows: Sequence[BenchRow], path: str | os.PathLike, title: str = 
         fig.savefig(tmp, dpi=130, format="png")
 
     out = atomic_write(path, save)
-    out.chmod(0o644)
     plt.close(fig)
     return out
 
@@ -346,7 +460,7 @@ def _worker(argv: Sequence[str]) -> int:
     import dataclasses
 
     args = json.loads(argv[0])
-    row = run_one(**args)
+    row = run_one(**args)  # the fields of Measurement
     print(json.dumps(dataclasses.asdict(row)), flush=True)
     return 0
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .fuse import ConvAct, FusedAttention, FusedChain, fuse
+from .fusion import ConvAct, FusedAttention, FusedChain, fuse
 
 __all__ = ["optimize_for_cpu", "PackedConv", "mkldnn_available"]
 

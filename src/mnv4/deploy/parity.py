@@ -6,7 +6,6 @@ to; a failed check raises :class:`ParityError` (after the report is saved, so it
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Callable
@@ -16,9 +15,18 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import MNv4Error
-from ..weights.io import atomic_write
+from ..files import atomic_write_json
 
-__all__ = ["Criteria", "ParityReport", "ParityError", "CRITERIA", "compare", "parity_path", "save_report"]
+__all__ = [
+    "Criteria",
+    "ParityReport",
+    "ParityError",
+    "CRITERIA",
+    "compare",
+    "parity_path",
+    "save_report",
+    "run_batches",
+]
 
 
 class ParityError(MNv4Error):
@@ -64,6 +72,11 @@ class ParityReport:
     failures: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     structure: dict = field(default_factory=dict)
+    inputs: str = ""  # where the compared inputs came from
+    weights: str = "as given"  # or what was done to random weights before the check
+    random_weights: bool = False  # the check ran on untrained weights: arithmetic, not accuracy
+    unreadable_images: int = 0  # image files skipped because they could not be read
+    unreadable_files: list[dict] = field(default_factory=list)  # {"path", "reason"}, the first 20
 
     def summary(self) -> str:
         if self.max_abs_diff is None:
@@ -78,6 +91,10 @@ class ParityReport:
                 f"; accuracy {self.accuracy_exported:.2%} vs {self.accuracy_reference:.2%} eager "
                 f"({self.accuracy_delta * 100:+.2f} pts)"
             )
+        if self.random_weights:
+            status += " (random weights, BatchNorm re-estimated)"
+        if self.unreadable_images:
+            status += f"; skipped {self.unreadable_images} unreadable image(s)"
         verdict = "PASS" if self.passed else "FAIL: " + "; ".join(self.failures)
         return f"parity {self.format}/{self.precision}: {status} -> {verdict}"
 
@@ -138,14 +155,16 @@ def save_report(report: ParityReport) -> Path:
     def clean(v):
         return None if isinstance(v, float) and not math.isfinite(v) else v
 
-    data = {k: clean(v) for k, v in report.to_dict().items()}
-    text = json.dumps(data, indent=2) + "\n"
-    path = atomic_write(parity_path(report.artefact), lambda tmp: Path(tmp).write_text(text))
-    path.chmod(0o644)  # the temp file was private; a report is meant to be read
-    return path
+    return atomic_write_json(parity_path(report.artefact), {k: clean(v) for k, v in report.to_dict().items()})
 
 
-def run_batches(run: Callable[[np.ndarray], np.ndarray], x: np.ndarray, batch: int) -> np.ndarray:
+def run_batches(
+    run: Callable[[np.ndarray], np.ndarray], x: np.ndarray, batch: int, progress: bool | None = False
+) -> np.ndarray:
     """Run ``x`` through ``run`` in chunks of ``batch`` (1 for formats with a fixed batch)."""
-    outs = [np.asarray(run(np.ascontiguousarray(x[i : i + batch]))) for i in range(0, len(x), batch)]
+    from tqdm import tqdm
+
+    starts = range(0, len(x), batch)
+    disable = None if progress is None else not progress
+    outs = [np.asarray(run(np.ascontiguousarray(x[i : i + batch]))) for i in tqdm(starts, "parity", disable=disable)]
     return np.concatenate(outs, 0)

@@ -26,7 +26,14 @@ from torch import nn
 
 from ..errors import MNv4Error, missing_extra
 
-__all__ = ["quantize_onnx", "quantize_openvino", "pt2e_quantize", "float_end_ops"]
+__all__ = [
+    "quantize_onnx",
+    "quantize_openvino",
+    "pt2e_quantize",
+    "litert_quantizer",
+    "xnnpack_quantizer",
+    "float_end_ops",
+]
 
 _POOLS = {"GlobalAveragePool", "ReduceMean", "AveragePool", "AvgPool"}
 _COMPUTE = {"Conv", "Gemm", "MatMul", "Convolution", "GroupConvolution"}
@@ -99,37 +106,41 @@ def quantize_openvino(ov_model, calib: torch.Tensor, float_ends: bool = True):
     return nncf.quantize(ov_model, dataset, subset_size=len(calib), **kw)
 
 
-def _quantizer(target: str):
-    if target == "litert":
-        try:
-            from litert_torch.quantize.pt2e_quantizer import PT2EQuantizer, get_symmetric_quantization_config
-        except ImportError:
-            raise missing_extra("litert-torch", "litert") from None
-        return PT2EQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
-    if target == "executorch":
-        try:
-            from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
-                XNNPACKQuantizer,
-                get_symmetric_quantization_config,
-            )
-        except ImportError:
-            raise missing_extra("executorch", "executorch") from None
-        return XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
-    raise MNv4Error(f"no pt2e quantizer for {target}")
+def litert_quantizer():
+    """litert-torch's PT2EQuantizer, symmetric per-channel INT8 (what LiteRT's converter folds)."""
+    try:
+        from litert_torch.quantize.pt2e_quantizer import PT2EQuantizer, get_symmetric_quantization_config
+    except ImportError:
+        raise missing_extra("litert-torch", "litert") from None
+    return PT2EQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
 
 
-def pt2e_quantize(model: nn.Module, example: torch.Tensor, calib: torch.Tensor, target: str):
-    """(quantized GraphModule, quantizer) for ``target`` in {litert, executorch}."""
-    quantizer = _quantizer(target)
+def xnnpack_quantizer():
+    """ExecuTorch's XNNPACKQuantizer, symmetric per-channel INT8."""
+    try:
+        from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
+            XNNPACKQuantizer,
+            get_symmetric_quantization_config,
+        )
+    except ImportError:
+        raise missing_extra("executorch", "executorch") from None
+    return XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
+
+
+def pt2e_quantize(model: nn.Module, example: torch.Tensor, calib: torch.Tensor, quantizer, fold_quantize: bool = True):
+    """PyTorch 2 export quantization with ``quantizer``, calibrated on ``calib``; the quantized GraphModule.
+
+    ``fold_quantize=False`` keeps the weights' quantize ops in the graph (litert's converter folds
+    them itself).
+    """
     try:
         from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
     except ImportError:
         # torch 2.14 no longer ships torch.ao's pt2e entry points; torchao is the home now.
-        raise missing_extra("torchao", target) from None
+        raise MNv4Error("torchao is not installed; INT8 for LiteRT/ExecuTorch needs it: pip install torchao") from None
     graph = torch.export.export(model.eval(), (example,)).module()
     prepared = prepare_pt2e(graph, quantizer)
     with torch.no_grad():
         for i in range(len(calib)):
             prepared(calib[i : i + 1])
-    # litert's converter wants the weights' quantize ops in the graph (it folds them itself).
-    return convert_pt2e(prepared, fold_quantize=target != "litert"), quantizer
+    return convert_pt2e(prepared, fold_quantize=fold_quantize)

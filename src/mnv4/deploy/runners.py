@@ -1,54 +1,80 @@
 """Load an exported artefact in its own runtime and run it: ``np.ndarray`` NCHW in, logits out.
 
-One small loader per format, each importing its runtime lazily. Parity checks and ``mnv4 bench``
-both go through these, so what is benchmarked is exactly what was verified.
+One loader per format, each importing its runtime lazily, all with the signature
+``load(path, options) -> Runner``; :data:`mnv4.deploy.formats.FORMATS` records which loader serves
+which format. Parity checks and ``mnv4 bench`` both go through :func:`load_runner`, so what is
+benchmarked is exactly what was verified.
+
+Every loader makes its runtime flush denormal floats to zero (``RunOptions.flush_denormals``), as
+mobile runtimes do; how each one is told is in its format record (``Format.denormals``).
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from ..errors import MNv4Error, missing_extra
+from ..errors import MNv4Error, check_int, missing_extra
 
-__all__ = ["Runner", "load_runner", "FORMAT_OF_SUFFIX", "format_of"]
+__all__ = [
+    "Runner",
+    "RunOptions",
+    "load_runner",
+    "format_of",
+    "load_onnx",
+    "load_openvino",
+    "load_litert",
+    "load_executorch",
+    "load_coreml",
+    "load_torchscript",
+    "load_pt2",
+    "inspect_coreml",
+]
 
 Runner = Callable[[np.ndarray], np.ndarray]
 
-FORMAT_OF_SUFFIX = {
-    ".onnx": "onnx",
-    ".xml": "openvino",
-    ".tflite": "litert",
-    ".pte": "executorch",
-    ".mlpackage": "coreml",
-    ".mlmodel": "coreml",
-    ".pt": "torchscript",
-    ".ts": "torchscript",
-    ".pt2": "pt2",
-}
+
+@dataclass(frozen=True)
+class RunOptions:
+    threads: int | None = None  # intra-op threads (None: the runtime's default)
+    precision: str = "fp32"  # what the artefact was exported as; OpenVINO pins its inference precision to it
+    flush_denormals: bool = True
+    # ONNX Runtime's intra-op threads busy-wait after each run (fastest for one session alone); turn it
+    # off when several sessions alternate in one process, or their idle pools steal each other's cores.
+    spin: bool = True
 
 
-def format_of(path: str | os.PathLike) -> str:
-    suffix = Path(path).suffix.lower()
-    if suffix not in FORMAT_OF_SUFFIX:
-        raise MNv4Error(f"cannot tell the format of {path}; known suffixes: {', '.join(FORMAT_OF_SUFFIX)}")
-    return FORMAT_OF_SUFFIX[suffix]
+def _flush_calling_thread(options: RunOptions) -> None:
+    # FTZ/DAZ for the thread that calls the runtime: torch kernels, and runtime kernels that run on
+    # the caller (ExecuTorch/LiteRT ops left to their portable/builtin kernels).
+    if options.flush_denormals:
+        from ..perf.latency import flush_denormals
+
+        flush_denormals()
 
 
-def _onnx(path: Path, threads: int | None) -> Runner:
+def load_onnx(path: Path, options: RunOptions) -> Runner:
     try:
         import onnxruntime as ort
     except ImportError:
         raise missing_extra("onnxruntime", "onnx") from None
     opts = ort.SessionOptions()
-    if threads:
-        opts.intra_op_num_threads = threads
+    if options.threads:
+        opts.intra_op_num_threads = options.threads
         opts.inter_op_num_threads = 1
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.add_session_config_entry("session.set_denormal_as_zero", "1")  # see perf.latency.flush_denormals
+    if not options.spin:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if options.flush_denormals:
+        # Applies to the session's intra-op threads, and to the calling thread only if this is the
+        # process's first session (ORT sets the main thread once); so set the caller ourselves too.
+        opts.add_session_config_entry("session.set_denormal_as_zero", "1")
+        _flush_calling_thread(options)
     sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     inp = sess.get_inputs()[0]
     dtype = np.float16 if "float16" in inp.type else np.float32
@@ -59,15 +85,18 @@ def _onnx(path: Path, threads: int | None) -> Runner:
     return run
 
 
-def _openvino(path: Path, threads: int | None, precision: str = "fp32") -> Runner:
+def load_openvino(path: Path, options: RunOptions) -> Runner:
     try:
         import openvino as ov
     except ImportError:
         raise missing_extra("openvino", "openvino") from None
     # OpenVINO's CPU plugin defaults to bf16 on CPUs that have it (1.9e-3 diff): pin the precision.
-    config = {"INFERENCE_PRECISION_HINT": "f16" if precision == "fp16" else "f32", "CPU_DENORMALS_OPTIMIZATION": True}
-    if threads:
-        config["INFERENCE_NUM_THREADS"] = threads
+    config = {
+        "INFERENCE_PRECISION_HINT": "f16" if options.precision == "fp16" else "f32",
+        "CPU_DENORMALS_OPTIMIZATION": options.flush_denormals,
+    }
+    if options.threads:
+        config["INFERENCE_NUM_THREADS"] = options.threads
     core = ov.Core()
     source = core.read_model(str(path))
     compiled: dict[tuple[int, ...], tuple] = {}
@@ -88,55 +117,54 @@ def _openvino(path: Path, threads: int | None, precision: str = "fp32") -> Runne
     return run
 
 
-def _litert(path: Path, threads: int | None) -> Runner:
+def _quantize_io(x: np.ndarray, detail: dict) -> np.ndarray:
+    if detail["dtype"] in (np.int8, np.uint8):  # static-int8 models take int8 inputs
+        scale, zero = detail["quantization"]
+        info = np.iinfo(detail["dtype"])
+        return np.clip(np.round(x / scale + zero), info.min, info.max).astype(detail["dtype"])
+    return x.astype(detail["dtype"], copy=False)
+
+
+def _dequantize_io(y: np.ndarray, detail: dict) -> np.ndarray:
+    if detail["dtype"] in (np.int8, np.uint8):
+        scale, zero = detail["quantization"]
+        return (y.astype(np.float32) - zero) * scale
+    return y.astype(np.float32)
+
+
+def load_litert(path: Path, options: RunOptions) -> Runner:
     try:
         from ai_edge_litert.interpreter import Interpreter
     except ImportError:
         raise missing_extra("ai-edge-litert", "litert") from None
-    interp = Interpreter(model_path=str(path), num_threads=threads or None)
+    _flush_calling_thread(options)
+    interp = Interpreter(model_path=str(path), num_threads=options.threads or None)
     inp, out = interp.get_input_details()[0], interp.get_output_details()[0]
-    batch = int(inp["shape"][0])
-
-    def quantize(x: np.ndarray, detail: dict) -> np.ndarray:
-        if detail["dtype"] in (np.int8, np.uint8):  # static-int8 models take int8 inputs
-            scale, zero = detail["quantization"]
-            info = np.iinfo(detail["dtype"])
-            return np.clip(np.round(x / scale + zero), info.min, info.max).astype(detail["dtype"])
-        return x.astype(detail["dtype"], copy=False)
-
-    def dequantize(y: np.ndarray, detail: dict) -> np.ndarray:
-        if detail["dtype"] in (np.int8, np.uint8):
-            scale, zero = detail["quantization"]
-            return (y.astype(np.float32) - zero) * scale
-        return y.astype(np.float32)
-
-    def run_one(x: np.ndarray) -> np.ndarray:
-        interp.set_tensor(inp["index"], quantize(x, inp))
-        interp.invoke()
-        return dequantize(interp.get_tensor(out["index"]), out)
-
-    resized = {"batch": batch}
+    state = {"batch": int(inp["shape"][0])}
     interp.allocate_tensors()
 
     def run(x: np.ndarray) -> np.ndarray:
-        if len(x) != resized["batch"]:
+        if len(x) != state["batch"]:
             # TFLite tensors are static; resize the input when the batch changes.
             interp.resize_tensor_input(inp["index"], [len(x), *list(inp["shape"][1:])])
             interp.allocate_tensors()
-            resized["batch"] = len(x)
-        return run_one(x)
+            state["batch"] = len(x)
+        interp.set_tensor(inp["index"], _quantize_io(x, inp))
+        interp.invoke()
+        return _dequantize_io(interp.get_tensor(out["index"]), out)
 
     return run
 
 
-def _executorch(path: Path, threads: int | None) -> Runner:
+def load_executorch(path: Path, options: RunOptions) -> Runner:
     try:
         import torch
         from executorch.runtime import Runtime
     except ImportError:
         raise missing_extra("executorch", "executorch") from None
-    if threads:
-        torch.set_num_threads(threads)
+    if options.threads:
+        torch.set_num_threads(options.threads)
+    _flush_calling_thread(options)
     program = Runtime.get().load_program(str(path))
     method = program.load_method("forward")
 
@@ -146,13 +174,10 @@ def _executorch(path: Path, threads: int | None) -> Runner:
     return run
 
 
-def _torchscript(path: Path, threads: int | None) -> Runner:
+def _torch_module_runner(module, options: RunOptions, dtype=None) -> Runner:
     import torch
 
-    if threads:
-        torch.set_num_threads(threads)
-    module = torch.jit.load(str(path), map_location="cpu").eval()
-    dtype = next((p.dtype for p in module.parameters()), torch.float32)
+    dtype = dtype or next((p.dtype for p in module.parameters()), torch.float32)
 
     def run(x: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
@@ -161,29 +186,35 @@ def _torchscript(path: Path, threads: int | None) -> Runner:
     return run
 
 
-def _pt2(path: Path, threads: int | None) -> Runner:
+def load_torchscript(path: Path, options: RunOptions) -> Runner:
     import torch
 
-    if threads:
-        torch.set_num_threads(threads)
-    module = torch.export.load(str(path)).module()
-    dtype = next((p.dtype for p in module.parameters()), torch.float32)
+    if options.threads:
+        torch.set_num_threads(options.threads)
+    _flush_calling_thread(options)
+    from .writers import TORCHSCRIPT_META
 
-    def run(x: np.ndarray) -> np.ndarray:
-        with torch.inference_mode():
-            return module(torch.from_numpy(x).to(dtype)).float().numpy()
+    extra = {TORCHSCRIPT_META: ""}
+    module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra).eval()
+    dtype = torch.float16 if "float16" in str(extra[TORCHSCRIPT_META]) else torch.float32
+    return _torch_module_runner(module, options, dtype)
 
-    return run
+
+def load_pt2(path: Path, options: RunOptions) -> Runner:
+    import torch
+
+    if options.threads:
+        torch.set_num_threads(options.threads)
+    _flush_calling_thread(options)
+    return _torch_module_runner(torch.export.load(str(path)).module(), options)
 
 
-def _coreml(path: Path, threads: int | None) -> Runner:
+def load_coreml(path: Path, options: RunOptions) -> Runner:
     try:
         import coremltools as ct
     except ImportError:
         raise missing_extra("coremltools", "coreml") from None
-    import platform
-
-    if platform.system() != "Darwin":
+    if sys.platform != "darwin":
         raise MNv4Error("Core ML models can only be run on macOS (coremltools cannot predict on this platform)")
     model = ct.models.MLModel(str(path))
     name = model.get_spec().description.input[0].name
@@ -195,23 +226,45 @@ def _coreml(path: Path, threads: int | None) -> Runner:
     return run
 
 
-def load_runner(path: str | os.PathLike, fmt: str | None = None, threads: int | None = None, **kwargs) -> Runner:
+def inspect_coreml(path: Path) -> dict:
+    """What can be verified of a Core ML package without macOS: its IO shapes and its op mix."""
+    try:
+        import coremltools as ct
+    except ImportError:
+        raise missing_extra("coremltools", "coreml") from None
+    spec = ct.utils.load_spec(str(path))
+    ops: dict[str, int] = {}
+    for fn in spec.mlProgram.functions.values():
+        for block in fn.block_specializations.values():
+            for op in block.operations:
+                ops[op.type] = ops.get(op.type, 0) + 1
+    ins = [list(i.type.multiArrayType.shape) for i in spec.description.input]
+    outs = [list(o.type.multiArrayType.shape) for o in spec.description.output]
+    return {"inputs": ins, "outputs": outs, "ops": dict(sorted(ops.items()))}
+
+
+def format_of(path: str | os.PathLike):
+    """The :class:`~mnv4.deploy.formats.Format` an artefact's suffix names."""
+    from .formats import format_of as lookup
+
+    return lookup(path)
+
+
+def load_runner(
+    path: str | os.PathLike,
+    fmt: str | None = None,
+    threads: int | None = None,
+    precision: str = "fp32",
+    flush_denormals: bool = True,
+) -> Runner:
     """A callable running the artefact at ``path`` (format from the suffix unless ``fmt`` is given)."""
+    from .formats import get_format
+
     path = Path(path)
     if not path.exists():
         raise MNv4Error(f"no such artefact: {path}")
-    fmt = fmt or format_of(path)
-    loaders = {
-        "onnx": _onnx,
-        "openvino": _openvino,
-        "litert": _litert,
-        "executorch": _executorch,
-        "torchscript": _torchscript,
-        "pt2": _pt2,
-        "coreml": _coreml,
-    }
-    if fmt not in loaders:
-        raise MNv4Error(f"unknown format {fmt!r}; choose one of {', '.join(loaders)}")
-    if fmt == "openvino":
-        return _openvino(path, threads, **kwargs)
-    return loaders[fmt](path, threads)
+    if threads is not None:
+        check_int("threads", threads, 1)
+    info = get_format(fmt) if fmt else format_of(path)
+    info.require(precision)
+    return info.loader(path, RunOptions(threads, precision, flush_denormals))

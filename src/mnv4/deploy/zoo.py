@@ -1,17 +1,39 @@
 """The models ``mnv4 bench`` compares: the MNv4 family and baselines, with published ImageNet top-1.
 
-Accuracies are the published ones, each with its source; latencies are always measured here.
+Accuracies are the published ones, each with its source; latencies are always measured here. MNv4
+models take their native resolution (and, where the registry records one, their top-1) from
+:mod:`mnv4.models.registry`; the baselines are listed here.
+
+:func:`build` returns a randomly initialised model whose BatchNorm statistics have been estimated
+on seeded noise (:func:`mnv4.models.recalibrate_batchnorm`): latency does not depend on the weights'
+values, but it does depend on their scale, and a fresh network's eval-mode activations sink into
+the denormal range, where the CPU runs ~40x slower than it would for a trained model.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from torch import nn
+from ..errors import InvalidValue, MNv4Error, missing_extra
+from ..models.registry import PAPER_SOURCE
 
-from ..errors import MNv4Error, missing_extra
+if TYPE_CHECKING:
+    from torch import nn
 
-__all__ = ["ZooEntry", "ZOO", "DEFAULT_MODELS", "build", "default_models", "is_baseline", "native_resolution"]
+__all__ = [
+    "ZooEntry",
+    "ZOO",
+    "BASELINES",
+    "DEFAULT_MODELS",
+    "build",
+    "zoo_entry",
+    "known_models",
+    "default_models",
+    "is_baseline",
+    "native_resolution",
+]
 
 
 @dataclass(frozen=True)
@@ -20,21 +42,16 @@ class ZooEntry:
     source: str  # mnv4 | torchvision | timm
     arch: str  # name inside its library
     resolution: int
-    top1: float
+    top1: float  # NaN where no accuracy is published
     top1_source: str
 
 
-_PAPER = "MNv4 paper Tab. 6"
+_PAPER = PAPER_SOURCE  # the paper also lists the timm baselines
 _TV = "torchvision IMAGENET1K_V1 weights metadata"
 
-ZOO: dict[str, ZooEntry] = {
+BASELINES: dict[str, ZooEntry] = {
     e.name: e
     for e in (
-        ZooEntry("mnv4_conv_small", "mnv4", "mnv4_conv_small", 224, 73.8, _PAPER),
-        ZooEntry("mnv4_conv_medium", "mnv4", "mnv4_conv_medium", 256, 79.9, _PAPER),
-        ZooEntry("mnv4_hybrid_medium", "mnv4", "mnv4_hybrid_medium", 256, 80.7, _PAPER),
-        ZooEntry("mnv4_conv_large", "mnv4", "mnv4_conv_large", 384, 82.9, _PAPER),
-        ZooEntry("mnv4_hybrid_large", "mnv4", "mnv4_hybrid_large", 384, 83.4, _PAPER),
         ZooEntry("mobilenet_v2", "torchvision", "mobilenet_v2", 224, 71.878, _TV),
         ZooEntry("mobilenet_v3_large", "torchvision", "mobilenet_v3_large", 224, 74.042, _TV),
         ZooEntry("mobilenet_v3_small", "torchvision", "mobilenet_v3_small", 224, 67.668, _TV),
@@ -47,19 +64,71 @@ ZOO: dict[str, ZooEntry] = {
     )
 }
 
+
+def _mnv4_entry(name: str) -> ZooEntry:
+    """An MNv4 row: resolution and published top-1 (with its source) from the registry."""
+    from ..models.registry import get_entry
+
+    reg = get_entry(name)
+    top1 = math.nan if reg.top1 is None else reg.top1
+    return ZooEntry(reg.name, "mnv4", reg.name, reg.resolution, top1, reg.top1_source if reg.top1 is not None else "")
+
+
+def zoo_entry(name: str) -> ZooEntry:
+    """The entry of a baseline or of any registered MNv4 variant; unknown names are an error."""
+    if name in BASELINES:
+        return BASELINES[name]
+    try:
+        return _mnv4_entry(name)
+    except MNv4Error:
+        raise InvalidValue("models", name, f"choose one of {', '.join(known_models())}") from None
+
+
+def known_models() -> list[str]:
+    from ..models.registry import MODELS
+
+    return [*MODELS, *BASELINES]
+
+
+def _zoo() -> dict[str, ZooEntry]:
+    from ..models.registry import PUBLISHED
+
+    return {**{n: _mnv4_entry(n) for n in PUBLISHED}, **BASELINES}
+
+
+ZOO: dict[str, ZooEntry] = _zoo()
+
 DEFAULT_MODELS = [n for n, e in ZOO.items() if e.source != "timm" or e.name in ("fastvit_t8", "efficientvit_b1")]
 
 
-def build(name: str) -> tuple[nn.Module, ZooEntry]:
-    """A randomly initialised model (latency does not depend on the weights) and its zoo entry."""
-    entry = ZOO.get(name)
-    if entry is None:
-        from ..models.registry import MODELS
+def default_models() -> list[str]:
+    """The default comparison set, without the timm baselines when timm is not installed."""
+    import importlib.util
 
-        if name in MODELS:  # any registered MNv4 variant, no published accuracy
-            entry = ZooEntry(name, "mnv4", name, MODELS[name].default_preprocess.input_size, float("nan"), "")
-        else:
-            raise MNv4Error(f"unknown benchmark model {name!r}; known: {', '.join(ZOO)}")
+    have_timm = importlib.util.find_spec("timm") is not None
+    return [m for m in DEFAULT_MODELS if have_timm or ZOO[m].source != "timm"]
+
+
+def is_baseline(name: str) -> bool:
+    """A torchvision / timm comparison model (built here), not an MNv4 registry model."""
+    return name in BASELINES
+
+
+def native_resolution(name: str) -> int:
+    """The resolution a model is evaluated at: the registry's for MNv4 models, the zoo's for baselines."""
+    return zoo_entry(name).resolution
+
+
+def build(
+    name: str, input_size: int | None = None, realistic: bool = True, progress: bool | None = False
+) -> tuple[nn.Module, ZooEntry]:
+    """A randomly initialised model in eval mode and its zoo entry.
+
+    ``realistic`` (the default) estimates its BatchNorm statistics on seeded noise at ``input_size``
+    (default: the model's native resolution), so its activations have a trained model's scale;
+    the model's ``random_weights`` and ``weights_note`` attributes say so.
+    """
+    entry = zoo_entry(name)
     if entry.source == "mnv4":
         from ..factory import create_model
 
@@ -74,31 +143,14 @@ def build(name: str) -> tuple[nn.Module, ZooEntry]:
         except ImportError:
             raise missing_extra("timm", "timm") from None
         model = timm.create_model(entry.arch, pretrained=False)
-    return model.eval(), entry
+    model.eval()
+    model.random_weights = True
+    model.weights_note = "random init"
+    if realistic:
+        from ..models.batchnorm import noise_batches, recalibrate_batchnorm
 
-
-def default_models() -> list[str]:
-    """The default comparison set, without the timm baselines when timm is not installed."""
-    import importlib.util
-
-    have_timm = importlib.util.find_spec("timm") is not None
-    return [m for m in DEFAULT_MODELS if have_timm or ZOO[m].source != "timm"]
-
-
-def is_baseline(name: str) -> bool:
-    """A torchvision / timm comparison model (built here), not an MNv4 registry model."""
-    return name in ZOO and ZOO[name].source != "mnv4"
-
-
-def native_resolution(name: str) -> int:
-    """The resolution a model is evaluated at: the registry's for MNv4 models, the zoo's for baselines."""
-    from ..models.registry import MODELS, get_entry
-
-    if is_baseline(name):
-        return ZOO[name].resolution
-    try:
-        return get_entry(name).resolution
-    except MNv4Error:
-        if name in MODELS:
-            raise
-        return 224
+        size = input_size or entry.resolution
+        recalibrate_batchnorm(model, noise_batches(size, batches=4, batch_size=8), progress=progress)
+        n = model.bn_recalibration["images"]
+        model.weights_note = f"random init; BatchNorm statistics re-estimated on {n} inputs (seeded N(0,1) noise)"
+    return model, entry

@@ -128,8 +128,12 @@ def profile(
     dtype: str = "float32",
 ) -> Profile:
     """Count params, MACs and bytes of every conv / linear / attention op for one forward pass."""
-    if dtype not in DTYPE_BYTES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPE_BYTES)}, got {dtype!r}")
+    from ..errors import check_choice, check_int
+
+    check_choice("dtype", dtype, DTYPE_BYTES)
+    check_int("batch_size", batch_size, 1)
+    for side in (resolution,) if isinstance(resolution, int) else tuple(resolution):
+        check_int("resolution", side, 1)
     width = DTYPE_BYTES[dtype]
     meta_model, name = _meta_copy(model)
     hw = (resolution, resolution) if isinstance(resolution, int) else tuple(resolution)

@@ -24,7 +24,16 @@ from pathlib import Path
 
 from ..errors import MNv4Error
 
-__all__ = ["HardwareProfile", "BUILTIN_PROFILES", "PAPER_LATENCIES_MS", "get_profile", "load_profile", "anchor_peak"]
+__all__ = [
+    "HardwareProfile",
+    "BUILTIN_PROFILES",
+    "DEVICE_NAMES",
+    "PAPER_LATENCIES_MS",
+    "PAPER_RIDGE_POINTS",
+    "get_profile",
+    "load_profile",
+    "anchor_peak",
+]
 
 
 @dataclass(frozen=True)
@@ -54,7 +63,7 @@ class HardwareProfile:
         return d
 
     def save(self, path: str | os.PathLike) -> Path:
-        from ..weights.io import atomic_write
+        from ..files import atomic_write_text
 
         path = Path(path)
         data = self.to_dict()
@@ -64,9 +73,7 @@ class HardwareProfile:
             text = yaml.safe_dump(data, sort_keys=False)
         else:
             text = json.dumps(data, indent=2) + "\n"
-        out = atomic_write(path, lambda tmp: Path(tmp).write_text(text))
-        out.chmod(0o644)
-        return out
+        return atomic_write_text(path, text)
 
     @classmethod
     def from_dict(cls, d: dict) -> HardwareProfile:
@@ -112,13 +119,6 @@ PAPER_LATENCIES_MS: dict[str, dict[str, float]] = {
     },
 }
 PAPER_RIDGE_POINTS = {"pixel6_cpu": 31.2, "s23_cpu": 39.7, "pixel4_dsp": 347.3, "pixel8_edgetpu": 433.8}
-PAPER_RESOLUTIONS = {
-    "mnv4_conv_small": 224,
-    "mnv4_conv_medium": 256,
-    "mnv4_hybrid_medium": 256,
-    "mnv4_conv_large": 384,
-    "mnv4_hybrid_large": 384,
-}
 
 # Peak MAC/s from anchor_peak(name) (int8 byte counts); regenerate with that function if the
 # profiler's byte accounting changes (tests check they still agree).
@@ -129,11 +129,11 @@ _ANCHORED_PEAKS = {
     "pixel8_edgetpu": 9.548e12,
 }
 
-_DEVICE_NAMES = {
-    "pixel6_cpu": "Pixel 6 CPU (int8)",
-    "s23_cpu": "Samsung S23 CPU (int8)",
-    "pixel4_dsp": "Pixel 4 Hexagon DSP (int8)",
-    "pixel8_edgetpu": "Pixel 8 EdgeTPU (int8)",
+DEVICE_NAMES = {
+    "pixel6_cpu": "Pixel 6 CPU",
+    "s23_cpu": "Samsung S23 CPU",
+    "pixel4_dsp": "Pixel 4 Hexagon DSP",
+    "pixel8_edgetpu": "Pixel 8 EdgeTPU",
 }
 
 BUILTIN_PROFILES: dict[str, HardwareProfile] = {
@@ -142,7 +142,7 @@ BUILTIN_PROFILES: dict[str, HardwareProfile] = {
         PAPER_RIDGE_POINTS[key],
         _ANCHORED_PEAKS[key],
         dtype="int8",
-        source=f"{_DEVICE_NAMES[key]}: ridge point from paper Tab. 16; peak anchored to Tab. 6 MNv4 latencies",
+        source=f"{DEVICE_NAMES[key]} (int8): ridge point from paper Tab. 16; peak anchored to Tab. 6 MNv4 latencies",
     )
     for key in PAPER_RIDGE_POINTS
 }
@@ -150,14 +150,17 @@ BUILTIN_PROFILES: dict[str, HardwareProfile] = {
 
 def anchor_peak(name: str) -> float:
     """Peak MAC/s that best fits (geometric mean of ratios) the paper's MNv4 latencies on ``name``
-    at its published ridge point; the basis of ``_ANCHORED_PEAKS``."""
+    at its published ridge point; the basis of ``_ANCHORED_PEAKS``. Each model is counted at its
+    native resolution from the registry (the paper's Tab. 6 resolutions)."""
+    from ..models.registry import get_entry
     from .counting import profile
     from .roofline import roofline_units
 
     rp = PAPER_RIDGE_POINTS[name]
     logs = []
     for model, ms in PAPER_LATENCIES_MS[name].items():
-        units = roofline_units(profile(model, PAPER_RESOLUTIONS[model], dtype="int8"), rp)  # MAC-equivalents
+        res = get_entry(model).default_preprocess.input_size
+        units = roofline_units(profile(model, res, dtype="int8"), rp)  # MAC-equivalents
         logs.append(math.log(units / (ms / 1e3)))
     return math.exp(sum(logs) / len(logs))
 

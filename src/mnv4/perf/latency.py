@@ -12,7 +12,15 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
-__all__ = ["LatencyResult", "measure_latency", "alternating_medians", "set_threads", "flush_denormals"]
+__all__ = [
+    "LatencyResult",
+    "measure_latency",
+    "alternating_rounds",
+    "alternating_medians",
+    "paired_difference",
+    "set_threads",
+    "flush_denormals",
+]
 
 
 @dataclass
@@ -68,10 +76,13 @@ def measure_latency(
     return LatencyResult(statistics.median(means), means, min(done), repeats, warmup, threads)
 
 
-def alternating_medians(fns: dict[str, Callable], x, rounds: int = 7, iters: int = 20) -> dict[str, float]:
-    """Median per-call ms of each ``fn(x)``, timed in rounds of ``iters`` calls whose order rotates
-    every round, so drift and noise from other processes hit every candidate alike. For side-by-side
-    comparisons inside one process (same runtime); call under ``torch.inference_mode()`` for torch."""
+def alternating_rounds(fns: dict[str, Callable], x, rounds: int = 7, iters: int = 20) -> dict[str, list[float]]:
+    """Per-call ms of each ``fn(x)`` in every round: ``rounds`` rounds of ``iters`` calls per candidate,
+    the order rotating every round, so drift and noise from other processes hit every candidate alike.
+
+    Round ``r`` of two candidates was timed seconds apart, so ``a[r] - b[r]`` is a paired difference;
+    its median is far steadier than the difference of the two medians. For side-by-side comparisons
+    inside one process (same runtime); call under ``torch.inference_mode()`` for torch."""
     times: dict[str, list[float]] = {k: [] for k in fns}
     names = list(fns)
     for name in names:  # warm-up
@@ -83,7 +94,18 @@ def alternating_medians(fns: dict[str, Callable], x, rounds: int = 7, iters: int
             for _ in range(iters):
                 fns[name](x)
             times[name].append((time.perf_counter() - start) / iters * 1e3)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return times
+
+
+def alternating_medians(fns: dict[str, Callable], x, rounds: int = 7, iters: int = 20) -> dict[str, float]:
+    """Median per-call ms of each ``fn(x)`` over :func:`alternating_rounds`."""
+    return {k: statistics.median(v) for k, v in alternating_rounds(fns, x, rounds, iters).items()}
+
+
+def paired_difference(a: list[float], b: list[float]) -> tuple[float, float, float]:
+    """(median, min, max) over rounds of ``a[r] - b[r]`` (two candidates of one :func:`alternating_rounds`)."""
+    d = [x - y for x, y in zip(a, b, strict=True)]
+    return statistics.median(d), min(d), max(d)
 
 
 def set_threads(threads: int | None) -> None:
@@ -102,9 +124,10 @@ def set_threads(threads: int | None) -> None:
 def flush_denormals() -> None:
     """Treat denormal floats as zero in torch's CPU kernels (as mobile runtimes do).
 
-    Randomly initialised hybrids (layer scale 1e-5) carry activations around 1e-20 into attention,
-    whose products are denormal; x86 handles those ~40x slower, so an un-flushed random-weight
-    benchmark measures the FPU's slow path, not the model. Trained weights rarely hit it.
+    Products of tiny activations are denormal, and x86 computes those ~40x slower. Trained weights
+    rarely produce them; randomly initialised ones do (see :mod:`mnv4.models.batchnorm`, whose
+    recalibration is the real fix). Flushing keeps the one that slips through from timing the FPU's
+    slow path; every runtime ``mnv4 bench`` drives flushes (see ``Format.denormals``).
     """
     import torch
 

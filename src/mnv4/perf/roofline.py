@@ -10,13 +10,15 @@ alone; :func:`ridge_sweep` is the paper's analysis of RP from 0 (pure MAC count)
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from torch import nn
 
-from ..errors import MNv4Error
+from ..errors import InvalidValue, MNv4Error
 from ..models.specs import ModelSpec
 from .counting import Profile, profile
 from .hardware import HardwareProfile, get_profile
@@ -28,6 +30,8 @@ __all__ = [
     "ridge_sweep",
     "fit_hardware",
     "spearman",
+    "sweep_points",
+    "sweep_table",
     "plot_sweep",
 ]
 
@@ -161,44 +165,70 @@ def fit_hardware(
     return hw, err
 
 
+def sweep_points(max_ridge: float = 500.0, hardware: Sequence[str | HardwareProfile] | None = None) -> list[float]:
+    """The ridge points a sweep table reports: 0 (pure MACs), each device's, 100 and ``max_ridge``."""
+    from .hardware import BUILTIN_PROFILES
+
+    devices = [get_profile(h).ridge_point for h in (hardware or list(BUILTIN_PROFILES))]
+    return sorted({0.0, 100.0, float(max_ridge), *devices})
+
+
+def sweep_table(rps: np.ndarray, rel: dict[str, np.ndarray], points: Sequence[float]) -> list[list[str]]:
+    """Rows (header first) of each model's relative latency at ``points`` (e.g. :func:`sweep_points`)."""
+    table = [["model"] + [f"RP {rp:g}" for rp in points]]
+    for name, y in rel.items():
+        table.append([name] + [f"{np.interp(rp, rps, y):.2f}" for rp in points])
+    return table
+
+
 def plot_sweep(
     profiles: Sequence[Profile],
-    path,
+    path: str | os.PathLike,
     max_ridge: float = 500.0,
     normalize: str = "macs",
+    hardware: Sequence[str | HardwareProfile] | None = None,
     points: int = 251,
-) -> list[list[str]]:
-    """The paper's ridge-point sweep as a PNG at ``path``; returns a table (header first) of the
-    relative latencies at the reference devices' ridge points."""
+) -> tuple[Path, np.ndarray, dict[str, np.ndarray]]:
+    """Plot :func:`ridge_sweep` from 0 to ``max_ridge`` MACs/byte, each device's ridge point marked
+    (default: the built-in profiles); returns (png path, ridge points, relative latencies).
+
+    The byte width is the profiles' own dtype (all profiles must share it).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     from ..files import atomic_write
-    from .hardware import BUILTIN_PROFILES
+    from .hardware import BUILTIN_PROFILES, DEVICE_NAMES
 
+    if not profiles:
+        raise MNv4Error("a sweep needs at least one model profile")
+    if not max_ridge > 0:
+        raise InvalidValue("max_ridge", max_ridge, "must be > 0")
+    dtypes = sorted({p.dtype for p in profiles})
+    if len(dtypes) > 1:
+        raise MNv4Error(f"the profiles of one sweep must share a dtype, got {', '.join(dtypes)}")
     rps, rel = ridge_sweep(profiles, np.linspace(0, max_ridge, points), normalize=normalize)
     fig, ax = plt.subplots(figsize=(8, 5))
     for name, y in rel.items():
         ax.plot(rps, y, label=name, lw=2 if name.startswith("mnv4") else 1)
-    for hw in BUILTIN_PROFILES.values():
-        if hw.ridge_point <= max_ridge:
-            ax.axvline(hw.ridge_point, color="gray", ls=":", lw=0.8)
-            ax.text(hw.ridge_point, ax.get_ylim()[1], hw.name, rotation=90, va="top", ha="right", fontsize=7)
+    for h in hardware or list(BUILTIN_PROFILES):
+        hw = get_profile(h)
+        if hw.ridge_point > max_ridge:
+            continue
+        ax.axvline(hw.ridge_point, color="gray", ls=":", lw=0.8)
+        label = DEVICE_NAMES.get(hw.name, hw.name)
+        ax.text(hw.ridge_point, ax.get_ylim()[1], label, rotation=90, va="top", ha="right", fontsize=7)
     ax.set_xlabel("ridge point (MACs / byte)")
     unit = "own MAC-only latency" if normalize == "macs" else normalize
     ax.set_ylabel(f"roofline latency relative to {unit}")
-    dtype = profiles[0].dtype if profiles else ""
-    ax.set_title(f"Roofline sweep ({dtype} bytes)")
+    ax.set_title(f"Roofline sweep ({dtypes[0]} bytes)")
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=130, format="png"))
-    plt.close(fig)
-    picks = [0.0] + sorted(h.ridge_point for h in BUILTIN_PROFILES.values() if h.ridge_point <= max_ridge)
-    picks.append(max_ridge)
-    table = [["model"] + [f"RP {rp:g}" for rp in picks]]
-    for name, y in rel.items():
-        table.append([name] + [f"{np.interp(rp, rps, y):.2f}" for rp in picks])
-    return table
+    try:
+        out = atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=130, format="png"))
+    finally:
+        plt.close(fig)
+    return out, rps, rel

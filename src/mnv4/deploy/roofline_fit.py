@@ -1,22 +1,28 @@
-"""``mnv4 roofline calibrate``: measure this machine, fit its roofline, report how well it ranks models.
+"""Fit a roofline hardware profile to latencies measured on this machine (``mnv4 roofline calibrate``).
 
-Each model is timed with the paper's protocol in its own process (see :mod:`mnv4.deploy.bench`),
-then peak MAC/s and bandwidth are fitted (:func:`mnv4.perf.roofline.fit_hardware`). As in the
-paper's Tab. 16, the quality measure is the Spearman rank correlation between predicted and
-measured latency, shown next to the correlation of plain MAC counts.
+Each model is timed with the paper's protocol in its own process (see :mod:`mnv4.deploy.bench`;
+random weights with BatchNorm statistics estimated, denormals flushed), then peak MAC/s and
+bandwidth are fitted (:func:`mnv4.perf.roofline.fit_hardware`). As in the paper's Tab. 16, the
+quality measure is the Spearman rank correlation between predicted and measured latency, shown
+next to the correlation of plain MAC counts.
 """
 
 from __future__ import annotations
 
 import importlib.util
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from ..errors import MNv4Error
-from ..perf.hardware import HardwareProfile
+from ..errors import InvalidValue, MNv4Error, check_int
 
-__all__ = ["CalibrationResult", "calibrate", "DEFAULT_CALIBRATION_MODELS"]
+if TYPE_CHECKING:
+    from ..perf.hardware import HardwareProfile
+
+__all__ = ["CalibrationResult", "calibrate", "DEFAULT_CALIBRATION_MODELS", "FIT_RUNTIMES"]
+
+# Runtimes a roofline can be fitted to: in-process torch and ONNX Runtime (fp32 everywhere).
+FIT_RUNTIMES = ("auto", "torch", "torch-fused", "onnxruntime")
 
 DEFAULT_CALIBRATION_MODELS = (
     "mnv4_conv_small_035",
@@ -79,41 +85,44 @@ def calibrate(
     repeats: int = 3,
     dtype: str = "float32",
     name: str = "this_machine",
-    progress: bool = False,
+    progress: bool | None = None,
+    timeout: float = 900.0,
 ) -> CalibrationResult:
-    from ..perf.counting import profile
-    from ..perf.roofline import fit_hardware, spearman
-    from .bench import _subprocess_row
+    """Time ``models`` (default :data:`DEFAULT_CALIBRATION_MODELS`) on ``runtime`` and fit a profile.
+
+    ``dtype`` is the byte width the fitted profile counts traffic in; ``progress`` shows a bar
+    over the models (None: on terminals only).
+    """
+    from tqdm import tqdm
+
+    from ..perf.counting import DTYPE_BYTES, profile
+    from ..perf.roofline import fit_hardware, predict_latency, spearman
+    from .bench import Measurement, check_bench_request, measure_in_subprocess
     from .zoo import build
 
+    if runtime not in FIT_RUNTIMES:
+        raise InvalidValue("runtime", runtime, f"choose one of {', '.join(FIT_RUNTIMES)}")
+    if dtype not in DTYPE_BYTES:
+        raise InvalidValue("dtype", dtype, f"choose one of {', '.join(DTYPE_BYTES)}")
     runtime = _pick_runtime(runtime)
     models = list(models or DEFAULT_CALIBRATION_MODELS)
+    if len(models) < 3:
+        raise MNv4Error(f"a roofline fit needs at least 3 models, got {len(models)} (`models`)")
+    check_int("runs", runs, 1)
+    check_int("repeats", repeats, 1)
+    check_bench_request(models, [runtime], ["fp32"], None, threads, runs, repeats, 10, 2.0, timeout)
     ok_models, res_list, profiles, measured, failures = [], [], [], [], []
-    for m in models:
-        row = _subprocess_row(
-            dict(
-                model_name=m,
-                runtime=runtime,
-                precision="fp32",
-                resolution=None,
-                threads=threads,
-                runs=runs,
-                repeats=repeats,
-                warmup=10,
-                budget_s=2.0,
-                artefact_dir=None,
-                calib_dir=None,
-            ),
-            timeout=900,
-        )
+    bar = tqdm(models, desc="roofline calibrate", unit="model", disable=None if progress is None else not progress)
+    for m in bar:
+        bar.set_postfix_str(m)
+        row = measure_in_subprocess(Measurement(m, runtime, "fp32", None, threads, runs, repeats, 10, 2.0), timeout)
         if row.error:
             failures.append(f"{m}: {row.error}")
-            if progress:
-                print(f"  {m}: failed ({row.error})", file=sys.stderr)
+            tqdm.write(f"  {m}: failed ({row.error})")
             continue
-        if progress:
-            print(f"  {m:24s} {row.median_ms:8.2f} ms", file=sys.stderr, flush=True)
-        model, _ = build(m)
+        if not bar.disable:
+            tqdm.write(f"  {m:24s} {row.median_ms:8.2f} ms")
+        model, _ = build(m, realistic=False)  # counting needs the structure only
         prof = profile(model, row.resolution, dtype=dtype)
         ok_models.append(m)
         res_list.append(row.resolution)
@@ -122,8 +131,6 @@ def calibrate(
     if len(profiles) < 3:
         raise MNv4Error(f"calibration needs at least 3 measured models; failures: {'; '.join(failures)}")
     hw, err = fit_hardware(profiles, measured, name=name)
-    from ..perf.roofline import predict_latency
-
     predicted = [predict_latency(p, hw).latency_s for p in profiles]
     return CalibrationResult(
         hw,

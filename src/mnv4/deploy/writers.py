@@ -1,0 +1,201 @@
+"""One writer per export format: a fused model in, an artefact on disk out.
+
+Every writer has the signature ``write(model, example, target, job)``: ``model`` is the fused,
+eval-mode model (already cast to half when the format's fp16 route casts the torch model),
+``example`` a small input batch of the model's dtype, ``target`` the path to write (inside a
+temporary folder; :func:`write_atomically` moves the result into place) and ``job`` the precision
+and INT8 settings. Each writer imports its converter lazily; which writer serves which format is
+recorded in :data:`mnv4.deploy.formats.FORMATS`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ..errors import MNv4Error, missing_extra
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+__all__ = [
+    "WriteJob",
+    "export_program",
+    "write_atomically",
+    "write_onnx",
+    "write_openvino",
+    "write_litert",
+    "write_executorch",
+    "write_coreml",
+    "write_torchscript",
+    "write_pt2",
+    "TORCHSCRIPT_META",
+]
+
+TORCHSCRIPT_META = "mnv4.json"  # extra file inside a TorchScript artefact: {"dtype": "torch.float16"}
+
+
+@dataclass(frozen=True)
+class WriteJob:
+    precision: str  # fp32 | fp16 | int8
+    calib: torch.Tensor | None = None  # preprocessed calibration batch [N, C, R, R] for int8
+    float_ends: bool = False  # int8: keep the stem conv and the post-pool head in float
+
+
+def export_program(model: nn.Module, example: torch.Tensor, dynamic_batch: bool = True) -> torch.export.ExportedProgram:
+    """``torch.export`` with a dynamic batch dimension.
+
+    A batch-1 example would let export specialise the batch to the constant 1, so the example is
+    repeated to batch 2 and the batch dim marked ``Dim.AUTO``.
+    """
+    import torch
+
+    if not dynamic_batch:
+        return torch.export.export(model, (example[:1],))
+    x = example[:1].expand(2, *example.shape[1:]).contiguous()
+    return torch.export.export(model, (x,), dynamic_shapes=({0: torch.export.Dim.AUTO},))
+
+
+def write_atomically(path: Path, write: Callable[[Path], None]) -> Path:
+    """Run ``write(tmp_dir / path.name)`` then move everything it produced next to ``path``, the main
+    artefact last, so a crash never leaves a half-written artefact (OpenVINO writes .xml + .bin,
+    Core ML a directory). Converters create their files with ``open()``, so they get the permissions
+    the umask allows; only the temporary folder itself is private, and it is not moved."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{path.name}.", dir=path.parent) as tmp:
+        target = Path(tmp) / path.name
+        write(target)
+        if not target.exists():
+            raise MNv4Error(f"the exporter wrote no {path.name}")
+        produced = sorted(Path(tmp).iterdir(), key=lambda p: p == target)
+        for item in produced:
+            dest = path.parent / item.name
+            if dest.is_dir() and item.is_dir():
+                shutil.rmtree(dest)
+            os.replace(item, dest)
+    return path
+
+
+def _onnx_program(model: nn.Module, example: torch.Tensor, target: Path) -> None:
+    import torch
+
+    try:
+        import onnx  # noqa: F401
+        import onnxscript  # noqa: F401
+    except ImportError:
+        raise missing_extra("onnx and onnxscript", "onnx") from None
+    ep = export_program(model, example)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(ep, (example,), dynamo=True, external_data=False, optimize=True, verbose=False)
+    program.save(str(target))
+
+
+def write_onnx(model: nn.Module, example: torch.Tensor, target: Path, job: WriteJob) -> None:
+    if job.precision != "int8":
+        _onnx_program(model, example, target)
+        return
+    from .quantize import quantize_onnx
+
+    with tempfile.TemporaryDirectory() as tmp:
+        fp32 = Path(tmp) / "fp32.onnx"
+        _onnx_program(model, example, fp32)
+        quantize_onnx(fp32, target, job.calib, float_ends=job.float_ends)
+
+
+def write_openvino(model: nn.Module, example: torch.Tensor, target: Path, job: WriteJob) -> None:
+    try:
+        import openvino as ov
+    except ImportError:
+        raise missing_extra("openvino", "openvino") from None
+    ov_model = ov.convert_model(export_program(model, example))
+    if job.precision == "int8":
+        from .quantize import quantize_openvino
+
+        ov_model = quantize_openvino(ov_model, job.calib, float_ends=job.float_ends)
+    # save_model compresses weights to fp16 by default; keep fp32 weights unless fp16 was asked for.
+    ov.save_model(ov_model, str(target), compress_to_fp16=job.precision == "fp16")
+
+
+def write_litert(model: nn.Module, example: torch.Tensor, target: Path, job: WriteJob) -> None:
+    try:
+        import litert_torch
+    except ImportError:
+        raise missing_extra("litert-torch", "litert") from None
+    x = example[:1]
+    if job.precision == "int8":
+        from litert_torch.quantize.quant_config import QuantConfig
+
+        from .quantize import litert_quantizer, pt2e_quantize
+
+        quantizer = litert_quantizer()
+        qmodel = pt2e_quantize(model, x, job.calib, quantizer, fold_quantize=False)
+        edge = litert_torch.convert(qmodel, (x,), quant_config=QuantConfig(pt2e_quantizer=quantizer))
+    else:
+        edge = litert_torch.convert(model, (x,))
+    edge.export(str(target))
+
+
+def write_executorch(model: nn.Module, example: torch.Tensor, target: Path, job: WriteJob) -> None:
+    import torch
+
+    try:
+        from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+        from executorch.exir import to_edge_transform_and_lower
+    except ImportError:
+        raise missing_extra("executorch", "executorch") from None
+    x = example[:1]
+    if job.precision == "int8":
+        from .quantize import pt2e_quantize, xnnpack_quantizer
+
+        model = pt2e_quantize(model, x, job.calib, xnnpack_quantizer())
+    ep = torch.export.export(model, (x,))
+    # Always lower to XNNPACK: a portable-kernel-only .pte is correct but ~300x slower.
+    program = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()]).to_executorch()
+    target.write_bytes(program.buffer)
+
+
+def write_coreml(model: nn.Module, example: torch.Tensor, target: Path, job: WriteJob) -> None:
+    import torch
+
+    try:
+        import coremltools as ct
+    except ImportError:
+        raise missing_extra("coremltools", "coreml") from None
+    x = example[:1]
+    # Only the torch.export frontend works with numpy 2 (the TorchScript one crashes).
+    ep = torch.export.export(model, (x,)).run_decompositions({})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        mlmodel = ct.convert(
+            ep,
+            convert_to="mlprogram",
+            compute_precision=ct.precision.FLOAT16 if job.precision == "fp16" else ct.precision.FLOAT32,
+            minimum_deployment_target=ct.target.iOS16,
+        )
+    mlmodel.save(str(target))
+
+
+def write_torchscript(model: nn.Module, example: torch.Tensor, target: Path, job: WriteJob) -> None:
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # jit.trace is deprecated in favour of torch.export, still works
+        traced = torch.jit.trace(model, example[:1], check_trace=False)
+        traced = torch.jit.freeze(traced.eval())
+    # A frozen module has no parameters left to tell its dtype by; record it for the loader.
+    traced.save(str(target), _extra_files={TORCHSCRIPT_META: json.dumps({"dtype": str(example.dtype)})})
+
+
+def write_pt2(model: nn.Module, example: torch.Tensor, target: Path, job: WriteJob) -> None:
+    import torch
+
+    torch.export.save(export_program(model, example), str(target))
