@@ -254,8 +254,8 @@ def is_fused(model: nn.Module) -> bool:
 def fuse(model: nn.Module, inplace: bool = False) -> nn.Module:
     """An inference-only copy of ``model`` (any MobileNetV4) with BN, layer scale and dropout folded away.
 
-    Outputs match ``model.eval()`` to float rounding (about 1e-6 relative). The fused model can't be
-    trained; metadata (``spec``, ``preprocess``, ``class_names``...) is kept. Other networks get
+    Outputs match ``model.eval()`` to float rounding (within 1e-5 relative, tests/test_fuse.py). The
+    fused model can't be trained; metadata (``spec``, ``preprocess``, ``class_names``...) is kept. Other networks get
     their ``Conv2d -> BatchNorm2d`` pairs inside ``nn.Sequential`` folded and dropout removed.
     """
     if is_fused(model):

@@ -11,7 +11,7 @@ All routes take the calibration batch as a float tensor [N, 3, R, R] already pre
 ``float_ends`` (ONNX Runtime and OpenVINO) keeps the stem conv and everything after the global pool
 (head 1x1 conv, classifier) in float: under 2% of an MNv4's MACs, but the stem sees the raw
 normalized image and the head produces the logits, so they cost most of the top-1 agreement lost
-to INT8 (conv_medium on real photos: 96.8% -> 98.4% agreement, see docs/deploy.md). LiteRT and
+to INT8 (conv_medium on real photos: 96.8% -> 98.5% agreement, see docs/deploy.md). LiteRT and
 ExecuTorch stay fully INT8: their mobile accelerators (EdgeTPU, DSP) need every op quantized.
 """
 

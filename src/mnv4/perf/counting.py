@@ -4,7 +4,7 @@ A "layer" is one compute op as a mobile runtime sees it after BatchNorm folding:
 or an attention core (the two matmuls plus softmax). MACs come from
 ``torch.utils.flop_counter.FlopCounterMode`` (FLOPs / 2) on the meta device, so counting a 37M
 parameter model at 384 px allocates nothing and takes well under a second. BN, activations,
-softmax, residual adds and pooling are not counted as MACs (spec §4.2).
+softmax, residual adds and pooling are not counted as MACs (docs/architecture.md §4).
 
 Bytes moved per layer = weights (+ bias) + input and output activations, at the given dtype's
 width (int8 = 1, fp16/bf16 = 2, fp32 = 4); for attention also the N x M score matrix written and

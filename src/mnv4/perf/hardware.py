@@ -1,10 +1,11 @@
 """Hardware profiles for the roofline model: peak MAC/s, memory bandwidth, and their ratio, the ridge point.
 
-The paper (spec §9, Tab. 16) publishes only ridge points (MACs per byte), not absolute peaks. For
+The paper (Tab. 16; docs/deploy.md) publishes only ridge points (MACs per byte), not absolute peaks. For
 the built-in profiles the ridge point is the paper's, and the absolute scale (peak MAC/s) is
 anchored so that the roofline reproduces the paper's measured MNv4 latencies on that device
-(spec §5, Tab. 6) in the least-squares-in-log sense; see :func:`anchor_peak`. Relative latencies
-and rankings depend only on the ridge point, so they are exactly the paper's model.
+(Tab. 6, copied in ``PAPER_LATENCIES_MS``) in the least-squares-in-log sense; see
+:func:`anchor_peak`. Relative latencies and rankings depend only on the ridge point, so they are
+exactly the paper's model.
 
 User profiles are small YAML or JSON files::
 

@@ -1,4 +1,5 @@
-"""The paper's latency protocol (spec §12): warm up, take the mean of N runs, report the median of R repeats.
+"""The paper's latency protocol (Appendix B; docs/deploy.md, `mnv4 bench`): warm up, take the mean of
+N runs, report the median of R repeats.
 
 The paper uses about 1000 runs and 5 repeats on one fast core. On a shared development machine a
 large model at 1000 runs takes minutes, so each repeat may also stop at a time budget (but never

@@ -1,4 +1,4 @@
-"""The paper's roofline latency model (spec §9, Eq. 1) and its ridge-point sweep.
+"""The paper's roofline latency model (paper §3, Eq. 1; docs/deploy.md, `mnv4 roofline`) and its ridge-point sweep.
 
     ModelTime = sum_i max(MACs_i / PeakMACs, Bytes_i / PeakMemBW)
 

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from ..errors import MNv4Error
-from ..weights.io import atomic_write
+from ..files import atomic_write
 
 __all__ = ["rng_state", "set_rng_state", "save_training_state", "load_training_state", "find_resume"]
 
