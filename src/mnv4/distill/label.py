@@ -266,10 +266,17 @@ def _disable(progress: bool | None, info) -> bool | None:
     return None if progress is None else False
 
 
-def label(cfg: LabelConfig, progress: bool | None = None, log=None, max_shards: int | None = None) -> LabelResult:
+def label(
+    cfg: LabelConfig,
+    progress: bool | None = None,
+    log=None,
+    max_shards: int | None = None,
+    teacher: Teacher | None = None,
+) -> LabelResult:
     """Label ``cfg.data`` with ``cfg.teacher`` into ``cfg.out`` (resumable; see the module docstring).
 
     Args:
+        teacher: a ready :class:`Teacher` to use instead of loading ``cfg.teacher`` (tests, notebooks).
         progress: progress bars; None shows them on terminals only.
         log: where messages go (default: print on rank 0).
         max_shards: stop after writing that many shards in this invocation, as a killed run would (tests).
@@ -290,7 +297,8 @@ def label(cfg: LabelConfig, progress: bool | None = None, log=None, max_shards: 
     policy = get_policy(cfg.aug)
     if policy.mixup_alpha > 0 and len(source) < 2:
         raise MNv4Error(f"`aug` {cfg.aug} mixes pairs of images; {cfg.data} holds only {len(source)}")
-    teacher = load_teacher(cfg.teacher, cfg.teacher_checkpoint, cfg.teacher_size, info.device)
+    if teacher is None:
+        teacher = load_teacher(cfg.teacher, cfg.teacher_checkpoint, cfg.teacher_size, info.device)
     size = cfg.image_size or teacher.input_size
     if cfg.top_k >= teacher.num_classes:
         raise MNv4Error(f"`top_k` {cfg.top_k} must be below the teacher's {teacher.num_classes} classes (0 = all)")
@@ -484,11 +492,11 @@ def _write_manifest(cfg, out, n_shards, ident, teacher, source, policy, size, ks
         "truncation": {
             ("float16" if k == "0" else f"top-{k}"): {
                 "top1_unchanged_pct": round(100.0 * v["top1_same"] / n, 4),
-                "mean_kl": v["kl_sum"] / n,
+                "mean_kl": max(0.0, v["kl_sum"] / n),  # float error can make a zero KL a tiny negative
             }
             for k, v in totals["truncation"].items()
         },
-        "float16_mean_kl": totals["float16_kl_sum"] / n,
+        "float16_mean_kl": max(0.0, totals["float16_kl_sum"] / n),
         "teacher_check": json.loads(check_file.read_text()) if check_file.is_file() else None,
         "teacher_agrees_with_label_pct": (
             round(100.0 * totals["label_agree"] / n, 4) if source.labelled and totals["label_agree"] else None
