@@ -60,7 +60,7 @@ def test_student_input_replays_exactly_what_the_teacher_saw(tmp_path, aug):
 def test_teacher_at_higher_resolution_sees_the_record_upsampled(tmp_path):
     data = make_folder(tmp_path / "img", per_class=2)
     teacher = color_teacher(input_size=40)
-    label(_cfg(data, tmp_path / "out", image_size=20), progress=False, teacher=teacher)
+    label(_cfg(data, tmp_path / "out", record_size=20), progress=False, teacher=teacher)
     seen = torch.cat(teacher.model.seen)
     ds = SoftLabelSet(tmp_path / "out")
     assert ds.image_size == 20 and ds.image(0).shape == (3, 20, 20) and seen.shape[-1] == 40

@@ -42,7 +42,7 @@ FORMAT = "mnv4-softlabels"
 MANIFEST = "manifest.json"
 CONFIG = "config.json"
 # Fields that decide what the records hold: a resumed run must agree on all of them.
-_IDENTITY = ("aug", "replicas", "image_size", "jpeg_quality", "top_k", "shard_size", "seed")
+_IDENTITY = ("aug", "replicas", "record_size", "jpeg_quality", "top_k", "shard_size", "seed")
 
 
 @dataclass(frozen=True)
@@ -54,7 +54,7 @@ class LabelConfig:
     replicas: int = 1
     teacher_checkpoint: str | None = None
     teacher_size: int | None = None  # teacher resolution; None: the teacher's own
-    image_size: int | None = None  # record resolution; None: the teacher's
+    record_size: int | None = None  # resolution of the stored images; None: the teacher's
     jpeg_quality: int = 95
     top_k: int = 0  # 0: all probabilities in float16
     shard_size: int = 1000
@@ -70,8 +70,8 @@ class LabelConfig:
         check_int("replicas", self.replicas, 1)
         if self.teacher_size is not None:
             check_int("teacher_size", self.teacher_size, 8, 4096)
-        if self.image_size is not None:
-            check_int("image_size", self.image_size, 8, 4096)
+        if self.record_size is not None:
+            check_int("record_size", self.record_size, 8, 4096)
         check_int("jpeg_quality", self.jpeg_quality, 1, 100)
         check_int("top_k", self.top_k, 0)
         check_int("shard_size", self.shard_size, 1)
@@ -197,7 +197,7 @@ def _plan_batches(shards: list[int], total: int, shard_size: int, batch: int) ->
 
 def _identity(cfg: LabelConfig, teacher: Teacher, source: ImageSource, size: int) -> dict[str, Any]:
     ident = {k: getattr(cfg, k) for k in _IDENTITY}
-    ident["image_size"] = size
+    ident["record_size"] = size
     ident["teacher"] = {k: v for k, v in teacher.identity.items() if k != "checkpoint"}
     ident["source"] = {
         **source.describe(),
@@ -299,7 +299,7 @@ def label(
         raise MNv4Error(f"`aug` {cfg.aug} mixes pairs of images; {cfg.data} holds only {len(source)}")
     if teacher is None:
         teacher = load_teacher(cfg.teacher, cfg.teacher_checkpoint, cfg.teacher_size, info.device)
-    size = cfg.image_size or teacher.input_size
+    size = cfg.record_size or teacher.input_size
     if cfg.top_k >= teacher.num_classes:
         raise MNv4Error(f"`top_k` {cfg.top_k} must be below the teacher's {teacher.num_classes} classes (0 = all)")
     ident = _identity(cfg, teacher, source, size)

@@ -40,6 +40,12 @@ class TrainConfig(Recipe):
     sync_bn: bool = False
     save_every_steps: int = 0  # 0: checkpoint at epoch ends only
     eval_every: int = 1  # epochs
+    # Distillation (docs/distillation.md): soft-label folders mixed by `mix` ("1:1:2"), or a live `teacher`.
+    distill: tuple[str, ...] = ()
+    mix: str | None = None
+    teacher: str | None = None
+    teacher_checkpoint: str | None = None
+    teacher_aug: str = "inception-randaug-l2m9"  # the online teacher's augmentation policy
 
     def __post_init__(self) -> None:
         validate(self)
@@ -64,7 +70,7 @@ class TrainConfig(Recipe):
         raise MNv4Error(f"lr_scaling must be linear, sqrt or none, got {self.lr_scaling!r}")
 
 
-_TUPLE_FIELDS = ("betas", "crop_scale")
+_TUPLE_FIELDS = ("betas", "crop_scale", "distill")
 
 # Every numeric and enum field with its allowed range: (kind, lo, hi, lo_open, hi_open, nullable) or a
 # tuple of choices. Checked whenever a config is built (recipe + file + overrides, or a saved run).
@@ -144,6 +150,11 @@ def validate(cfg: Any) -> None:
         lo, hi = (check_float("crop_scale", v, 0.0, 1.0, True, False) for v in scale)
         if lo > hi:
             raise InvalidValue("crop_scale", list(scale), "the first value must not exceed the second")
+    distill_fields = ("distill", "mix", "teacher", "teacher_checkpoint")
+    if any(getattr(cfg, f, None) for f in distill_fields) or getattr(cfg, "recipe", None) == "distill":
+        from ..distill.student import validate_distill
+
+        validate_distill(cfg)
     device = getattr(cfg, "device", None)
     if device is not None:
         from .distributed import check_device

@@ -268,6 +268,10 @@ class Trainer:
     def load_extra_state(self, state: dict[str, Any]) -> None:
         pass
 
+    def save_weights(self, model: nn.Module, path: Path, extra: dict[str, Any]) -> None:
+        """Write ``best`` / ``last`` weights; a subclass training a non-MobileNetV4 model saves its own way."""
+        save_model(model, path, extra=extra)
+
     def wrap_distributed(self, model: nn.Module) -> nn.Module:
         # broadcast_buffers=False: ranks may run different numbers of forwards in a step (unreadable
         # images), which a per-forward buffer broadcast would deadlock; buffers are broadcast
@@ -662,7 +666,7 @@ class Trainer:
                 self.best_top1, self.best_epoch, self.best_weights = res.top1, epoch + 1, kind
                 if info.is_main:
                     weights = self.raw if kind == "raw" else self.ema.module
-                    save_model(
+                    self.save_weights(
                         weights, self.run_dir / BEST, extra={"epoch": epoch + 1, "val_top1": res.top1, "weights": kind}
                     )
         # Fixed columns: the CSV header comes from the first row, which may precede eval or EMA.
@@ -721,9 +725,11 @@ class Trainer:
                 f"checkpoint {self.run_dir / LAST}; continue with: mnv4 train --resume {self.run_dir}"
             )
         elif info.is_main:
-            save_model(self.raw, self.run_dir / LAST_WEIGHTS, extra={"epoch": self.plan.num_epochs, "weights": "raw"})
+            self.save_weights(
+                self.raw, self.run_dir / LAST_WEIGHTS, extra={"epoch": self.plan.num_epochs, "weights": "raw"}
+            )
             if self.ema is not None:
-                save_model(
+                self.save_weights(
                     self.ema.module, self.run_dir / LAST_EMA, extra={"epoch": self.plan.num_epochs, "weights": "ema"}
                 )
             summary = self.summary(wall)
@@ -787,7 +793,10 @@ def train(
         log: where per-epoch lines go (default: print on rank 0).
         exist_ok: replace a run that already exists in ``cfg.output``.
     """
-    return Trainer(cfg, data=data, progress=progress, log=log, exist_ok=exist_ok).run(resume, max_steps)
+    cls = Trainer
+    if cfg.distill or cfg.teacher:
+        from ..distill.student import DistillTrainer as cls
+    return cls(cfg, data=data, progress=progress, log=log, exist_ok=exist_ok).run(resume, max_steps)
 
 
 # ---------------------------------------------------------------------------------------------- helpers
