@@ -54,6 +54,7 @@ def finetune_teacher(
     data: str,
     output: str,
     input_size: int | None = None,
+    crop_pct: float | None = None,
     teacher_checkpoint: str | None = None,
     recipe: str = "finetune",
     progress: bool | None = None,
@@ -63,7 +64,8 @@ def finetune_teacher(
     **overrides: Any,
 ) -> TrainResult:
     """Fine-tune ``teacher`` (see :func:`~mnv4.distill.teachers.load_teacher`) on ``data``'s labelled
-    images at ``input_size`` (default: the teacher's own); ``overrides`` are training config fields."""
+    images at ``input_size`` (default: the teacher's own); ``crop_pct`` sets the evaluation crop saved with the
+    teacher (1.0 for small images whose border matters); ``overrides`` are training config fields."""
     from ..train.config import resolve_config
 
     t = load_teacher(teacher, teacher_checkpoint, input_size, device="cpu")
@@ -82,7 +84,9 @@ def finetune_teacher(
     for m in net.modules():  # PyTorch's faster momentum (or the config's): statistics adapt to the new images
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             m.momentum = cfg.bn_momentum if cfg.bn_momentum is not None else 0.1
-    net.preprocess = dataclasses.replace(t.preprocess, input_size=cfg.input_size)
+    net.preprocess = dataclasses.replace(
+        t.preprocess, input_size=cfg.input_size, crop_pct=crop_pct or t.preprocess.crop_pct
+    )
     trainer = TeacherTrainer(
         cfg,
         t.identity["family"],
