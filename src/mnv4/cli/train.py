@@ -108,8 +108,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
         saved.update({k: overrides[k] for k in _RESUME_MAY_CHANGE if overrides.get(k) is not None})
         cfg = TrainConfig.from_dict(saved)
     else:
-        distilling = args.distill or args.teacher
-        recipe = args.recipe or ("distill" if distilling and not args.config else None)
+        recipe = args.recipe
+        if recipe is None and (args.distill or args.teacher):  # distilling implies its recipe, unless a file names one
+            from ..train.config import load_config_file
+
+            recipe = (load_config_file(args.config) if args.config else {}).get("recipe") or "distill"
         cfg = resolve_config(recipe, args.config, **overrides)
     try:
         result = train(
