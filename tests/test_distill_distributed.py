@@ -97,3 +97,48 @@ def test_two_process_distillation_matches_single_process(tmp_path):
     init = mnv4.create_model(TINY, num_classes=3).state_dict()
     moved = max((a[k] - init[k]).abs().max().item() for k in params)
     assert moved > 1e-3  # training moved the weights, so agreement within 1e-4 means something
+
+
+@pytest.mark.slow
+def test_torchrun_labelling_splits_shards_and_matches_one_process(tmp_path):
+    make_folder(tmp_path / "photos", per_class=6, bad=True)
+    teacher = mnv4.create_model(TINY, num_classes=3)
+    teacher.class_names = ["blue", "green", "red"]
+    mnv4.save_model(teacher, tmp_path / "t.safetensors")
+    args = [
+        "distill",
+        "label",
+        "--teacher",
+        str(tmp_path / "t.safetensors"),
+        "--data",
+        str(tmp_path / "photos"),
+        "--teacher-size",
+        "24",
+        "--replicas",
+        "2",
+        "--shard-size",
+        "8",
+        "--batch-size",
+        "4",
+        "--threads",
+        "1",
+        "--no-progress",
+    ]
+    one = subprocess.run(
+        [sys.executable, "-m", "mnv4.cli", *args, "-o", str(tmp_path / "one")],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert one.returncode == 0, one.stderr[-2000:]
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "mnv4.cli"]
+    two = subprocess.run(
+        [*launch, *args, "-o", str(tmp_path / "two")], env=_env(), capture_output=True, text=True, timeout=300
+    )
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stdout.count("wrote 36 records in 5 shards") == 1  # rank 0 reports, once all shards exist
+    a = json.loads((tmp_path / "one" / "manifest.json").read_text())
+    b = json.loads((tmp_path / "two" / "manifest.json").read_text())
+    assert [s["sha256"] for s in a["shards"]] == [s["sha256"] for s in b["shards"]] and len(a["shards"]) == 5
+    assert a["records"] == b["records"] == 36 and b["skipped_records"] == 2

@@ -305,27 +305,41 @@ def label(
     ident = _identity(cfg, teacher, source, size)
 
     lock = DirLock(out, "labelling run")
+    problem = None
     if info.is_main:
-        lock.acquire()
-        remove_orphan_temps(out)
-        if (out / MANIFEST).is_file():
-            raise MNv4Error(f"{out} is already complete ({MANIFEST} exists); choose another output folder")
-        if (out / CONFIG).is_file():
-            before = json.loads((out / CONFIG).read_text())
-            diff = _first_difference(before, ident)
-            if diff:
-                raise MNv4Error(
-                    f"{out} holds labels made with other settings ({diff}); resume with the same settings "
-                    "or choose another output folder"
-                )
-        else:
-            atomic_write_json(out / CONFIG, ident)
+        try:
+            problem = _claim(out, ident, lock)
+        except MNv4Error as e:
+            problem = str(e)
     if info.distributed:
-        dist.barrier()
+        box = [problem]
+        dist.broadcast_object_list(box, src=0)  # every rank stops on rank 0's verdict, none waits forever
+        problem = box[0]
+    if problem is not None:
+        lock.release()
+        raise MNv4Error(problem)
     try:
         return _label(cfg, info, say, out, source, policy, teacher, size, ident, progress, max_shards, t0)
     finally:
         lock.release()
+
+
+def _claim(out: Path, ident: dict[str, Any], lock: DirLock) -> str | None:
+    """Lock ``out`` and check it may be labelled with these settings; the reason it may not, or None."""
+    lock.acquire()
+    remove_orphan_temps(out)
+    if (out / MANIFEST).is_file():
+        return f"{out} is already complete ({MANIFEST} exists); choose another output folder"
+    if (out / CONFIG).is_file():
+        diff = _first_difference(json.loads((out / CONFIG).read_text()), ident)
+        if diff:
+            return (
+                f"{out} holds labels made with other settings ({diff}); resume with the same settings "
+                "or choose another output folder"
+            )
+    else:
+        atomic_write_json(out / CONFIG, ident)
+    return None
 
 
 def _label(cfg, info, say, out, source, policy, teacher, size, ident, progress, max_shards, t0) -> LabelResult:
