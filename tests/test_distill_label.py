@@ -258,3 +258,14 @@ def test_efficientnet_lite0_teacher_works_offline_with_tf_normalisation():
     assert t.class_names[int(p.argmax())] == "daisy"
     small = load_teacher("efficientnet-lite0", input_size=128)  # a teacher can run at another resolution
     assert small.input_size == 128 and small.probs(small.view(flower)[None]).shape == (1, 1000)
+
+
+def test_crop_min_bounds_the_crop_area_and_is_recorded(tmp_path):
+    data = make_folder(tmp_path / "img", per_class=3)
+    res = label(_cfg(data, tmp_path / "out", crop_min=0.5, replicas=3), progress=False, teacher=color_teacher())
+    assert res.manifest["augmentation"]["crop_scale"] == [0.5, 1.0]
+    ds = SoftLabelSet(tmp_path / "out")
+    areas = [h * w / (20 * 24) for _, _, h, w in (ds.meta(i)["crop"] for i in range(len(ds)))]
+    assert min(areas) >= 0.45 and max(areas) <= 1.0  # rounding of the box sides
+    with pytest.raises(InvalidValue, match="`crop_min` 0.0 is invalid"):
+        LabelConfig("t", "d", "o", crop_min=0.0).validate()

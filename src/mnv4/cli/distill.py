@@ -35,6 +35,7 @@ def _cmd_label(args: argparse.Namespace) -> int:
         data=args.data,
         out=args.output,
         aug=args.aug,
+        crop_min=args.crop_min,
         replicas=args.replicas,
         teacher_checkpoint=args.teacher_checkpoint,
         teacher_size=args.teacher_size,

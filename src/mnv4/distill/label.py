@@ -11,6 +11,7 @@ ends with byte-identical shards. Under torchrun rank r labels shards r, r + worl
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -28,9 +29,9 @@ from tqdm import tqdm
 
 from ..data.images import BadImage, BadImageLog
 from ..data.sampling import sample_seed
-from ..errors import MNv4Error, check_choice, check_int
+from ..errors import MNv4Error, check_choice, check_float, check_int
 from ..files import DirLock, atomic_write_json, remove_orphan_temps
-from .augment import POLICIES, augment, get_policy, mixing_partner
+from .augment import POLICIES, AugPolicy, augment, get_policy, mixing_partner
 from .jpeg import jpeg_roundtrip
 from .shards import ShardRecord, encode_probs, record_key, shard_name, write_shard
 from .sources import ImageSource, map_classes, open_source, to_uint8
@@ -42,7 +43,7 @@ FORMAT = "mnv4-softlabels"
 MANIFEST = "manifest.json"
 CONFIG = "config.json"
 # Fields that decide what the records hold: a resumed run must agree on all of them.
-_IDENTITY = ("aug", "replicas", "record_size", "jpeg_quality", "top_k", "shard_size", "seed")
+_IDENTITY = ("aug", "crop_min", "replicas", "record_size", "jpeg_quality", "top_k", "shard_size", "seed")
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,7 @@ class LabelConfig:
     data: str
     out: str
     aug: str = "inception-randaug-l2m9"
+    crop_min: float | None = None  # smallest Inception-crop area fraction; None: the policy's 0.08
     replicas: int = 1
     teacher_checkpoint: str | None = None
     teacher_size: int | None = None  # teacher resolution; None: the teacher's own
@@ -67,6 +69,8 @@ class LabelConfig:
 
     def validate(self) -> LabelConfig:
         check_choice("aug", self.aug, POLICIES)
+        if self.crop_min is not None:
+            check_float("crop_min", self.crop_min, 0.0, 1.0, lo_open=True)
         check_int("replicas", self.replicas, 1)
         if self.teacher_size is not None:
             check_int("teacher_size", self.teacher_size, 8, 4096)
@@ -80,6 +84,12 @@ class LabelConfig:
         check_int("seed", self.seed, 0)
         check_int("check_images", self.check_images, 0)
         return self
+
+    def policy(self) -> AugPolicy:
+        policy = get_policy(self.aug)
+        if self.crop_min is not None and policy.crop:
+            policy = dataclasses.replace(policy, crop_scale=(self.crop_min, policy.crop_scale[1]))
+        return policy
 
 
 @dataclass
@@ -102,7 +112,7 @@ class _RecordMaker(Dataset):
     """Record ``j`` -> (j, jpeg bytes, decoded uint8 image, metadata) or (j, BadImage)."""
 
     def __init__(self, source: ImageSource, cfg: LabelConfig, size: int) -> None:
-        self.source, self.policy, self.size = source, get_policy(cfg.aug), size
+        self.source, self.policy, self.size = source, cfg.policy(), size
         self.quality, self.seed, self.n = cfg.jpeg_quality, cfg.seed, len(source)
 
     def __len__(self) -> int:
@@ -294,7 +304,7 @@ def label(
     if out.exists() and not out.is_dir():
         raise MNv4Error(f"`out` {out} is a file; give a folder for the shards")
     source = open_source(cfg.data, cfg.data_root)
-    policy = get_policy(cfg.aug)
+    policy = cfg.policy()
     if policy.mixup_alpha > 0 and len(source) < 2:
         raise MNv4Error(f"`aug` {cfg.aug} mixes pairs of images; {cfg.data} holds only {len(source)}")
     if teacher is None:
