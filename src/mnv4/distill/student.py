@@ -7,8 +7,8 @@ probabilities (docs/distillation.md, "Student training").
   else, since the records are augmented already.
 * Online (the field's usual anchor, as in timm and big_vision): a live ``teacher`` labels each batch
   of ``data``'s training images, augmented on the fly with ``teacher_aug`` (the same policies the
-  labeller uses, without the JPEG round trip); the teacher sees them at its resolution, the student at
-  its own.
+  labeller uses, with the config's ``crop_scale`` as the Inception crop range, without the JPEG round
+  trip); the teacher sees them at its resolution, the student at its own.
 
 Either way the loss is cross-entropy against the teacher's probabilities, the number of classes and
 their names come from the teacher, and ``data`` supplies labelled validation images whose classes are
@@ -18,6 +18,7 @@ sample), so resume stays bit-exact and torchrun ranks split global batches as in
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from pathlib import Path
 from typing import Any
@@ -61,8 +62,19 @@ class OnlineImages(Dataset):
     """``(epoch, i)`` -> (uint8 image [3, S, S] augmented by ``policy`` and flipped, 0): what a live teacher
     and the student both see of training image ``i`` in that epoch (the label is replaced by the teacher's)."""
 
-    def __init__(self, images: Dataset, policy_name: str, size: int, seed: int, hflip: float) -> None:
-        self.images, self.policy, self.size, self.seed, self.hflip = images, get_policy(policy_name), size, seed, hflip
+    def __init__(
+        self,
+        images: Dataset,
+        policy_name: str,
+        size: int,
+        seed: int,
+        hflip: float,
+        crop_scale: tuple[float, float] | None = None,
+    ) -> None:
+        policy = get_policy(policy_name)
+        if crop_scale is not None and policy.crop:
+            policy = dataclasses.replace(policy, crop_scale=tuple(crop_scale))
+        self.images, self.policy, self.size, self.seed, self.hflip = images, policy, size, seed, hflip
 
     def __len__(self) -> int:
         return len(self.images)  # type: ignore[arg-type]
@@ -169,7 +181,8 @@ class DistillTrainer(Trainer):
         if self.sets:
             return MixedSoftLabels(self.sets, self._student_view(), self.cfg.seed)
         size = max(self.teacher.input_size, self.model.preprocess.input_size)
-        return OnlineImages(self.data.train, self.cfg.teacher_aug, size, self.cfg.seed, self.cfg.hflip)
+        cfg = self.cfg
+        return OnlineImages(self.data.train, cfg.teacher_aug, size, cfg.seed, cfg.hflip, tuple(cfg.crop_scale))
 
     def build_train_sampler(self, dataset: Dataset):
         info = self.info
