@@ -26,13 +26,16 @@ def test_label_then_train_from_the_command_line(tmp_path, teacher_file, capsys):
     make_folder(photos / "val", per_class=3, seed=5)
     out = tmp_path / "d1"
     args = ["distill", "label", "--teacher", teacher_file, "--data", str(photos), "--out", str(out)]
-    assert main([*args, "--shard-size", "10", "--replicas", "2", "--top-k", "2", "--no-progress"]) == 0
+    assert (
+        main([*args, "--shard-size", "10", "--replicas", "2", "--top-k", "2", "--crop-min", "0.3", "--no-progress"])
+        == 0
+    )
     text = capsys.readouterr().out
     assert "teacher top-1 on 18 un-augmented labelled images" in text and "bytes per record" in text
     assert "top-2: top-1 unchanged" in text and f"mnv4 train --distill {out}" in text
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["records"] == 36 and manifest["skipped_records"] == 2 and len(manifest["shards"]) == 4
-    assert manifest["labels"]["storage"] == "top-2"
+    assert manifest["labels"]["storage"] == "top-2" and manifest["augmentation"]["crop_scale"] == [0.3, 1.0]
 
     # a complete folder is not labelled again, and says so
     assert main([*args, "--no-progress"]) == 2

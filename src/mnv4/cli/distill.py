@@ -135,6 +135,13 @@ def register(sub) -> None:
         help="augmentation of each record (the paper's D1, D2, D3, or none)",
     )
     p.add_argument(
+        "--crop-min",
+        type=A.positive_float,
+        default=None,
+        metavar="F",
+        help="smallest Inception-crop area fraction (default: the paper's 0.08; small images may want more)",
+    )
+    p.add_argument(
         "--replicas",
         type=A.positive_int,
         default=1,
