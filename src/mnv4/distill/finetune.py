@@ -72,7 +72,7 @@ def finetune_teacher(
     family = t.identity["family"]
     if family == "mnv4":
         raise MNv4Error(
-            f"{teacher} is a MobileNetV4: fine-tune it with `mnv4 train --recipe finetune --checkpoint ...` instead"
+            f"{teacher} is a MobileNetV4: fine-tune it with the trainer's finetune recipe (mnv4 train) instead"
         )
     cfg = resolve_config(recipe, data=data, output=output, input_size=input_size or t.input_size, **overrides)
     bundle = load_data(cfg.data, cfg.data_root, cfg.val_split, cfg.seed)
