@@ -168,6 +168,8 @@ def student_stage(args, work: Path, teacher: Path, arm: str, manifests: dict) ->
     last = out / "last.pt"
     _log(f"[student] {arm}: {args.steps} steps of {args.batch} ({epochs:.2f} epochs of {n} samples)")
     res = train(cfg, resume=last if last.is_file() else None, progress=False, log=_log, exist_ok=not last.is_file())
+    if res.stopped_early:  # Ctrl-C / SIGTERM: the run saved last.pt; rerun the benchmark to continue
+        sys.exit(f"stopped during {arm} ({res.stop_reason}); rerun the same command to continue")
     return res.summary
 
 
@@ -212,7 +214,8 @@ def main() -> None:
     teacher = teacher_stage(args, work)
     teacher_file = Path(teacher["best_checkpoint"])
     manifests = label_stage(args, work, teacher_file)
-    students = {arm: student_stage(args, work, teacher_file, arm, manifests) for arm in arms}
+    done = {arm: student_stage(args, work, teacher_file, arm, manifests) for arm in arms}
+    students = {arm: done[arm] for arm in ARMS + OPTIONAL_ARMS if arm in done}  # table order, whatever the run order
 
     cpu = _cpu()
     _log(
