@@ -53,6 +53,7 @@ HARD_LABEL = dict(
 )
 ARMS = ("baseline", "D1", "D2", "D3", "D1+D2", "D1+D2+D3", "online")
 OPTIONAL_ARMS = ("D2+D3",)  # Tab. 8's other pair, on request (--arms)
+DEFAULT_STEPS = 800
 MIX = {"D1": "1", "D2": "1", "D3": "1", "D1+D2": "1:1", "D2+D3": "1:1", "D1+D2+D3": "1:1:2"}
 
 
@@ -130,7 +131,8 @@ def label_stage(args, work: Path, teacher: Path) -> dict[str, dict]:
 def student_stage(args, work: Path, teacher: Path, arm: str, manifests: dict) -> dict:
     from mnv4.train import resolve_config, train
 
-    out = work / "students" / arm
+    # the default schedule's runs are named by arm; other schedules get their own folders
+    out = work / "students" / (arm if args.steps == DEFAULT_STEPS else f"{arm}-{args.steps}steps")
     summary = out / "summary.json"
     if summary.is_file():
         return json.loads(summary.read_text())
@@ -191,7 +193,7 @@ def main() -> None:
         "hard-label baseline's crop range",
     )
     ap.add_argument("--student-size", type=int, default=64)
-    ap.add_argument("--steps", type=int, default=800, help="optimizer steps of every student")
+    ap.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="optimizer steps of every student")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--lr", type=float, default=2e-3, help="distillation students' peak LR")
     ap.add_argument("--ema", type=float, default=0.998)
@@ -273,8 +275,9 @@ def main() -> None:
         "students": students,
         "total_wall_seconds_this_invocation": time.perf_counter() - t0,
     }
-    (work / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
-    _log(f"\nresults: {work / 'results.json'}")
+    name = "results.json" if args.steps == DEFAULT_STEPS else f"results-{args.steps}steps.json"
+    (work / name).write_text(json.dumps(results, indent=2, default=str) + "\n")
+    _log(f"\nresults: {work / name}")
 
 
 def _final(s: dict) -> float:
