@@ -89,6 +89,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         if overrides["model"]:
             raise MNv4Error("pass either `model` or `spec`, not both")
         overrides["model"] = _spec_model(args.spec)
+    overrides.update(distill=tuple(args.distill) if args.distill else None, mix=args.mix, teacher=args.teacher)
     for flag in ("channels_last", "compile", "sync_bn"):
         if getattr(args, flag):
             overrides[flag] = True
@@ -107,7 +108,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
         saved.update({k: overrides[k] for k in _RESUME_MAY_CHANGE if overrides.get(k) is not None})
         cfg = TrainConfig.from_dict(saved)
     else:
-        cfg = resolve_config(args.recipe, args.config, **overrides)
+        recipe = args.recipe
+        if recipe is None and (args.distill or args.teacher):  # distilling implies its recipe, unless a file names one
+            from ..train.config import load_config_file
+
+            recipe = (load_config_file(args.config) if args.config else {}).get("recipe") or "distill"
+        cfg = resolve_config(recipe, args.config, **overrides)
+    if cfg.distill or cfg.teacher:  # a distillation config, given now or saved with the run being resumed
+        from ..distill.student import train_student as train
     try:
         result = train(
             cfg,
@@ -231,6 +239,14 @@ def register(sub) -> None:
     for flags, field, typ, text in _FIELD_FLAGS:
         p.add_argument(*flags, dest=field, type=typ, default=None, help=text)
     p.add_argument("--set", action="append", metavar="FIELD=VALUE", help="override any config field (repeatable)")
+    p.add_argument(
+        "--distill",
+        action="append",
+        metavar="DIR",
+        help="soft-label folder from `mnv4 distill label` (repeat to mix; implies --recipe distill)",
+    )
+    p.add_argument("--mix", default=None, metavar="R1:R2:...", help="shares of the --distill folders per batch")
+    p.add_argument("--teacher", default=None, help="online distillation from this live teacher (as distill label)")
     p.add_argument("--channels-last", action="store_true", help="channels_last memory format")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across processes (CUDA only)")

@@ -13,19 +13,42 @@ Two ideas carry it:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from fractions import Fraction
 from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-__all__ = ["GlobalBatchSampler", "SeededDataset", "sample_seed"]
+from ..errors import InvalidValue
+
+__all__ = ["GlobalBatchSampler", "SeededDataset", "parse_mix", "sample_seed"]
 
 
 def sample_seed(*keys: int) -> int:
     """A well-mixed 63-bit seed from integer keys (nearby keys give unrelated streams)."""
     return int(np.random.SeedSequence([int(k) & 0xFFFFFFFF for k in keys]).generate_state(2, np.uint64)[0] >> 1)
+
+
+def parse_mix(mix: str | Sequence[float] | None, count: int) -> list[int]:
+    """``"1:1:2"`` (or numbers) -> integer ratios, one per mixed dataset (distillation's dynamic mixing,
+    docs/distillation.md); None: equal shares."""
+    if mix is None or mix == "":
+        return [1] * count
+    parts = mix.split(":") if isinstance(mix, str) else list(mix)
+    try:
+        fracs = [Fraction(str(p).strip()).limit_denominator(1000) for p in parts]
+    except (ValueError, ZeroDivisionError):
+        raise InvalidValue("mix", mix, "must be positive numbers separated by ':', e.g. 1:1:2") from None
+    if any(f <= 0 for f in fracs):
+        raise InvalidValue("mix", mix, "every share must be positive")
+    if len(fracs) != count:
+        raise InvalidValue("mix", mix, f"give one share per soft-label dataset ({count})")
+    lcm = int(np.lcm.reduce([f.denominator for f in fracs]))
+    ints = [int(f * lcm) for f in fracs]
+    g = int(np.gcd.reduce(ints))
+    return [i // g for i in ints]
 
 
 class SeededDataset(Dataset):

@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from ..data.sampling import parse_mix
 from ..errors import InvalidValue, MNv4Error, check_choice, check_float, check_int
 from .recipes import Recipe, get_recipe
 
@@ -40,6 +41,12 @@ class TrainConfig(Recipe):
     sync_bn: bool = False
     save_every_steps: int = 0  # 0: checkpoint at epoch ends only
     eval_every: int = 1  # epochs
+    # Distillation (docs/distillation.md): soft-label folders mixed by `mix` ("1:1:2"), or a live `teacher`.
+    distill: tuple[str, ...] = ()
+    mix: str | None = None
+    teacher: str | None = None
+    teacher_checkpoint: str | None = None
+    teacher_aug: str = "inception-randaug-l2m9"  # the online teacher's augmentation policy
 
     def __post_init__(self) -> None:
         validate(self)
@@ -64,7 +71,7 @@ class TrainConfig(Recipe):
         raise MNv4Error(f"lr_scaling must be linear, sqrt or none, got {self.lr_scaling!r}")
 
 
-_TUPLE_FIELDS = ("betas", "crop_scale")
+_TUPLE_FIELDS = ("betas", "crop_scale", "distill")
 
 # Every numeric and enum field with its allowed range: (kind, lo, hi, lo_open, hi_open, nullable) or a
 # tuple of choices. Checked whenever a config is built (recipe + file + overrides, or a saved run).
@@ -144,6 +151,8 @@ def validate(cfg: Any) -> None:
         lo, hi = (check_float("crop_scale", v, 0.0, 1.0, True, False) for v in scale)
         if lo > hi:
             raise InvalidValue("crop_scale", list(scale), "the first value must not exceed the second")
+    if hasattr(cfg, "distill"):
+        _validate_distill(cfg)
     device = getattr(cfg, "device", None)
     if device is not None:
         from .distributed import check_device
@@ -195,3 +204,18 @@ def resolve_config(
     fields.update({k: v for k, v in overrides.items() if v is not None})
     fields["recipe"] = name
     return _build(TrainConfig, fields)
+
+
+def _validate_distill(cfg: Any) -> None:
+    """The distillation fields (docs/distillation.md) as a whole; the teacher's augmentation policy is checked
+    by the student trainer, which owns the policy table."""
+    if cfg.distill and cfg.teacher:
+        raise MNv4Error("give either `distill` soft-label folders or a live `teacher`, not both")
+    if getattr(cfg, "recipe", None) == "distill" and not cfg.distill and not cfg.teacher:
+        raise MNv4Error("recipe distill needs soft-label folders (`distill`) or a live `teacher`")
+    if cfg.mix is not None and not cfg.distill:
+        raise MNv4Error("`mix` sets the shares of several `distill` folders; it has no meaning without them")
+    if cfg.teacher_checkpoint is not None and not cfg.teacher:
+        raise MNv4Error("`teacher_checkpoint` needs `teacher` (the architecture it belongs to)")
+    if cfg.distill:
+        parse_mix(cfg.mix, len(cfg.distill))

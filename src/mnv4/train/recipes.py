@@ -226,6 +226,32 @@ RECIPES: dict[str, Recipe] = {
             randaug_magnitude=5,
         ),
         Recipe(
+            name="distill",
+            note=(
+                "The paper's distillation student (§8, App. H): soft-label cross-entropy against stored teacher "
+                "probabilities (--distill DIR ... --mix 1:1:2) or a live --teacher; flip-only augmentation (the "
+                "records are augmented already), dropout before the classifier as the only regulariser, AdamW with "
+                "warm-up + cosine, EMA; classes come from the teacher. The paper gives no LR, weight decay or "
+                "dropout for it: these are the values of benchmarks/distill_gain.py (docs/distillation.md)."
+            ),
+            model="mnv4_conv_small",
+            epochs=30,
+            batch_size=256,
+            lr=4e-3,
+            lr_scaling="sqrt",
+            warmup_epochs=1,
+            weight_decay=0.05,
+            label_smoothing=0.0,
+            dropout=0.2,
+            drop_path=0.0,
+            crop_scale=(0.08, 1.0),  # the live teacher's Inception crop (online mode); records are cropped already
+            hflip=0.5,
+            randaug_prob=0.0,
+            mix_prob=0.0,
+            ema_decay=0.9995,
+            ema_start_epochs=1,
+        ),
+        Recipe(
             name="quick",
             note=(
                 "The default: the built-in digits (sklearn, 32 px) in a few CPU minutes. Small batch, "

@@ -163,6 +163,8 @@ class Trainer:
     that is refused, so a run is never overwritten by accident).
     """
 
+    distills = False  # trains on teacher targets: mnv4.distill.student.DistillTrainer sets it
+
     def __init__(
         self,
         cfg: TrainConfig,
@@ -172,6 +174,11 @@ class Trainer:
         log=None,
         exist_ok: bool = False,
     ) -> None:
+        if (cfg.distill or cfg.teacher) and not self.distills:
+            raise MNv4Error(
+                "this config distils (`distill` / `teacher`): train it with mnv4.distill.train_student, "
+                "which `mnv4 train` uses for such configs"
+            )
         self.cfg = cfg
         self.data = data
         self._given_model = model
@@ -267,6 +274,10 @@ class Trainer:
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
         pass
+
+    def save_weights(self, model: nn.Module, path: Path, extra: dict[str, Any]) -> None:
+        """Write ``best`` / ``last`` weights; a subclass training a non-MobileNetV4 model saves its own way."""
+        save_model(model, path, extra=extra)
 
     def wrap_distributed(self, model: nn.Module) -> nn.Module:
         # broadcast_buffers=False: ranks may run different numbers of forwards in a step (unreadable
@@ -662,7 +673,7 @@ class Trainer:
                 self.best_top1, self.best_epoch, self.best_weights = res.top1, epoch + 1, kind
                 if info.is_main:
                     weights = self.raw if kind == "raw" else self.ema.module
-                    save_model(
+                    self.save_weights(
                         weights, self.run_dir / BEST, extra={"epoch": epoch + 1, "val_top1": res.top1, "weights": kind}
                     )
         # Fixed columns: the CSV header comes from the first row, which may precede eval or EMA.
@@ -721,9 +732,11 @@ class Trainer:
                 f"checkpoint {self.run_dir / LAST}; continue with: mnv4 train --resume {self.run_dir}"
             )
         elif info.is_main:
-            save_model(self.raw, self.run_dir / LAST_WEIGHTS, extra={"epoch": self.plan.num_epochs, "weights": "raw"})
+            self.save_weights(
+                self.raw, self.run_dir / LAST_WEIGHTS, extra={"epoch": self.plan.num_epochs, "weights": "raw"}
+            )
             if self.ema is not None:
-                save_model(
+                self.save_weights(
                     self.ema.module, self.run_dir / LAST_EMA, extra={"epoch": self.plan.num_epochs, "weights": "ema"}
                 )
             summary = self.summary(wall)

@@ -1,0 +1,209 @@
+"""``mnv4 distill label | finetune``: teacher soft-label datasets, and fine-tuning a non-MobileNetV4 teacher.
+
+The student is trained by ``mnv4 train --distill DIR [--distill DIR2 ...] --mix 1:1:2`` (or online with
+``--teacher T``); see docs/distillation.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from . import args as A
+
+__all__ = ["register"]
+
+_TEACHER_HELP = (
+    "mnv4 checkpoint, registered mnv4 model, efficientnet-lite0|1|2 (ImageNet, offline; extra 'teachers'), "
+    "timm:NAME or torchvision:NAME (with --teacher-checkpoint), or a teacher file from `mnv4 distill finetune`"
+)
+
+
+def _cmd_label(args: argparse.Namespace) -> int:
+    from ..distill.label import LabelConfig, label
+    from ..train.distributed import teardown
+
+    if not args.output:
+        from ..errors import MNv4Error
+
+        raise MNv4Error("`output` is required: the folder the shards and manifest go to")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    cfg = LabelConfig(
+        teacher=args.teacher,
+        data=args.data,
+        out=args.output,
+        aug=args.aug,
+        crop_min=args.crop_min,
+        replicas=args.replicas,
+        teacher_checkpoint=args.teacher_checkpoint,
+        teacher_size=args.teacher_size,
+        record_size=args.record_size,
+        jpeg_quality=args.jpeg_quality,
+        top_k=args.top_k,
+        shard_size=args.shard_size,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        seed=args.seed,
+        device=args.device,
+        check_images=args.check_images,
+        data_root=args.data_root,
+    )
+    try:
+        res = label(cfg, progress=False if args.no_progress else None, max_shards=args.max_shards)
+    finally:
+        teardown()
+    if res.stopped_early:
+        print(f"stopped after --max-shards; continue with the same command to finish {res.out}")
+    elif res.manifest:
+        print(
+            f"soft-label dataset: {res.out} ({res.manifest['records']} records); train a student with: "
+            f"mnv4 train --distill {res.out} --data LABELLED_VAL_DATA"
+        )
+    return 0
+
+
+def _cmd_finetune(args: argparse.Namespace) -> int:
+    from ..distill.finetune import finetune_teacher
+    from ..train.distributed import teardown
+
+    overrides = {
+        k: v
+        for k, v in dict(
+            epochs=args.epochs,
+            lr=args.lr,
+            batch_size=args.batch_size,
+            workers=args.workers,
+            device=args.device,
+            seed=args.seed,
+            data_root=args.data_root,
+        ).items()
+        if v is not None
+    }
+    try:
+        res = finetune_teacher(
+            args.teacher,
+            args.data,
+            args.output,
+            input_size=args.input_size,
+            teacher_checkpoint=args.teacher_checkpoint,
+            progress=False if args.no_progress else None,
+            exist_ok=args.exist_ok,
+            **overrides,
+        )
+    finally:
+        teardown()
+    s = res.summary
+    if res.stopped_early or not s:
+        return 0 if not res.stopped_early else 130
+    print(
+        f"teacher {args.teacher} fine-tuned on {s['dataset']}: best val top-1 {s['val_top1']:.2f}% at "
+        f"{s['input_size']} px, {s['wall_seconds']:.0f} s"
+    )
+    print(f"teacher weights: {s['best_checkpoint']}  (use it as --teacher)")
+    return 0
+
+
+def register(sub) -> None:
+    g = sub.add_group("distill", help="teacher soft-label datasets (label) and teacher fine-tuning (finetune)")
+
+    p = g.add_parser(
+        "label",
+        help="label augmented images with a teacher into WebDataset-style shards (resumable; torchrun splits shards)",
+        epilog="Then: mnv4 train --distill DIR [--distill DIR2 ...] --mix 1:1:2 --data LABELLED_VAL_DATA",
+    )
+    p.add_argument("--teacher", required=True, help=_TEACHER_HELP)
+    p.add_argument("--teacher-checkpoint", default=None, metavar="PATH", help="weights for --teacher")
+    p.add_argument(
+        "--teacher-size",
+        type=A.positive_int,
+        default=None,
+        metavar="N",
+        help="resolution the teacher runs at (default: its own)",
+    )
+    p.add_argument(
+        "--data",
+        required=True,
+        help="labelled folder (class sub-folders, or train/), unlabelled folder, .tar/.tar.gz of images, "
+        "or digits | cifar10 | fashion-mnist",
+    )
+    p.add_argument(
+        "--aug",
+        default="inception-randaug-l2m9",
+        choices=("inception-randaug-l2m9", "inception-extreme-mixup", "inception-randaug-l2m5", "none"),
+        help="augmentation of each record (the paper's D1, D2, D3, or none)",
+    )
+    p.add_argument(
+        "--crop-min",
+        type=A.positive_float,
+        default=None,
+        metavar="F",
+        help="smallest Inception-crop area fraction (default: the paper's 0.08; small images may want more)",
+    )
+    p.add_argument(
+        "--replicas",
+        type=A.positive_int,
+        default=1,
+        metavar="R",
+        help="passes over the data, each with fresh augmentations",
+    )
+    A.add_output(p, help="folder for the shards and manifest.json (a killed run continues there)")
+    p.add_argument(
+        "--record-size",
+        type=A.positive_int,
+        default=None,
+        metavar="N",
+        help="resolution of the stored images (default: the teacher's)",
+    )
+    p.add_argument("--jpeg-quality", type=A.positive_int, default=95, metavar="Q", help="JPEG round-trip quality")
+    p.add_argument(
+        "--top-k",
+        type=A.nonneg_int,
+        default=0,
+        metavar="K",
+        help="store the top K probabilities (+ the remaining mass) instead of all in float16",
+    )
+    p.add_argument("--shard-size", type=A.positive_int, default=1000, metavar="N", help="records per shard")
+    A.add_batch_size(p, 64, help="images per teacher batch")
+    A.add_workers(p)
+    A.add_device(p)
+    A.add_threads(p)
+    p.add_argument("--seed", type=A.nonneg_int, default=0, help="seed of the augmentations")
+    p.add_argument(
+        "--check-images",
+        type=A.nonneg_int,
+        default=2000,
+        metavar="N",
+        help="first report the teacher's top-1 on N un-augmented labelled images (0: skip)",
+    )
+    p.add_argument("--data-root", default=None, help="cache folder of cifar10 / fashion-mnist")
+    p.add_argument(
+        "--max-shards",
+        type=A.positive_int,
+        default=None,
+        metavar="N",
+        help="stop after N shards (continue later with the same command)",
+    )
+    A.add_progress(p)
+    p.set_defaults(func=_cmd_label)
+
+    p = g.add_parser(
+        "finetune",
+        help="fine-tune a non-MobileNetV4 teacher (EfficientNet-Lite, timm, torchvision) on labelled images",
+    )
+    p.add_argument("--teacher", required=True, help="efficientnet-lite0|1|2, timm:NAME or torchvision:NAME")
+    p.add_argument("--teacher-checkpoint", default=None, metavar="PATH", help="weights for --teacher")
+    p.add_argument("--data", required=True, help="labelled folder (train/ and val/, or class folders) or built-in")
+    A.add_output(p, help="run folder; its best.safetensors is the teacher", default="runs/teacher")
+    A.add_input_size(p, help="resolution to fine-tune and label at (default: the teacher's own)")
+    p.add_argument("--epochs", type=float, default=None, help="default: the finetune recipe's")
+    p.add_argument("--lr", type=float, default=None, help="peak LR (default: the finetune recipe's)")
+    A.add_batch_size(p, None, help="batch size (default: the finetune recipe's)")
+    A.add_workers(p, default=None)
+    A.add_device(p, default=None)
+    p.add_argument("--seed", type=A.nonneg_int, default=None)
+    p.add_argument("--data-root", default=None, help="cache folder of cifar10 / fashion-mnist")
+    p.add_argument("--exist-ok", action="store_true", help="replace a run already in --output")
+    A.add_progress(p)
+    p.set_defaults(func=_cmd_finetune)
