@@ -1,0 +1,123 @@
+import json
+
+import pytest
+import torch
+
+import mnv4.nas.space as space_module
+from mnv4 import create_model
+from mnv4.errors import MNv4Error
+from mnv4.models.specs import ModelSpec, UIBSpec
+from mnv4.nas import spec_from_string
+from mnv4.nas.search import STATE, SearchConfig, search
+
+from .nas_common import tiny_digits, tiny_space
+
+
+@pytest.fixture(autouse=True)
+def _tiny_preset(monkeypatch):
+    monkeypatch.setitem(space_module.SPACES, "tiny", tiny_space())
+
+
+def _cfg(tmp_path, name="run", **kw):
+    base = dict(
+        data="digits",
+        output=str(tmp_path / name),
+        space="tiny",
+        hardware="pixel6_cpu",
+        target_macs=0.15,
+        epochs=3,
+        batch_size=32,
+        lr=5e-3,
+        warmup_epochs=0.5,
+        eval_subnets=1,
+        calib_batches=1,
+        save_every_steps=5,
+    )
+    base.update(kw)
+    return SearchConfig(**base)
+
+
+@pytest.mark.slow
+def test_two_stage_search_writes_a_buildable_spec_and_report(tmp_path):
+    cfg = _cfg(tmp_path)
+    result = search(cfg, data=tiny_digits(), progress=False, log=lambda m: None)
+    out = tmp_path / "run"
+    for name in ("spec.json", "report.json", "report.md", "curves.png", "scatter.png", "history.jsonl", STATE):
+        assert (out / name).is_file(), name
+    spec = ModelSpec.from_dict(json.loads((out / "spec.json").read_text()))
+    assert spec == result.spec
+    model = create_model(spec, num_classes=10).eval()
+    assert model(torch.randn(1, 3, 16, 16)).shape == (1, 10)
+    report = json.loads((out / "report.json").read_text())
+    assert report["within_tolerance"] and abs(report["cost"] / 0.15 - 1) <= 0.10
+    assert set(report["stage_results"]) == {"coarse", "fine"}
+    assert {"pixel6_cpu_ms", "s23_cpu_ms", "pixel4_dsp_ms", "pixel8_edgetpu_ms", "macs_M"} <= set(report["predicted"])
+    assert report["predicted"]["macs_M"] == pytest.approx(result.cost)
+    assert report["measured_here_ms"] > 0
+    history = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
+    assert len(history) == report["steps"] == 24
+    # The controller is frozen for the first 25% of each stage: no reward rows, no learning there.
+    coarse = [r for r in history if r["stage"] == "coarse"]
+    assert all("reward" not in r for r in coarse[:3]) and all("reward" in r for r in coarse[3:])
+    assert len({r["entropy"] for r in coarse[:4]}) == 1 and coarse[-1]["entropy"] < coarse[0]["entropy"]
+    # Coarse-stage samples are IB e4 3x3 everywhere; the fine stage keeps the coarse widths and depths.
+    for r in coarse[3:]:
+        uibs = [b for b in spec_from_string(r["arch"]).blocks if isinstance(b, UIBSpec)]
+        assert {(b.start_dw, b.mid_dw, b.expand) for b in uibs} == {(0, 3, 4.0)}
+    widths = [[b.out for b in st] for st in spec_from_string(report["stage_results"]["coarse"]).stages]
+    fine = [r for r in history if r["stage"] == "fine" and "arch" in r]
+    assert fine and all([[b.out for b in st] for st in spec_from_string(r["arch"]).stages] == widths for r in fine)
+    with pytest.raises(MNv4Error, match="already holds a search"):
+        search(cfg, data=tiny_digits(), progress=False, log=lambda m: None)
+    with pytest.raises(MNv4Error, match="already finished"):
+        search(cfg, resume=True, data=tiny_digits(), progress=False, log=lambda m: None)
+
+
+@pytest.mark.slow
+def test_interrupted_search_resumes_to_the_same_result(tmp_path):
+    quiet = dict(progress=False, log=lambda m: None)
+    full = search(_cfg(tmp_path, "a", eval_subnets=0), data=tiny_digits(), **quiet)
+    cfg = _cfg(tmp_path, "b", eval_subnets=0)
+    assert search(cfg, data=tiny_digits(), max_steps=7, **quiet) is None  # inside the coarse stage
+    assert search(cfg, resume=True, data=tiny_digits(), max_steps=7, **quiet) is None  # into the fine stage
+    with pytest.raises(MNv4Error, match="other settings"):
+        search(_cfg(tmp_path, "b", eval_subnets=0, beta=-0.2), resume=True, data=tiny_digits(), **quiet)
+    resumed = search(cfg, resume=True, data=tiny_digits(), **quiet)
+    assert resumed.arch == full.arch
+    ha = [json.loads(x) for x in (tmp_path / "a" / "history.jsonl").read_text().splitlines()]
+    hb = [json.loads(x) for x in (tmp_path / "b" / "history.jsonl").read_text().splitlines()]
+    assert ha == hb
+    sa = torch.load(tmp_path / "a" / STATE, weights_only=True)
+    sb = torch.load(tmp_path / "b" / STATE, weights_only=True)
+    for k, v in sa["supernet"].items():
+        assert torch.equal(v, sb["supernet"][k]), k
+    assert all(torch.equal(x, y) for x, y in zip(sa["controller"]["logits"], sb["controller"]["logits"]))
+
+
+@pytest.mark.slow
+def test_one_stage_search_learns_every_decision_jointly(tmp_path):
+    result = search(_cfg(tmp_path, one_stage=True, epochs=2), data=tiny_digits(), progress=False, log=lambda m: None)
+    report = result.report
+    assert list(report["stage_results"]) == ["joint"]
+    history = [json.loads(x) for x in (tmp_path / "run" / "history.jsonl").read_text().splitlines()]
+    archs = {r["arch"] for r in history if "arch" in r}
+    assert any(t in a for a in archs for t in ("u00", "u35", "u53", "u05", "u30"))  # not only IB 3x3
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(target_macs=None), "exactly one"),
+        (dict(target_ms=1.0), "exactly one"),
+        (dict(target_macs=None, target_ms=1.0, hardware="macs"), "no milliseconds"),
+        (dict(hardware="pixel9"), "hardware"),
+        (dict(beta=0.1), "beta"),
+        (dict(epochs=0), "epochs"),
+        (dict(reward_split=0.95), "reward_split"),
+        (dict(distill=("soft",)), "distill"),
+    ],
+)
+def test_bad_settings_fail_before_any_work(tmp_path, kw, match):
+    with pytest.raises(MNv4Error, match=match):
+        search(_cfg(tmp_path, **kw), data=tiny_digits(), progress=False)
+    assert not (tmp_path / "run").exists()
