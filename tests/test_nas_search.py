@@ -42,7 +42,8 @@ def test_two_stage_search_writes_a_buildable_spec_and_report(tmp_path):
     cfg = _cfg(tmp_path)
     result = search(cfg, data=tiny_digits(), progress=False, log=lambda m: None)
     out = tmp_path / "run"
-    for name in ("spec.json", "report.json", "report.md", "curves.png", "scatter.png", "history.jsonl", STATE):
+    files = ("spec.json", "report.json", "report.md", "curves.png", "scatter.png", "history.jsonl", "metrics.csv")
+    for name in (*files, STATE, "subnet.safetensors", "supernet.safetensors"):
         assert (out / name).is_file(), name
     spec = ModelSpec.from_dict(json.loads((out / "spec.json").read_text()))
     assert spec == result.spec
@@ -67,7 +68,7 @@ def test_two_stage_search_writes_a_buildable_spec_and_report(tmp_path):
     widths = [[b.out for b in st] for st in spec_from_string(report["stage_results"]["coarse"]).stages]
     fine = [r for r in history if r["stage"] == "fine" and "arch" in r]
     assert fine and all([[b.out for b in st] for st in spec_from_string(r["arch"]).stages] == widths for r in fine)
-    with pytest.raises(MNv4Error, match="already holds a search"):
+    with pytest.raises(MNv4Error, match="already holds"):
         search(cfg, data=tiny_digits(), progress=False, log=lambda m: None)
     with pytest.raises(MNv4Error, match="already finished"):
         search(cfg, resume=True, data=tiny_digits(), progress=False, log=lambda m: None)
@@ -89,9 +90,10 @@ def test_interrupted_search_resumes_to_the_same_result(tmp_path):
     assert ha == hb
     sa = torch.load(tmp_path / "a" / STATE, weights_only=True)
     sb = torch.load(tmp_path / "b" / STATE, weights_only=True)
-    for k, v in sa["supernet"].items():
-        assert torch.equal(v, sb["supernet"][k]), k
-    assert all(torch.equal(x, y) for x, y in zip(sa["controller"]["logits"], sb["controller"]["logits"]))
+    for k, v in sa["model"].items():
+        assert torch.equal(v, sb["model"][k]), k
+    la, lb = sa["extra"]["controller"]["logits"], sb["extra"]["controller"]["logits"]
+    assert all(torch.equal(x, y) for x, y in zip(la, lb))
 
 
 @pytest.mark.slow

@@ -34,7 +34,13 @@ def test_sampled_specs_round_trip_through_string_and_space():
 
 @pytest.mark.parametrize(
     "bad",
-    ["c3s2o32|u33", "x3|a|b|c|d", "c3s2o32|u33*x|u33|u33|u33", "c3s2o32|f3s2o8|u3|u33|u33", "c3s2o8|f3s2|u33|u33|u33@foo=1"],
+    [
+        "c3s2o32|u33",
+        "x3|a|b|c|d",
+        "c3s2o32|u33*x|u33|u33|u33",
+        "c3s2o32|f3s2o8|u3|u33|u33",
+        "c3s2o8|f3s2|u33|u33|u33@foo=1",
+    ],
 )
 def test_malformed_compact_strings_give_one_line_errors(bad):
     with pytest.raises(MNv4Error) as e:

@@ -70,17 +70,17 @@ def test_weights_are_shared_across_dw_choices_and_skipped_blocks_get_no_gradient
     net.train()
     net(torch.randn(4, 3, 32, 32), arch).sum().backward()
     block0, block1 = net.stages[2][0], net.stages[2][1]
-    assert block0.expand.weight.grad is not None and block0.dw_mid["3"].weight.grad is not None
-    assert block0.dw_mid["5"].weight.grad is None and block0.dw_start["5"].weight.grad is None
+    assert block0.expand.conv.weight.grad is not None and block0.dw_mid["3"].conv.weight.grad is not None
+    assert block0.dw_mid["5"].conv.weight.grad is None and block0.dw_start["5"].conv.weight.grad is None
     assert all(p.grad is None for p in block1.parameters())
     # The expansion weights serve both DW choices: a 5x5 middle DW runs through the same tensor.
     other = dict(arch, **{"s2.b0.mid": 5})
     net.zero_grad(set_to_none=True)
     net(torch.randn(4, 3, 32, 32), other).sum().backward()
-    assert block0.expand.weight.grad is not None and block0.dw_mid["3"].weight.grad is None
+    assert block0.expand.conv.weight.grad is not None and block0.dw_mid["3"].conv.weight.grad is None
     # Only the first-k channels of the widest tensor receive gradient.
     width = arch["s2.filters"]
-    g = block0.project.weight.grad
+    g = block0.project.conv.weight.grad
     assert g[:width].abs().sum() > 0 and (width == g.shape[0] or g[width:].abs().sum() == 0)
 
 
@@ -91,7 +91,7 @@ def test_extracted_weights_come_from_the_supernet():
     net.train()
     before = net.extract(arch)(x)
     with torch.no_grad():
-        net.stem.weight.mul_(-1.0)
+        net.stem.conv.weight.mul_(-1.0)
     assert (net.extract(arch)(x) - before).abs().max() > 1e-3
 
 

@@ -130,9 +130,7 @@ def _parse_block(token: str, prev_out: int | None, text: str) -> BlockSpec:
             return FusedIBSpec(out(g[2]), int(g[0]), int(g[1] or 1), float(g[3] or 4))
         if token[0] == "u":
             return UIBSpec(int(g[0]), int(g[1]), int(g[2] or 1), out(g[3]), float(g[4] or 4), int(g[5] or 0))
-        return AttentionSpec(
-            int(g[0]), int(g[1]), int(g[2] or g[1]), int(g[3] or 1), int(g[4] or 1), int(g[5] or 3)
-        )
+        return AttentionSpec(int(g[0]), int(g[1]), int(g[2] or g[1]), int(g[3] or 1), int(g[4] or 1), int(g[5] or 3))
     except ValueError as e:
         raise _bad(text, f"block {token!r}: {e}") from None
 

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import MNv4Error, check_choice, check_int
+from ..errors import check_choice, check_int
 from ..models.blocks import ConvBN, init_weights
 from ..models.mobilenetv4 import _build_block
 from ..models.specs import AttentionSpec, BlockSpec, ModelSpec, UIBSpec, cn, fib, uib

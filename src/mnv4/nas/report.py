@@ -14,7 +14,7 @@ from ..models.specs import AttentionSpec, ConvBNSpec, FusedIBSpec, ModelSpec, UI
 from .compact import spec_to_string
 
 if TYPE_CHECKING:
-    from .search import Search, SearchResult
+    from .search import SearchResult, SuperNetTrainer
 
 __all__ = ["write_report", "predicted_costs", "block_name", "read_spec_file"]
 
@@ -43,13 +43,12 @@ def block_name(b: Any) -> str:
 
 def predicted_costs(spec: ModelSpec, resolution: int, num_classes: int) -> dict[str, float]:
     """MACs, parameters and the roofline latency on every built-in hardware profile."""
-    from ..perf import profile
-    from ..perf.hardware import BUILTIN_PROFILES
-    from ..perf.roofline import predict_latency
-
     import torch
 
     from ..models.mobilenetv4 import MobileNetV4
+    from ..perf import profile
+    from ..perf.hardware import BUILTIN_PROFILES
+    from ..perf.roofline import predict_latency
 
     with torch.device("meta"):
         model = MobileNetV4(spec, num_classes=num_classes)
@@ -128,7 +127,9 @@ def plot_curves(history: list[dict[str, Any]], path: Path, target: float, unit: 
             ax.plot(xs, ys, ".", ms=2, alpha=0.3, color="tab:blue")
             ax.plot(xs, _smooth(ys, k), color="tab:blue", lw=1.5, label="moving average" if n == 0 else None)
             if key == "reward":
-                ax.plot(xs, [r["baseline"] for r in part], color="tab:orange", lw=1, label="baseline" if n == 0 else None)
+                ax.plot(
+                    xs, [r["baseline"] for r in part], color="tab:orange", lw=1, label="baseline" if n == 0 else None
+                )
         if key == "cost":
             ax.axhline(target, color="tab:red", ls="--", lw=1, label=f"target {target:g}")
         ax.legend(loc="best", fontsize=8)
@@ -161,7 +162,9 @@ def plot_scatter(subnets: list[dict[str, Any]], path: Path, target: float, unit:
     for kind, (color, marker, label) in styles.items():
         pts = [s for s in subnets if s["kind"] == kind]
         if pts:
-            ax.scatter([p["cost"] for p in pts], [p["accuracy"] for p in pts], c=color, marker=marker, label=label, s=20)
+            ax.scatter(
+                [p["cost"] for p in pts], [p["accuracy"] for p in pts], c=color, marker=marker, label=label, s=20
+            )
     found = [s for s in subnets if s["kind"] == "found"]
     if found:
         ax.scatter([found[0]["cost"]], [found[0]["accuracy"]], c="tab:red", marker="*", s=160, label="found")
@@ -181,12 +184,12 @@ def plot_scatter(subnets: list[dict[str, Any]], path: Path, target: float, unit:
 
 
 def write_report(
-    search: Search, result: SearchResult, pick: dict[str, Any], subnets: list[dict[str, Any]], wall: float
+    search: SuperNetTrainer, result: SearchResult, pick: dict[str, Any], subnets: list[dict[str, Any]], wall: float
 ) -> dict[str, Any]:
     from .cost import measure_model_ms
     from .search import HISTORY, SPEC
 
-    out = search.out
+    out = search.run_dir
     spec = result.spec
     spec_dict = spec.to_dict()
     spec_dict["compact"] = spec_to_string(spec)
@@ -195,7 +198,7 @@ def write_report(
 
     res, nc = search.resolution, search.num_classes
     costs = predicted_costs(spec, res, nc)
-    measured = measure_model_ms(spec, res, nc, search.cfg.threads)
+    measured = measure_model_ms(spec, res, nc, search.scfg.threads)
     report: dict[str, Any] = {
         "spec": str(out / SPEC),
         "compact": spec_dict["compact"],
@@ -205,7 +208,7 @@ def write_report(
         "unit": result.unit,
         "cost": result.cost,
         "cost_error": result.cost / result.target - 1,
-        "within_tolerance": abs(result.cost / result.target - 1) <= search.cfg.cost_tolerance,
+        "within_tolerance": abs(result.cost / result.target - 1) <= search.scfg.cost_tolerance,
         "pick": pick,
         "stage_results": {k: search.space.to_string(v) for k, v in search.stage_results.items()},
         "stages": _stage_rows(spec),
@@ -213,12 +216,12 @@ def write_report(
         "num_classes": nc,
         "predicted": costs,
         "measured_here_ms": measured,
-        "measured_threads": search.cfg.threads,
+        "measured_threads": search.scfg.threads,
         "subnets": subnets,
-        "steps": search.total_steps,
+        "steps": search.plan.total_steps,
         "wall_seconds": wall,
         "processes": search.info.world_size,
-        "config": search.cfg.to_dict(),
+        "config": search.scfg.to_dict(),
     }
     atomic_write_json(out / "report.json", report)
     starts = [s.start for s in search.stages]
@@ -259,6 +262,7 @@ def _markdown(r: dict[str, Any]) -> str:
     for k, v in p.items():
         if k.endswith("_ms"):
             lines.append(f"| roofline {k[:-3]} | {v:.4f} ms |")
-    lines.append(f"| measured here (eager PyTorch, batch 1, {r['measured_threads']} thread(s)) | {r['measured_here_ms']:.3f} ms |")
+    here = f"measured here (eager PyTorch, batch 1, {r['measured_threads']} thread(s))"
+    lines.append(f"| {here} | {r['measured_here_ms']:.3f} ms |")
     lines += ["", "![curves](curves.png)", "", "![scatter](scatter.png)", ""]
     return "\n".join(lines)

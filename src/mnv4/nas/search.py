@@ -24,11 +24,8 @@ architectures and the reward's correct counts are summed over processes, so all 
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
-import signal
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -38,20 +35,29 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import Dataset, Subset
 
+from ..data.transforms import eval_transform
 from ..errors import InvalidValue, MNv4Error, check_float, check_int
 from ..models.specs import ModelSpec
+from ..train.checkpoint import LAST
+from ..train.config import TrainConfig, resolve_config
+from ..train.distributed import all_reduce_sum
+from ..train.trainer import Trainer
+from ..weights.checkpoint import save_model
+from ..weights.io import write_safetensors
 from .controller import Controller, absolute_reward
 from .cost import HARDWARE_CHOICES, CostModel, LatencyTable, get_cost_model
 from .space import Arch, SearchSpace, get_space
 from .supernet import SuperNet
 
-__all__ = ["SearchConfig", "SearchResult", "search", "STATE", "SPEC"]
+__all__ = ["SearchConfig", "SearchResult", "SuperNetTrainer", "search", "STATE", "SPEC"]
 
-STATE = "search_state.pt"
+STATE = LAST  # the trainer's last.pt, with the controller and history in its extra state
 SPEC = "spec.json"
 HISTORY = "history.jsonl"
+SUBNET = "subnet.safetensors"
+SUPERNET = "supernet.safetensors"
 
 
 @dataclass(frozen=True)
@@ -142,6 +148,30 @@ class SearchConfig:
                 d[key] = tuple(d[key])
         return cls(**d)
 
+    def train_config(self) -> TrainConfig:
+        """The super-network's training run: the `quick` recipe with this search's settings."""
+        return resolve_config(
+            "quick",
+            model=None,
+            data=self.data,
+            output=self.output,
+            epochs=self.epochs,
+            batch_size=self.batch_size,
+            lr=self.lr,
+            lr_scaling="none",
+            warmup_epochs=self.warmup_epochs,
+            weight_decay=self.weight_decay,
+            label_smoothing=self.label_smoothing,
+            dropout=0.0,
+            crop_scale=self.crop_scale,
+            hflip=self.hflip,
+            input_size=self.resolution,
+            seed=self.seed,
+            workers=self.workers,
+            device=self.device,
+            save_every_steps=self.save_every_steps,
+        )
+
     @property
     def target_kind(self) -> str:
         return "macs" if self.target_macs is not None else "ms"
@@ -219,209 +249,97 @@ def _split(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
     return sorted(perm[k:]), sorted(perm[:k])
 
 
-class Search:
-    """One search run, in phases (setup, stages of steps, finish) with hooks per step."""
+class SuperNetTrainer(Trainer):
+    """The super-network phase of the search as a :class:`~mnv4.train.trainer.Trainer`: the base class
+    runs the steps, DDP, checkpoints, resume and stop requests; the hooks sample the architecture of
+    each step (``before_step``), train the controller (``after_step``), evaluate the current best
+    architecture at epoch ends, and write the search result at the end (``finish``).
 
-    def __init__(self, cfg: SearchConfig, data=None, progress: bool | None = None, log=None) -> None:
-        self.cfg = cfg.validated()
-        self.data = data
-        self.progress = progress
-        self._log = log
+    ``data.train`` is the part of the training data the weights learn from, ``data.val`` the held-out
+    part the reward is measured on (the dataset's own validation images are not used)."""
+
+    def __init__(self, scfg: SearchConfig, data, cost_model: CostModel, progress=None, log=None) -> None:
+        super().__init__(scfg.train_config(), data=data, progress=progress, log=log)
+        self.scfg = scfg
+        self.space: SearchSpace = get_space(scfg.space)
+        self.cost_model = cost_model
+        self.target = scfg.target
         self.history: list[dict[str, Any]] = []
         self.stage_results: dict[str, Arch] = {}
         self.controller: Controller | None = None
         self.stage_index = -1
-        self.step = 0
-        self.wall_before = 0.0
         self._costs: dict[tuple, float] = {}
+        self.result: SearchResult | None = None
 
-    # -- setup ----------------------------------------------------------------------------------
-    def say(self, msg: str) -> None:
-        if not self.info.is_main:
-            return
-        if self._log is not None:
-            self._log(msg)
-        else:
-            from tqdm import tqdm
-
-            tqdm.write(msg, file=sys.stdout)
-
-    def setup(self) -> None:
-        from ..data.datasets import load_data
-        from ..data.sampling import GlobalBatchSampler, SeededDataset
-        from ..data.transforms import eval_transform, train_transform
+    # -- Trainer hooks --------------------------------------------------------------------------
+    def build_model(self) -> nn.Module:
         from ..models.registry import Preprocess
-        from ..train.distributed import setup
-        from ..train.optim import build_optimizer, build_scheduler
 
-        cfg = self.cfg
-        self.info = setup(cfg.device)
-        self.space: SearchSpace = get_space(cfg.space)
-        if self.data is None:
-            if self.info.is_main:
-                self.data = load_data(cfg.data, None, 0.2, cfg.seed)
-            if self.info.distributed:
-                dist.barrier()
-            if self.data is None:
-                self.data = load_data(cfg.data, None, 0.2, cfg.seed)
-        data = self.data
-        self.num_classes = len(data.class_names)
-        res = cfg.resolution or data.input_size or 224
-        self.resolution = res
-        if data.input_size is not None:
-            pp = Preprocess(input_size=res, crop_pct=1.0, interpolation="bilinear")
+        net = SuperNet(self.space, len(self.data.class_names))
+        res = self.scfg.resolution or self.data.input_size or 224
+        if self.data.input_size is not None:  # small-image sets: no centre crop (as the trainer does)
+            net.preprocess = Preprocess(input_size=res, crop_pct=1.0, interpolation="bilinear")
         else:
-            pp = Preprocess(input_size=res)
-        self.preprocess = pp
-        w_idx, r_idx = _split(len(data.train), cfg.reward_split, cfg.seed)
-        self.weights_set = Subset(data.train, w_idx)
-        self.reward_set = _Held(Subset(data.train, r_idx), eval_transform(pp))
-        self.calib_set = _Held(Subset(data.train, w_idx[: cfg.calib_batches * cfg.batch_size]), eval_transform(pp))
-        world = self.info.world_size
-        if cfg.batch_size % world:
-            raise InvalidValue("batch_size", cfg.batch_size, f"must be divisible by the {world} processes")
-        if len(self.weights_set) < cfg.batch_size:
-            raise InvalidValue(
-                "batch_size", cfg.batch_size, f"must be <= the {len(self.weights_set)} training images left for weights"
+            net.preprocess = Preprocess(input_size=res)
+        net.class_names = list(self.data.class_names)
+        self.raw_preprocess = net.preprocess
+        self._prepare_search()
+        return net
+
+    def wrap_distributed(self, model: nn.Module) -> nn.Module:
+        from torch.nn.parallel import DistributedDataParallel
+
+        device = self.info.device
+        # Each step leaves the DW ops and blocks its architecture does not run without gradients.
+        return DistributedDataParallel(
+            model,
+            device_ids=[device] if device.type == "cuda" else None,
+            broadcast_buffers=False,
+            find_unused_parameters=True,
+        )
+
+    def setup(self, resume=None) -> None:
+        super().setup(resume)
+        if self.step == 0:
+            self.say(
+                f"searching space {self.space.name} ({self.space.num_architectures():.3g} architectures) for "
+                f"{self.cost_model.describe()} target {self.target:g}: {len(self.stages)} stage(s), "
+                f"{self.plan.total_steps} steps; reward on {len(self.data.val)} held-out training images"
             )
-        tf = train_transform(pp, scale=tuple(cfg.crop_scale), hflip=cfg.hflip)
-        train_ds = SeededDataset(self.weights_set, tf, cfg.seed)
-        self.sampler = GlobalBatchSampler(len(train_ds), cfg.batch_size, self.info.rank, world, True, cfg.seed)
-        from ..data.datasets import collate_images
 
-        self.loader = DataLoader(
-            train_ds,
-            batch_size=cfg.batch_size // world,
-            sampler=self.sampler,
-            num_workers=cfg.workers,
-            collate_fn=collate_images,
-            persistent_workers=cfg.workers > 0,
-        )
-        self.steps_per_epoch = self.sampler.batches_per_epoch
-        self.total_steps = max(1, int(round(cfg.epochs * self.steps_per_epoch)))
+    def _prepare_search(self) -> None:
+        """Stages and held-out sets; called from build_model, once the base class has planned the
+        run and before it restores a checkpoint (whose controller needs the stages)."""
+        cfg = self.scfg
+        pp = self.raw_preprocess
+        self.resolution = pp.input_size
+        self.num_classes = len(self.data.class_names)
+        self.reward_set = _Held(self.data.val, eval_transform(pp))
+        calib = Subset(self.data.train, range(min(len(self.data.train), cfg.calib_batches * cfg.batch_size)))
+        self.calib_set = _Held(calib, eval_transform(pp))
+        total = self.plan.total_steps
         if cfg.one_stage:
-            self.stages = [StagePlan("joint", 0, self.total_steps)]
+            self.stages = [StagePlan("joint", 0, total)]
         else:
-            coarse = max(1, int(round(cfg.coarse_fraction * self.total_steps)))
-            if coarse >= self.total_steps:
-                raise InvalidValue("epochs", cfg.epochs, "leaves no steps for the fine stage; raise it")
-            self.stages = [StagePlan("coarse", 0, coarse), StagePlan("fine", coarse, self.total_steps - coarse)]
+            coarse = max(1, int(round(cfg.coarse_fraction * total)))
+            if coarse >= total:
+                raise InvalidValue("epochs", cfg.epochs, f"gives {total} step(s), too few for two stages; raise it")
+            self.stages = [StagePlan("coarse", 0, coarse), StagePlan("fine", coarse, total - coarse)]
 
-        torch.manual_seed(cfg.seed)
-        self.supernet = SuperNet(self.space, self.num_classes).to(self.info.device)
-        self.model: nn.Module = self.supernet
-        if self.info.distributed:
-            from torch.nn.parallel import DistributedDataParallel
-
-            # Each step leaves the DW ops and blocks its architecture does not use without gradients.
-            self.model = DistributedDataParallel(self.supernet, find_unused_parameters=True)
-        self.optimizer = build_optimizer(self.supernet, cfg.lr, cfg.weight_decay, (0.9, 0.999), 1e-8)
-        warm = int(round(cfg.warmup_epochs * self.steps_per_epoch))
-        self.scheduler = build_scheduler(self.optimizer, min(warm, self.total_steps // 2), self.total_steps, 0.0)
-        self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-        self.cost_model = self._cost_model()
-        self.target = cfg.target
-
-    def _cost_model(self) -> CostModel:
-        cfg = self.cfg
-        cm = get_cost_model(
-            cfg.hardware, self.resolution, self.num_classes, cfg.target_kind, cfg.latency_table, cfg.threads
-        )
-        if isinstance(cm, LatencyTable):
-            # One table for all processes: rank 0 measures, the others read its file.
-            if self.info.is_main:
-                n = cm.build(self.space, progress=self.progress)
-                if n or not cm.overhead():
-                    self.say(f"latency table: measured {n} segments, {len(cm)} in {cm.path}")
-                    fit = cm.fit_overhead([self.space.to_spec(self.space.sample(_rng(cfg.seed, i))) for i in range(3)])
-                    self.say(f"latency table: per-call overhead {fit['overhead_ms']:.3f} ms")
-            if self.info.distributed:
-                dist.barrier()
-                cm = get_cost_model(
-                    cfg.hardware, self.resolution, self.num_classes, cfg.target_kind, cm.path, cfg.threads
-                )
-        return cm
-
-    def arch_cost(self, arch: Arch) -> float:
-        key = tuple(sorted(self.space.canonical(arch).items()))
-        if key not in self._costs:
-            self._costs[key] = self.cost_model.cost(self.space.to_spec(arch))
-        return self._costs[key]
-
-    # -- stages ---------------------------------------------------------------------------------
-    def _controller_for(self, stage: StagePlan) -> Controller:
-        cfg = self.cfg
-        if stage.name == "coarse":
-            fixed = self.space.coarse_fixed()
-        elif stage.name == "fine":
-            fixed = self.space.fine_fixed(self.stage_results["coarse"])
-        else:
-            fixed = {}
-        updates = max(1, stage.end - stage.rl_start(cfg.rl_warmup))
-        lr = cfg.controller_lr or min(0.1, max(1e-3, 15.0 / updates))
-        return Controller(self.space.decisions, lr, cfg.baseline_momentum, fixed)
-
-    def _enter_stage(self, index: int) -> None:
-        if index == self.stage_index:
-            return
-        if self.controller is not None and self.stage_index >= 0:
-            self.stage_results[self.stages[self.stage_index].name] = self.space.canonical(self.controller.argmax())
-        self.stage_index = index
-        stage = self.stages[index]
-        self.controller = self._controller_for(stage)
-        n = len(self.controller.decisions)
-        self.say(
-            f"stage {stage.name}: steps {stage.start}-{stage.end}, {n} decisions, controller frozen until step "
-            f"{stage.rl_start(self.cfg.rl_warmup)}, controller LR {self.controller.lr:.3g}"
-        )
-
-    def stage_at(self, step: int) -> int:
-        return next(i for i, s in enumerate(self.stages) if step < s.end)
-
-    # -- per-step hooks -------------------------------------------------------------------------
-    def before_step(self, step: int) -> Arch:
+    def before_step(self, step: int) -> None:
         self._enter_stage(self.stage_at(step))
         arch = self.space.canonical(self.controller.sample(_gen(self.cfg.seed, step, 1)))
-        self.supernet.set_arch(arch)
-        return arch
+        self.raw.set_arch(arch)
 
-    def train_step(self, batch) -> float:
-        x, y, _ = batch
-        x, y = x.to(self.info.device), y.to(self.info.device)
-        self.model.train()
-        self.optimizer.zero_grad(set_to_none=True)
-        loss = self.criterion(self.model(x), y)
-        loss.backward()
-        self.optimizer.step()
-        self.scheduler.step()
-        return float(loss.item())
-
-    @torch.no_grad()
-    def reward_quality(self, arch: Arch, step: int) -> float:
-        """Accuracy of ``arch`` on one held-out batch (batch statistics, like the training pass)."""
-        cfg = self.cfg
-        n = min(cfg.reward_batch or cfg.batch_size, len(self.reward_set))
-        idx = torch.randperm(len(self.reward_set), generator=_gen(cfg.seed, step, 2))[:n].tolist()
-        share = idx[self.info.rank :: self.info.world_size]
-        correct = total = 0.0
-        if share:
-            x, y = self.reward_set.batch(share)
-            self.supernet.train()
-            logits = self.supernet(x.to(self.info.device), arch)
-            correct, total = float((logits.argmax(1).cpu() == y).sum()), float(len(y))
-        from ..train.distributed import all_reduce_sum
-
-        correct, total = all_reduce_sum([correct, total], self.info)
-        return correct / max(total, 1.0)
-
-    def after_step(self, step: int, loss: float, arch: Arch) -> None:
+    def after_step(self, step: int, loss: float) -> None:
+        step -= 1  # the base class reports the step count after the update; rows use the step index
         stage = self.stages[self.stage_index]
         row: dict[str, Any] = {"step": step, "stage": stage.name, "loss": loss}
-        if step >= stage.rl_start(self.cfg.rl_warmup):
+        if step >= stage.rl_start(self.scfg.rl_warmup):
             rl_arch = self.space.canonical(self.controller.sample(_gen(self.cfg.seed, step, 3)))
             q = self.reward_quality(rl_arch, step)
             cost = self.arch_cost(rl_arch)
-            reward = absolute_reward(q, cost, self.target, self.cfg.beta)
+            reward = absolute_reward(q, cost, self.target, self.scfg.beta)
             adv = self.controller.update(rl_arch, reward, self.space.active(rl_arch))
             row.update(
                 quality=q,
@@ -434,142 +352,134 @@ class Search:
         row["entropy"] = self.controller.entropy()
         self.history.append(row)
 
-    # -- state ----------------------------------------------------------------------------------
-    def state(self) -> dict[str, Any]:
-        from ..train.checkpoint import rng_state
+    def evaluate_and_select(self, epoch: int, row: dict[str, Any]) -> None:
+        """Epoch end: the controller's most likely architecture, its cost and held-out accuracy."""
+        best = self.space.canonical(self.controller.argmax())
+        acc, top5, loss = self.evaluate_arch(best, full=True)
+        rows = [r for r in self.history if r["step"] >= self.step - self.plan.steps_per_epoch]
+        rl = [r for r in rows if "reward" in r]
+        row.update(
+            stage=self.stages[self.stage_index].name,
+            val_top1=acc,  # the argmax architecture on the held-out split, BN recalibrated
+            val_top5=top5,
+            val_loss=loss,
+            argmax_cost=self.arch_cost(best),
+            entropy=self.controller.entropy(),
+            mean_quality=sum(r["quality"] for r in rl) / len(rl) if rl else "",
+            mean_cost=sum(r["cost"] for r in rl) / len(rl) if rl else "",
+            mean_reward=sum(r["reward"] for r in rl) / len(rl) if rl else "",
+        )
+        self.say(
+            f"  stage {row['stage']}: controller entropy {row['entropy']:.2f} nats, most likely architecture "
+            f"{self.space.to_string(best)} ({row['argmax_cost']:.4g} {self.cost_model.unit}, "
+            f"{acc:.2f}% held-out)"
+        )
 
+    def extra_state(self) -> dict[str, Any]:
         return {
-            "version": 1,
-            "config": _plain(self.cfg.to_dict()),
-            "step": self.step,
+            "search_config": _plain(self.scfg.to_dict()),
             "stage_index": self.stage_index,
-            "stage_results": self.stage_results,
-            "supernet": self.supernet.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
+            "stage_results": json.dumps(self.stage_results),
             "controller": self.controller.state_dict() if self.controller else None,
             "history": json.dumps(self.history),
-            "rng": rng_state(),
-            "wall_seconds": self.wall_before + time.perf_counter() - self.t_start,
-            "done": False,
         }
 
-    def save(self, done: bool = False) -> None:
-        if not self.info.is_main:
-            return
-        from ..train.checkpoint import save_training_state
-
-        state = self.state()
-        state["done"] = done
-        save_training_state(self.out / STATE, state)
-
-    def load(self, path: Path) -> None:
-        from ..train.checkpoint import load_training_state, set_rng_state
-
-        state = load_training_state(path)
-        if state.get("done"):
-            raise MNv4Error(f"the search in {path.parent} already finished; its result is {path.parent / SPEC}")
-        saved = SearchConfig.from_dict(state["config"])
-        if _plain(saved.to_dict()) != _plain(self.cfg.to_dict()):
-            diff = sorted(k for k, v in saved.to_dict().items() if _plain(v) != _plain(getattr(self.cfg, k)))
-            raise MNv4Error(f"cannot resume {path}: the search was started with other settings ({', '.join(diff)})")
-        self.supernet.load_state_dict(state["supernet"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.stage_results = {k: dict(v) for k, v in state["stage_results"].items()}
-        self.step = int(state["step"])
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        saved = state.get("search_config")
+        if saved is None:
+            raise MNv4Error("this checkpoint is not from a search; resume it with `mnv4 train`")
+        if saved != _plain(self.scfg.to_dict()):
+            diff = sorted(k for k, v in saved.items() if v != _plain(self.scfg.to_dict()).get(k))
+            raise MNv4Error(f"cannot resume: the search was started with other settings ({', '.join(diff)})")
+        self.stage_results = json.loads(state["stage_results"])
+        self.history = json.loads(state["history"])
         if state["controller"] is not None:
             self.stage_index = -1
-            self._enter_stage(int(state["stage_index"]))
+            self._enter_stage(int(state["stage_index"]), quiet=True)
             self.controller.load_state_dict(state["controller"])
-        self.history = json.loads(state["history"])
-        set_rng_state(state["rng"])
-        self.wall_before = float(state["wall_seconds"])
 
-    # -- the run --------------------------------------------------------------------------------
-    def run(self, resume: bool = False, max_steps: int | None = None) -> SearchResult | None:
-        """Search; returns None when ``max_steps`` stopped it early (state saved, resumable)."""
-        from ..files import DirLock
-        from ..train.distributed import teardown
+    # -- stages ---------------------------------------------------------------------------------
+    def _controller_for(self, stage: StagePlan) -> Controller:
+        cfg = self.scfg
+        if stage.name == "coarse":
+            fixed = self.space.coarse_fixed()
+        elif stage.name == "fine":
+            fixed = self.space.fine_fixed(self.stage_results["coarse"])
+        else:
+            fixed = {}
+        updates = max(1, stage.end - stage.rl_start(cfg.rl_warmup))
+        lr = cfg.controller_lr or min(0.1, max(1e-3, 15.0 / updates))
+        return Controller(self.space.decisions, lr, cfg.baseline_momentum, fixed)
 
-        self.t_start = time.perf_counter()
-        self.setup()
-        cfg = self.cfg
-        self.out = Path(cfg.output) if cfg.output else Path("runs") / f"search-{time.strftime('%Y%m%d-%H%M%S')}"
-        lock = DirLock(self.out, "search") if self.info.is_main else None
-        if lock is not None:
-            lock.acquire()
-            if not resume and ((self.out / STATE).exists() or (self.out / SPEC).exists()):
-                lock.release()
-                raise MNv4Error(f"{self.out} already holds a search; resume it or choose another output folder")
-        try:
-            if resume:
-                self.load(self.out / STATE)
-            return self._loop(max_steps)
-        finally:
-            if lock is not None:
-                lock.release()
-            if self.info.distributed:
-                teardown()
-
-    def _loop(self, max_steps: int | None) -> SearchResult | None:
-        from tqdm import tqdm
-
-        cfg = self.cfg
-        if self.info.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
+    def _enter_stage(self, index: int, quiet: bool = False) -> None:
+        if index == self.stage_index:
+            return
+        if self.controller is not None and self.stage_index >= 0:
+            self.stage_results[self.stages[self.stage_index].name] = self.space.canonical(self.controller.argmax())
+        self.stage_index = index
+        stage = self.stages[index]
+        self.controller = self._controller_for(stage)
+        if not quiet:
             self.say(
-                f"searching {self.space.name} ({self.space.num_architectures():.3g} architectures) on "
-                f"{self.data.name} at {self.resolution} px for {self.cost_model.describe()} target "
-                f"{self.target:g}: {self.total_steps} steps in {len(self.stages)} stage(s), batch {cfg.batch_size}, "
-                f"{self.info.world_size} process(es)" + (f", resuming at step {self.step}" if self.step else "")
+                f"stage {stage.name}: steps {stage.start}-{stage.end}, {len(self.controller.decisions)} decisions, "
+                f"controller frozen until step {stage.rl_start(self.scfg.rl_warmup)}, "
+                f"controller LR {self.controller.lr:.3g}"
             )
-        stop = {"signal": None}
-        handlers = _install_stop(stop) if self.info.is_main and not self.info.distributed else {}
-        bar = tqdm(
-            total=self.total_steps,
-            initial=self.step,
-            desc="search",
-            unit="step",
-            disable=True if not self.info.is_main or self.progress is False else (None if self.progress is None else False),
-            dynamic_ncols=True,
-        )
-        done_this_run = 0
-        try:
-            while self.step < self.total_steps:
-                epoch, first = divmod(self.step, self.steps_per_epoch)
-                self.sampler.set_epoch(epoch, first)
-                for batch in self.loader:
-                    arch = self.before_step(self.step)
-                    loss = self.train_step(batch)
-                    self.after_step(self.step, loss, arch)
-                    self.step += 1
-                    done_this_run += 1
-                    bar.update()
-                    last = self.history[-1]
-                    post = {"loss": f"{loss:.3f}", "H": f"{last['entropy']:.1f}"}
-                    if "quality" in last:
-                        post.update(Q=f"{last['quality']:.2f}", T=f"{last['cost']:.3g}")
-                    bar.set_postfix(post, refresh=False)
-                    if self.step in {s.end for s in self.stages} and self.step < self.total_steps:
-                        self._enter_stage(self.stage_at(self.step))
-                        self.save()
-                    elif cfg.save_every_steps and self.step % cfg.save_every_steps == 0:
-                        self.save()
-                    if stop["signal"] is not None:
-                        self.save()
-                        raise KeyboardInterrupt
-                    if (max_steps is not None and done_this_run >= max_steps) or self.step >= self.total_steps:
-                        break
-                if max_steps is not None and done_this_run >= max_steps and self.step < self.total_steps:
-                    self.save()
-                    self.say(f"stopped at step {self.step}; resume to continue")
-                    return None
-        finally:
-            bar.close()
-            _restore(handlers)
-        self.stage_results[self.stages[self.stage_index].name] = self.space.canonical(self.controller.argmax())
-        return self.finish()
+
+    def stage_at(self, step: int) -> int:
+        return next(i for i, s in enumerate(self.stages) if step < s.end)
+
+    # -- reward and evaluation ------------------------------------------------------------------
+    def arch_cost(self, arch: Arch) -> float:
+        key = tuple(sorted(self.space.canonical(arch).items()))
+        if key not in self._costs:
+            self._costs[key] = self.cost_model.cost(self.space.to_spec(arch))
+        return self._costs[key]
+
+    @torch.no_grad()
+    def reward_quality(self, arch: Arch, step: int) -> float:
+        """Accuracy of ``arch`` on one held-out batch (batch statistics, like the training pass)."""
+        cfg = self.scfg
+        n = min(cfg.reward_batch or cfg.batch_size, len(self.reward_set))
+        idx = torch.randperm(len(self.reward_set), generator=_gen(cfg.seed, step, 2))[:n].tolist()
+        share = idx[self.info.rank :: self.info.world_size]
+        correct = total = 0.0
+        if share:
+            x, y = self.reward_set.batch(share)
+            if len(y) > 1:  # BatchNorm needs two samples
+                self.raw.train()
+                logits = self.raw(x.to(self.info.device), arch)
+                correct, total = float((logits.argmax(1).cpu() == y).sum()), float(len(y))
+        correct, total = all_reduce_sum([correct, total], self.info)
+        return correct / max(total, 1.0)
+
+    @torch.no_grad()
+    def evaluate_arch(self, arch: Arch, full: bool = False) -> Any:
+        """Held-out top-1 (%) of ``arch`` with BN statistics recalibrated for it; ``full`` returns
+        (top-1, top-5, loss)."""
+        import torch.nn.functional as F
+
+        bs = self.scfg.batch_size
+        n = len(self.calib_set)
+        batches = (self.calib_set.batch(list(range(i, min(n, i + bs))))[0] for i in range(0, n, bs))
+        self.raw.calibrate_bn(arch, (b.to(self.info.device) for b in batches if len(b) > 1))
+        self.raw.eval()
+        top1 = top5 = loss = 0.0
+        total = 0
+        for i in range(0, len(self.reward_set), 256):
+            x, y = self.reward_set.batch(list(range(i, min(len(self.reward_set), i + 256))))
+            logits = self.raw(x.to(self.info.device), arch).float().cpu()
+            k = min(5, logits.shape[1])
+            hit = logits.topk(k, 1).indices == y[:, None]
+            top1 += float(hit[:, 0].sum())
+            top5 += float(hit.any(1).sum())
+            loss += float(F.cross_entropy(logits, y, reduction="sum"))
+            total += len(y)
+        self.raw.train()
+        total = max(total, 1)
+        if full:
+            return 100.0 * top1 / total, 100.0 * top5 / total, loss / total
+        return 100.0 * top1 / total
 
     # -- the result -----------------------------------------------------------------------------
     def pick(self) -> tuple[Arch, dict[str, Any]]:
@@ -578,64 +488,84 @@ class Search:
         best = self.space.canonical(self.controller.argmax())
         cost = self.arch_cost(best)
         info = {"argmax": self.space.to_string(best), "argmax_cost": cost, "projected": False}
-        if abs(cost / self.target - 1) <= self.cfg.cost_tolerance:
+        tol = self.scfg.cost_tolerance
+        if abs(cost / self.target - 1) <= tol:
             return best, info
         g = _gen(self.cfg.seed, 0xF1A1)
-        seen: dict[str, tuple[float, Arch]] = {}
+        seen: dict[tuple, tuple[float, Arch]] = {}
         for _ in range(2000):
             a = self.space.canonical(self.controller.sample(g))
             key = tuple(sorted(a.items()))
             if key not in seen:
                 with torch.no_grad():
                     seen[key] = (float(self.controller.log_prob(a, self.space.active(a))), a)
-        inside = [(lp, a) for lp, a in seen.values() if abs(self.arch_cost(a) / self.target - 1) <= self.cfg.cost_tolerance]
+        inside = [(lp, a) for lp, a in seen.values() if abs(self.arch_cost(a) / self.target - 1) <= tol]
         if inside:
-            lp, a = max(inside, key=lambda t: t[0])
+            _, a = max(inside, key=lambda t: t[0])
             info["projected"] = True
             return a, info
         return best, info
 
-    @torch.no_grad()
-    def evaluate_arch(self, arch: Arch) -> float:
-        """Held-out accuracy (%) of ``arch`` with BN statistics recalibrated for it."""
-        cfg = self.cfg
-        n = len(self.calib_set)
-        bs = cfg.batch_size
-        batches = (self.calib_set.batch(list(range(i, min(n, i + bs))))[0] for i in range(0, n, bs))
-        self.supernet.calibrate_bn(arch, (b.to(self.info.device) for b in batches))
-        self.supernet.eval()
-        correct = total = 0
-        for i in range(0, len(self.reward_set), 256):
-            x, y = self.reward_set.batch(list(range(i, min(len(self.reward_set), i + 256))))
-            pred = self.supernet(x.to(self.info.device), arch).argmax(1).cpu()
-            correct += int((pred == y).sum())
-            total += len(y)
-        self.supernet.train()
-        return 100.0 * correct / max(total, 1)
-
-    def finish(self) -> SearchResult:
+    def finish(self):
+        if self.stop_reason is not None:
+            self.say(
+                f"stopped at step {self.step} of {self.plan.total_steps} ({self.stop_reason}); "
+                f"continue with `resume` ({self.run_dir / LAST})"
+            )
+            return super_finish_stopped(self)
         from .report import write_report
 
+        self.stage_results[self.stages[self.stage_index].name] = self.space.canonical(self.controller.argmax())
         arch, pick_info = self.pick()
-        spec = self.space.to_spec(arch, name=f"nas_{self.space.name}_{self.cfg.hardware.split('/')[-1].split('.')[0]}")
-        cost = self.arch_cost(arch)
-        subnets = []
+        hw = (
+            Path(self.scfg.hardware).stem
+            if self.scfg.hardware.endswith((".yaml", ".yml", ".json"))
+            else self.scfg.hardware
+        )
+        spec = self.space.to_spec(arch, name=f"nas_{self.space.name}_{hw}")
+        result = SearchResult(self.run_dir, arch, spec, self.arch_cost(arch), self.target, self.cost_model.unit)
         if self.info.is_main:
-            g = _gen(self.cfg.seed, 0x5CA7)
-            rng = _rng(self.cfg.seed, 0x5CA7)
+            subnets = []
+            g, rng = _gen(self.cfg.seed, 0x5CA7), _rng(self.cfg.seed, 0x5CA7)
             candidates = [("found", arch)]
-            candidates += [("policy", self.space.canonical(self.controller.sample(g))) for _ in range(self.cfg.eval_subnets)]
-            candidates += [("uniform", self.space.sample(rng)) for _ in range(self.cfg.eval_subnets)]
+            candidates += [
+                ("policy", self.space.canonical(self.controller.sample(g))) for _ in range(self.scfg.eval_subnets)
+            ]
+            candidates += [("uniform", self.space.sample(rng)) for _ in range(self.scfg.eval_subnets)]
             for kind, a in candidates:
                 subnets.append(
-                    {"kind": kind, "arch": self.space.to_string(a), "cost": self.arch_cost(a), "accuracy": self.evaluate_arch(a)}
+                    {
+                        "kind": kind,
+                        "arch": self.space.to_string(a),
+                        "cost": self.arch_cost(a),
+                        "accuracy": self.evaluate_arch(a),
+                    }
                 )
-        wall = self.wall_before + time.perf_counter() - self.t_start
-        result = SearchResult(self.out, arch, spec, cost, self.target, self.cost_model.unit)
-        if self.info.is_main:
-            self.save(done=True)
+            # The found architecture with the super-network's weights and its own BN statistics: a warm start.
+            self.evaluate_arch(arch)
+            save_model(self.raw.extract(arch, spec.name), self.run_dir / SUBNET, extra={"source": "nas super-network"})
+            write_safetensors(
+                self.run_dir / SUPERNET,
+                self.raw.state_dict(),
+                {"format": "mnv4-supernet", "space": self.space.to_dict()},
+            )
+            wall = self.wall_before + time.perf_counter() - self.t_start
             result.report = write_report(self, result, pick_info, subnets, wall)
+            self.say(
+                f"found {result.report['compact']}: {result.cost:.4g} {result.unit} for target {self.target:g} "
+                f"({100 * result.report['cost_error']:+.1f}%); spec {self.run_dir / SPEC}"
+            )
+        if self.info.distributed:
+            dist.barrier()
+        self.result = result
         return result
+
+
+def super_finish_stopped(trainer: Trainer):
+    """What a stopped search returns: nothing to report yet (``resume`` continues it)."""
+    if trainer.info.distributed:
+        dist.barrier()
+    return None
 
 
 def _rng(*keys: int):
@@ -655,22 +585,6 @@ def _plain(v: Any) -> Any:
     return v
 
 
-def _install_stop(stop: dict) -> dict:
-    def handler(signum, frame):
-        stop["signal"] = signum
-
-    old = {}
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(ValueError):  # not the main thread
-            old[sig] = signal.signal(sig, handler)
-    return old
-
-
-def _restore(handlers: dict) -> None:
-    for sig, h in handlers.items():
-        signal.signal(sig, h)
-
-
 def search(
     cfg: SearchConfig,
     resume: bool = False,
@@ -679,5 +593,50 @@ def search(
     progress: bool | None = None,
     log=None,
 ) -> SearchResult | None:
-    """Run (or resume) a search; under torchrun every process calls this with the same ``cfg``."""
-    return Search(cfg, data, progress, log).run(resume, max_steps)
+    """Run (or, with ``resume``, continue) a search; under torchrun every process calls this with the
+    same ``cfg``. Returns None when ``max_steps`` or a stop request ended it early (resumable)."""
+    from ..data.datasets import DataBundle, load_data
+    from ..train.distributed import setup
+
+    cfg = cfg.validated()
+    get_space(cfg.space)  # a bad space fails before any data is read
+    out = Path(cfg.output) if cfg.output else None
+    if resume and out is None:
+        raise InvalidValue("output", None, "name the folder of the search to resume")
+    info = setup(cfg.device)
+    if data is None:
+        if info.is_main:
+            data = load_data(cfg.data, None, 0.2, cfg.seed)
+        if info.distributed:
+            dist.barrier()
+        if data is None:
+            data = load_data(cfg.data, None, 0.2, cfg.seed)
+    w_idx, r_idx = _split(len(data.train), cfg.reward_split, cfg.seed)
+    split = DataBundle(
+        data.name, Subset(data.train, w_idx), Subset(data.train, r_idx), list(data.class_names), data.input_size
+    )
+    res = cfg.resolution or data.input_size or 224
+    cost_model = _cost_model(cfg, res, len(data.class_names), info, progress, log)
+    trainer = SuperNetTrainer(cfg, split, cost_model, progress, log)
+    return trainer.run(resume=out / LAST if resume else None, max_steps=max_steps)
+
+
+def _cost_model(cfg: SearchConfig, resolution: int, num_classes: int, info, progress, log) -> CostModel:
+    cm = get_cost_model(cfg.hardware, resolution, num_classes, cfg.target_kind, cfg.latency_table, cfg.threads)
+    if not isinstance(cm, LatencyTable):
+        return cm
+    say = log or print
+    # One table for all processes: rank 0 measures, the others read its file.
+    if info.is_main:
+        space = get_space(cfg.space)
+        n = cm.build(space, progress=progress)
+        if n or not cm.overhead():
+            fit = cm.fit_overhead([space.to_spec(space.sample(_rng(cfg.seed, i)), f"probe{i}") for i in range(3)])
+            say(
+                f"latency table {cm.path}: measured {n} new segment(s), {len(cm)} in all; per-call overhead "
+                f"{fit['overhead_ms']:.3f} ms"
+            )
+    if info.distributed:
+        dist.barrier()
+        cm = get_cost_model(cfg.hardware, resolution, num_classes, cfg.target_kind, cm.path, cfg.threads)
+    return cm

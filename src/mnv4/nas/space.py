@@ -248,7 +248,7 @@ class SearchSpace:
     def num_architectures(self) -> int:
         """Distinct models in the space (inactive decisions do not count)."""
         total = len(self.stem)
-        for i, st in enumerate(self.stages):
+        for st in self.stages:
             b0 = 0
             for kind in st.first:
                 n = len(st.fused_expand) if kind != "uib" else len(st.start_dw) * len(st.strided_mid) * len(st.expand)
@@ -447,7 +447,7 @@ class SearchSpace:
     def describe(self) -> str:
         lines = [f"search space {self.name}: {self.num_architectures():.3g} architectures"]
         lines.append(f"  stem conv3x3 s2, width {list(self.stem)}")
-        for i, st in enumerate(self.stages):
+        for st in self.stages:
             first = "/".join(st.first)
             extra = f", MQA slots {spec_to_token(st.mqa)}" if st.mqa else ""
             lines.append(
@@ -495,26 +495,42 @@ SPACES: dict[str, SearchSpace] = {
     "s": _preset(
         "s",
         32,
-        [((1, 2), (16, 24, 32)), ((1, 2, 3), (32, 48, 64)), ((2, 3, 4, 5, 6), (64, 80, 96, 112)),
-         ((2, 3, 4, 5, 6), (96, 128, 160))],
+        [
+            ((1, 2), (16, 24, 32)),
+            ((1, 2, 3), (32, 48, 64)),
+            ((2, 3, 4, 5, 6), (64, 80, 96, 112)),
+            ((2, 3, 4, 5, 6), (96, 128, 160)),
+        ],
     ),
     "m": _preset(
         "m",
         32,
-        [((1, 2), (32, 48, 64)), ((1, 2, 3, 4), (64, 80, 96)), ((4, 6, 8, 10), (128, 160, 192)),
-         ((6, 8, 10, 11, 12), (192, 256, 320))],
+        [
+            ((1, 2), (32, 48, 64)),
+            ((1, 2, 3, 4), (64, 80, 96)),
+            ((4, 6, 8, 10), (128, 160, 192)),
+            ((6, 8, 10, 11, 12), (192, 256, 320)),
+        ],
     ),
     "l": _preset(
         "l",
         24,
-        [((1, 2), (32, 48, 64)), ((1, 2, 3, 4), (80, 96, 128)), ((6, 8, 10, 11, 12), (160, 192, 256)),
-         ((8, 10, 12, 13, 14), (384, 512, 640))],
+        [
+            ((1, 2), (32, 48, 64)),
+            ((1, 2, 3, 4), (80, 96, 128)),
+            ((6, 8, 10, 11, 12), (160, 192, 256)),
+            ((8, 10, 12, 13, 14), (384, 512, 640)),
+        ],
     ),
     "m_hybrid": _preset(
         "m_hybrid",
         32,
-        [((1, 2), (32, 48, 64)), ((1, 2, 3, 4), (64, 80, 96)), ((4, 6, 8, 10), (128, 160, 192)),
-         ((6, 8, 10, 11, 12), (192, 256, 320))],
+        [
+            ((1, 2), (32, 48, 64)),
+            ((1, 2, 3, 4), (64, 80, 96)),
+            ((4, 6, 8, 10), (128, 160, 192)),
+            ((6, 8, 10, 11, 12), (192, 256, 320)),
+        ],
         mqa_blocks=(mqa(4, 64, kv_stride=2), mqa(4, 64, kv_stride=1)),
         ls=1e-5,
     ),

@@ -49,14 +49,17 @@ class _SliceConvBN(nn.Module):
         super().__init__()
         self.depthwise = depthwise
         self.kernel = kernel
-        self.weight = nn.Parameter(torch.empty(max_out, 1 if depthwise else max_in, kernel, kernel))
-        nn.init.kaiming_normal_(self.weight, mode="fan_out", nonlinearity="relu")
+        # An nn.Conv2d holds the widest weight (and shows profilers and the trainer a real conv); it is
+        # only ever called through a slice of its weight.
+        self.conv = nn.Conv2d(max_in, max_out, kernel, groups=max_in if depthwise else 1, bias=False)
+        nn.init.kaiming_normal_(self.conv.weight, mode="fan_out", nonlinearity="relu")
         self.bn = nn.BatchNorm2d(max_out)
         self.act = make_act(act)
         self.calibrating = False
 
     def _weight(self, cin: int, out: int) -> torch.Tensor:
-        return self.weight[:cin] if self.depthwise else self.weight[:out, :cin]
+        w = self.conv.weight
+        return w[:cin] if self.depthwise else w[:out, :cin]
 
     def forward(self, x: torch.Tensor, out: int | None = None, stride: int = 1) -> torch.Tensor:
         cin = x.shape[1]
