@@ -150,6 +150,7 @@ def register(sub) -> None:
         "saves <artefact>.parity.json; a failed check exits non-zero.",
     )
     A.add_model(p)
+    p.add_argument("--spec", default=None, metavar="FILE", help="architecture from a spec JSON (e.g. mnv4 search)")
     A.add_weights(p, checkpoint_help="weights to export (default: random init, announced)")
     p.add_argument("--format", required=True, choices=_EXPORT_FORMATS, help="artefact format / runtime")
     p.add_argument("--fp16", action="store_true", help="half precision (onnx, openvino, coreml, torchscript, pt2)")

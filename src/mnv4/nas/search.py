@@ -70,6 +70,7 @@ class SearchConfig:
     hardware: str = "pixel8_edgetpu"  # macs | local | a built-in roofline profile | a .yaml/.json profile
     target_ms: float | None = None
     target_macs: float | None = None  # millions of MACs
+    target_like: str | None = None  # the cost of this registered model on the cost model (e.g. mnv4_conv_small)
     resolution: int | None = None  # None: the dataset's natural size (32 for CIFAR), else 224
     epochs: float = 10.0  # super-network epochs over the training split, both stages together
     one_stage: bool = False
@@ -99,8 +100,13 @@ class SearchConfig:
     save_every_steps: int = 200
 
     def validated(self) -> SearchConfig:
-        if (self.target_ms is None) == (self.target_macs is None):
-            raise InvalidValue("target_ms", self.target_ms, "give exactly one of `target_ms` and `target_macs`")
+        given = [t for t in (self.target_ms, self.target_macs, self.target_like) if t is not None]
+        if len(given) != 1:
+            raise MNv4Error("give exactly one target: `target_ms`, `target_macs` or `target_like`")
+        if self.target_like is not None:
+            from ..models.registry import get_entry
+
+            get_entry(self.target_like)  # an unknown name fails here, with the list of models
         if self.target_ms is not None:
             check_float("target_ms", self.target_ms, 0.0, lo_open=True)
             if self.hardware == "macs":
@@ -174,10 +180,16 @@ class SearchConfig:
 
     @property
     def target_kind(self) -> str:
+        if self.target_like is not None:
+            return "macs" if self.hardware == "macs" else "ms"
         return "macs" if self.target_macs is not None else "ms"
 
-    @property
-    def target(self) -> float:
+    def resolve_target(self, cost_model: CostModel) -> float:
+        """T0 in the cost model's unit: the given number, or the cost of ``target_like`` on it."""
+        if self.target_like is not None:
+            from ..models.registry import get_entry
+
+            return float(cost_model.cost(get_entry(self.target_like).spec))
         return float(self.target_macs if self.target_macs is not None else self.target_ms)
 
 
@@ -263,7 +275,7 @@ class SuperNetTrainer(Trainer):
         self.scfg = scfg
         self.space: SearchSpace = get_space(scfg.space)
         self.cost_model = cost_model
-        self.target = scfg.target
+        self.target = scfg.resolve_target(cost_model)
         self.history: list[dict[str, Any]] = []
         self.stage_results: dict[str, Arch] = {}
         self.controller: Controller | None = None
@@ -517,12 +529,7 @@ class SuperNetTrainer(Trainer):
 
         self.stage_results[self.stages[self.stage_index].name] = self.space.canonical(self.controller.argmax())
         arch, pick_info = self.pick()
-        hw = (
-            Path(self.scfg.hardware).stem
-            if self.scfg.hardware.endswith((".yaml", ".yml", ".json"))
-            else self.scfg.hardware
-        )
-        spec = self.space.to_spec(arch, name=f"nas_{self.space.name}_{hw}")
+        spec = self.space.to_spec(arch, name=f"nas_{self.space.name}_{self.cost_model.name}")
         result = SearchResult(self.run_dir, arch, spec, self.arch_cost(arch), self.target, self.cost_model.unit)
         if self.info.is_main:
             subnets = []
