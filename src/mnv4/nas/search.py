@@ -51,7 +51,16 @@ from .cost import HARDWARE_CHOICES, CostModel, LatencyTable, get_cost_model
 from .space import Arch, SearchSpace, get_space
 from .supernet import SuperNet
 
-__all__ = ["SearchConfig", "SearchResult", "SuperNetTrainer", "search", "STATE", "SPEC"]
+__all__ = [
+    "SearchConfig",
+    "SearchResult",
+    "SuperNetTrainer",
+    "HeldOutSet",
+    "subnet_accuracy",
+    "search",
+    "STATE",
+    "SPEC",
+]
 
 STATE = LAST  # the trainer's last.pt, with the controller and history in its extra state
 SPEC = "spec.json"
@@ -218,7 +227,7 @@ class SearchResult:
     report: dict[str, Any] = field(default_factory=dict)
 
 
-class _Held(Dataset):
+class HeldOutSet(Dataset):
     """The held-out split as (image tensor, label), loaded once when small enough."""
 
     def __init__(self, ds: Dataset, transform: Callable, max_bytes: int = 256 << 20) -> None:
@@ -326,9 +335,9 @@ class SuperNetTrainer(Trainer):
         pp = self.raw_preprocess
         self.resolution = pp.input_size
         self.num_classes = len(self.data.class_names)
-        self.reward_set = _Held(self.data.val, eval_transform(pp))
+        self.reward_set = HeldOutSet(self.data.val, eval_transform(pp))
         calib = Subset(self.data.train, range(min(len(self.data.train), cfg.calib_batches * cfg.batch_size)))
-        self.calib_set = _Held(calib, eval_transform(pp))
+        self.calib_set = HeldOutSet(calib, eval_transform(pp))
         total = self.plan.total_steps
         if cfg.one_stage:
             self.stages = [StagePlan("joint", 0, total)]
@@ -465,33 +474,12 @@ class SuperNetTrainer(Trainer):
         correct, total = all_reduce_sum([correct, total], self.info)
         return correct / max(total, 1.0)
 
-    @torch.no_grad()
     def evaluate_arch(self, arch: Arch, full: bool = False) -> Any:
         """Held-out top-1 (%) of ``arch`` with BN statistics recalibrated for it; ``full`` returns
         (top-1, top-5, loss)."""
-        import torch.nn.functional as F
-
-        bs = self.scfg.batch_size
-        n = len(self.calib_set)
-        batches = (self.calib_set.batch(list(range(i, min(n, i + bs))))[0] for i in range(0, n, bs))
-        self.raw.calibrate_bn(arch, (b.to(self.info.device) for b in batches if len(b) > 1))
-        self.raw.eval()
-        top1 = top5 = loss = 0.0
-        total = 0
-        for i in range(0, len(self.reward_set), 256):
-            x, y = self.reward_set.batch(list(range(i, min(len(self.reward_set), i + 256))))
-            logits = self.raw(x.to(self.info.device), arch).float().cpu()
-            k = min(5, logits.shape[1])
-            hit = logits.topk(k, 1).indices == y[:, None]
-            top1 += float(hit[:, 0].sum())
-            top5 += float(hit.any(1).sum())
-            loss += float(F.cross_entropy(logits, y, reduction="sum"))
-            total += len(y)
+        res = subnet_accuracy(self.raw, arch, self.calib_set, self.reward_set, self.scfg.batch_size, self.info.device)
         self.raw.train()
-        total = max(total, 1)
-        if full:
-            return 100.0 * top1 / total, 100.0 * top5 / total, loss / total
-        return 100.0 * top1 / total
+        return res if full else res[0]
 
     # -- the result -----------------------------------------------------------------------------
     def pick(self) -> tuple[Arch, dict[str, Any]]:
@@ -573,6 +561,37 @@ def super_finish_stopped(trainer: Trainer):
     if trainer.info.distributed:
         dist.barrier()
     return None
+
+
+@torch.no_grad()
+def subnet_accuracy(
+    net: SuperNet,
+    arch: Arch,
+    calib: HeldOutSet,
+    data: HeldOutSet,
+    batch_size: int = 64,
+    device: torch.device | str = "cpu",
+) -> tuple[float, float, float]:
+    """(top-1 %, top-5 %, loss) of ``arch`` run by the super-network on ``data``, after recalibrating
+    its BN statistics on the images of ``calib`` (see :meth:`SuperNet.calibrate_bn`)."""
+    import torch.nn.functional as F
+
+    n = len(calib)
+    batches = (calib.batch(list(range(i, min(n, i + batch_size))))[0] for i in range(0, n, batch_size))
+    net.calibrate_bn(arch, (b.to(device) for b in batches if len(b) > 1))
+    net.eval()
+    top1 = top5 = loss = 0.0
+    total = 0
+    for i in range(0, len(data), 256):
+        x, y = data.batch(list(range(i, min(len(data), i + 256))))
+        logits = net(x.to(device), arch).float().cpu()
+        hit = logits.topk(min(5, logits.shape[1]), 1).indices == y[:, None]
+        top1 += float(hit[:, 0].sum())
+        top5 += float(hit.any(1).sum())
+        loss += float(F.cross_entropy(logits, y, reduction="sum"))
+        total += len(y)
+    total = max(total, 1)
+    return 100.0 * top1 / total, 100.0 * top5 / total, loss / total
 
 
 def _rng(*keys: int):
