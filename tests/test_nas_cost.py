@@ -82,3 +82,18 @@ def test_latency_table_build_fills_the_whole_space(tmp_path):
     assert table.build(space, progress=False) == 0
     assert table.cost(space.to_spec(space.sample(random.Random(2)))) > 0
     assert len(set(calls)) == len(calls)
+
+
+def test_thread_clock_ignores_time_spent_off_the_cpu():
+    import time
+
+    from mnv4.nas.cost import time_ms
+
+    def nap():
+        time.sleep(0.002)
+
+    wall = time_ms(nap, runs=5, repeats=3, warmup=0, budget_s=None, clock="wall")
+    cpu = time_ms(nap, runs=5, repeats=3, warmup=0, budget_s=None, clock="thread")
+    assert wall >= 1.9 and cpu < 0.5 * wall
+    with pytest.raises(Exception, match="one thread"):
+        LatencyTable(32, 10, threads=2, clock="thread")

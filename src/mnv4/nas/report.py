@@ -262,7 +262,8 @@ def _markdown(r: dict[str, Any]) -> str:
     for k, v in p.items():
         if k.endswith("_ms"):
             lines.append(f"| roofline {k[:-3]} | {v:.4f} ms |")
-    here = f"measured here (eager PyTorch, batch 1, {r['measured_threads']} thread(s))"
+    clock = "thread CPU time" if r["measured_threads"] == 1 else "wall clock"
+    here = f"measured here (eager PyTorch, batch 1, {r['measured_threads']} thread(s), {clock})"
     lines.append(f"| {here} | {r['measured_here_ms']:.3f} ms |")
     lines += ["", "![curves](curves.png)", "", "![scatter](scatter.png)", ""]
     return "\n".join(lines)

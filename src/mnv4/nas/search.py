@@ -656,7 +656,7 @@ def _cost_model(cfg: SearchConfig, resolution: int, num_classes: int, info, prog
     if info.is_main:
         space = get_space(cfg.space)
         n = cm.build(space, progress=progress)
-        if n or not cm.overhead():
+        if n or not cm.overhead_fitted:
             fit = cm.fit_overhead([space.to_spec(space.sample(_rng(cfg.seed, i)), f"probe{i}") for i in range(3)])
             say(
                 f"latency table {cm.path}: measured {n} new segment(s), {len(cm)} in all; per-call overhead "
