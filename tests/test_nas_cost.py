@@ -48,14 +48,14 @@ def test_space_segments_cover_every_sampled_architecture():
 def test_latency_table_measures_caches_and_predicts(tmp_path):
     space = tiny_space()
     path = tmp_path / "table.json"
-    kw = dict(path=path, runs=5, repeats=3, budget_s=0.01, warmup=1)
+    kw = dict(path=path, runs=5, repeats=3, budget_s=0.01, warmup=1, passes=1)
     table = LatencyTable(32, 10, **kw)
     rng = random.Random(1)
     specs = [space.to_spec(space.sample(rng), f"m{i}") for i in range(3)]
     for spec in specs:
         assert table.cost(spec) > 0
-    table.save()
     n = len(table)
+    assert len(json.loads(path.read_text())["entries"]) == n  # lazily measured segments are kept on disk
     assert n == len({s.key for spec in specs for s in segments(spec, 32, 10)})
     fit = table.fit_overhead(specs[:2])
     assert set(fit) == {"overhead_ms", "models"} and len(fit["models"]) == 2
@@ -65,23 +65,23 @@ def test_latency_table_measures_caches_and_predicts(tmp_path):
     # A second table with the same fingerprint reads the file instead of measuring again.
     again = LatencyTable(32, 10, **kw)
     assert len(again) == n and again.overhead() == pytest.approx(table.overhead())
-    again._measure = lambda seg: pytest.fail("measured a cached segment")
+    again._measure = lambda seg, passes=None: pytest.fail("measured a cached segment")
     assert again.cost(specs[0]) == pytest.approx(table.cost(specs[0]))
     # Another protocol (or machine) never reuses it.
-    assert len(LatencyTable(32, 10, path=path, runs=6, repeats=3, budget_s=0.01, warmup=1)) == 0
+    assert len(LatencyTable(32, 10, path=path, runs=6, repeats=3, budget_s=0.01, warmup=1, passes=1)) == 0
     data = json.loads(path.read_text())
     assert data["fingerprint"]["threads"] == 1 and len(data["entries"]) == n
 
 
 def test_latency_table_build_fills_the_whole_space(tmp_path):
     space = tiny_space()
-    table = LatencyTable(16, 10, path=tmp_path / "t.json", runs=2, repeats=1, budget_s=0.001, warmup=0)
+    table = LatencyTable(16, 10, path=tmp_path / "t.json", runs=2, repeats=1, budget_s=0.001, warmup=0, passes=2)
     calls = []
-    table._measure = lambda seg: calls.append(seg.key) or 0.01
+    table._measure = lambda seg, passes=None: calls.append(seg.key) or 0.01
     assert table.build(space, progress=False) == len(space_segments(space, 16, 10))
+    assert len(calls) == 2 * len(set(calls))  # every segment once per pass (passes=2)
     assert table.build(space, progress=False) == 0
     assert table.cost(space.to_spec(space.sample(random.Random(2)))) > 0
-    assert len(set(calls)) == len(calls)
 
 
 def test_thread_clock_ignores_time_spent_off_the_cpu():

@@ -289,6 +289,7 @@ class LatencyTable(CostModel):
         budget_s: float = 0.05,
         warmup: int = 10,
         clock: str | None = None,
+        passes: int = 3,
     ) -> None:
         super().__init__(resolution, num_classes)
         self.threads = check_int("threads", threads, 1)
@@ -297,13 +298,14 @@ class LatencyTable(CostModel):
         if self.clock == "thread" and threads != 1:
             raise MNv4Error("`clock` thread measures one thread's CPU time; use it with `threads` 1")
         self.runs, self.repeats, self.budget_s, self.warmup = runs, repeats, budget_s, warmup
+        self.passes = check_int("passes", passes, 1)
         self.fingerprint = {
             "cpu": _cpu_name(),
             "torch": torch.__version__.split("+")[0],
             "threads": self.threads,
             "runtime": runtime,
             "clock": self.clock,
-            "protocol": f"runs{runs}-repeats{repeats}-budget{budget_s}-warmup{warmup}",
+            "protocol": f"runs{runs}-repeats{repeats}-budget{budget_s}-warmup{warmup}-passes{passes}",
         }
         digest = hashlib.sha1(json.dumps(self.fingerprint, sort_keys=True).encode()).hexdigest()[:12]
         self.path = Path(path) if path is not None else default_cache_dir() / f"table-{digest}.json"
@@ -335,7 +337,8 @@ class LatencyTable(CostModel):
         return len(self._cache)
 
     # -- measuring ------------------------------------------------------------------------------
-    def _time(self, module: nn.Module, x: torch.Tensor, prepared: bool = False) -> float:
+    def _time(self, module: nn.Module, x: torch.Tensor, prepared: bool = False, passes: int | None = None) -> float:
+        """Median over ``passes`` of the protocol's figure (median of repeat means)."""
         from ..perf.latency import flush_denormals
 
         flush_denormals()  # random-init weights: keep x86's denormal slow path out of the table
@@ -346,7 +349,11 @@ class LatencyTable(CostModel):
                 return module(x)
 
         with _threads(self.threads):
-            return time_ms(fn, self.runs, self.repeats, self.warmup, self.budget_s, self.clock)
+            runs = [
+                time_ms(fn, self.runs, self.repeats, self.warmup, self.budget_s, self.clock)
+                for _ in range(passes or self.passes)
+            ]
+        return statistics.median(runs)
 
     def _prepare(self, module: nn.Module) -> nn.Module:
         if self.runtime == "torch":
@@ -355,11 +362,21 @@ class LatencyTable(CostModel):
 
         return optimize_for_cpu(nn.Sequential(module))
 
-    def _measure(self, seg: Segment) -> float:
+    def cost(self, spec: ModelSpec) -> float:
+        before = len(self._cache)
+        total = super().cost(spec)
+        if len(self._cache) != before:
+            self.save()  # segments outside the built space (e.g. a target model's) are measured once, then kept
+        return total
+
+    def _segment_input(self, seg: Segment) -> torch.Tensor:
         x = torch.randn(1, seg.in_chs, *seg.hw, generator=torch.Generator().manual_seed(0))
         if seg.kind != "stem":
             x = x.contiguous(memory_format=torch.channels_last)  # the layout blocks see in the model
-        return self._time(seg.build(), x)
+        return x
+
+    def _measure(self, seg: Segment, passes: int | None = None) -> float:
+        return self._time(seg.build(), self._segment_input(seg), passes=passes)
 
     def measure_model(self, spec: ModelSpec) -> float:
         """Whole-model latency (ms) of ``spec`` with the table's protocol and runtime."""
@@ -374,18 +391,33 @@ class LatencyTable(CostModel):
         x = torch.randn(1, 3, self.resolution, self.resolution, generator=torch.Generator().manual_seed(0))
         return self._time(model, x, prepared=True)
 
-    def build(self, space: SearchSpace, progress: bool | None = None, save_every: int = 50) -> int:
-        """Measure every segment ``space`` can contain that the table lacks; returns how many."""
+    def build(self, space: SearchSpace, progress: bool | None = None) -> int:
+        """Measure every segment ``space`` can contain that the table lacks; returns how many.
+
+        Each of ``passes`` passes times every missing segment once, in a fresh random order, and a
+        segment's entry is the median over the passes: a burst of load on the machine then spoils
+        one sample of many segments rather than every sample of a few."""
+        import random
+
         from tqdm import tqdm
 
         todo = [s for s in space_segments(space, self.resolution, self.num_classes) if s.key not in self._cache]
-        bar = tqdm(todo, desc="latency table", unit="seg", disable=None if progress is None else not progress)
-        for n, seg in enumerate(bar, 1):
-            self.segment_cost(seg)
-            if n % save_every == 0:
-                self.save()
-        if todo:
-            self.save()
+        if not todo:
+            return 0
+        samples: dict[str, list[float]] = {s.key: [] for s in todo}
+        order = list(todo)
+        rng = random.Random(0)
+        disable = None if progress is None else not progress
+        bar = tqdm(total=len(todo) * self.passes, desc="latency table", unit="seg", disable=disable)
+        for _ in range(self.passes):
+            rng.shuffle(order)
+            for seg in order:
+                samples[seg.key].append(self._measure(seg, passes=1))
+                bar.update()
+        bar.close()
+        for key, values in samples.items():
+            self._cache[key] = statistics.median(values)
+        self.save()
         return len(todo)
 
     def overhead(self) -> float:
