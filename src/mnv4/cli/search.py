@@ -14,6 +14,7 @@ __all__ = ["register"]
 _FIELD_FLAGS: tuple[tuple[tuple[str, ...], str, Any, str], ...] = (
     (("--epochs",), "epochs", float, "super-network epochs over the training data, both stages together"),
     (("--lr",), "lr", float, "peak LR of the shared weights (AdamW, warm-up + cosine)"),
+    (("--micro-batch",), "micro_batch", int, "per-process batch that fits in memory; the rest is accumulated"),
     (("--beta",), "beta", float, "cost weight of the reward Q + beta*|T/T0 - 1| (negative)"),
     (("--controller-lr",), "controller_lr", float, "Adam LR of the controller (default: 15 / its updates)"),
     (("--coarse-fraction",), "coarse_fraction", float, "share of the steps the coarse (filters, depth) stage gets"),

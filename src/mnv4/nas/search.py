@@ -85,6 +85,7 @@ class SearchConfig:
     one_stage: bool = False
     coarse_fraction: float = 0.5  # share of the steps the coarse stage gets
     batch_size: int = 64
+    micro_batch: int | None = None  # per-process micro-batch (gradient accumulation); None = the whole share
     lr: float = 2e-3
     weight_decay: float = 0.05
     warmup_epochs: float = 1.0  # LR warm-up of the shared weights
@@ -172,6 +173,7 @@ class SearchConfig:
             output=self.output,
             epochs=self.epochs,
             batch_size=self.batch_size,
+            micro_batch=self.micro_batch,
             lr=self.lr,
             lr_scaling="none",
             warmup_epochs=self.warmup_epochs,
@@ -463,14 +465,19 @@ class SuperNetTrainer(Trainer):
         cfg = self.scfg
         n = min(cfg.reward_batch or cfg.batch_size, len(self.reward_set))
         idx = torch.randperm(len(self.reward_set), generator=_gen(cfg.seed, step, 2))[:n].tolist()
-        share = idx[self.info.rank :: self.info.world_size]
+        # Contiguous shares, run in micro-batches: one process with accumulation sees exactly the
+        # batches (and BatchNorm statistics) that the processes of a torchrun job see.
+        world, rank = self.info.world_size, self.info.rank
+        share = idx[rank * n // world : (rank + 1) * n // world]
         correct = total = 0.0
-        if share:
-            x, y = self.reward_set.batch(share)
+        self.raw.train()
+        micro = self.plan.micro_batch
+        for i in range(0, len(share), micro):
+            x, y = self.reward_set.batch(share[i : i + micro])
             if len(y) > 1:  # BatchNorm needs two samples
-                self.raw.train()
                 logits = self.raw(x.to(self.info.device), arch)
-                correct, total = float((logits.argmax(1).cpu() == y).sum()), float(len(y))
+                correct += float((logits.argmax(1).cpu() == y).sum())
+                total += float(len(y))
         correct, total = all_reduce_sum([correct, total], self.info)
         return correct / max(total, 1.0)
 
