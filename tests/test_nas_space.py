@@ -126,10 +126,14 @@ def test_coarse_stage_pins_ib_blocks_and_fine_stage_pins_widths():
     for b in space.to_spec(arch).blocks:
         if isinstance(b, UIBSpec):
             assert (b.start_dw, b.mid_dw, b.expand) == (COARSE_BLOCK["start"], COARSE_BLOCK["mid"], 4.0)
-    fine = space.fine_fixed(arch)
+    fine = space.fine_fixed(arch, search_expand=True)
     assert set(fine) == {"stem"} | {f"s{i}.{k}" for i in range(4) for k in ("depth", "filters")}
     again = space.sample(random.Random(5), fine)
     assert [len(s) for s in space.to_spec(again).stages] == [len(s) for s in space.to_spec(arch).stages]
+    # By default the fine stage keeps the coarse expansions (4), as the paper does.
+    paper = space.sample(random.Random(6), space.fine_fixed(arch))
+    assert {b.expand for b in space.to_spec(paper).blocks if isinstance(b, UIBSpec)} == {4.0}
+    assert {(b.start_dw, b.mid_dw) for b in space.to_spec(paper).blocks if isinstance(b, UIBSpec)} != {(0, 3)}
 
 
 def test_space_files_and_errors(tmp_path):

@@ -70,14 +70,16 @@ def test_weights_are_shared_across_dw_choices_and_skipped_blocks_get_no_gradient
     net.train()
     net(torch.randn(4, 3, 32, 32), arch).sum().backward()
     block0, block1 = net.stages[2][0], net.stages[2][1]
-    assert block0.expand.conv.weight.grad is not None and block0.dw_mid["3"].conv.weight.grad is not None
-    assert block0.dw_mid["5"].conv.weight.grad is None and block0.dw_start["5"].conv.weight.grad is None
+    g = block0.dw_mid.conv.weight.grad
+    assert block0.expand.conv.weight.grad is not None and g is not None
+    # A 3x3 choice trains the centre of the 5x5 super-kernel only.
+    assert g[:, :, 1:4, 1:4].abs().sum() > 0 and g[:, :, 0].abs().sum() == 0 and g[:, :, :, 4].abs().sum() == 0
     assert all(p.grad is None for p in block1.parameters())
-    # The expansion weights serve both DW choices: a 5x5 middle DW runs through the same tensor.
+    # The expansion weights serve every DW choice; a 5x5 middle DW reaches the whole super-kernel.
     other = dict(arch, **{"s2.b0.mid": 5})
     net.zero_grad(set_to_none=True)
     net(torch.randn(4, 3, 32, 32), other).sum().backward()
-    assert block0.expand.conv.weight.grad is not None and block0.dw_mid["3"].conv.weight.grad is None
+    assert block0.expand.conv.weight.grad is not None and block0.dw_mid.conv.weight.grad[:, :, 0].abs().sum() > 0
     # Only the first-k channels of the widest tensor receive gradient.
     width = arch["s2.filters"]
     g = block0.project.conv.weight.grad
@@ -99,7 +101,7 @@ def test_shared_fraction_and_arch_required():
     from mnv4.nas import SPACES
 
     # Per-kernel DW weights are a small share at real widths (docs/nas.md quotes this figure).
-    assert 0.85 < SuperNet(SPACES["s"], 10).shared_fraction() < 0.95
+    assert 0.9 < SuperNet(SPACES["s"], 10).shared_fraction() < 1.0
     space, net = _pair(True, 8)
     with pytest.raises(Exception, match="set_arch"):
         net(torch.randn(1, 3, 32, 32))

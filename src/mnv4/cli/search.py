@@ -44,6 +44,7 @@ def _config(args: argparse.Namespace):
         target_like=args.target_like,
         resolution=args.input_size,
         one_stage=args.one_stage,
+        fine_expand=args.fine_expand,
         distill=tuple(args.distill or ()),
     )
     for field in ("batch_size", "threads", "workers", "device"):
@@ -154,6 +155,9 @@ def register(sub) -> None:
     p.add_argument("--space", default="s", help="search space: s | m | l | m_hybrid | a .json/.yaml file")
     p.add_argument("--show-space", action="store_true", help="print the search space's choices and exit")
     p.add_argument("--one-stage", action="store_true", help="search all decisions jointly (paper Tab. 4 ablation)")
+    p.add_argument(
+        "--fine-expand", action="store_true", help="the fine stage also searches expansions (paper: fixed at 4)"
+    )
     p.add_argument("--distill", action="append", metavar="DIR", help="soft-label dataset to train the super-network on")
     A.add_input_size(p, help="search resolution (default: the dataset's own, else 224)")
     A.add_batch_size(p, None, help="super-network batch (default 64)")

@@ -83,6 +83,7 @@ class SearchConfig:
     resolution: int | None = None  # None: the dataset's natural size (32 for CIFAR), else 224
     epochs: float = 10.0  # super-network epochs over the training split, both stages together
     one_stage: bool = False
+    fine_expand: bool = False  # the fine stage also searches expansion ratios (the paper keeps 4)
     coarse_fraction: float = 0.5  # share of the steps the coarse stage gets
     batch_size: int = 64
     micro_batch: int | None = None  # per-process micro-batch (gradient accumulation); None = the whole share
@@ -427,7 +428,7 @@ class SuperNetTrainer(Trainer):
         if stage.name == "coarse":
             fixed = self.space.coarse_fixed()
         elif stage.name == "fine":
-            fixed = self.space.fine_fixed(self.stage_results["coarse"])
+            fixed = self.space.fine_fixed(self.stage_results["coarse"], self.scfg.fine_expand)
         else:
             fixed = {}
         updates = max(1, stage.end - stage.rl_start(cfg.rl_warmup))

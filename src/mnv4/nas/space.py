@@ -279,10 +279,11 @@ class SearchSpace:
                 out[d.name] = 4.0 if 4.0 in d.choices else d.choices[0]
         return out
 
-    @staticmethod
-    def fine_fixed(arch: Mapping[str, Any]) -> dict[str, Any]:
-        """Pinned values of the fine stage: the widths and depths (and stem) found by the coarse stage."""
-        return {k: v for k, v in arch.items() if k == "stem" or k.endswith((".depth", ".filters"))}
+    def fine_fixed(self, arch: Mapping[str, Any], search_expand: bool = False) -> dict[str, Any]:
+        """Pinned values of the fine stage: the widths and depths (and stem) found by the coarse stage,
+        and, unless ``search_expand``, the coarse stage's expansions (4), as the paper keeps them."""
+        keep = (".depth", ".filters") if search_expand else (".depth", ".filters", ".expand", ".fexpand")
+        return {k: v for k, v in arch.items() if k == "stem" or k.endswith(keep)}
 
     # -- spec <-> arch --------------------------------------------------------------------------
     def to_spec(self, arch: Mapping[str, Any], name: str | None = None) -> ModelSpec:

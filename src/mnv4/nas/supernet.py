@@ -6,10 +6,11 @@ Sharing rules (docs/nas.md):
   uses the *first k* input and output channels (a slice of the weight, BN parameters and running
   statistics). Stage filters, stem width and expansion ratios are all such first-k slices.
 * UIB instantiations. The expansion and projection 1x1 convs (and their BNs) are one set of weights
-  per block, shared by every start/middle DW choice; this is > 95% of a block's parameters. Each
-  DW kernel size has its **own** depthwise weights and BN, because a 3x3 kernel cut from the centre
-  of a 5x5 would tie two ops whose BN statistics and best weights differ, and DW weights are a
-  small share of the network. "No DW" is the identity.
+  per block, shared by every start/middle DW choice. Each DW position has one depthwise weight
+  (and BN) as wide as its largest kernel; a 3x3 choice uses the centre of the 5x5. With a separate
+  weight per kernel size the two choices compute unrelated functions, and the shared projection
+  after them cannot serve both: sampling 3x3 and 5x5 at random then barely trains (docs/nas.md
+  gives the measurement). "No DW" is the identity.
 * Depth. A stage holds its deepest block list; an architecture with depth d runs the first d
   blocks and skips the rest (they are residual blocks, so skipping is the identity).
 * BatchNorm. Statistics under a changing architecture are not those of any one architecture, so
@@ -61,10 +62,24 @@ class _SliceConvBN(nn.Module):
         w = self.conv.weight
         return w[:cin] if self.depthwise else w[:out, :cin]
 
-    def forward(self, x: torch.Tensor, out: int | None = None, stride: int = 1) -> torch.Tensor:
+    def _cropped(self, cin: int, out: int, kernel: int | None) -> torch.Tensor:
+        """The weight of a ``kernel`` x ``kernel`` conv: the centre of the widest kernel."""
+        w = self._weight(cin, out)
+        k = kernel or self.kernel
+        if k == self.kernel:
+            return w
+        if k > self.kernel or (self.kernel - k) % 2:
+            raise MNv4Error(f"a {self.kernel}x{self.kernel} super-kernel has no centred {k}x{k} part")
+        off = (self.kernel - k) // 2
+        return w[:, :, off : off + k, off : off + k]
+
+    def forward(
+        self, x: torch.Tensor, out: int | None = None, stride: int = 1, kernel: int | None = None
+    ) -> torch.Tensor:
         cin = x.shape[1]
         out = cin if self.depthwise else out
-        y = F.conv2d(x, self._weight(cin, out), None, stride, (self.kernel - 1) // 2, 1, cin if self.depthwise else 1)
+        w = self._cropped(cin, out, kernel)
+        y = F.conv2d(x, w, None, stride, (w.shape[-1] - 1) // 2, 1, cin if self.depthwise else 1)
         bn = self.bn
         w, b = bn.weight[:out], bn.bias[:out]
         if self.calibrating:
@@ -79,9 +94,9 @@ class _SliceConvBN(nn.Module):
         return self.act(y)
 
     @torch.no_grad()
-    def export_into(self, target: ConvBN, cin: int, out: int) -> None:
+    def export_into(self, target: ConvBN, cin: int, out: int, kernel: int | None = None) -> None:
         out = cin if self.depthwise else out
-        target.conv.weight.copy_(self._weight(cin, out))
+        target.conv.weight.copy_(self._cropped(cin, out, kernel))
         _copy_bn(self.bn, target.bn, out)
 
 
@@ -128,6 +143,16 @@ class _SuperFusedIB(nn.Module):
         self.project.export_into(target.project, mid, out)
 
 
+@torch.no_grad()
+def _identity_init(w: torch.Tensor) -> None:
+    """A depthwise kernel that starts as the identity (a centred delta, plus a little noise), so a DW
+    op and its "absent" choice begin as the same function and the shared 1x1 convs around them see
+    compatible inputs (docs/nas.md measures the difference)."""
+    k = w.shape[-1]
+    w.normal_(0.0, 0.1 / k)
+    w[:, :, k // 2, k // 2] += 1.0
+
+
 class _SuperUIB(nn.Module):
     def __init__(
         self,
@@ -140,10 +165,18 @@ class _SuperUIB(nn.Module):
         layer_scale_init: float | None,
     ) -> None:
         super().__init__()
-        self.dw_start = nn.ModuleDict({str(k): _SliceConvBN(max_in, max_in, k, None, True) for k in start_kernels if k})
+        # One depthwise weight per position, as wide as the largest kernel choice; smaller kernels
+        # are its centre (docs/nas.md: why not one weight per kernel size).
+        start = [k for k in start_kernels if k]
+        mid = [k for k in mid_kernels if k]
+        self.start_kernels, self.mid_kernels = start, mid
+        self.dw_start = _SliceConvBN(max_in, max_in, max(start), None, True) if start else None
         self.expand = _SliceConvBN(max_in, max_mid, 1, act)
-        self.dw_mid = nn.ModuleDict({str(k): _SliceConvBN(max_mid, max_mid, k, act, True) for k in mid_kernels if k})
+        self.dw_mid = _SliceConvBN(max_mid, max_mid, max(mid), act, True) if mid else None
         self.project = _SliceConvBN(max_mid, max_out, 1, None)
+        for dw in (self.dw_start, self.dw_mid):
+            if dw is not None:
+                _identity_init(dw.conv.weight)
         self.gamma = nn.Parameter(torch.full((max_out,), float(layer_scale_init))) if layer_scale_init else None
 
     def forward(self, x: torch.Tensor, start: int, mid: int, stride: int, out: int, expand: float) -> torch.Tensor:
@@ -151,10 +184,10 @@ class _SuperUIB(nn.Module):
         cin = x.shape[1]
         width = make_divisible(cin * expand)
         if start:
-            x = self.dw_start[str(start)](x, stride=1 if mid else stride)
+            x = self.dw_start(x, stride=1 if mid else stride, kernel=start)
         x = self.expand(x, width)
         if mid:
-            x = self.dw_mid[str(mid)](x, stride=stride)
+            x = self.dw_mid(x, stride=stride, kernel=mid)
         x = self.project(x, out)
         if self.gamma is not None:
             x = x * self.gamma[:out].view(1, -1, 1, 1)
@@ -164,10 +197,10 @@ class _SuperUIB(nn.Module):
     def export_into(self, target, cin: int, start: int, mid: int, stride: int, out: int, expand: float) -> None:
         width = make_divisible(cin * expand)
         if start:
-            self.dw_start[str(start)].export_into(target.dw_start, cin, cin)
+            self.dw_start.export_into(target.dw_start, cin, cin, kernel=start)
         self.expand.export_into(target.expand, cin, width)
         if mid:
-            self.dw_mid[str(mid)].export_into(target.dw_mid, width, width)
+            self.dw_mid.export_into(target.dw_mid, width, width, kernel=mid)
         self.project.export_into(target.project, width, out)
         if self.gamma is not None:
             if not isinstance(target.layer_scale, LayerScale):
@@ -380,11 +413,16 @@ class SuperNet(nn.Module):
         model.classifier.load_state_dict(self.classifier.state_dict())
         return model.train(self.training)
 
-    def shared_fraction(self, arch: Mapping[str, Any] | None = None) -> float:
-        """Share of the super-network's parameters that sit outside the per-choice DW ops."""
+    def shared_fraction(self) -> float:
+        """Share of the super-network's parameters that more than one choice of their block uses:
+        everything but the outer rings of the depthwise super-kernels, which only the largest
+        kernel choice reaches."""
         total = sum(p.numel() for p in self.parameters())
-        dw = 0
+        ring = 0
         for m in self.modules():
             if isinstance(m, _SuperUIB):
-                dw += sum(p.numel() for d in (m.dw_start, m.dw_mid) for p in d.parameters())
-        return 1.0 - dw / total
+                for dw, kernels in ((m.dw_start, m.start_kernels), (m.dw_mid, m.mid_kernels)):
+                    if dw is not None and len(kernels) > 1:
+                        inner = sorted(kernels)[-2]
+                        ring += dw.conv.weight.shape[0] * (dw.kernel**2 - inner**2)
+        return 1.0 - ring / total
