@@ -9,16 +9,16 @@ from .conftest import randomize_
 from .nas_common import tiny_space
 
 
-def _pair(hybrid: bool, seed: int):
+def _pair(hybrid: bool, seed: int, **kw):
     space = tiny_space(hybrid)
     torch.manual_seed(seed)
-    net = randomize_(SuperNet(space, num_classes=5), seed)
+    net = randomize_(SuperNet(space, num_classes=5, **kw), seed)
     return space, net
 
 
-@pytest.mark.parametrize("hybrid", [False, True])
-def test_subnet_equals_standalone_model_with_copied_weights(hybrid):
-    space, net = _pair(hybrid, 0)
+@pytest.mark.parametrize("hybrid, sharing", [(False, "centre"), (True, "centre"), (False, "separate")])
+def test_subnet_equals_standalone_model_with_copied_weights(hybrid, sharing):
+    space, net = _pair(hybrid, 0, kernel_sharing=sharing, dw_init="kaiming")
     rng = random.Random(1)
     x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     outputs = []
@@ -70,7 +70,7 @@ def test_weights_are_shared_across_dw_choices_and_skipped_blocks_get_no_gradient
     net.train()
     net(torch.randn(4, 3, 32, 32), arch).sum().backward()
     block0, block1 = net.stages[2][0], net.stages[2][1]
-    g = block0.dw_mid.conv.weight.grad
+    g = block0.dw_mid.op(3).conv.weight.grad
     assert block0.expand.conv.weight.grad is not None and g is not None
     # A 3x3 choice trains the centre of the 5x5 super-kernel only.
     assert g[:, :, 1:4, 1:4].abs().sum() > 0 and g[:, :, 0].abs().sum() == 0 and g[:, :, :, 4].abs().sum() == 0
@@ -79,7 +79,7 @@ def test_weights_are_shared_across_dw_choices_and_skipped_blocks_get_no_gradient
     other = dict(arch, **{"s2.b0.mid": 5})
     net.zero_grad(set_to_none=True)
     net(torch.randn(4, 3, 32, 32), other).sum().backward()
-    assert block0.expand.conv.weight.grad is not None and block0.dw_mid.conv.weight.grad[:, :, 0].abs().sum() > 0
+    assert block0.expand.conv.weight.grad is not None and block0.dw_mid.op(5).conv.weight.grad[:, :, 0].abs().sum() > 0
     # Only the first-k channels of the widest tensor receive gradient.
     width = arch["s2.filters"]
     g = block0.project.conv.weight.grad
@@ -101,7 +101,9 @@ def test_shared_fraction_and_arch_required():
     from mnv4.nas import SPACES
 
     # Per-kernel DW weights are a small share at real widths (docs/nas.md quotes this figure).
-    assert 0.9 < SuperNet(SPACES["s"], 10).shared_fraction() < 1.0
+    centre = SuperNet(SPACES["s"], 10).shared_fraction()
+    separate = SuperNet(SPACES["s"], 10, kernel_sharing="separate").shared_fraction()
+    assert 0.9 < centre < 1.0 and separate < centre
     space, net = _pair(True, 8)
     with pytest.raises(Exception, match="set_arch"):
         net(torch.randn(1, 3, 32, 32))

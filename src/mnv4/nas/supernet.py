@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import MNv4Error
+from ..errors import MNv4Error, check_choice
 from ..models.blocks import AttentionBlock, AttentionCore, ConvBN, FusedIB, LayerScale, make_act, make_divisible
 from ..models.mobilenetv4 import MobileNetV4
 from ..models.specs import AttentionSpec
@@ -153,6 +153,45 @@ def _identity_init(w: torch.Tensor) -> None:
     w[:, :, k // 2, k // 2] += 1.0
 
 
+class _ElasticDW(nn.Module):
+    """The depthwise choices of one UIB position.
+
+    ``sharing="centre"`` (the default): one weight (and BN) as wide as the largest kernel; a smaller
+    kernel is its centre. ``"separate"``: a weight and BN per kernel size. ``init="identity"`` (the
+    default) starts the kernels as a centred delta; ``"kaiming"`` as the standalone models do.
+    The alternatives exist for the ablation in ``benchmarks/nas_sharing.py``.
+    """
+
+    def __init__(self, channels: int, kernels: list[int], act: str | None, sharing: str, init: str) -> None:
+        super().__init__()
+        self.kernels = sorted(kernels)
+        if sharing == "centre":
+            self.ops = nn.ModuleDict({"shared": _SliceConvBN(channels, channels, self.kernels[-1], act, True)})
+        else:
+            self.ops = nn.ModuleDict({str(k): _SliceConvBN(channels, channels, k, act, True) for k in self.kernels})
+        if init == "identity":
+            for op in self.ops.values():
+                _identity_init(op.conv.weight)
+
+    def op(self, kernel: int) -> _SliceConvBN:
+        return self.ops["shared"] if "shared" in self.ops else self.ops[str(kernel)]
+
+    def forward(self, x: torch.Tensor, kernel: int, stride: int) -> torch.Tensor:
+        return self.op(kernel)(x, stride=stride, kernel=kernel)
+
+    def export_into(self, target: ConvBN, channels: int, kernel: int) -> None:
+        self.op(kernel).export_into(target, channels, channels, kernel=kernel)
+
+    def choice_specific_params(self) -> int:
+        """Parameters that only one kernel choice uses (the outer ring of a shared super-kernel)."""
+        if "shared" not in self.ops:
+            return sum(p.numel() for p in self.parameters()) if len(self.kernels) > 1 else 0
+        if len(self.kernels) < 2:
+            return 0
+        op = self.ops["shared"]
+        return op.conv.weight.shape[0] * (self.kernels[-1] ** 2 - self.kernels[-2] ** 2)
+
+
 class _SuperUIB(nn.Module):
     def __init__(
         self,
@@ -163,20 +202,16 @@ class _SuperUIB(nn.Module):
         mid_kernels: Iterable[int],
         act: str,
         layer_scale_init: float | None,
+        kernel_sharing: str = "centre",
+        dw_init: str = "identity",
     ) -> None:
         super().__init__()
-        # One depthwise weight per position, as wide as the largest kernel choice; smaller kernels
-        # are its centre (docs/nas.md: why not one weight per kernel size).
         start = [k for k in start_kernels if k]
         mid = [k for k in mid_kernels if k]
-        self.start_kernels, self.mid_kernels = start, mid
-        self.dw_start = _SliceConvBN(max_in, max_in, max(start), None, True) if start else None
+        self.dw_start = _ElasticDW(max_in, start, None, kernel_sharing, dw_init) if start else None
         self.expand = _SliceConvBN(max_in, max_mid, 1, act)
-        self.dw_mid = _SliceConvBN(max_mid, max_mid, max(mid), act, True) if mid else None
+        self.dw_mid = _ElasticDW(max_mid, mid, act, kernel_sharing, dw_init) if mid else None
         self.project = _SliceConvBN(max_mid, max_out, 1, None)
-        for dw in (self.dw_start, self.dw_mid):
-            if dw is not None:
-                _identity_init(dw.conv.weight)
         self.gamma = nn.Parameter(torch.full((max_out,), float(layer_scale_init))) if layer_scale_init else None
 
     def forward(self, x: torch.Tensor, start: int, mid: int, stride: int, out: int, expand: float) -> torch.Tensor:
@@ -184,10 +219,10 @@ class _SuperUIB(nn.Module):
         cin = x.shape[1]
         width = make_divisible(cin * expand)
         if start:
-            x = self.dw_start(x, stride=1 if mid else stride, kernel=start)
+            x = self.dw_start(x, start, 1 if mid else stride)
         x = self.expand(x, width)
         if mid:
-            x = self.dw_mid(x, stride=stride, kernel=mid)
+            x = self.dw_mid(x, mid, stride)
         x = self.project(x, out)
         if self.gamma is not None:
             x = x * self.gamma[:out].view(1, -1, 1, 1)
@@ -197,10 +232,10 @@ class _SuperUIB(nn.Module):
     def export_into(self, target, cin: int, start: int, mid: int, stride: int, out: int, expand: float) -> None:
         width = make_divisible(cin * expand)
         if start:
-            self.dw_start.export_into(target.dw_start, cin, cin, kernel=start)
+            self.dw_start.export_into(target.dw_start, cin, start)
         self.expand.export_into(target.expand, cin, width)
         if mid:
-            self.dw_mid.export_into(target.dw_mid, width, width, kernel=mid)
+            self.dw_mid.export_into(target.dw_mid, width, mid)
         self.project.export_into(target.project, width, out)
         if self.gamma is not None:
             if not isinstance(target.layer_scale, LayerScale):
@@ -269,8 +304,12 @@ class SuperNet(nn.Module):
     """All architectures of ``space`` in one module. ``forward(x)`` runs the architecture set by
     :meth:`set_arch` (what a training loop, DDP and the controller use) or the one passed in."""
 
-    def __init__(self, space: SearchSpace, num_classes: int = 1000) -> None:
+    def __init__(
+        self, space: SearchSpace, num_classes: int = 1000, kernel_sharing: str = "centre", dw_init: str = "identity"
+    ) -> None:
         super().__init__()
+        check_choice("kernel_sharing", kernel_sharing, ("centre", "separate"))
+        check_choice("dw_init", dw_init, ("identity", "kaiming"))
         self.space = space
         self.num_classes = num_classes
         act = space.act
@@ -295,7 +334,15 @@ class SuperNet(nn.Module):
                     mids = st.strided_mid if j == 0 else st.mid_dw
                     blocks.append(
                         _SuperUIB(
-                            max(ins), fmax, _max_mid(ins, st.expand), st.start_dw, mids, act, space.layer_scale_init
+                            max(ins),
+                            fmax,
+                            _max_mid(ins, st.expand),
+                            st.start_dw,
+                            mids,
+                            act,
+                            space.layer_scale_init,
+                            kernel_sharing,
+                            dw_init,
                         )
                     )
             self.stages.append(blocks)
@@ -415,14 +462,8 @@ class SuperNet(nn.Module):
 
     def shared_fraction(self) -> float:
         """Share of the super-network's parameters that more than one choice of their block uses:
-        everything but the outer rings of the depthwise super-kernels, which only the largest
-        kernel choice reaches."""
+        everything but the depthwise weights that only one kernel choice reaches (the outer ring of
+        a shared super-kernel, or every per-kernel weight when kernels are separate)."""
         total = sum(p.numel() for p in self.parameters())
-        ring = 0
-        for m in self.modules():
-            if isinstance(m, _SuperUIB):
-                for dw, kernels in ((m.dw_start, m.start_kernels), (m.dw_mid, m.mid_kernels)):
-                    if dw is not None and len(kernels) > 1:
-                        inner = sorted(kernels)[-2]
-                        ring += dw.conv.weight.shape[0] * (dw.kernel**2 - inner**2)
-        return 1.0 - ring / total
+        own = sum(m.choice_specific_params() for m in self.modules() if isinstance(m, _ElasticDW))
+        return 1.0 - own / total
