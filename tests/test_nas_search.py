@@ -123,3 +123,23 @@ def test_bad_settings_fail_before_any_work(tmp_path, kw, match):
     with pytest.raises(MNv4Error, match=match):
         search(_cfg(tmp_path, **kw), data=tiny_digits(), progress=False)
     assert not (tmp_path / "run").exists()
+
+
+def test_held_out_set_leaves_unreadable_images_out(tmp_path):
+    from mnv4.data.images import BadImage
+    from mnv4.nas.search import HeldOutSet
+
+    class Mixed(torch.utils.data.Dataset):
+        def __len__(self):
+            return 6
+
+        def __getitem__(self, i):
+            if i in (0, 3):
+                return BadImage(f"/x/{i}.jpg", "truncated"), i
+            return torch.full((3, 4, 4), float(i)), i
+
+    for max_bytes in (1 << 20, 0):  # cached in memory, and loaded on demand
+        held = HeldOutSet(Mixed(), lambda t: t, max_bytes=max_bytes)
+        assert (held.cache is not None) == (max_bytes > 0)
+        x, y = held.batch([0, 1, 2, 3, 4])
+        assert y.tolist() == [1, 2, 4] and x[:, 0, 0, 0].tolist() == [1.0, 2.0, 4.0]

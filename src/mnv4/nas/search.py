@@ -10,9 +10,9 @@ Every optimizer step:
    ``Q + beta * |T / T0 - 1|``.
 
 Stages: *coarse* searches stem width, stage depths and filters with every block an IB (expansion 4,
-3x3 DW); *fine* keeps those and searches each UIB's start / middle DW and expansion (and MQA slots
-in hybrid spaces), continuing to train the same shared weights. ``one_stage`` searches everything
-jointly for the same total number of steps. The result is the controller's most likely
+3x3 DW); *fine* keeps those and searches each UIB's start / middle DW (and MQA slots in hybrid
+spaces; the expansion too with ``fine_expand``), continuing to train the same shared weights.
+``one_stage`` searches everything jointly for the same total number of steps. The result is the controller's most likely
 architecture, moved to the most likely sampled one within ``cost_tolerance`` of the target when it
 misses it.
 
@@ -231,18 +231,20 @@ class SearchResult:
 
 
 class HeldOutSet(Dataset):
-    """The held-out split as (image tensor, label), loaded once when small enough."""
+    """Images of a split as (image tensor, label) for forward-only passes, decoded once and kept in
+    memory when they fit in ``max_bytes``. Unreadable images are left out of every batch."""
 
     def __init__(self, ds: Dataset, transform: Callable, max_bytes: int = 256 << 20) -> None:
         self.ds, self.transform = ds, transform
         self.cache: tuple[torch.Tensor, torch.Tensor] | None = None
-        first = transform(ds[0][0]) if len(ds) else None
+        first = next((x for x, y in (self._load(i) for i in range(min(len(ds), 32))) if y >= 0), None)
         if first is not None and first.numel() * 4 * len(ds) <= max_bytes:
-            xs, ys = zip(*(self._load(i) for i in range(len(ds))))
-            self.cache = torch.stack(xs), torch.tensor(ys)
+            items = [self._load(i) for i in range(len(ds))]
+            xs = [x if y >= 0 else torch.zeros_like(first) for x, y in items]
+            self.cache = torch.stack(xs), torch.tensor([y for _, y in items])
 
     def _load(self, i: int) -> tuple[torch.Tensor, int]:
-        from ..data.folder import BadImage
+        from ..data.images import BadImage
 
         im, y = self.ds[i]
         if isinstance(im, BadImage):
@@ -254,10 +256,13 @@ class HeldOutSet(Dataset):
 
     def batch(self, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         if self.cache is not None:
-            t = torch.tensor(idx)
-            return self.cache[0][t], self.cache[1][t]
+            x, y = self.cache[0][torch.tensor(idx)], self.cache[1][torch.tensor(idx)]
+            keep = y >= 0
+            return x[keep], y[keep]
         items = [self._load(i) for i in idx]
         items = [(x, y) for x, y in items if y >= 0]
+        if not items:
+            return torch.zeros(0), torch.zeros(0, dtype=torch.long)
         return torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items])
 
 
