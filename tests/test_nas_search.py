@@ -49,6 +49,8 @@ def test_two_stage_search_writes_a_buildable_spec_and_report(tmp_path):
     assert spec == result.spec
     model = create_model(spec, num_classes=10).eval()
     assert model(torch.randn(1, 3, 16, 16)).shape == (1, 10)
+    warm = create_model(checkpoint=out / "subnet.safetensors")  # the found model with super-network weights
+    assert warm.spec == spec and warm.preprocess.input_size == 16 and len(warm.class_names) == 10
     report = json.loads((out / "report.json").read_text())
     assert report["within_tolerance"] and abs(report["cost"] / 0.15 - 1) <= 0.10
     assert set(report["stage_results"]) == {"coarse", "fine"}

@@ -551,7 +551,9 @@ class SuperNetTrainer(Trainer):
                 )
             # The found architecture with the super-network's weights and its own BN statistics: a warm start.
             self.evaluate_arch(arch)
-            save_model(self.raw.extract(arch, spec.name), self.run_dir / SUBNET, extra={"source": "nas super-network"})
+            subnet = self.raw.extract(arch, spec.name)
+            subnet.preprocess, subnet.class_names = self.raw.preprocess, list(self.data.class_names)
+            save_model(subnet, self.run_dir / SUBNET, extra={"source": "nas super-network"})
             write_safetensors(
                 self.run_dir / SUPERNET,
                 self.raw.state_dict(),
