@@ -20,10 +20,14 @@ this one. Nothing here imports torch: ``mnv4 --help`` must stay fast.
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
+
+from ..errors import MNv4Error
 
 __all__ = [
     "Formatter",
@@ -98,6 +102,28 @@ def add_model(
     )
     if positional:
         parser.add_argument("model_pos", nargs="?", default=None, metavar="MODEL", help=argparse.SUPPRESS)
+
+
+def read_spec(path: str) -> dict:
+    """A spec file (JSON of ``ModelSpec.to_dict``, e.g. written by ``mnv4 search``) as a model field."""
+    from ..models.specs import ModelSpec
+
+    try:
+        d = json.loads(Path(path).read_text())
+    except OSError as e:
+        raise MNv4Error(f"cannot read spec file {path}: {e.strerror}") from None
+    except json.JSONDecodeError as e:
+        raise MNv4Error(f"{path} is not valid JSON ({e.msg})") from None
+    d = d.get("spec", d) if isinstance(d, dict) else d
+    try:
+        return ModelSpec.from_dict(d).to_dict()
+    except (KeyError, TypeError, ValueError) as e:
+        raise MNv4Error(f"{path} is not a model spec ({e})") from None
+
+
+def add_spec(parser: argparse.ArgumentParser) -> None:
+    """``--spec FILE``: an architecture from a spec JSON (``mnv4 search`` writes one), instead of ``--model``."""
+    parser.add_argument("--spec", default=None, metavar="FILE", help="architecture from a spec JSON (e.g. mnv4 search)")
 
 
 def add_models(parser: argparse.ArgumentParser, help: str) -> None:

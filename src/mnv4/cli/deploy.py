@@ -164,6 +164,7 @@ def register(sub) -> None:
         "saves <artefact>.parity.json; a failed check exits non-zero.",
     )
     A.add_model(p)
+    A.add_spec(p)
     A.add_weights(p, checkpoint_help="weights to export (default: random init, announced)")
     p.add_argument("--format", required=True, choices=list(FORMATS), help="artefact format / runtime")
     p.add_argument("--fp16", action="store_true", help=f"half precision ({having('fp16')})")

@@ -16,6 +16,12 @@ def load_model(args: argparse.Namespace, **overrides):
     from ..factory import create_model
 
     name = A.resolve_model(args)
+    if getattr(args, "spec", None):
+        if name is not None:
+            raise MNv4Error("pass either `model` or `spec`, not both")
+        from ..models.specs import ModelSpec
+
+        name = ModelSpec.from_dict(A.read_spec(args.spec))
     pretrained = getattr(args, "pretrained", None) or False
     if name is None and args.checkpoint is None and not pretrained:
         raise MNv4Error("no model given; pass `model` (see `mnv4 models`) or a `checkpoint`")
@@ -174,6 +180,7 @@ def register(sub) -> None:
 
     p = sub.add_parser("profile", help="count params, MACs and bytes moved (per layer with --per-layer)")
     A.add_model(p)
+    A.add_spec(p)
     A.add_weights(p, checkpoint_help="weights whose architecture (and classes) to profile")
     A.add_input_size(p, help="input resolution (default: the model's native one)")
     A.add_batch_size(p, 1)

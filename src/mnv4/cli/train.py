@@ -51,23 +51,6 @@ def _parse_set(items: list[str]) -> dict[str, Any]:
     return out
 
 
-def _spec_model(path: str) -> dict:
-    """A spec file (JSON of ``ModelSpec.to_dict``, e.g. written by ``mnv4 search``) as a model field."""
-    from ..models.specs import ModelSpec
-
-    try:
-        d = json.loads(Path(path).read_text())
-    except OSError as e:
-        raise MNv4Error(f"cannot read spec file {path}: {e.strerror}") from None
-    except json.JSONDecodeError as e:
-        raise MNv4Error(f"{path} is not valid JSON ({e.msg})") from None
-    d = d.get("spec", d) if isinstance(d, dict) else d
-    try:
-        return ModelSpec.from_dict(d).to_dict()
-    except (KeyError, TypeError, ValueError) as e:
-        raise MNv4Error(f"{path} is not a model spec ({e})") from None
-
-
 def _cmd_train(args: argparse.Namespace) -> int:
     from ..train.checkpoint import find_resume, load_training_state
     from ..train.config import TrainConfig, resolve_config
@@ -88,7 +71,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.spec:
         if overrides["model"]:
             raise MNv4Error("pass either `model` or `spec`, not both")
-        overrides["model"] = _spec_model(args.spec)
+        overrides["model"] = A.read_spec(args.spec)
     overrides.update(distill=tuple(args.distill) if args.distill else None, mix=args.mix, teacher=args.teacher)
     for flag in ("channels_last", "compile", "sync_bn"):
         if getattr(args, flag):
@@ -229,7 +212,7 @@ def register(sub) -> None:
     p.add_argument("--recipe", default=None, help="named recipe (see `mnv4 recipes`); default: quick")
     p.add_argument("--config", default=None, help="YAML/JSON file of config fields (applied after the recipe)")
     A.add_model(p, help="architecture (see `mnv4 models`); default: the recipe's", positional=False)
-    p.add_argument("--spec", default=None, metavar="FILE", help="architecture from a spec JSON (e.g. mnv4 search)")
+    A.add_spec(p)
     A.add_weights(p, checkpoint_help="weights to start from (fine-tuning; the architecture comes from them)")
     A.add_input_size(p, help="training/eval resolution (default: the dataset's or model's)")
     A.add_batch_size(p, None, help="global effective batch; the LR scales with it (default: the recipe's)")

@@ -1,6 +1,6 @@
 """Training recipes as data: the paper's per-model hyper-parameters plus two small-data recipes.
 
-Numbers come from mobilenetv4.md §11 (paper Tab. 10 and the TF Model Garden configs). Where the two
+Numbers come from docs/architecture.md §8 (paper Tab. 10 and the TF Model Garden configs). Where the two
 disagree the TF configs win, because they are what reproduces the published accuracy; each recipe's
 ``note`` says what was chosen. Every field can be overridden (CLI flag or YAML/JSON file).
 

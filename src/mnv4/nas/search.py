@@ -1,0 +1,685 @@
+"""The search: TuNAS over the MNv4 UIB space, in the paper's two stages (docs/nas.md).
+
+Every optimizer step:
+
+1. ``before_step``: the controller samples an architecture; the super-network runs it.
+2. ``train_step``: one SGD step of the shared weights on a training batch (that architecture only).
+3. ``after_step``: once the first ``rl_warmup`` (25%) of the stage is over, the controller samples
+   another architecture, measures its accuracy Q on a batch of the held-out split of the training
+   data (never the validation set) and its cost T, and takes one REINFORCE step on
+   ``Q + beta * |T / T0 - 1|``.
+
+Stages: *coarse* searches stem width, stage depths and filters with every block an IB (expansion 4,
+3x3 DW); *fine* keeps those and searches each UIB's start / middle DW (and MQA slots in hybrid
+spaces; the expansion too with ``fine_expand``), continuing to train the same shared weights.
+``one_stage`` searches everything jointly for the same total number of steps. The result is the controller's most likely
+architecture, moved to the most likely sampled one within ``cost_tolerance`` of the target when it
+misses it.
+
+Reproducible and resumable: architectures are drawn from generators seeded by (seed, step), data
+order and augmentation by (seed, epoch, index), so a resumed search replays the same steps. Under
+torchrun each process trains on its share of the global batch, every process samples the same
+architectures and the reward's correct counts are summed over processes, so all controllers agree.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import Dataset, Subset
+
+from ..data.transforms import eval_transform
+from ..errors import InvalidValue, MNv4Error, check_float, check_int
+from ..models.specs import ModelSpec
+from ..train.checkpoint import LAST
+from ..train.config import TrainConfig, resolve_config
+from ..train.distributed import all_reduce_sum
+from ..train.trainer import Trainer
+from ..weights.checkpoint import save_model
+from ..weights.io import write_safetensors
+from .controller import Controller, absolute_reward
+from .cost import HARDWARE_CHOICES, CostModel, LatencyTable, get_cost_model
+from .space import Arch, SearchSpace, get_space
+from .supernet import SuperNet
+
+__all__ = [
+    "SearchConfig",
+    "SearchResult",
+    "SuperNetTrainer",
+    "HeldOutSet",
+    "subnet_accuracy",
+    "search",
+    "STATE",
+    "SPEC",
+]
+
+STATE = LAST  # the trainer's last.pt, with the controller and history in its extra state
+SPEC = "spec.json"
+HISTORY = "history.jsonl"
+SUBNET = "subnet.safetensors"
+SUPERNET = "supernet.safetensors"
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """Everything a search needs; the CLI maps its flags onto these fields."""
+
+    data: str
+    output: str | None = None
+    space: str = "s"
+    hardware: str = "pixel8_edgetpu"  # macs | local | a built-in roofline profile | a .yaml/.json profile
+    target_ms: float | None = None
+    target_macs: float | None = None  # millions of MACs
+    target_like: str | None = None  # the cost of this registered model on the cost model (e.g. mnv4_conv_small)
+    resolution: int | None = None  # None: the dataset's natural size (32 for CIFAR), else 224
+    epochs: float = 10.0  # super-network epochs over the training split, both stages together
+    one_stage: bool = False
+    fine_expand: bool = False  # the fine stage also searches expansion ratios (the paper keeps 4)
+    coarse_fraction: float = 0.5  # share of the steps the coarse stage gets
+    batch_size: int = 64
+    micro_batch: int | None = None  # per-process micro-batch (gradient accumulation); None = the whole share
+    lr: float = 2e-3
+    weight_decay: float = 0.05
+    warmup_epochs: float = 1.0  # LR warm-up of the shared weights
+    label_smoothing: float = 0.1
+    crop_scale: tuple[float, float] = (0.35, 1.0)
+    hflip: float = 0.5
+    rl_warmup: float = 0.25  # fraction of each stage before the controller learns
+    beta: float = -0.10
+    controller_lr: float | None = None  # None: 15 / (RL updates of the stage), within [1e-3, 0.1]
+    baseline_momentum: float = 0.95
+    reward_split: float = 0.2  # held-out fraction of the training data for the reward
+    reward_batch: int | None = None  # None: batch_size
+    cost_tolerance: float = 0.10
+    eval_subnets: int = 12  # sampled sub-networks evaluated for the accuracy-vs-cost scatter
+    calib_batches: int = 4
+    seed: int = 0
+    workers: int = 0
+    device: str = "auto"
+    threads: int = 1  # threads of the latency measurements (local table, measured latency)
+    latency_table: str | None = None  # where the local table is cached (default ~/.cache/mnv4/latency)
+    distill: tuple[str, ...] = ()
+    save_every_steps: int = 200
+
+    def validated(self) -> SearchConfig:
+        given = [t for t in (self.target_ms, self.target_macs, self.target_like) if t is not None]
+        if len(given) != 1:
+            raise MNv4Error("give exactly one target: `target_ms`, `target_macs` or `target_like`")
+        if self.target_like is not None:
+            from ..models.registry import get_entry
+
+            get_entry(self.target_like)  # an unknown name fails here, with the list of models
+        if self.target_ms is not None:
+            check_float("target_ms", self.target_ms, 0.0, lo_open=True)
+            if self.hardware == "macs":
+                raise InvalidValue("hardware", "macs", "a MAC count has no milliseconds; use `target_macs`")
+        if self.target_macs is not None:
+            check_float("target_macs", self.target_macs, 0.0, lo_open=True)
+        if self.hardware not in HARDWARE_CHOICES and not self.hardware.lower().endswith((".yaml", ".yml", ".json")):
+            raise InvalidValue("hardware", self.hardware, f"choose {', '.join(HARDWARE_CHOICES)} or a .yaml/.json file")
+        check_float("epochs", self.epochs, 0.0, lo_open=True)
+        check_float("coarse_fraction", self.coarse_fraction, 0.0, 1.0, lo_open=True, hi_open=True)
+        check_int("batch_size", self.batch_size, 2)
+        check_float("lr", self.lr, 0.0, lo_open=True)
+        check_float("weight_decay", self.weight_decay, 0.0)
+        check_float("rl_warmup", self.rl_warmup, 0.0, 1.0, hi_open=True)
+        check_float("beta", self.beta, hi=0.0)
+        if self.controller_lr is not None:
+            check_float("controller_lr", self.controller_lr, 0.0, lo_open=True)
+        check_float("baseline_momentum", self.baseline_momentum, 0.0, 1.0, hi_open=True)
+        check_float("reward_split", self.reward_split, 0.0, 0.9, lo_open=True)
+        check_float("cost_tolerance", self.cost_tolerance, 0.0, lo_open=True)
+        check_int("eval_subnets", self.eval_subnets, 0)
+        check_int("calib_batches", self.calib_batches, 1)
+        check_int("workers", self.workers, 0)
+        check_int("threads", self.threads, 1)
+        check_int("save_every_steps", self.save_every_steps, 0)
+        if self.resolution is not None:
+            check_int("resolution", self.resolution, 16)
+        if self.reward_batch is not None:
+            check_int("reward_batch", self.reward_batch, 1)
+        if self.distill:
+            raise MNv4Error(
+                "`distill` needs the distillation datasets of mnv4.distill, which this build does not include "
+                "yet; search on the labelled data instead (docs/nas.md, 'Distillation')"
+            )
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SearchConfig:
+        d = dict(d)
+        for key in ("crop_scale", "distill"):
+            if key in d and d[key] is not None:
+                d[key] = tuple(d[key])
+        return cls(**d)
+
+    def train_config(self) -> TrainConfig:
+        """The super-network's training run: the `quick` recipe with this search's settings."""
+        return resolve_config(
+            "quick",
+            model=None,
+            data=self.data,
+            output=self.output,
+            epochs=self.epochs,
+            batch_size=self.batch_size,
+            micro_batch=self.micro_batch,
+            lr=self.lr,
+            lr_scaling="none",
+            warmup_epochs=self.warmup_epochs,
+            weight_decay=self.weight_decay,
+            label_smoothing=self.label_smoothing,
+            dropout=0.0,
+            crop_scale=self.crop_scale,
+            hflip=self.hflip,
+            input_size=self.resolution,
+            seed=self.seed,
+            workers=self.workers,
+            device=self.device,
+            save_every_steps=self.save_every_steps,
+        )
+
+    @property
+    def target_kind(self) -> str:
+        if self.target_like is not None:
+            return "macs" if self.hardware == "macs" else "ms"
+        return "macs" if self.target_macs is not None else "ms"
+
+    def resolve_target(self, cost_model: CostModel) -> float:
+        """T0 in the cost model's unit: the given number, or the cost of ``target_like`` on it."""
+        if self.target_like is not None:
+            from ..models.registry import get_entry
+
+            return float(cost_model.cost(get_entry(self.target_like).spec))
+        return float(self.target_macs if self.target_macs is not None else self.target_ms)
+
+
+@dataclass
+class StagePlan:
+    name: str  # coarse | fine | joint
+    start: int  # first global step
+    steps: int
+
+    @property
+    def end(self) -> int:
+        return self.start + self.steps
+
+    def rl_start(self, warmup: float) -> int:
+        return self.start + int(round(warmup * self.steps))
+
+
+@dataclass
+class SearchResult:
+    output: Path
+    arch: Arch
+    spec: ModelSpec
+    cost: float
+    target: float
+    unit: str
+    report: dict[str, Any] = field(default_factory=dict)
+
+
+class HeldOutSet(Dataset):
+    """Images of a split as (image tensor, label) for forward-only passes, decoded once and kept in
+    memory when they fit in ``max_bytes``. Unreadable images are left out of every batch."""
+
+    def __init__(self, ds: Dataset, transform: Callable, max_bytes: int = 256 << 20) -> None:
+        self.ds, self.transform = ds, transform
+        self.cache: tuple[torch.Tensor, torch.Tensor] | None = None
+        first = next((x for x, y in (self._load(i) for i in range(min(len(ds), 32))) if y >= 0), None)
+        if first is not None and first.numel() * 4 * len(ds) <= max_bytes:
+            items = [self._load(i) for i in range(len(ds))]
+            xs = [x if y >= 0 else torch.zeros_like(first) for x, y in items]
+            self.cache = torch.stack(xs), torch.tensor([y for _, y in items])
+
+    def _load(self, i: int) -> tuple[torch.Tensor, int]:
+        from ..data.images import BadImage
+
+        im, y = self.ds[i]
+        if isinstance(im, BadImage):
+            return torch.zeros(0), -1
+        return self.transform(im), int(y)
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def batch(self, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.cache is not None:
+            x, y = self.cache[0][torch.tensor(idx)], self.cache[1][torch.tensor(idx)]
+            keep = y >= 0
+            return x[keep], y[keep]
+        items = [self._load(i) for i in idx]
+        items = [(x, y) for x, y in items if y >= 0]
+        if not items:
+            return torch.zeros(0), torch.zeros(0, dtype=torch.long)
+        return torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items])
+
+
+def _gen(*keys: int) -> torch.Generator:
+    from ..data.sampling import sample_seed
+
+    return torch.Generator().manual_seed(sample_seed(*keys))
+
+
+def _split(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    perm = torch.randperm(n, generator=_gen(seed, 0x5E1)).tolist()
+    k = max(1, int(round(n * fraction)))
+    return sorted(perm[k:]), sorted(perm[:k])
+
+
+class SuperNetTrainer(Trainer):
+    """The super-network phase of the search as a :class:`~mnv4.train.trainer.Trainer`: the base class
+    runs the steps, DDP, checkpoints, resume and stop requests; the hooks sample the architecture of
+    each step (``before_step``), train the controller (``after_step``), evaluate the current best
+    architecture at epoch ends, and write the search result at the end (``finish``).
+
+    ``data.train`` is the part of the training data the weights learn from, ``data.val`` the held-out
+    part the reward is measured on (the dataset's own validation images are not used)."""
+
+    def __init__(self, scfg: SearchConfig, data, cost_model: CostModel, progress=None, log=None) -> None:
+        super().__init__(scfg.train_config(), data=data, progress=progress, log=log)
+        self.scfg = scfg
+        self.space: SearchSpace = get_space(scfg.space)
+        self.cost_model = cost_model
+        self.target = scfg.resolve_target(cost_model)
+        self.history: list[dict[str, Any]] = []
+        self.stage_results: dict[str, Arch] = {}
+        self.controller: Controller | None = None
+        self.stage_index = -1
+        self._costs: dict[tuple, float] = {}
+        self.result: SearchResult | None = None
+
+    # -- Trainer hooks --------------------------------------------------------------------------
+    def build_model(self) -> nn.Module:
+        from ..models.registry import Preprocess
+
+        net = SuperNet(self.space, len(self.data.class_names))
+        res = self.scfg.resolution or self.data.input_size or 224
+        if self.data.input_size is not None:  # small-image sets: no centre crop (as the trainer does)
+            net.preprocess = Preprocess(input_size=res, crop_pct=1.0, interpolation="bilinear")
+        else:
+            net.preprocess = Preprocess(input_size=res)
+        net.class_names = list(self.data.class_names)
+        self.raw_preprocess = net.preprocess
+        self._prepare_search()
+        return net
+
+    def wrap_distributed(self, model: nn.Module) -> nn.Module:
+        from torch.nn.parallel import DistributedDataParallel
+
+        device = self.info.device
+        # Each step leaves the DW ops and blocks its architecture does not run without gradients.
+        return DistributedDataParallel(
+            model,
+            device_ids=[device] if device.type == "cuda" else None,
+            broadcast_buffers=False,
+            find_unused_parameters=True,
+        )
+
+    def setup(self, resume=None) -> None:
+        super().setup(resume)
+        if self.step == 0:
+            self.say(
+                f"searching space {self.space.name} ({self.space.num_architectures():.3g} architectures) for "
+                f"{self.cost_model.describe()} target {self.target:g}: {len(self.stages)} stage(s), "
+                f"{self.plan.total_steps} steps; reward on {len(self.data.val)} held-out training images"
+            )
+
+    def _prepare_search(self) -> None:
+        """Stages and held-out sets; called from build_model, once the base class has planned the
+        run and before it restores a checkpoint (whose controller needs the stages)."""
+        cfg = self.scfg
+        pp = self.raw_preprocess
+        self.resolution = pp.input_size
+        self.num_classes = len(self.data.class_names)
+        self.reward_set = HeldOutSet(self.data.val, eval_transform(pp))
+        calib = Subset(self.data.train, range(min(len(self.data.train), cfg.calib_batches * cfg.batch_size)))
+        self.calib_set = HeldOutSet(calib, eval_transform(pp))
+        total = self.plan.total_steps
+        if cfg.one_stage:
+            self.stages = [StagePlan("joint", 0, total)]
+        else:
+            coarse = max(1, int(round(cfg.coarse_fraction * total)))
+            if coarse >= total:
+                raise InvalidValue("epochs", cfg.epochs, f"gives {total} step(s), too few for two stages; raise it")
+            self.stages = [StagePlan("coarse", 0, coarse), StagePlan("fine", coarse, total - coarse)]
+
+    def before_step(self, step: int) -> None:
+        self._enter_stage(self.stage_at(step))
+        arch = self.space.canonical(self.controller.sample(_gen(self.cfg.seed, step, 1)))
+        self.raw.set_arch(arch)
+
+    def after_step(self, step: int, loss: float) -> None:
+        step -= 1  # the base class reports the step count after the update; rows use the step index
+        stage = self.stages[self.stage_index]
+        row: dict[str, Any] = {"step": step, "stage": stage.name, "loss": loss}
+        if step >= stage.rl_start(self.scfg.rl_warmup):
+            rl_arch = self.space.canonical(self.controller.sample(_gen(self.cfg.seed, step, 3)))
+            q = self.reward_quality(rl_arch, step)
+            cost = self.arch_cost(rl_arch)
+            reward = absolute_reward(q, cost, self.target, self.scfg.beta)
+            adv = self.controller.update(rl_arch, reward, self.space.active(rl_arch))
+            row.update(
+                quality=q,
+                cost=cost,
+                reward=reward,
+                advantage=adv,
+                baseline=self.controller.baseline,
+                arch=self.space.to_string(rl_arch),
+            )
+        row["entropy"] = self.controller.entropy()
+        self.history.append(row)
+
+    def evaluate_and_select(self, epoch: int, row: dict[str, Any]) -> None:
+        """Epoch end: the controller's most likely architecture, its cost and held-out accuracy."""
+        best = self.space.canonical(self.controller.argmax())
+        acc, top5, loss = self.evaluate_arch(best, full=True)
+        rows = [r for r in self.history if r["step"] >= self.step - self.plan.steps_per_epoch]
+        rl = [r for r in rows if "reward" in r]
+        row.update(
+            stage=self.stages[self.stage_index].name,
+            val_top1=acc,  # the argmax architecture on the held-out split, BN recalibrated
+            val_top5=top5,
+            val_loss=loss,
+            argmax_cost=self.arch_cost(best),
+            entropy=self.controller.entropy(),
+            mean_quality=sum(r["quality"] for r in rl) / len(rl) if rl else "",
+            mean_cost=sum(r["cost"] for r in rl) / len(rl) if rl else "",
+            mean_reward=sum(r["reward"] for r in rl) / len(rl) if rl else "",
+        )
+        self.say(
+            f"  stage {row['stage']}: controller entropy {row['entropy']:.2f} nats, most likely architecture "
+            f"{self.space.to_string(best)} ({row['argmax_cost']:.4g} {self.cost_model.unit}, "
+            f"{acc:.2f}% held-out)"
+        )
+
+    def extra_state(self) -> dict[str, Any]:
+        return {
+            "search_config": _plain(self.scfg.to_dict()),
+            "stage_index": self.stage_index,
+            "stage_results": json.dumps(self.stage_results),
+            "controller": self.controller.state_dict() if self.controller else None,
+            "history": json.dumps(self.history),
+        }
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        saved = state.get("search_config")
+        if saved is None:
+            raise MNv4Error("this checkpoint is not from a search; resume it with `mnv4 train`")
+        if saved != _plain(self.scfg.to_dict()):
+            diff = sorted(k for k, v in saved.items() if v != _plain(self.scfg.to_dict()).get(k))
+            raise MNv4Error(f"cannot resume: the search was started with other settings ({', '.join(diff)})")
+        self.stage_results = json.loads(state["stage_results"])
+        self.history = json.loads(state["history"])
+        if state["controller"] is not None:
+            self.stage_index = -1
+            self._enter_stage(int(state["stage_index"]), quiet=True)
+            self.controller.load_state_dict(state["controller"])
+
+    # -- stages ---------------------------------------------------------------------------------
+    def _controller_for(self, stage: StagePlan) -> Controller:
+        cfg = self.scfg
+        if stage.name == "coarse":
+            fixed = self.space.coarse_fixed()
+        elif stage.name == "fine":
+            fixed = self.space.fine_fixed(self.stage_results["coarse"], self.scfg.fine_expand)
+        else:
+            fixed = {}
+        updates = max(1, stage.end - stage.rl_start(cfg.rl_warmup))
+        lr = cfg.controller_lr or min(0.1, max(1e-3, 15.0 / updates))
+        return Controller(self.space.decisions, lr, cfg.baseline_momentum, fixed)
+
+    def _enter_stage(self, index: int, quiet: bool = False) -> None:
+        if index == self.stage_index:
+            return
+        if self.controller is not None and self.stage_index >= 0:
+            # The next stage keeps this stage's filters and depths, so this stage's result must already meet
+            # the target: the argmax, or the most likely sampled architecture within cost_tolerance (pick()).
+            self.stage_results[self.stages[self.stage_index].name] = self.pick()[0]
+        self.stage_index = index
+        stage = self.stages[index]
+        self.controller = self._controller_for(stage)
+        if not quiet:
+            self.say(
+                f"stage {stage.name}: steps {stage.start}-{stage.end}, {len(self.controller.decisions)} decisions, "
+                f"controller frozen until step {stage.rl_start(self.scfg.rl_warmup)}, "
+                f"controller LR {self.controller.lr:.3g}"
+            )
+
+    def stage_at(self, step: int) -> int:
+        return next(i for i, s in enumerate(self.stages) if step < s.end)
+
+    # -- reward and evaluation ------------------------------------------------------------------
+    def arch_cost(self, arch: Arch) -> float:
+        key = tuple(sorted(self.space.canonical(arch).items()))
+        if key not in self._costs:
+            self._costs[key] = self.cost_model.cost(self.space.to_spec(arch))
+        return self._costs[key]
+
+    @torch.no_grad()
+    def reward_quality(self, arch: Arch, step: int) -> float:
+        """Accuracy of ``arch`` on one held-out batch (batch statistics, like the training pass)."""
+        cfg = self.scfg
+        n = min(cfg.reward_batch or cfg.batch_size, len(self.reward_set))
+        idx = torch.randperm(len(self.reward_set), generator=_gen(cfg.seed, step, 2))[:n].tolist()
+        # Contiguous shares, run in micro-batches: one process with accumulation sees exactly the
+        # batches (and BatchNorm statistics) that the processes of a torchrun job see.
+        world, rank = self.info.world_size, self.info.rank
+        share = idx[rank * n // world : (rank + 1) * n // world]
+        correct = total = 0.0
+        self.raw.train()
+        micro = self.plan.micro_batch
+        for i in range(0, len(share), micro):
+            x, y = self.reward_set.batch(share[i : i + micro])
+            if len(y) > 1:  # BatchNorm needs two samples
+                logits = self.raw(x.to(self.info.device), arch)
+                correct += float((logits.argmax(1).cpu() == y).sum())
+                total += float(len(y))
+        correct, total = all_reduce_sum([correct, total], self.info)
+        return correct / max(total, 1.0)
+
+    def evaluate_arch(self, arch: Arch, full: bool = False) -> Any:
+        """Held-out top-1 (%) of ``arch`` with BN statistics recalibrated for it; ``full`` returns
+        (top-1, top-5, loss)."""
+        res = subnet_accuracy(self.raw, arch, self.calib_set, self.reward_set, self.scfg.batch_size, self.info.device)
+        self.raw.train()
+        return res if full else res[0]
+
+    # -- the result -----------------------------------------------------------------------------
+    def pick(self) -> tuple[Arch, dict[str, Any]]:
+        """The final architecture: the controller's argmax, or, when that misses the target by more
+        than ``cost_tolerance``, the most likely of 2000 sampled architectures that meets it."""
+        best = self.space.canonical(self.controller.argmax())
+        cost = self.arch_cost(best)
+        info = {"argmax": self.space.to_string(best), "argmax_cost": cost, "projected": False}
+        tol = self.scfg.cost_tolerance
+        if abs(cost / self.target - 1) <= tol:
+            return best, info
+        g = _gen(self.cfg.seed, 0xF1A1)
+        seen: dict[tuple, tuple[float, Arch]] = {}
+        for _ in range(2000):
+            a = self.space.canonical(self.controller.sample(g))
+            key = tuple(sorted(a.items()))
+            if key not in seen:
+                with torch.no_grad():
+                    seen[key] = (float(self.controller.log_prob(a, self.space.active(a))), a)
+        inside = [(lp, a) for lp, a in seen.values() if abs(self.arch_cost(a) / self.target - 1) <= tol]
+        if inside:
+            _, a = max(inside, key=lambda t: t[0])
+            info["projected"] = True
+            return a, info
+        return best, info
+
+    def finish(self):
+        if self.stop_reason is not None:
+            self.say(
+                f"stopped at step {self.step} of {self.plan.total_steps} ({self.stop_reason}); "
+                f"continue with `resume` ({self.run_dir / LAST})"
+            )
+            return super_finish_stopped(self)
+        from .report import write_report
+
+        self.stage_results[self.stages[self.stage_index].name] = self.space.canonical(self.controller.argmax())
+        arch, pick_info = self.pick()
+        spec = self.space.to_spec(arch, name=f"nas_{self.space.name}_{self.cost_model.name}")
+        result = SearchResult(self.run_dir, arch, spec, self.arch_cost(arch), self.target, self.cost_model.unit)
+        if self.info.is_main:
+            subnets = []
+            g, rng = _gen(self.cfg.seed, 0x5CA7), _rng(self.cfg.seed, 0x5CA7)
+            candidates = [("found", arch)]
+            candidates += [
+                ("policy", self.space.canonical(self.controller.sample(g))) for _ in range(self.scfg.eval_subnets)
+            ]
+            candidates += [("uniform", self.space.sample(rng)) for _ in range(self.scfg.eval_subnets)]
+            for kind, a in candidates:
+                subnets.append(
+                    {
+                        "kind": kind,
+                        "arch": self.space.to_string(a),
+                        "cost": self.arch_cost(a),
+                        "accuracy": self.evaluate_arch(a),
+                    }
+                )
+            # The found architecture with the super-network's weights and its own BN statistics: a warm start.
+            self.evaluate_arch(arch)
+            subnet = self.raw.extract(arch, spec.name)
+            subnet.preprocess, subnet.class_names = self.raw.preprocess, list(self.data.class_names)
+            save_model(subnet, self.run_dir / SUBNET, extra={"source": "nas super-network"})
+            write_safetensors(
+                self.run_dir / SUPERNET,
+                self.raw.state_dict(),
+                {"format": "mnv4-supernet", "space": self.space.to_dict()},
+            )
+            wall = self.wall_before + time.perf_counter() - self.t_start
+            result.report = write_report(self, result, pick_info, subnets, wall)
+            self.say(
+                f"found {result.report['compact']}: {result.cost:.4g} {result.unit} for target {self.target:g} "
+                f"({100 * result.report['cost_error']:+.1f}%); spec {self.run_dir / SPEC}"
+            )
+        if self.info.distributed:
+            dist.barrier()
+        self.result = result
+        return result
+
+
+def super_finish_stopped(trainer: Trainer):
+    """What a stopped search returns: nothing to report yet (``resume`` continues it)."""
+    if trainer.info.distributed:
+        dist.barrier()
+    return None
+
+
+@torch.no_grad()
+def subnet_accuracy(
+    net: SuperNet,
+    arch: Arch,
+    calib: HeldOutSet,
+    data: HeldOutSet,
+    batch_size: int = 64,
+    device: torch.device | str = "cpu",
+) -> tuple[float, float, float]:
+    """(top-1 %, top-5 %, loss) of ``arch`` run by the super-network on ``data``, after recalibrating
+    its BN statistics on the images of ``calib`` (see :meth:`SuperNet.calibrate_bn`)."""
+    import torch.nn.functional as F
+
+    n = len(calib)
+    batches = (calib.batch(list(range(i, min(n, i + batch_size))))[0] for i in range(0, n, batch_size))
+    net.calibrate_bn(arch, (b.to(device) for b in batches if len(b) > 1))
+    net.eval()
+    top1 = top5 = loss = 0.0
+    total = 0
+    for i in range(0, len(data), 256):
+        x, y = data.batch(list(range(i, min(len(data), i + 256))))
+        logits = net(x.to(device), arch).float().cpu()
+        hit = logits.topk(min(5, logits.shape[1]), 1).indices == y[:, None]
+        top1 += float(hit[:, 0].sum())
+        top5 += float(hit.any(1).sum())
+        loss += float(F.cross_entropy(logits, y, reduction="sum"))
+        total += len(y)
+    total = max(total, 1)
+    return 100.0 * top1 / total, 100.0 * top5 / total, loss / total
+
+
+def _rng(*keys: int):
+    import random
+
+    from ..data.sampling import sample_seed
+
+    return random.Random(sample_seed(*keys))
+
+
+def _plain(v: Any) -> Any:
+    """JSON-like form for comparing configs saved in checkpoints (tuples -> lists)."""
+    if isinstance(v, dict):
+        return {k: _plain(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    return v
+
+
+def search(
+    cfg: SearchConfig,
+    resume: bool = False,
+    data=None,
+    max_steps: int | None = None,
+    progress: bool | None = None,
+    log=None,
+) -> SearchResult | None:
+    """Run (or, with ``resume``, continue) a search; under torchrun every process calls this with the
+    same ``cfg``. Returns None when ``max_steps`` or a stop request ended it early (resumable)."""
+    from ..data.datasets import DataBundle, load_data
+    from ..train.distributed import setup
+
+    cfg = cfg.validated()
+    get_space(cfg.space)  # a bad space fails before any data is read
+    out = Path(cfg.output) if cfg.output else None
+    if resume and out is None:
+        raise InvalidValue("output", None, "name the folder of the search to resume")
+    info = setup(cfg.device)
+    if data is None:
+        if info.is_main:
+            data = load_data(cfg.data, None, 0.2, cfg.seed)
+        if info.distributed:
+            dist.barrier()
+        if data is None:
+            data = load_data(cfg.data, None, 0.2, cfg.seed)
+    w_idx, r_idx = _split(len(data.train), cfg.reward_split, cfg.seed)
+    split = DataBundle(
+        data.name, Subset(data.train, w_idx), Subset(data.train, r_idx), list(data.class_names), data.input_size
+    )
+    res = cfg.resolution or data.input_size or 224
+    cost_model = _cost_model(cfg, res, len(data.class_names), info, progress, log)
+    trainer = SuperNetTrainer(cfg, split, cost_model, progress, log)
+    return trainer.run(resume=out / LAST if resume else None, max_steps=max_steps)
+
+
+def _cost_model(cfg: SearchConfig, resolution: int, num_classes: int, info, progress, log) -> CostModel:
+    cm = get_cost_model(cfg.hardware, resolution, num_classes, cfg.target_kind, cfg.latency_table, cfg.threads)
+    if not isinstance(cm, LatencyTable):
+        return cm
+    say = log or print
+    # One table for all processes: rank 0 measures, the others read its file.
+    if info.is_main:
+        space = get_space(cfg.space)
+        n = cm.build(space, progress=progress)
+        if n or not cm.overhead_fitted:
+            fit = cm.fit_overhead([space.to_spec(space.sample(_rng(cfg.seed, i)), f"probe{i}") for i in range(3)])
+            say(
+                f"latency table {cm.path}: measured {n} new segment(s), {len(cm)} in all; per-call overhead "
+                f"{fit['overhead_ms']:.3f} ms"
+            )
+    if info.distributed:
+        dist.barrier()
+        cm = get_cost_model(cfg.hardware, resolution, num_classes, cfg.target_kind, cm.path, cfg.threads)
+    return cm

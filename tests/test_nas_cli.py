@@ -1,0 +1,54 @@
+import json
+
+import pytest
+
+from mnv4.cli import main
+
+from .nas_common import tiny_space
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--data", "digits"], "exactly one target"),
+        (["--data", "digits", "--target-ms", "1", "--hardware", "macs"], "--target-macs"),
+        (["--data", "/no/such/folder", "--target-macs", "1"], "no such folder"),
+        (["--data", "digits", "--target-like", "mnv4_foo"], "unknown model"),
+        (["--data", "digits", "--target-macs", "1", "--space", "xl"], "unknown search space"),
+        (["--data", "digits", "--target-macs", "1", "--hardware", "pixel9"], "--hardware"),
+        (["--data", "digits", "--target-macs", "1", "--beta", "0.5"], "--beta"),
+        (["--data", "digits", "--target-macs", "1", "--distill", "x"], "--distill"),
+        (["--resume", "/no/such/search"], "no checkpoint"),
+    ],
+)
+def test_search_refuses_bad_options_with_one_line(argv, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["search", *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "runs").exists()
+
+
+def test_show_space_prints_the_choices(capsys):
+    assert main(["search", "--show-space", "--space", "m_hybrid"]) == 0
+    out = capsys.readouterr().out
+    assert "stage /16" in out and "MQA slots m4k64s2" in out
+
+
+@pytest.mark.slow
+def test_search_resume_then_profile_and_train_the_spec(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tiny.json").write_text(json.dumps(tiny_space().to_dict()))
+    common = ["--no-progress"]
+    argv = ["search", "--data", "digits", "--space", "tiny.json", "--target-macs", "0.15", "--input-size", "16"]
+    argv += ["--epochs", "1", "-b", "64", "--eval-subnets", "1", "-o", "s", *common]
+    assert main([*argv, "--max-steps", "8"]) == 0
+    assert "mnv4 search --resume s" in capsys.readouterr().out
+    code = main(["search", "--resume", "s", *common])
+    out = capsys.readouterr().out
+    assert code in (0, 3) and "spec: s/spec.json" in out
+    assert main(["profile", "--spec", "s/spec.json", "--input-size", "16"]) == 0
+    assert "GMACs" in capsys.readouterr().out
+    assert main(["profile", "--spec", "s/spec.json", "-m", "mnv4_conv_small"]) == 2
+    assert main(["train", "--spec", "s/spec.json", "--data", "digits", "--epochs", "0.2", "-o", "t", *common]) == 0
+    assert json.loads((tmp_path / "t" / "summary.json").read_text())["model"].startswith("nas_tiny_macs")
