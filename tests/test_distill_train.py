@@ -140,4 +140,6 @@ def test_mismatched_classes_give_one_clear_error(labelled, tmp_path):
     with pytest.raises(MNv4Error, match="no such soft-label dataset folder"):
         train_student(_cfg(labelled, tmp_path / "run2", distill=(str(tmp_path / "nope"),), mix=None), progress=False)
     with pytest.raises(MNv4Error, match="unknown teacher 'resnet_of_dreams'"):
-        train_student(resolve_config("distill", teacher="resnet_of_dreams", data=str(labelled / "photos")), progress=False)
+        train_student(
+            resolve_config("distill", teacher="resnet_of_dreams", data=str(labelled / "photos")), progress=False
+        )
