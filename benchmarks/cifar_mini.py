@@ -1,7 +1,7 @@
 """Sanity check on real photos: mnv4_conv_small from scratch on the cifar10-mini development set
 (ImageFolder, 5,000 train / 1,000 val 32x32 JPEGs; not part of the test suite).
 
-Small-data recipe: `quick` (AdamW, warm-up + cosine, label smoothing 0.1) with the augmentations
+The `small-photos` recipe: `quick`'s AdamW, warm-up + cosine and label smoothing 0.1, with the augmentations
 that photos need and digits do not: horizontal flips, RandAugment (p 0.5, 2 ops, level 5) and
 random resized crops from 35% of the image, at the native 32 px, 40 epochs, batch 64.
 
@@ -21,19 +21,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from mnv4.train import resolve_config, train  # noqa: E402
 from mnv4.train.metrics import plot_run  # noqa: E402
 
-SMALL_DATA = dict(
-    hflip=0.5,
-    crop_scale=(0.35, 1.0),
-    randaug_prob=0.5,
-    randaug_layers=2,
-    randaug_magnitude=5,
-    dropout=0.2,
-    batch_size=64,
-    lr=2e-3,
-    warmup_epochs=2,
-    weight_decay=0.05,
-)
-
 
 def main() -> None:
     here = os.path.dirname(os.path.abspath(__file__))
@@ -45,14 +32,13 @@ def main() -> None:
     ap.add_argument("--output", default="runs/cifar-mini-conv-small")
     args = ap.parse_args()
     cfg = resolve_config(
-        "quick",
+        "small-photos",
         model="mnv4_conv_small",
         data=os.path.normpath(args.data),
         epochs=args.epochs,
         input_size=args.input_size,
         workers=args.workers,
         output=args.output,
-        **SMALL_DATA,
     )
     result = train(cfg, progress=False, exist_ok=True)  # a rerun replaces the previous benchmark run
     s = result.summary

@@ -39,18 +39,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 HERE = Path(__file__).resolve().parent
 SHARED = HERE.parent.parent / "shared" / "data"
 
-# The repo's best small-data hard-label recipe (benchmarks/cifar_mini.py), for the baseline.
-HARD_LABEL = dict(
-    hflip=0.5,
-    crop_scale=(0.35, 1.0),
-    randaug_prob=0.5,
-    randaug_layers=2,
-    randaug_magnitude=5,
-    dropout=0.2,
-    lr=2e-3,
-    weight_decay=0.05,
-    label_smoothing=0.1,
-)
 ARMS = ("baseline", "D1", "D2", "D3", "D1+D2", "D1+D2+D3", "online")
 OPTIONAL_ARMS = ("D2+D3",)  # Tab. 8's other pair, on request (--arms)
 DEFAULT_STEPS = 800
@@ -151,7 +139,7 @@ def student_stage(args, work: Path, teacher: Path, arm: str, manifests: dict) ->
     labelled = len(open_source(args.data))  # the training images (train/ of the folder)
     if arm == "baseline":
         n = labelled
-        recipe, fields = "quick", dict(HARD_LABEL, ema_decay=args.ema)
+        recipe, fields = "small-photos", dict(ema_decay=args.ema)  # the hard-label baseline
     else:
         recipe = "distill"
         fields = dict(lr=args.lr, lr_scaling="none", weight_decay=0.05, dropout=0.2, ema_decay=args.ema)

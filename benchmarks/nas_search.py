@@ -47,20 +47,6 @@ from mnv4.nas.supernet import SuperNet  # noqa: E402
 from mnv4.train import resolve_config  # noqa: E402
 from mnv4.train.trainer import train  # noqa: E402
 
-# The cifar_mini.py recipe: `quick` plus the augmentation photos need.
-SMALL_DATA = dict(
-    hflip=0.5,
-    crop_scale=(0.35, 1.0),
-    randaug_prob=0.5,
-    randaug_layers=2,
-    randaug_magnitude=5,
-    dropout=0.2,
-    batch_size=64,
-    lr=2e-3,
-    warmup_epochs=1,
-    weight_decay=0.05,
-)
-
 
 class Cache:
     def __init__(self, path: Path) -> None:
@@ -130,14 +116,14 @@ def train_standalone(args, compact: str, data, out: Path, cache: Cache) -> dict:
     spec = spec_from_string(compact, name="candidate")
     folder = out / "standalone" / hashlib.sha1(compact.encode()).hexdigest()[:12]
     cfg = resolve_config(
-        "quick",
+        "small-photos",
         model=spec.to_dict(),
         data=args.data,
         epochs=args.train_epochs,
         input_size=args.input_size,
         output=str(folder),
         seed=args.seed,
-        **SMALL_DATA,
+        warmup_epochs=1,
     )
     t0 = time.perf_counter()
     res = train(cfg, data=data, progress=False, log=lambda m: None, exist_ok=True)

@@ -269,6 +269,27 @@ RECIPES: dict[str, Recipe] = {
             hflip=0.0,
             randaug_prob=0.0,
         ),
+        Recipe(
+            name="small-photos",
+            note=(
+                "From scratch on a few thousand small photos (CIFAR-style, 32-64 px): hard labels with flips, "
+                "crops keeping at least 35% of the image, light RandAugment (half the images, 2 ops at "
+                "magnitude 5) and dropout 0.2. The recipe of benchmarks/cifar_mini.py and the hard-label "
+                "baseline of benchmarks/distill_gain.py and benchmarks/nas_search.py."
+            ),
+            epochs=40,
+            batch_size=64,
+            lr=2e-3,
+            warmup_epochs=2,
+            weight_decay=0.05,
+            label_smoothing=0.1,
+            dropout=0.2,
+            crop_scale=(0.35, 1.0),
+            hflip=0.5,
+            randaug_prob=0.5,
+            randaug_layers=2,
+            randaug_magnitude=5,
+        ),
     )
 }
 
