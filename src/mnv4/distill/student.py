@@ -34,7 +34,7 @@ from ..data.images import BadImage
 from ..data.sampling import GlobalBatchSampler, sample_seed
 from ..errors import MNv4Error, check_choice
 from ..train.config import TrainConfig
-from ..train.trainer import Trainer, TrainResult
+from ..train.trainer import Trainer, TrainResult, train
 from .augment import POLICIES, augment, get_policy, mixing_partner
 from .dataset import MixedSoftLabels, MixingSampler, SoftLabelSet, StudentView, check_compatible, parse_mix
 from .label import MANIFEST
@@ -234,17 +234,9 @@ class DistillTrainer(Trainer):
         return s
 
 
-def train_student(
-    cfg: TrainConfig,
-    resume: str | Path | None = None,
-    data: DataBundle | None = None,
-    max_steps: int | None = None,
-    progress: bool | None = None,
-    log=None,
-    exist_ok: bool = False,
-) -> TrainResult:
+def train_student(cfg: TrainConfig, resume: str | Path | None = None, **kwargs: Any) -> TrainResult:
     """:func:`mnv4.train.train` for a distillation config (``cfg.distill`` soft-label folders mixed by
-    ``cfg.mix``, or a live ``cfg.teacher``); the same arguments, guarantees and result."""
+    ``cfg.mix``, or a live ``cfg.teacher``): the same arguments, guarantees and result."""
     if not (cfg.distill or cfg.teacher):
         raise MNv4Error("train_student needs soft-label folders (`distill`) or a live `teacher` in the config")
-    return DistillTrainer(cfg, data=data, progress=progress, log=log, exist_ok=exist_ok).run(resume, max_steps)
+    return train(cfg, resume, trainer=DistillTrainer, **kwargs)

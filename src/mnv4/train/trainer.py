@@ -789,6 +789,7 @@ def train(
     progress: bool | None = None,
     log=None,
     exist_ok: bool = False,
+    trainer: type[Trainer] | None = None,
 ) -> TrainResult:
     """Train according to ``cfg``; under torchrun every process calls this with the same ``cfg``.
 
@@ -799,8 +800,9 @@ def train(
         progress: progress bars; None shows them on terminals only.
         log: where per-epoch lines go (default: print on rank 0).
         exist_ok: replace a run that already exists in ``cfg.output``.
+        trainer: a :class:`Trainer` subclass to run instead (e.g. the distillation student's).
     """
-    return Trainer(cfg, data=data, progress=progress, log=log, exist_ok=exist_ok).run(resume, max_steps)
+    return (trainer or Trainer)(cfg, data=data, progress=progress, log=log, exist_ok=exist_ok).run(resume, max_steps)
 
 
 # ---------------------------------------------------------------------------------------------- helpers
