@@ -75,6 +75,29 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
+def read_mapping(path: str | os.PathLike, what: str, holds: str) -> dict[str, Any]:
+    """A YAML or JSON file (by suffix: ``.json`` is JSON, anything else YAML) that must hold a mapping;
+    every failure is one MNv4Error naming the file. ``what`` names the file ("config file"), ``holds``
+    what the mapping should contain ("name, stem, stages, ...")."""
+    import yaml
+
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise MNv4Error(f"{what} not found: {path}") from None
+    except OSError as e:
+        raise MNv4Error(f"cannot read {what} {path}: {e.strerror}") from None
+    is_json = path.suffix.lower() == ".json"
+    try:
+        data = json.loads(text) if is_json else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as e:
+        raise MNv4Error(f"{path} is not valid {'JSON' if is_json else 'YAML'} ({' '.join(str(e).split())})") from None
+    if not isinstance(data, dict):
+        raise MNv4Error(f"{path} must hold a mapping ({holds})")
+    return data
+
+
 def _pid_alive(pid: int) -> bool:
     if pid <= 0:
         return False

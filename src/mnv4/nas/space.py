@@ -27,7 +27,6 @@ the model (:meth:`SearchSpace.active`).
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import random
 from collections.abc import Iterable, Mapping
@@ -36,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import MNv4Error
+from ..files import read_mapping
 from ..models.blocks import make_divisible
 from ..models.specs import AttentionSpec, BlockSpec, ConvBNSpec, FusedIBSpec, ModelSpec, UIBSpec, cn, fib, mqa, uib
 from .compact import spec_from_string, spec_to_string
@@ -562,22 +562,6 @@ def get_space(name_or_path: str | os.PathLike | SearchSpace) -> SearchSpace:
     path = Path(key)
     if path.suffix.lower() not in (".json", ".yaml", ".yml"):
         raise MNv4Error(f"unknown search space {key!r}; presets: {', '.join(SPACES)} (or a .json/.yaml file)")
-    if not path.is_file():
-        raise MNv4Error(f"search space file not found: {path}")
-    text = path.read_text()
-    if path.suffix.lower() == ".json":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise MNv4Error(f"{path} is not valid JSON ({e})") from None
-    else:
-        import yaml
-
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            raise MNv4Error(f"{path} is not valid YAML ({' '.join(str(e).split())})") from None
-    if not isinstance(data, dict):
-        raise MNv4Error(f"{path} must hold a mapping (name, stem, stages, ...)")
+    data = read_mapping(path, "search space file", "name, stem, stages, ...")
     data.setdefault("name", path.stem)
     return SearchSpace.from_dict(data)

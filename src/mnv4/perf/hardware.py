@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..errors import MNv4Error
+from ..files import read_mapping
 
 __all__ = [
     "HardwareProfile",
@@ -167,25 +168,8 @@ def anchor_peak(name: str) -> float:
 
 
 def load_profile(path: str | os.PathLike) -> HardwareProfile:
-    path = Path(path)
-    if not path.is_file():
-        raise MNv4Error(f"hardware profile file not found: {path}")
-    text = path.read_text()
-    if path.suffix.lower() in (".yaml", ".yml"):
-        import yaml
-
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            raise MNv4Error(f"{path} is not valid YAML ({' '.join(str(e).split())})") from None
-    else:
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise MNv4Error(f"{path} is not valid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise MNv4Error(f"{path} must hold a mapping with peak_macs and bandwidth")
-    data.setdefault("name", path.stem)
+    data = read_mapping(path, "hardware profile file", "peak_macs, bandwidth, ...")
+    data.setdefault("name", Path(path).stem)
     return HardwareProfile.from_dict(data)
 
 

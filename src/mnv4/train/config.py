@@ -7,17 +7,14 @@ training checkpoint, so a run can be reproduced or resumed without remembering i
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
-
-import yaml
 
 from ..data.sampling import parse_mix
 from ..errors import InvalidValue, MNv4Error, check_choice, check_float, check_int
+from ..files import read_mapping
 from .recipes import Recipe, get_recipe
 
 __all__ = ["TrainConfig", "resolve_config", "load_config_file", "validate"]
@@ -176,17 +173,7 @@ def _build(cls: type, d: dict[str, Any]) -> Any:
 
 
 def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
-    path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as e:
-        raise MNv4Error(f"cannot read config file {path}: {e.strerror}") from None
-    try:
-        d = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-    except (json.JSONDecodeError, yaml.YAMLError) as e:
-        raise MNv4Error(f"{path} is not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {e}") from None
-    if not isinstance(d, dict):
-        raise MNv4Error(f"{path} must hold a mapping of field: value")
+    d = read_mapping(path, "config file", "field: value")
     return {k.replace("-", "_"): v for k, v in d.items()}
 
 
