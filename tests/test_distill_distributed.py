@@ -5,9 +5,6 @@ rank its slice of every mixed global batch, and the student's flips are seeded p
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -16,13 +13,8 @@ from safetensors.torch import load_file
 import mnv4
 from mnv4.distill.label import LabelConfig, label
 
+from .cli_run import run_mnv4
 from .distill_helpers import TINY, color_teacher, make_folder
-
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    env.pop("WORLD_SIZE", None)
-    return env
 
 
 @pytest.mark.slow
@@ -65,23 +57,10 @@ def test_two_process_distillation_matches_single_process(tmp_path):
         "1",
         "--no-progress",
     ]
-    single = subprocess.run(
-        [sys.executable, "-m", "mnv4.cli", *common_args, "--micro-batch", "16", "--output", str(tmp_path / "one")],
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    single = run_mnv4([*common_args, "--micro-batch", "16", "--output", str(tmp_path / "one")])
     assert single.returncode == 0, single.stderr[-2000:]
     assert "16 x 2 accumulation x 1 process(es)" in single.stdout
-    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "mnv4.cli"]
-    ddp = subprocess.run(
-        [*launch, *common_args, "--output", str(tmp_path / "two")],
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    ddp = run_mnv4([*common_args, "--output", str(tmp_path / "two")], processes=2)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     assert "16 x 1 accumulation x 2 process(es)" in ddp.stdout and ddp.stdout.count("epoch 1/1") == 1
 
@@ -124,18 +103,9 @@ def test_torchrun_labelling_splits_shards_and_matches_one_process(tmp_path):
         "1",
         "--no-progress",
     ]
-    one = subprocess.run(
-        [sys.executable, "-m", "mnv4.cli", *args, "-o", str(tmp_path / "one")],
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    one = run_mnv4([*args, "-o", str(tmp_path / "one")])
     assert one.returncode == 0, one.stderr[-2000:]
-    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "mnv4.cli"]
-    two = subprocess.run(
-        [*launch, *args, "-o", str(tmp_path / "two")], env=_env(), capture_output=True, text=True, timeout=300
-    )
+    two = run_mnv4([*args, "-o", str(tmp_path / "two")], processes=2)
     assert two.returncode == 0, two.stderr[-3000:]
     assert two.stdout.count("wrote 36 records in 5 shards") == 1  # rank 0 reports, once all shards exist
     a = json.loads((tmp_path / "one" / "manifest.json").read_text())

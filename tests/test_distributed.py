@@ -12,9 +12,6 @@ from its 16 images per step) while the single process updates them from both mic
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -22,6 +19,8 @@ from safetensors.torch import load_file
 
 import mnv4
 from mnv4.models.specs import ModelSpec, cn, uib
+
+from .cli_run import run_mnv4
 
 TINY = ModelSpec(
     name="tiny_ddp",
@@ -32,12 +31,6 @@ TINY = ModelSpec(
 )
 
 
-def _env() -> dict[str, str]:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    env.pop("WORLD_SIZE", None)
-    return env
-
-
 @pytest.mark.slow
 def test_two_process_torchrun_matches_single_process_with_accumulation(tmp_path):
     conf = tmp_path / "tiny.json"
@@ -45,20 +38,11 @@ def test_two_process_torchrun_matches_single_process_with_accumulation(tmp_path)
         json.dumps({"model": TINY.to_dict(), "input_size": 16, "dropout": 0.0, "lr": 0.01, "lr_scaling": "none"})
     )
     common = ["train", "--config", str(conf), "--batch-size", "32", "--epochs", "0.25", "--no-progress"]
-    single = subprocess.run(
-        [sys.executable, "-m", "mnv4.cli", *common, "--micro-batch", "16", "--output", str(tmp_path / "one")],
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    single = run_mnv4([*common, "--micro-batch", "16", "--output", str(tmp_path / "one")])
     assert single.returncode == 0, single.stderr[-2000:]
     assert "16 x 2 accumulation x 1 process(es)" in single.stdout
 
-    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "mnv4.cli"]
-    ddp = subprocess.run(
-        [*launch, *common, "--output", str(tmp_path / "two")], env=_env(), capture_output=True, text=True, timeout=300
-    )
+    ddp = run_mnv4([*common, "--output", str(tmp_path / "two")], processes=2)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     assert "16 x 1 accumulation x 2 process(es)" in ddp.stdout
     assert ddp.stdout.count("epoch 1/1") == 1  # only rank 0 logs
@@ -114,15 +98,8 @@ def test_unreadable_images_concentrated_on_one_rank_neither_hang_nor_crash(tmp_p
 
     conf = tmp_path / "tiny.json"
     conf.write_text(json.dumps({"model": TINY.to_dict(), "input_size": 16, "lr": 0.01, "lr_scaling": "none"}))
-    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "mnv4.cli"]
     args = ["train", "--config", str(conf), "--data", str(root), "--batch-size", str(batch), "--epochs", "1"]
-    ddp = subprocess.run(
-        [*launch, *args, "--no-progress", "--output", str(tmp_path / "run")],
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
+    ddp = run_mnv4([*args, "--no-progress", "--output", str(tmp_path / "run")], processes=2, timeout=240)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     s = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert s["steps"] == n // batch and s["skipped_images"] == len(rank1) - 1  # counted over both ranks

@@ -10,21 +10,13 @@ the same rewards and the shared weights the same gradients (up to float summatio
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from .cli_run import run_mnv4
 from .nas_common import tiny_space
-
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    env.pop("WORLD_SIZE", None)
-    return env
 
 
 @pytest.mark.slow
@@ -33,11 +25,9 @@ def test_two_process_search_matches_single_process_with_accumulation(tmp_path):
     space.write_text(json.dumps(tiny_space().to_dict()))
     common = ["search", "--data", "digits", "--space", str(space), "--target-macs", "0.15", "--input-size", "16"]
     common += ["--epochs", "0.6", "-b", "64", "--eval-subnets", "1", "--no-progress", "--coarse-fraction", "0.5"]
-    run = dict(env=_env(), capture_output=True, text=True, timeout=600, cwd=tmp_path)
-    single = subprocess.run([sys.executable, "-m", "mnv4.cli", *common, "--micro-batch", "32", "-o", "one"], **run)
+    single = run_mnv4([*common, "--micro-batch", "32", "-o", "one"], timeout=600, cwd=tmp_path)
     assert single.returncode in (0, 3), single.stderr[-2000:]
-    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "mnv4.cli"]
-    ddp = subprocess.run([*launch, *common, "-o", "two"], **run)
+    ddp = run_mnv4([*common, "-o", "two"], processes=2, timeout=600, cwd=tmp_path)
     assert ddp.returncode in (0, 3), ddp.stderr[-3000:]
     assert "32 x 1 accumulation x 2 process(es)" in ddp.stdout
     assert ddp.stdout.count("spec: two/spec.json") == 1  # only rank 0 reports
