@@ -42,7 +42,7 @@ from mnv4.files import atomic_write_json  # noqa: E402
 from mnv4.models.registry import Preprocess, get_entry  # noqa: E402
 from mnv4.nas import get_space, spec_from_string  # noqa: E402
 from mnv4.nas.cost import LatencyTable, get_cost_model  # noqa: E402
-from mnv4.nas.search import HeldOutSet, SearchConfig, search, subnet_accuracy  # noqa: E402
+from mnv4.nas.search import HeldOutSet, SearchConfig, SearchStopped, search, subnet_accuracy  # noqa: E402
 from mnv4.nas.supernet import SuperNet  # noqa: E402
 from mnv4.train import resolve_config  # noqa: E402
 from mnv4.train.trainer import train  # noqa: E402
@@ -93,6 +93,8 @@ def run_search(args, name: str, one_stage: bool, out: Path, cache: Cache) -> dic
     )
     resume = (folder / "last.pt").exists() and not (folder / "report.json").exists()
     result = search(cfg, resume=resume, progress=False)
+    if isinstance(result, SearchStopped):  # Ctrl-C / SIGTERM: the search saved last.pt; rerun to continue
+        raise SystemExit(f"stopped during the {name} search ({result.stop_reason}); rerun the same command")
     r = result.report
     row = {
         "compact": r["compact"],

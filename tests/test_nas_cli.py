@@ -43,7 +43,8 @@ def test_search_resume_then_profile_and_train_the_spec(tmp_path, capsys, monkeyp
     argv = ["search", "--data", "digits", "--space", "tiny.json", "--target-macs", "0.15", "--input-size", "16"]
     argv += ["--epochs", "1", "-b", "64", "--eval-subnets", "1", "-o", "s", *common]
     assert main([*argv, "--max-steps", "8"]) == 0
-    assert "mnv4 search --resume s" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "stopped at step 8 of" in out and "(max_steps)" in out and "mnv4 search --resume s" in out
     code = main(["search", "--resume", "s", *common])
     out = capsys.readouterr().out
     assert code in (0, 3) and "spec: s/spec.json" in out

@@ -8,7 +8,7 @@ from mnv4 import create_model
 from mnv4.errors import MNv4Error
 from mnv4.models.specs import ModelSpec, UIBSpec
 from mnv4.nas import spec_from_string
-from mnv4.nas.search import STATE, SearchConfig, search
+from mnv4.nas.search import STATE, SearchConfig, SearchStopped, search
 
 from .nas_common import tiny_digits, tiny_space
 
@@ -81,8 +81,10 @@ def test_interrupted_search_resumes_to_the_same_result(tmp_path):
     quiet = dict(progress=False, log=lambda m: None)
     full = search(_cfg(tmp_path, "a", eval_subnets=0), data=tiny_digits(), **quiet)
     cfg = _cfg(tmp_path, "b", eval_subnets=0)
-    assert search(cfg, data=tiny_digits(), max_steps=7, **quiet) is None  # inside the coarse stage
-    assert search(cfg, resume=True, data=tiny_digits(), max_steps=7, **quiet) is None  # into the fine stage
+    stopped = search(cfg, data=tiny_digits(), max_steps=7, **quiet)  # inside the coarse stage
+    assert isinstance(stopped, SearchStopped) and stopped.step == 7 and stopped.stop_reason == "max_steps"
+    stopped = search(cfg, resume=True, data=tiny_digits(), max_steps=7, **quiet)  # into the fine stage
+    assert isinstance(stopped, SearchStopped) and stopped.step == 14
     with pytest.raises(MNv4Error, match="other settings"):
         search(_cfg(tmp_path, "b", eval_subnets=0, beta=-0.2), resume=True, data=tiny_digits(), **quiet)
     resumed = search(cfg, resume=True, data=tiny_digits(), **quiet)

@@ -99,7 +99,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
     if args.show_space:
         print(get_space(args.space).describe())
         return 0
-    from ..nas.search import search
+    from ..nas.search import SearchStopped, search
     from ..train.distributed import teardown
 
     cfg = _resume_config(args) if args.resume else _config(args)
@@ -112,9 +112,12 @@ def _cmd_search(args: argparse.Namespace) -> int:
         )
     finally:
         teardown()
-    if result is None:
-        print(f"stopped; continue with: mnv4 search --resume {cfg.output}")
-        return 0
+    if isinstance(result, SearchStopped):
+        print(
+            f"stopped at step {result.step} of {result.total_steps} ({result.stop_reason}); "
+            f"continue with: mnv4 search --resume {result.output}"
+        )
+        return {"SIGINT": 130, "SIGTERM": 143}.get(result.stop_reason or "", 0)
     r = result.report
     if not r:  # a non-zero rank under torchrun
         return 0

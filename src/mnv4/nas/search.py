@@ -54,6 +54,7 @@ from .supernet import SuperNet
 __all__ = [
     "SearchConfig",
     "SearchResult",
+    "SearchStopped",
     "SuperNetTrainer",
     "HeldOutSet",
     "subnet_accuracy",
@@ -228,6 +229,18 @@ class SearchResult:
     target: float
     unit: str
     report: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class SearchStopped:
+    """What a search stopped before its end returns (``max_steps``, Ctrl-C, SIGTERM): where it stopped and
+    why (``stop_reason`` as in :class:`mnv4.train.trainer.TrainResult`); ``search(..., resume=True)``
+    continues it from ``output``."""
+
+    output: Path
+    step: int
+    total_steps: int
+    stop_reason: str | None
 
 
 class HeldOutSet(Dataset):
@@ -573,11 +586,11 @@ class SuperNetTrainer(Trainer):
         return result
 
 
-def super_finish_stopped(trainer: Trainer):
-    """What a stopped search returns: nothing to report yet (``resume`` continues it)."""
+def super_finish_stopped(trainer: Trainer) -> SearchStopped:
+    """What a stopped search returns: where and why it stopped (``resume`` continues it)."""
     if trainer.info.distributed:
         dist.barrier()
-    return None
+    return SearchStopped(trainer.run_dir, trainer.step, trainer.plan.total_steps, trainer.stop_reason)
 
 
 @torch.no_grad()
@@ -635,9 +648,10 @@ def search(
     max_steps: int | None = None,
     progress: bool | None = None,
     log=None,
-) -> SearchResult | None:
+) -> SearchResult | SearchStopped:
     """Run (or, with ``resume``, continue) a search; under torchrun every process calls this with the
-    same ``cfg``. Returns None when ``max_steps`` or a stop request ended it early (resumable)."""
+    same ``cfg``. Returns :class:`SearchStopped` when ``max_steps`` or a stop request ended it early
+    (resumable)."""
     from ..data.datasets import DataBundle, load_data
     from ..train.distributed import setup
 
