@@ -26,8 +26,6 @@ _FIELD_FLAGS: tuple[tuple[tuple[str, ...], str, Any, str], ...] = (
     (("--save-every-steps",), "save_every_steps", int, "checkpoint every N steps (and at epoch ends)"),
     (("--latency-table",), "latency_table", str, "file caching the measured latency table (--hardware local)"),
 )
-# What a resumed search may change: where and how it runs.
-_RESUME_MAY_CHANGE = ("workers", "device", "save_every_steps")
 
 
 def _config(args: argparse.Namespace):
@@ -77,7 +75,7 @@ def _free_dir(base: str) -> str:
 def _resume_config(args: argparse.Namespace):
     from pathlib import Path
 
-    from ..nas.search import STATE, SearchConfig
+    from ..nas.search import RESUME_MAY_CHANGE, STATE, SearchConfig
     from ..train.checkpoint import load_training_state
 
     folder = Path(args.resume)
@@ -86,7 +84,7 @@ def _resume_config(args: argparse.Namespace):
     if saved is None:
         raise MNv4Error(f"{path} is not a search checkpoint; resume training runs with `mnv4 train --resume`")
     saved["output"] = str(path.parent)
-    for field in _RESUME_MAY_CHANGE:
+    for field in RESUME_MAY_CHANGE[1:]:  # output is the folder being resumed
         value = getattr(args, field, None)
         if value is not None:
             saved[field] = value

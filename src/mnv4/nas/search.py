@@ -231,6 +231,10 @@ class SearchResult:
     report: dict[str, Any] = field(default_factory=dict)
 
 
+# What a resumed search may change: where and how it runs, not what it searches.
+RESUME_MAY_CHANGE = ("output", "workers", "device", "save_every_steps")
+
+
 @dataclass
 class SearchStopped:
     """What a search stopped before its end returns (``max_steps``, Ctrl-C, SIGTERM): where it stopped and
@@ -430,8 +434,9 @@ class SuperNetTrainer(Trainer):
         saved = state.get("search_config")
         if saved is None:
             raise MNv4Error("this checkpoint is not from a search; resume it with `mnv4 train`")
-        if saved != _plain(self.scfg.to_dict()):
-            diff = sorted(k for k, v in saved.items() if v != _plain(self.scfg.to_dict()).get(k))
+        now = _plain(self.scfg.to_dict())
+        diff = sorted(k for k in saved.keys() | now.keys() if k not in RESUME_MAY_CHANGE and saved.get(k) != now.get(k))
+        if diff:
             raise MNv4Error(f"cannot resume: the search was started with other settings ({', '.join(diff)})")
         self.stage_results = json.loads(state["stage_results"])
         self.history = json.loads(state["history"])
