@@ -27,7 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import InvalidValue, MNv4Error, check_float, check_int
-from ..files import atomic_write, atomic_write_text
+from ..files import atomic_write_text
+from ..plotting import pyplot, save_figure
 from .formats import FORMATS, PRECISIONS, Format, format_for_runtime
 
 __all__ = [
@@ -405,10 +406,7 @@ def write_table(rows: Sequence[BenchRow], md_path: str | os.PathLike | None, csv
 
 def pareto_plot(rows: Sequence[BenchRow], path: str | os.PathLike, title: str = "") -> Path:
     """Latency on this machine (best fp32 route and best route overall per model) vs published top-1."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     def best(filter_fn):
         out: dict[str, BenchRow] = {}
@@ -448,12 +446,7 @@ def pareto_plot(rows: Sequence[BenchRow], path: str | os.PathLike, title: str = 
     ax.grid(alpha=0.3)
     fig.tight_layout(rect=(0, 0.03, 1, 1))
 
-    def save(tmp: str) -> None:
-        fig.savefig(tmp, dpi=130, format="png")
-
-    out = atomic_write(path, save)
-    plt.close(fig)
-    return out
+    return save_figure(fig, path, dpi=130)
 
 
 def _worker(argv: Sequence[str]) -> int:

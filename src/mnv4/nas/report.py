@@ -9,8 +9,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..files import atomic_write, atomic_write_json, atomic_write_text
+from ..files import atomic_write_json, atomic_write_text
 from ..models.specs import AttentionSpec, ConvBNSpec, FusedIBSpec, ModelSpec, UIBSpec
+from ..plotting import pyplot, save_figure
 from .compact import spec_to_string
 
 if TYPE_CHECKING:
@@ -105,10 +106,7 @@ def _smooth(values: Sequence[float], k: int) -> list[float]:
 
 
 def plot_curves(history: list[dict[str, Any]], path: Path, target: float, unit: str, stage_starts: list[int]) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     rl = [r for r in history if "reward" in r]
     fig, axes = plt.subplots(2, 2, figsize=(11, 7))
@@ -143,19 +141,11 @@ def plot_curves(history: list[dict[str, Any]], path: Path, target: float, unit: 
         ax.set_xlabel("step")
     fig.tight_layout()
 
-    def save(tmp: str) -> None:
-        fig.savefig(tmp, dpi=110, format="png")
-
-    atomic_write(path, save)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)
 
 
 def plot_scatter(subnets: list[dict[str, Any]], path: Path, target: float, unit: str) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     styles = {"uniform": ("tab:grey", "o", "uniform samples"), "policy": ("tab:blue", "o", "controller samples")}
@@ -175,12 +165,7 @@ def plot_scatter(subnets: list[dict[str, Any]], path: Path, target: float, unit:
     ax.legend()
     fig.tight_layout()
 
-    def save(tmp: str) -> None:
-        fig.savefig(tmp, dpi=110, format="png")
-
-    atomic_write(path, save)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)
 
 
 def write_report(

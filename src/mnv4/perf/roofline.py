@@ -194,12 +194,7 @@ def plot_sweep(
 
     The byte width is the profiles' own dtype (all profiles must share it).
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from ..files import atomic_write
+    from ..plotting import pyplot, save_figure
     from .hardware import BUILTIN_PROFILES, DEVICE_NAMES
 
     if not profiles:
@@ -210,7 +205,7 @@ def plot_sweep(
     if len(dtypes) > 1:
         raise MNv4Error(f"the profiles of one sweep must share a dtype, got {', '.join(dtypes)}")
     rps, rel = ridge_sweep(profiles, np.linspace(0, max_ridge, points), normalize=normalize)
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig, ax = pyplot().subplots(figsize=(8, 5))
     for name, y in rel.items():
         ax.plot(rps, y, label=name, lw=2 if name.startswith("mnv4") else 1)
     for h in hardware or list(BUILTIN_PROFILES):
@@ -227,8 +222,4 @@ def plot_sweep(
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    try:
-        out = atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=130, format="png"))
-    finally:
-        plt.close(fig)
-    return out, rps, rel
+    return save_figure(fig, path, dpi=130), rps, rel

@@ -114,11 +114,11 @@ def evaluate_on(
 
 def plot_confusion(result: EvalResult, class_names: list[str], path: str | os.PathLike) -> Path:
     """Row-normalised confusion matrix as a PNG (counts would hide errors on small classes)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from sklearn.metrics import ConfusionMatrixDisplay
+
+    from ..plotting import pyplot, save_figure
+
+    plt = pyplot()
 
     n = len(class_names)
     size = min(4 + 0.45 * n, 30)
@@ -137,8 +137,4 @@ def plot_confusion(result: EvalResult, class_names: list[str], path: str | os.Pa
     )
     ax.set_title(f"top-1 {result.top1:.2f}% on {result.count} images")
     fig.tight_layout()
-    from ..files import atomic_write
-
-    path = atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=100)

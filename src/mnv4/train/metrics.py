@@ -91,10 +91,9 @@ def plot_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None) -
     rows = read_metrics(path)
     if not rows:
         raise MNv4Error(f"{path} has no epochs yet")
-    import matplotlib
+    from ..plotting import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, (ax_loss, ax_acc, ax_lr) = plt.subplots(1, 3, figsize=(15, 4))
     for key, label in (("train_loss", "train"), ("val_loss", "val"), ("ema_val_loss", "val (EMA)")):
@@ -115,10 +114,4 @@ def plot_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None) -
             ax.legend()
     fig.suptitle(str(run_dir))
     fig.tight_layout()
-    from ..files import atomic_write
-
-    out = atomic_write(
-        Path(out) if out else path.parent / "curves.png", lambda t: fig.savefig(t, dpi=100, format="png")
-    )
-    plt.close(fig)
-    return out
+    return save_figure(fig, Path(out) if out else path.parent / "curves.png", dpi=100)
