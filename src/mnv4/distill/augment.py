@@ -16,6 +16,7 @@ the same whichever worker makes it, in the first run or after a resume.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -151,11 +152,17 @@ def augment(
         out = mixed.round_().clamp_(0, 255).to(torch.uint8)
         params.update(lam=round(lam, 6), partner_crop=other_box)
     if policy.randaug_layers > 0:
-        ra = T.RandAugment(policy.randaug_layers, randaug_bin(policy.randaug_magnitude), fill=_FILL)
+        ra = _randaugment(policy.randaug_layers, randaug_bin(policy.randaug_magnitude))
         with torch.random.fork_rng(devices=[]):
             torch.default_generator.manual_seed(int(rng.integers(0, 2**63 - 1)))
             out = ra(out)
     return out.contiguous(), params
+
+
+@functools.cache
+def _randaugment(layers: int, magnitude_bin: int) -> T.RandAugment:
+    """One RandAugment per setting (it holds no state between calls), not one per record."""
+    return T.RandAugment(layers, magnitude_bin, fill=_FILL)
 
 
 def mixing_partner(index: int, num_images: int, seed: int) -> int:

@@ -38,6 +38,7 @@ from ..train.trainer import Trainer, TrainResult, train
 from .augment import POLICIES, augment, get_policy, mixing_partner
 from .dataset import MixedSoftLabels, MixingSampler, SoftLabelSet, StudentView, check_compatible, parse_mix
 from .label import MANIFEST
+from .loss import soft_cross_entropy
 from .sources import map_classes, to_uint8
 from .teachers import Teacher, load_teacher
 
@@ -108,6 +109,7 @@ class DistillTrainer(Trainer):
     """
 
     distills = True
+    _online_view: StudentView | None = None  # the student's view of the live teacher's images, built once
 
     # ------------------------------------------------------------------ data
     def setup(self, resume: str | Path | None = None) -> None:
@@ -189,14 +191,13 @@ class DistillTrainer(Trainer):
     def make_targets(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.teacher is None:
             return x, y  # offline: the stored probabilities, the student's input made by the dataset
-        probs = self.teacher.probs(x).to(x.device)
-        view = self._student_view()
-        return view(x, flip=False), probs  # flipped already, identically for teacher and student
+        probs = F.softmax(self.teacher.logits(x), dim=-1).to(x.device)  # stays on the device
+        if self._online_view is None:
+            self._online_view = self._student_view()
+        return self._online_view(x, flip=False), probs  # flipped already, identically for teacher and student
 
     def loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        if target.dim() == 1:
-            return super().loss(logits, target)
-        return -(target.float() * F.log_softmax(logits.float(), dim=-1)).sum(-1)
+        return soft_cross_entropy(logits, target)
 
     # ------------------------------------------------------------------ state and summary
     def _sources(self) -> dict[str, Any]:
