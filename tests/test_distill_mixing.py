@@ -108,6 +108,14 @@ def test_mixed_sets_must_share_classes_and_flip_is_seeded(tmp_path):
         SoftLabelSet(tmp_path / "c")
     with pytest.raises(MNv4Error, match="not a soft-label dataset"):
         SoftLabelSet(data)
+    # a shard changed in place (same size) passes the size check but not the manifest's checksum
+    shard = sorted((tmp_path / "b").glob("*.tar"))[0]
+    raw = bytearray(shard.read_bytes())
+    raw[600] ^= 0xFF
+    shard.write_bytes(bytes(raw))
+    SoftLabelSet(tmp_path / "b")
+    with pytest.raises(MNv4Error, match="checksum differs from the manifest"):
+        SoftLabelSet(tmp_path / "b", verify=True)
 
 
 def test_soft_cross_entropy_matches_hard_labels_and_kl_gradient():

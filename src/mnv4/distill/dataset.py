@@ -27,6 +27,7 @@ from torch.utils.data import Dataset, Sampler
 
 from ..data.sampling import parse_mix, sample_seed
 from ..errors import MNv4Error
+from ..files import file_sha256
 from .jpeg import decode_jpeg
 from .label import CONFIG, FORMAT, MANIFEST
 from .shards import ShardIndex, decode_probs
@@ -74,9 +75,7 @@ class SoftLabelSet:
             if p.stat().st_size != s["bytes"]:
                 raise MNv4Error(f"{p}: {p.stat().st_size} bytes, the manifest says {s['bytes']}; label it again")
             if verify:
-                from .label import _sha256
-
-                if _sha256(p) != s["sha256"]:
+                if file_sha256(p) != s["sha256"]:
                     raise MNv4Error(f"{p}: checksum differs from the manifest; label it again")
         self.index = ShardIndex(paths)
         if len(self.index) != int(self.manifest["records"]):

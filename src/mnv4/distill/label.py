@@ -30,7 +30,7 @@ from tqdm import tqdm
 from ..data.images import BadImage, BadImageLog
 from ..data.sampling import sample_seed
 from ..errors import MNv4Error, check_choice, check_float, check_int
-from ..files import DirLock, atomic_write_json, remove_orphan_temps
+from ..files import DirLock, atomic_write_json, file_sha256, remove_orphan_temps
 from .augment import POLICIES, AugPolicy, augment, get_policy, mixing_partner
 from .jpeg import jpeg_roundtrip
 from .shards import ShardRecord, encode_probs, record_key, shard_name, write_shard
@@ -455,14 +455,6 @@ def _new_stats(ks: list[int]) -> dict[str, Any]:
     }
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _write_manifest(cfg, out, n_shards, ident, teacher, source, policy, size, ks) -> dict[str, Any]:
     shards, totals = [], _new_stats(ks)
     seconds = 0.0
@@ -470,7 +462,7 @@ def _write_manifest(cfg, out, n_shards, ident, teacher, source, policy, size, ks
         path = out / shard_name(s)
         st = json.loads(path.with_suffix(".stats.json").read_text())
         shards.append(
-            {"name": path.name, "records": st["records"], "bytes": path.stat().st_size, "sha256": _sha256(path)}
+            {"name": path.name, "records": st["records"], "bytes": path.stat().st_size, "sha256": file_sha256(path)}
         )
         for key in ("records", "skipped", "jpeg_bytes", "probs_bytes", "label_agree", "float16_kl_sum"):
             totals[key] += st[key]

@@ -19,7 +19,6 @@ expects TF's ``(x*255-127)/128``) and its interpolation. Checkpoints are read wi
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,9 +33,10 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
 from ..errors import MNv4Error, missing_extra
+from ..files import file_sha256
 from ..models.registry import IMAGENET_MEAN, IMAGENET_STD, MODELS, Preprocess
 
-__all__ = ["Teacher", "load_teacher", "save_teacher", "TEACHER_FORMAT", "EFFICIENTNET_LITE", "file_sha256"]
+__all__ = ["Teacher", "load_teacher", "save_teacher", "TEACHER_FORMAT", "EFFICIENTNET_LITE"]
 
 TEACHER_FORMAT = "mnv4-teacher"
 
@@ -59,14 +59,6 @@ _USAGE = (
     "give an mnv4 checkpoint file, a registered mnv4 model name (see `mnv4 models`), "
     "efficientnet-lite0|1|2, timm:NAME or torchvision:NAME"
 )
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def resize_uint8(images: torch.Tensor, size: int, interpolation: str) -> torch.Tensor:
