@@ -453,24 +453,10 @@ class LatencyTable(CostModel):
 def time_ms(
     fn, runs: int = 200, repeats: int = 5, warmup: int = 10, budget_s: float | None = 0.05, clock: str = "wall"
 ) -> float:
-    """The paper's protocol (warm-up, mean of up to ``runs`` calls, median of ``repeats``) on the wall
-    clock or on this thread's CPU time; each repeat stops after ``budget_s`` of wall time (>= 10 calls)."""
-    import time
+    """Median ms of ``fn()`` by :func:`mnv4.perf.latency.measure_latency` with the table's defaults."""
+    from ..perf.latency import measure_latency
 
-    tick = time.thread_time if clock == "thread" else time.perf_counter
-    for _ in range(warmup):
-        fn()
-    means = []
-    for _ in range(repeats):
-        start_wall, start = time.perf_counter(), tick()
-        n = 0
-        while n < runs:
-            fn()
-            n += 1
-            if budget_s is not None and n >= 10 and time.perf_counter() - start_wall > budget_s:
-                break
-        means.append((tick() - start) / n * 1e3)
-    return statistics.median(means)
+    return measure_latency(fn, runs, repeats, warmup, budget_s, clock=clock).median_ms
 
 
 class _threads:
