@@ -153,12 +153,11 @@ def supernet_accuracies(search_row: dict, archs: list[str], data, args, space) -
 
 
 def measure_found(args, found: dict[str, dict], conv_small, nc: int, rounds: int = 7) -> dict:
-    """Batch-1 latency of the found models and mnv4_conv_small, interleaved: every round times each
-    model once, in a rotated order, on the table's clock (thread CPU time) and on the wall clock;
-    the medians over rounds are reported, so a burst of load hits every model alike."""
+    """Batch-1 latency of the found models and mnv4_conv_small, interleaved (perf.alternating_rounds):
+    every round times each model once, in a rotated order, on the table's clock (thread CPU time), then
+    again on the wall clock; the medians over rounds are reported, so a burst of load hits every model alike."""
     from mnv4.models.mobilenetv4 import MobileNetV4
-    from mnv4.nas.cost import time_ms
-    from mnv4.perf.latency import flush_denormals
+    from mnv4.perf.latency import alternating_rounds, flush_denormals
 
     flush_denormals()
     torch.manual_seed(0)
@@ -166,19 +165,9 @@ def measure_found(args, found: dict[str, dict], conv_small, nc: int, rounds: int
     for name, row in found.items():
         models[name] = MobileNetV4(spec_from_string(row["compact"]), num_classes=nc).eval()
     x = torch.randn(1, 3, args.input_size, args.input_size)
-    names = list(models)
-    cpu: dict[str, list[float]] = {k: [] for k in names}
-    wall: dict[str, list[float]] = {k: [] for k in names}
-    for r in range(rounds):
-        for name in names[r % len(names) :] + names[: r % len(names)]:
-            m = models[name]
-
-            def fn(m=m):
-                with torch.inference_mode():
-                    return m(x)
-
-            cpu[name].append(time_ms(fn, runs=100, repeats=3, warmup=5, budget_s=0.3, clock="thread"))
-            wall[name].append(time_ms(fn, runs=100, repeats=3, warmup=5, budget_s=0.3, clock="wall"))
+    with torch.inference_mode():
+        cpu = alternating_rounds(models, x, rounds, iters=100, clock="thread")
+        wall = alternating_rounds(models, x, rounds, iters=100, clock="wall")
     return {
         "cpu_ms": {k: statistics.median(v) for k, v in cpu.items()},
         "wall_ms": {k: statistics.median(v) for k, v in wall.items()},

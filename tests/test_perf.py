@@ -68,3 +68,20 @@ def test_alternating_medians_times_every_candidate_each_round():
     out = alternating_medians({"a": make("a", 0.0), "b": make("b", 0.004)}, None, rounds=3, iters=2)
     assert set(out) == {"a", "b"} and calls == {"a": 2 + 3 * 2, "b": 2 + 3 * 2}
     assert out["b"] > out["a"] and out["b"] >= 4.0  # ms per call
+
+
+def test_alternating_rounds_thread_clock_leaves_out_waiting():
+    from mnv4.perf.latency import alternating_rounds
+
+    def busy(_x):
+        end = time.thread_time() + 0.003
+        while time.thread_time() < end:
+            pass
+
+    fns = {"sleep": lambda _x: time.sleep(0.003), "busy": busy}
+    wall = alternating_rounds(fns, None, rounds=2, iters=2)
+    cpu = alternating_rounds(fns, None, rounds=2, iters=2, clock="thread")
+    assert min(wall["sleep"]) >= 3.0 and max(cpu["sleep"]) < 1.0  # a sleep waits: no CPU time
+    assert min(cpu["busy"]) >= 3.0
+    with pytest.raises(ValueError, match="clock"):
+        alternating_rounds(fns, None, clock="cpu")

@@ -64,9 +64,7 @@ def measure_latency(
     """
     if runs < 1 or repeats < 1:
         raise ValueError("runs and repeats must be >= 1")
-    if clock not in ("wall", "thread"):
-        raise ValueError(f"clock must be 'wall' or 'thread', got {clock!r}")
-    tick = time.thread_time if clock == "thread" else time.perf_counter
+    tick = _tick(clock)
     for _ in range(warmup):
         fn()
     means, done = [], []
@@ -83,13 +81,23 @@ def measure_latency(
     return LatencyResult(statistics.median(means), means, min(done), repeats, warmup, threads)
 
 
-def alternating_rounds(fns: dict[str, Callable], x, rounds: int = 7, iters: int = 20) -> dict[str, list[float]]:
+def _tick(clock: str) -> Callable[[], float]:
+    if clock not in ("wall", "thread"):
+        raise ValueError(f"clock must be 'wall' or 'thread', got {clock!r}")
+    return time.thread_time if clock == "thread" else time.perf_counter
+
+
+def alternating_rounds(
+    fns: dict[str, Callable], x, rounds: int = 7, iters: int = 20, clock: str = "wall"
+) -> dict[str, list[float]]:
     """Per-call ms of each ``fn(x)`` in every round: ``rounds`` rounds of ``iters`` calls per candidate,
     the order rotating every round, so drift and noise from other processes hit every candidate alike.
 
     Round ``r`` of two candidates was timed seconds apart, so ``a[r] - b[r]`` is a paired difference;
     its median is far steadier than the difference of the two medians. For side-by-side comparisons
-    inside one process (same runtime); call under ``torch.inference_mode()`` for torch."""
+    inside one process (same runtime); call under ``torch.inference_mode()`` for torch. ``clock`` is
+    :func:`measure_latency`'s ("thread": this thread's CPU time, meaningful with one intra-op thread)."""
+    tick = _tick(clock)
     times: dict[str, list[float]] = {k: [] for k in fns}
     names = list(fns)
     for name in names:  # warm-up
@@ -97,10 +105,10 @@ def alternating_rounds(fns: dict[str, Callable], x, rounds: int = 7, iters: int 
             fns[name](x)
     for r in range(rounds):
         for name in names[r % len(names) :] + names[: r % len(names)]:
-            start = time.perf_counter()
+            start = tick()
             for _ in range(iters):
                 fns[name](x)
-            times[name].append((time.perf_counter() - start) / iters * 1e3)
+            times[name].append((tick() - start) / iters * 1e3)
     return times
 
 
