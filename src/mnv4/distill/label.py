@@ -24,13 +24,14 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, Dataset, get_worker_info
+from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from ..data.images import BadImage, BadImageLog
 from ..data.sampling import sample_seed
 from ..errors import MNv4Error, check_choice, check_float, check_int
 from ..files import DirLock, atomic_write_json, file_sha256, remove_orphan_temps
+from ..threads import sample_threads
 from .augment import POLICIES, AugPolicy, augment, get_policy, mixing_partner
 from .jpeg import jpeg_roundtrip
 from .shards import ShardRecord, encode_probs, record_key, shard_name, write_shard
@@ -119,16 +120,8 @@ class _RecordMaker(Dataset):
         return self.n
 
     def __getitem__(self, j: int) -> tuple:
-        if get_worker_info() is None and torch.get_num_threads() > 1:
-            # In the main process: these ops are tiny, and a multi-threaded pool makes them 10-1000x slower
-            # on a busy machine (every op waits for all its threads to be scheduled).
-            threads = torch.get_num_threads()
-            torch.set_num_threads(1)
-            try:
-                return self._make(j)
-            finally:
-                torch.set_num_threads(threads)
-        return self._make(j)
+        with sample_threads():
+            return self._make(j)
 
     def _make(self, j: int) -> tuple:
         replica, i = divmod(j, self.n)

@@ -27,12 +27,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.utils.data import Dataset, get_worker_info
+from torch.utils.data import Dataset
 
 from ..data.datasets import DataBundle, Relabelled, load_data
 from ..data.images import BadImage
 from ..data.sampling import GlobalBatchSampler, sample_seed
 from ..errors import MNv4Error, check_choice
+from ..threads import sample_threads
 from ..train.config import TrainConfig
 from ..train.trainer import Trainer, TrainResult, train
 from .augment import POLICIES, augment, get_policy, mixing_partner
@@ -72,14 +73,8 @@ class OnlineImages(Dataset):
 
     def __getitem__(self, key: tuple[int, int] | int) -> tuple[Any, int]:
         epoch, i = key if isinstance(key, tuple) else (0, key)
-        if get_worker_info() is None and torch.get_num_threads() > 1:
-            threads = torch.get_num_threads()
-            torch.set_num_threads(1)  # tiny ops: a thread pool only slows them down (see label.py)
-            try:
-                return self._make(epoch, i)
-            finally:
-                torch.set_num_threads(threads)
-        return self._make(epoch, i)
+        with sample_threads():
+            return self._make(epoch, i)
 
     def _make(self, epoch: int, i: int) -> tuple[Any, int]:
         seed = sample_seed(self.seed, epoch, i, 0x0A11E)

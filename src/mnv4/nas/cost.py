@@ -33,6 +33,7 @@ from ..errors import MNv4Error, check_choice, check_int
 from ..models.blocks import ConvBN, init_weights
 from ..models.mobilenetv4 import _build_block
 from ..models.specs import AttentionSpec, BlockSpec, ModelSpec, UIBSpec, cn, fib, uib
+from ..threads import torch_threads
 from .compact import block_token
 from .space import SearchSpace
 
@@ -348,7 +349,7 @@ class LatencyTable(CostModel):
             with torch.inference_mode():
                 return module(x)
 
-        with _threads(self.threads):
+        with torch_threads(self.threads):
             runs = [
                 time_ms(fn, self.runs, self.repeats, self.warmup, self.budget_s, self.clock)
                 for _ in range(passes or self.passes)
@@ -457,20 +458,6 @@ def time_ms(
     from ..perf.latency import measure_latency
 
     return measure_latency(fn, runs, repeats, warmup, budget_s, clock=clock).median_ms
-
-
-class _threads:
-    """Pin torch's intra-op threads for a block of code, restoring the previous count after."""
-
-    def __init__(self, n: int) -> None:
-        self.n = n
-
-    def __enter__(self) -> None:
-        self.saved = torch.get_num_threads()
-        torch.set_num_threads(self.n)
-
-    def __exit__(self, *exc: object) -> None:
-        torch.set_num_threads(self.saved)
 
 
 def get_cost_model(
