@@ -23,7 +23,7 @@ from torch.utils.data import Dataset, Sampler
 
 from ..errors import InvalidValue
 
-__all__ = ["GlobalBatchSampler", "SeededDataset", "parse_mix", "sample_seed"]
+__all__ = ["GlobalBatchKeys", "GlobalBatchSampler", "SeededDataset", "parse_mix", "sample_seed"]
 
 
 def sample_seed(*keys: int) -> int:
@@ -85,31 +85,20 @@ def _is_image(x: Any) -> bool:
     return not isinstance(x, BadImage)
 
 
-class GlobalBatchSampler(Sampler):
-    """Yields ``(epoch, index)`` for this rank's share of each full global batch, in order.
+class GlobalBatchKeys(Sampler):
+    """Base of the samplers that shard per global batch: a subclass says which keys global batch ``b`` of
+    ``epoch`` holds (:meth:`global_batch_keys`); this yields this rank's consecutive slice of each.
 
-    ``global_batch = world_size * accumulation * micro_batch``; the last partial global batch of an
-    epoch is dropped so every optimizer step sees the same number of samples. ``start_batch`` skips
-    that many global batches of the current epoch (resume mid-epoch).
+    ``start_batch`` skips that many global batches of the current epoch (resume mid-epoch).
     """
 
-    def __init__(
-        self,
-        num_samples: int,
-        global_batch: int,
-        rank: int = 0,
-        world_size: int = 1,
-        shuffle: bool = True,
-        seed: int = 0,
-    ) -> None:
+    def __init__(self, num_samples: int, global_batch: int, rank: int = 0, world_size: int = 1) -> None:
         if global_batch % world_size:
             raise ValueError(f"global batch {global_batch} is not divisible by {world_size} processes")
         self.num_samples = num_samples
         self.global_batch = global_batch
         self.rank = rank
         self.world_size = world_size
-        self.shuffle = shuffle
-        self.seed = seed
         self.epoch = 0
         self.start_batch = 0
 
@@ -124,14 +113,43 @@ class GlobalBatchSampler(Sampler):
     def __len__(self) -> int:
         return (self.batches_per_epoch - self.start_batch) * (self.global_batch // self.world_size)
 
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        if self.shuffle:
-            g = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, 0x5A3))
-            order = torch.randperm(self.num_samples, generator=g).tolist()
-        else:
-            order = list(range(self.num_samples))
+    def global_batch_keys(self, epoch: int, b: int) -> list:
+        raise NotImplementedError
+
+    def __iter__(self) -> Iterator:
         share = self.global_batch // self.world_size
         for b in range(self.start_batch, self.batches_per_epoch):
-            start = b * self.global_batch + self.rank * share
-            for i in order[start : start + share]:
-                yield self.epoch, i
+            yield from self.global_batch_keys(self.epoch, b)[self.rank * share : (self.rank + 1) * share]
+
+
+class GlobalBatchSampler(GlobalBatchKeys):
+    """Yields ``(epoch, index)`` for this rank's share of each full global batch, in order.
+
+    ``global_batch = world_size * accumulation * micro_batch``; the last partial global batch of an
+    epoch is dropped so every optimizer step sees the same number of samples.
+    """
+
+    def __init__(
+        self,
+        num_samples: int,
+        global_batch: int,
+        rank: int = 0,
+        world_size: int = 1,
+        shuffle: bool = True,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(num_samples, global_batch, rank, world_size)
+        self.shuffle = shuffle
+        self.seed = seed
+        self._order: tuple[int, list[int]] | None = None
+
+    def global_batch_keys(self, epoch: int, b: int) -> list[tuple[int, int]]:
+        if self._order is None or self._order[0] != epoch:
+            if self.shuffle:
+                g = torch.Generator().manual_seed(sample_seed(self.seed, epoch, 0x5A3))
+                order = torch.randperm(self.num_samples, generator=g).tolist()
+            else:
+                order = list(range(self.num_samples))
+            self._order = (epoch, order)
+        order = self._order[1]
+        return [(epoch, i) for i in order[b * self.global_batch : (b + 1) * self.global_batch]]

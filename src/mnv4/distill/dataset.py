@@ -16,16 +16,16 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset
 
-from ..data.sampling import parse_mix, sample_seed
+from ..data.sampling import GlobalBatchKeys, parse_mix, sample_seed
 from ..errors import MNv4Error
 from ..files import file_sha256
 from .jpeg import decode_jpeg
@@ -128,7 +128,7 @@ def check_compatible(sets: Sequence[SoftLabelSet]) -> tuple[int, list[str] | Non
     return first.num_classes, names
 
 
-class MixingSampler(Sampler):
+class MixingSampler(GlobalBatchKeys):
     """Yields ``(set, pass, index)`` keys: this rank's slice of each global batch, mixed by ``ratios``.
 
     ``epoch_size`` (default: the sets' total size) only decides how many global batches an "epoch" has;
@@ -147,30 +147,15 @@ class MixingSampler(Sampler):
     ) -> None:
         if len(sizes) != len(ratios) or not sizes:
             raise ValueError("one ratio per dataset")
-        if global_batch % world_size:
-            raise ValueError(f"global batch {global_batch} is not divisible by {world_size} processes")
         if any(n <= 0 for n in sizes):
             raise ValueError("every dataset needs records")
+        super().__init__(int(epoch_size or sum(sizes)), global_batch, rank, world_size)
         self.sizes = [int(n) for n in sizes]
         self.ratios = [int(r) for r in ratios]
         self.total_ratio = sum(self.ratios)
         self.prefix = np.cumsum([0, *self.ratios]).tolist()
-        self.global_batch = global_batch
-        self.rank, self.world_size, self.seed = rank, world_size, seed
-        self.num_samples = int(epoch_size or sum(self.sizes))
-        self.epoch = 0
-        self.start_batch = 0
+        self.seed = seed
         self._perms: dict[tuple[int, int], list[int]] = {}
-
-    @property
-    def batches_per_epoch(self) -> int:
-        return self.num_samples // self.global_batch
-
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        self.epoch, self.start_batch = epoch, start_batch
-
-    def __len__(self) -> int:
-        return (self.batches_per_epoch - self.start_batch) * (self.global_batch // self.world_size)
 
     def consumed(self, batch: int) -> list[int]:
         """Samples drawn from each set before global batch ``batch`` (counted from the run's start)."""
@@ -192,7 +177,8 @@ class MixingSampler(Sampler):
         return perm
 
     def batch_keys(self, batch: int) -> list[tuple[int, int, int]]:
-        """All keys of global batch ``batch`` (every rank's), in the order ranks slice them."""
+        """All keys of global batch ``batch`` (counted from the run's start; every rank's), in the order
+        ranks slice them."""
         keys = []
         for k, (lo, hi) in enumerate(zip(self.consumed(batch), self.consumed(batch + 1))):
             n = self.sizes[k]
@@ -204,11 +190,8 @@ class MixingSampler(Sampler):
         order = torch.randperm(len(keys), generator=g).tolist()
         return [keys[i] for i in order]
 
-    def __iter__(self) -> Iterator[tuple[int, int, int]]:
-        share = self.global_batch // self.world_size
-        for b in range(self.start_batch, self.batches_per_epoch):
-            keys = self.batch_keys(self.epoch * self.batches_per_epoch + b)
-            yield from keys[self.rank * share : (self.rank + 1) * share]
+    def global_batch_keys(self, epoch: int, b: int) -> list[tuple[int, int, int]]:
+        return self.batch_keys(epoch * self.batches_per_epoch + b)
 
 
 @dataclass(frozen=True)
