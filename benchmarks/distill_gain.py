@@ -120,8 +120,8 @@ def student_stage(args, work: Path, teacher: Path, arm: str, manifests: dict) ->
     from mnv4.distill import train_student
     from mnv4.train import resolve_config, train
 
-    # the default schedule's runs are named by arm; other schedules get their own folders
-    out = work / "students" / (arm if args.steps == DEFAULT_STEPS else f"{arm}-{args.steps}steps")
+    # the default settings' runs are named by arm; other schedules and temperatures get their own folders
+    out = work / "students" / f"{arm}{_variant(args, arm)}"
     summary = out / "summary.json"
     if summary.is_file():
         return json.loads(summary.read_text())
@@ -142,7 +142,14 @@ def student_stage(args, work: Path, teacher: Path, arm: str, manifests: dict) ->
         recipe, fields = "small-photos", dict(ema_decay=args.ema)  # the hard-label baseline
     else:
         recipe = "distill"
-        fields = dict(lr=args.lr, lr_scaling="none", weight_decay=0.05, dropout=0.2, ema_decay=args.ema)
+        fields = dict(
+            lr=args.lr,
+            lr_scaling="none",
+            weight_decay=0.05,
+            dropout=0.2,
+            ema_decay=args.ema,
+            teacher_temperature=args.teacher_temperature,
+        )
         if arm == "online":
             n = labelled
             fields.update(teacher=str(teacher), teacher_aug="inception-randaug-l2m9", crop_scale=(args.crop_min, 1.0))
@@ -187,6 +194,12 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--lr", type=float, default=2e-3, help="distillation students' peak LR")
     ap.add_argument("--ema", type=float, default=0.998)
+    ap.add_argument(
+        "--teacher-temperature",
+        type=float,
+        default=1.0,
+        help="distilled students' targets p^(1/T): < 1 sharpens the teacher (docs/distillation.md)",
+    )
     ap.add_argument("--warmup-steps", type=int, default=40)
     ap.add_argument("--arms", default=",".join(ARMS), help=f"students to train, of {','.join(ARMS + OPTIONAL_ARMS)}")
     ap.add_argument("--workers", type=int, default=1)
@@ -265,9 +278,17 @@ def main() -> None:
         "students": students,
         "total_wall_seconds_this_invocation": time.perf_counter() - t0,
     }
-    name = "results.json" if args.steps == DEFAULT_STEPS else f"results-{args.steps}steps.json"
+    name = f"results{_variant(args)}.json"
     (work / name).write_text(json.dumps(results, indent=2, default=str) + "\n")
     _log(f"\nresults: {work / name}")
+
+
+def _variant(args, arm: str = "") -> str:
+    """Folder/file suffix of a non-default schedule or temperature (the baseline has no teacher)."""
+    suffix = "" if args.steps == DEFAULT_STEPS else f"-{args.steps}steps"
+    if args.teacher_temperature != 1.0 and arm != "baseline":
+        suffix += f"-T{args.teacher_temperature:g}"
+    return suffix
 
 
 def _final(s: dict) -> float:

@@ -9,7 +9,7 @@ import torch
 
 from mnv4.distill.dataset import MixedSoftLabels, MixingSampler, SoftLabelSet, StudentView, parse_mix
 from mnv4.distill.label import LabelConfig, label
-from mnv4.distill.loss import soft_cross_entropy
+from mnv4.distill.loss import sharpen, soft_cross_entropy
 from mnv4.errors import InvalidValue, MNv4Error
 
 from .distill_helpers import PP, color_teacher, make_folder
@@ -130,3 +130,19 @@ def test_soft_cross_entropy_matches_hard_labels_and_kl_gradient():
     g1 = torch.autograd.grad(soft_cross_entropy(logits, p).mean(), logits)[0]
     g2 = torch.autograd.grad(kl, logits)[0]
     torch.testing.assert_close(g1, g2)
+
+
+def test_sharpen_is_the_teacher_at_another_temperature():
+    z = torch.randn(6, 5)
+    p = torch.softmax(z, 1)
+    assert sharpen(p, 1.0) is p
+    torch.testing.assert_close(sharpen(p, 0.5), torch.softmax(z / 0.5, 1))
+    torch.testing.assert_close(sharpen(p, 3.0), torch.softmax(z / 3.0, 1))
+    assert torch.equal(sharpen(p, 0.25).argmax(1), p.argmax(1))
+    assert (sharpen(p, 0.5).max(1).values > p.max(1).values).all()
+    top2 = torch.tensor([[0.6, 0.0, 0.3, 0.1, 0.0]])  # a top-k record: dropped classes stay at zero
+    s = sharpen(top2, 0.5)
+    assert s[0, 1] == 0 and s[0, 4] == 0
+    torch.testing.assert_close(s, torch.tensor([[0.36, 0.0, 0.09, 0.01, 0.0]]) / 0.46)
+    with pytest.raises(ValueError, match="temperature"):
+        sharpen(p, 0.0)

@@ -117,6 +117,10 @@ def test_config_errors_for_distillation(labelled, tmp_path):
         resolve_config("distill", distill=("a", "b"), mix="1:1:2")
     with pytest.raises(MNv4Error, match="`mix` sets the shares"):
         resolve_config("quick", mix="1:1")
+    with pytest.raises(MNv4Error, match="`teacher_temperature` reshapes teacher targets"):
+        resolve_config("quick", teacher_temperature=0.5)
+    with pytest.raises(InvalidValue, match="teacher_temperature"):
+        resolve_config("distill", distill=("a",), teacher_temperature=0.0)
     with pytest.raises(InvalidValue, match="`teacher_aug` 'flip' is invalid"):
         train_student(resolve_config("distill", teacher="efficientnet-lite0", teacher_aug="flip", data="digits"))
     # the plain trainer refuses a distillation config instead of training on hard labels

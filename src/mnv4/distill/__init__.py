@@ -6,7 +6,7 @@ comparison anchor."""
 from .augment import POLICIES, AugPolicy, get_policy
 from .dataset import MixedSoftLabels, MixingSampler, SoftLabelSet, StudentView, check_compatible, parse_mix
 from .label import LabelConfig, LabelResult, label
-from .loss import soft_cross_entropy
+from .loss import sharpen, soft_cross_entropy
 from .student import DistillTrainer, train_student
 from .teachers import Teacher, load_teacher, save_teacher
 
@@ -23,6 +23,7 @@ __all__ = [
     "StudentView",
     "check_compatible",
     "parse_mix",
+    "sharpen",
     "soft_cross_entropy",
     "DistillTrainer",
     "train_student",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["soft_cross_entropy"]
+__all__ = ["sharpen", "soft_cross_entropy"]
 
 
 def soft_cross_entropy(logits: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
@@ -18,3 +18,19 @@ def soft_cross_entropy(logits: torch.Tensor, probs: torch.Tensor) -> torch.Tenso
     if logits.shape != probs.shape:
         raise ValueError(f"logits {tuple(logits.shape)} and teacher probabilities {tuple(probs.shape)} differ")
     return F.cross_entropy(logits.float(), probs.float(), reduction="none")
+
+
+def sharpen(probs: torch.Tensor, temperature: float) -> torch.Tensor:
+    """The teacher's probabilities at another temperature, ``p^(1/T)`` renormalised (the same as dividing
+    the teacher's logits by ``T``). ``T < 1`` sharpens, ``T > 1`` softens; ``T = 1`` returns ``probs``.
+
+    Stored probabilities are enough to do this at training time: one labelling serves every temperature.
+    Zeros (classes a top-k record dropped) stay zero.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if temperature == 1.0:
+        return probs
+    logp = torch.log(probs.float().clamp_min(1e-30)) / temperature
+    logp = logp.masked_fill(probs <= 0, float("-inf"))
+    return torch.softmax(logp, dim=-1)

@@ -39,7 +39,7 @@ from ..train.trainer import Trainer, TrainResult, train
 from .augment import POLICIES, augment, get_policy, mixing_partner
 from .dataset import MixedSoftLabels, MixingSampler, SoftLabelSet, StudentView, check_compatible, parse_mix
 from .label import MANIFEST
-from .loss import soft_cross_entropy
+from .loss import sharpen, soft_cross_entropy
 from .sources import map_classes, to_uint8
 from .teachers import Teacher, load_teacher
 
@@ -192,7 +192,7 @@ class DistillTrainer(Trainer):
         return self._online_view(x, flip=False), probs  # flipped already, identically for teacher and student
 
     def loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return soft_cross_entropy(logits, target)
+        return soft_cross_entropy(logits, sharpen(target, self.cfg.teacher_temperature))
 
     # ------------------------------------------------------------------ state and summary
     def _sources(self) -> dict[str, Any]:

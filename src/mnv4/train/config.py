@@ -44,6 +44,7 @@ class TrainConfig(Recipe):
     teacher: str | None = None
     teacher_checkpoint: str | None = None
     teacher_aug: str = "inception-randaug-l2m9"  # the online teacher's augmentation policy
+    teacher_temperature: float = 1.0  # targets p^(1/T), renormalised: < 1 sharpens an under-confident teacher
 
     def __post_init__(self) -> None:
         validate(self)
@@ -110,6 +111,7 @@ _RULES: dict[str, tuple] = {
     "workers": ("int", 0, 256, False, False, False),
     "save_every_steps": ("int", 0, None, False, False, False),
     "eval_every": ("int", 1, None, False, False, False),
+    "teacher_temperature": ("float", 0.0, 100.0, True, False, False),
 }
 
 
@@ -202,6 +204,8 @@ def _validate_distill(cfg: Any) -> None:
         raise MNv4Error("recipe distill needs soft-label folders (`distill`) or a live `teacher`")
     if cfg.mix is not None and not cfg.distill:
         raise MNv4Error("`mix` sets the shares of several `distill` folders; it has no meaning without them")
+    if cfg.teacher_temperature != 1.0 and not cfg.distill and not cfg.teacher:
+        raise MNv4Error("`teacher_temperature` reshapes teacher targets; it needs `distill` folders or a `teacher`")
     if cfg.teacher_checkpoint is not None and not cfg.teacher:
         raise MNv4Error("`teacher_checkpoint` needs `teacher` (the architecture it belongs to)")
     if cfg.distill:
