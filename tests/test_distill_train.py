@@ -55,7 +55,7 @@ def test_teacher_labels_student_end_to_end_agrees_with_teacher(labelled, tmp_pat
     res = train_student(_cfg(labelled, tmp_path / "run"), progress=False)
     s = res.summary
     assert s["num_classes"] == 3 and s["distill"]["mix"] == "1:2" and s["distill"]["records"] == [72, 36]
-    assert s["distill"]["val_classes_matched"] == "by class name"
+    assert s["distill"]["val_classes_matched"] == "by class name" and s["distill"]["teacher_temperature"] == 1.0
     assert res.model.class_names == list(COLORS)  # the teacher's classes, in the teacher's order
     # The teacher is right on every val image, so val top-1 is the student's agreement with it.
     assert s["val_top1"] >= 80.0, s  # chance is 33%
@@ -143,3 +143,14 @@ def test_mismatched_classes_give_one_clear_error(labelled, tmp_path):
         train_student(
             resolve_config("distill", teacher="resnet_of_dreams", data=str(labelled / "photos")), progress=False
         )
+
+
+def test_student_loss_uses_the_teacher_temperature(labelled, tmp_path):
+    from mnv4.distill.loss import sharpen, soft_cross_entropy
+
+    trainer = DistillTrainer.__new__(DistillTrainer)  # the loss needs only the config
+    z, p = torch.randn(4, 3), torch.softmax(torch.randn(4, 3), 1)
+    for t in (1.0, 0.5):
+        trainer.cfg = _cfg(labelled, tmp_path / "run", teacher_temperature=t)
+        torch.testing.assert_close(trainer.loss(z, p), soft_cross_entropy(z, sharpen(p, t)))
+    assert not torch.allclose(trainer.loss(z, p), soft_cross_entropy(z, p))

@@ -226,6 +226,7 @@ class DistillTrainer(Trainer):
             }
         else:
             s["distill"] = {"online_teacher": self.cfg.teacher, "teacher_aug": self.cfg.teacher_aug}
+        s["distill"]["teacher_temperature"] = self.cfg.teacher_temperature
         s["distill"]["val_classes_matched"] = self.class_match
         return s
 
