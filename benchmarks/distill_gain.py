@@ -231,6 +231,7 @@ def main() -> None:
     _log(f"\nsoft-label datasets (records at {args.student_size} px, teacher at {args.teacher_size} px):")
     rows = []
     for name, m in manifests.items():
+        top_p, entropy = teacher_confidence(work / "labels" / name)
         wall = m["_wall"] or {}
         rate = wall["records"] / wall["seconds"] if wall.get("seconds") else float("nan")
         rows.append(
@@ -242,9 +243,15 @@ def main() -> None:
                 f"{m['bytes_per_record']['jpeg']:.0f}",
                 f"{rate:.1f}",
                 f"{wall.get('seconds', float('nan')) / 60:.1f}",
+                f"{top_p:.3f}",
+                f"{entropy:.2f}",
             )
         )
-    _table(("set", "augmentation", "records", "bytes/record", "of which JPEG", "img/s", "wall min"), rows)
+    _table(
+        ("set", "augmentation", "records", "bytes/record", "of which JPEG", "img/s", "wall min", "max p", "entropy"),
+        rows,
+    )
+    _log("max p, entropy: the teacher's mean top probability and entropy (nats) per record, of 2000 records")
     check = manifests["D1"].get("teacher_check") or {}
     if check:
         _log(f"teacher top-1 on {check['images']} un-augmented labelled training images: {check['top1']:.2f}%")
@@ -281,6 +288,19 @@ def main() -> None:
     name = f"results{_variant(args)}.json"
     (work / name).write_text(json.dumps(results, indent=2, default=str) + "\n")
     _log(f"\nresults: {work / name}")
+
+
+def teacher_confidence(folder: Path, n: int = 2000) -> tuple[float, float]:
+    """Mean top probability and mean entropy (nats) of the stored teacher distributions, over ``n``
+    evenly spaced records: how sure the teacher is (``--teacher-temperature`` < 1 sharpens it)."""
+    import torch
+
+    from mnv4.distill import SoftLabelSet
+
+    s = SoftLabelSet(folder)
+    p = torch.stack([s.probs(i) for i in range(0, len(s), max(1, len(s) // n))]).float()
+    entropy = -(p * torch.log(p.clamp_min(1e-12))).sum(1)
+    return p.max(1).values.mean().item(), entropy.mean().item()
 
 
 def _variant(args, arm: str = "") -> str:
