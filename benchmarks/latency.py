@@ -1,13 +1,14 @@
 """Batch-1 CPU latency: mnv4 eager vs timm eager, same process, alternating, medians.
 
-    python benchmarks/latency.py [--models mnv4_conv_small ...] [--threads 2] [--rounds 7] [--iters 20]
+    python benchmarks/latency.py [--models mnv4_conv_small ...] [--threads 2] [--rounds 7] [--iters 20] [--nchw]
 
 Each round times ``--iters`` calls of one implementation, then of the other (the order flips every
 round, so drift and noise from other processes hit both); the table shows the median over rounds
 of the per-call mean, and the ratio ours / timm (< 1 means mnv4 is faster). Both models carry the
 same weights (timm's random init with BatchNorm statistics re-estimated on noise, so activations have
 a trained model's scale instead of sinking into denormals; converted by mnv4), and the script checks
-the logits agree.
+the logits agree. ``--nchw`` adds a third candidate to the same rounds: mnv4 with its CPU channels_last
+eval path switched off (``model.cpu_channels_last = False``), to see what that layout choice is worth.
 """
 
 from __future__ import annotations
@@ -28,7 +29,9 @@ from mnv4.perf.latency import alternating_medians  # noqa: E402
 FIVE = ["mnv4_conv_small", "mnv4_conv_medium", "mnv4_hybrid_medium", "mnv4_conv_large", "mnv4_hybrid_large"]
 
 
-def bench(name: str, rounds: int, iters: int, res: int | None) -> tuple[float, float, float]:
+def bench(name: str, rounds: int, iters: int, res: int | None, nchw: bool = False) -> tuple[dict[str, float], float]:
+    import copy
+
     import timm
 
     ours = mnv4.create_model(name).eval()
@@ -38,11 +41,15 @@ def bench(name: str, rounds: int, iters: int, res: int | None) -> tuple[float, f
     recalibrate_batchnorm(ref, noise_batches(size, batches=2, batch_size=8))
     mnv4.load_weights(ours, ref.state_dict())
     x = torch.randn(1, 3, size, size)
+    fns = {"mnv4": ours, "timm": ref}
+    if nchw:
+        fns["mnv4_nchw"] = copy.deepcopy(ours)
+        fns["mnv4_nchw"].cpu_channels_last = False
     with torch.inference_mode():
         want = ref(x)
         diff = float((want - ours(x)).abs().max() / want.abs().max())
-        t = alternating_medians({"mnv4": ours, "timm": ref}, x, rounds, iters)
-    return t["mnv4"], t["timm"], diff
+        t = alternating_medians(fns, x, rounds, iters)
+    return t, diff
 
 
 def main() -> None:
@@ -54,16 +61,23 @@ def main() -> None:
     parser.add_argument(
         "--input-size", "--res", dest="res", type=int, default=None, help="input size (default: native)"
     )
+    parser.add_argument("--nchw", action="store_true", help="also time mnv4 with its channels_last eval path off")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)  # random-init hybrids: see mnv4.perf.latency.flush_denormals
     print(f"torch {torch.__version__}, {args.threads} threads, batch 1, median of {args.rounds} rounds x {args.iters}")
-    print("| model | res | mnv4 eager ms | timm eager ms | ratio mnv4/timm | max abs logit diff / max abs logit |")
-    print("|---|---|---|---|---|---|")
+    extra = " mnv4 NCHW ms | channels_last / NCHW |" if args.nchw else ""
+    head = "| model | res | mnv4 eager ms | timm eager ms | ratio mnv4/timm | max abs logit diff / max abs logit |"
+    print(head + extra)
+    print("|---|---|---|---|---|---|" + ("---|---|" if args.nchw else ""))
     for name in args.models:
-        ours, ref, diff = bench(name, args.rounds, args.iters, args.res)
+        t, diff = bench(name, args.rounds, args.iters, args.res, args.nchw)
+        ours, ref = t["mnv4"], t["timm"]
         res = args.res or MODELS[name].default_preprocess.input_size
-        print(f"| {name} | {res} | {ours:.2f} | {ref:.2f} | {ours / ref:.3f} | {diff:.1e} |", flush=True)
+        row = f"| {name} | {res} | {ours:.2f} | {ref:.2f} | {ours / ref:.3f} | {diff:.1e} |"
+        if args.nchw:
+            row += f" {t['mnv4_nchw']:.2f} | {ours / t['mnv4_nchw']:.3f} |"
+        print(row, flush=True)
 
 
 if __name__ == "__main__":
