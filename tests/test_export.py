@@ -631,3 +631,39 @@ def test_docs_tables_match_the_records():
     docs = (Path(__file__).resolve().parent.parent / "docs" / "deploy.md").read_text()
     assert format_table() in docs, "regenerate the format table in docs/deploy.md from format_table()"
     assert denormal_table() in docs, "regenerate the denormal table in docs/deploy.md from denormal_table()"
+
+
+def _checkpoint_with_default_bn(tmp_path):
+    """A freshly initialised Conv-S saved as a checkpoint: BatchNorm statistics at their defaults, where
+    re-estimating them changes the outputs a lot."""
+    from mnv4.models.batchnorm import has_default_bn_stats
+    from mnv4.weights.checkpoint import save_model
+
+    torch.manual_seed(0)
+    fresh = mnv4.create_model("mnv4_conv_small", num_classes=10)
+    assert has_default_bn_stats(fresh)
+    return save_model(fresh, tmp_path / "ck.safetensors")
+
+
+@pytest.mark.parametrize("fmt", ["torchscript", pytest.param("onnx", marks=pytest.mark.slow)])
+def test_export_reproduces_the_given_checkpoint(tmp_path, capsys, fmt, no_flush):
+    from mnv4.cli import main
+
+    _needs(fmt)
+    ck = _checkpoint_with_default_bn(tmp_path)
+    out = tmp_path / f"m{get_format(fmt).suffix}"
+    argv = ["export", "mnv4_conv_small", "--checkpoint", str(ck), "--format", fmt, "--res", str(RES)]
+    assert main([*argv, "--no-progress", "-o", str(out)]) == 0
+    given = mnv4.create_model(checkpoint=ck).eval()  # the user's model, loaded independently
+    x = _fresh_inputs()
+    ref = _eager(given, x)
+    assert _rel(ref, run_native(fmt, out, x)) < 1e-4
+    report = json.loads(parity_path(out).read_text())
+    assert report["random_weights"] is False and report["weights"] == f"from {ck}"
+
+    # The explicit option re-estimates them, and that is far from the checkpoint: the check above can fail.
+    other = tmp_path / f"r{get_format(fmt).suffix}"
+    assert main([*argv, "--no-progress", "--recalibrate-bn", "-o", str(other)]) == 0
+    assert _rel(ref, run_native(fmt, other, x)) > 0.1
+    report = json.loads(parity_path(other).read_text())
+    assert "re-estimated" in report["weights"] and any("not the input's" in n for n in report["notes"])

@@ -37,6 +37,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
         calib_samples=args.calib_samples,
         min_top1=args.min_top1,
         int8_all_layers=args.int8_all_layers,
+        recalibrate_bn=True if args.recalibrate_bn else None,
         threads=args.threads,
         progress=_progress(args),
     )
@@ -176,6 +177,12 @@ def register(sub) -> None:
         help=f"{having('float_ends')}: quantize the stem conv and head too (default: kept float; others: always int8)",
     )
     p.add_argument("--eval", default=None, help="labelled image folder to compare on and report accuracy delta")
+    p.add_argument(
+        "--recalibrate-bn",
+        action="store_true",
+        help="re-estimate BatchNorm statistics before export (the artefact then differs from the checkpoint; "
+        "default: only for random init, i.e. no --checkpoint/--pretrained)",
+    )
     A.add_input_size(p, help="input resolution (default: the model's)")
     A.add_output(p, help="artefact path (default: <model>_<res>_<precision>.<ext>)")
     p.add_argument("--samples", type=A.positive_int, default=16, help="inputs used for the parity check")

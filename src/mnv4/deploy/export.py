@@ -6,8 +6,11 @@ images when given, seeded noise otherwise) and saves ``m.onnx.parity.json``. A f
 raises :class:`~mnv4.deploy.parity.ParityError`; the artefact and its report are left for inspection.
 
 What differs between formats is read from their records in :data:`mnv4.deploy.formats.FORMATS`.
-A model with random weights (BatchNorm statistics never estimated) is given realistic statistics
-first (:func:`mnv4.models.recalibrate_batchnorm`), and its report says so.
+The artefact holds the weights it was given: a checkpoint is exported as it is, whatever its
+BatchNorm statistics. Only a model that was never given weights (random initialisation, for timing
+and parity checks) gets realistic BatchNorm statistics first
+(:func:`mnv4.models.recalibrate_batchnorm`), or any model when ``recalibrate_bn=True`` asks for it;
+its report says so.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ __all__ = [
     "MIN_INPUT_SIZE",
     "MAX_INPUT_SIZE",
     "RANDOM_INT8_MIN_COSINE",
+    "never_given_weights",
 ]
 
 # Sanity bounds, not what a network needs (any size runs; MNv4's stages see a 1x1 map below 32 px):
@@ -130,8 +134,19 @@ def _inputs(model, input_size, samples, calib_samples, calib_dir, eval_dir, need
     return _Inputs(x, None, "seeded N(0,1) noise", calib, unreadable)
 
 
-def _realistic_copy(model: nn.Module, input_size: int, calib: torch.Tensor | None) -> tuple[nn.Module, str]:
-    """A copy of a random-weight model with BatchNorm statistics estimated (see mnv4.models.batchnorm)."""
+def never_given_weights(model: nn.Module) -> bool:
+    """True for a model known to hold random initialisation: built by :func:`mnv4.deploy.zoo.build`, or an
+    MNv4 model that ``create_model`` gave no checkpoint or hub weights. A model that does not say where
+    its weights came from is taken as given."""
+    if getattr(model, "random_weights", False):
+        return True
+    return hasattr(model, "weights_source") and model.weights_source is None
+
+
+def _realistic_copy(
+    model: nn.Module, input_size: int, calib: torch.Tensor | None, weights: str
+) -> tuple[nn.Module, str]:
+    """A copy of ``model`` with BatchNorm statistics estimated (see mnv4.models.batchnorm)."""
     from ..models.batchnorm import noise_batches, recalibrate_batchnorm
 
     model = copy.deepcopy(model)
@@ -143,7 +158,7 @@ def _realistic_copy(model: nn.Module, input_size: int, calib: torch.Tensor | Non
         recalibrate_batchnorm(model, batches)
         source = "seeded N(0,1) noise"
     n = model.bn_recalibration["images"]
-    return model, f"random init; BatchNorm statistics re-estimated on {n} inputs ({source})"
+    return model, f"{weights}; BatchNorm statistics re-estimated on {n} inputs ({source})"
 
 
 def _eager(model: nn.Module, x: torch.Tensor) -> np.ndarray:
@@ -166,7 +181,7 @@ def export(
     threads: int | None = None,
     verbose: bool = True,
     int8_all_layers: bool = False,
-    recalibrate_random: bool = True,
+    recalibrate_bn: bool | None = None,
     progress: bool | None = False,
 ) -> ExportResult:
     """Export ``model`` to ``fmt`` (see :data:`~mnv4.deploy.formats.FORMATS`) and check the artefact
@@ -182,9 +197,12 @@ def export(
         int8_all_layers: formats with ``float_ends`` (ONNX Runtime, OpenVINO) keep the stem conv and
             the head (after the global pool) in float unless this is set (see
             :mod:`mnv4.deploy.quantize`); LiteRT and ExecuTorch always quantize every layer.
-        recalibrate_random: a model whose BatchNorm statistics are still the defaults (random
-            weights) gets them estimated on a copy first; its eval-mode activations would otherwise
-            be ~1e-6..1e-23, which checks nothing and runs on the CPU's denormal slow path.
+        recalibrate_bn: None (default): a model that was never given weights (see
+            :func:`never_given_weights`) and whose BatchNorm statistics are still the defaults gets
+            them estimated on a copy first (its eval-mode activations would otherwise be
+            ~1e-6..1e-23, which checks nothing and runs on the CPU's denormal slow path); a model
+            loaded from a checkpoint or the hub is exported exactly as given. True: estimate them for
+            any model (the artefact then differs from the input; the report says so). False: never.
         progress: progress bars (image loading, parity batches); None shows them on terminals only.
     """
     info = check_export_request(
@@ -207,9 +225,10 @@ def export(
     random_weights = bool(getattr(model, "random_weights", False))  # set by mnv4.deploy.zoo.build
     source = getattr(model, "weights_source", None)  # set by create_model when it loaded weights
     weights = getattr(model, "weights_note", None) or (f"from {source}" if source else "as given")
-    if recalibrate_random and has_default_bn_stats(model):
-        model, weights = _realistic_copy(model, input_size, calib)
-        random_weights = True
+    never_given = never_given_weights(model)
+    if recalibrate_bn or (recalibrate_bn is None and never_given and has_default_bn_stats(model)):
+        model, weights = _realistic_copy(model, input_size, calib, "random init" if never_given else weights)
+        random_weights = random_weights or never_given
 
     deploy_model = fuse(model)
     if precision == "fp16" and info.half_model:
@@ -237,6 +256,8 @@ def export(
         report.notes.append(f"weights: {weights}; the check covers the runtime's arithmetic, not accuracy")
         if precision == "int8":
             report.notes.append(f"int8 on random weights: cosine bar {RANDOM_INT8_MIN_COSINE} (trained: 0.95)")
+    if recalibrate_bn and not random_weights:
+        report.notes.append("recalibrate_bn: the artefact's BatchNorm statistics were re-estimated, not the input's")
     if float_ends:
         report.notes.append("int8: stem conv and head (after the global pool) kept in float")
     reference = _eager(model, x)
