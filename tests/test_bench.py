@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 import subprocess
 
 import pytest
@@ -209,7 +210,7 @@ def test_write_table(tmp_path):
     assert (tmp_path / "bench.md").read_text() == text
     lines = text.splitlines()
     assert len(lines) == 2 + len(rows)
-    assert lines[2] == ("| mnv4_conv_small | torch | fp32 | 224 | 0.186 | 5.43 | 0.03 | 100x5 | 73.8 (P) | - |")
+    assert lines[2] == ("| mnv4_conv_small | torch | fp32 | 224 | 0.186 | 5.43 | 3% | 100x5 | 73.8 (P) | - |")
     assert "| failed: boom: it broke |" in lines[4]
     assert lines[5].split("|")[9].strip() == "-"  # no published accuracy
     with open(tmp_path / "bench.csv", newline="") as f:
@@ -224,3 +225,28 @@ def test_write_table(tmp_path):
 def test_pareto_plot(tmp_path):
     out = pareto_plot(_rows(), tmp_path / "p" / "pareto.png", title="t")
     assert out == tmp_path / "p" / "pareto.png" and out.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_rows_whose_repeats_disagree_are_flagged():
+    from mnv4.deploy.bench import NOISY_SPREAD
+
+    rows = _rows()
+    rows[1].spread = 0.6  # repeats of 2.0 and 3.5 ms around a 2.5 ms median: a busy machine
+    lines = write_table(rows, None, None).splitlines()
+    assert lines[3].split("|")[7].strip() == "60% noisy" and lines[2].split("|")[7].strip() == "3%"
+    assert lines[4].split("|")[7].strip() == "-"  # a failed row has no spread
+    assert lines[-1].startswith(f"noisy: the repeats' means differ by more than {NOISY_SPREAD:.0%}")
+    rows[1].spread = 0.1
+    assert "noisy" not in write_table(rows, None, None)
+
+
+@pytest.mark.parametrize(("load", "cpus", "warned"), [(0.2, 2, False), (3.5, 2, True), (5.0, 16, False)])
+def test_busy_machine_warning(monkeypatch, load, cpus, warned):
+    from mnv4.deploy.bench import machine_load_warning
+
+    monkeypatch.setattr(os, "getloadavg", lambda: (load, load, load))
+    monkeypatch.setattr(os, "cpu_count", lambda: cpus)
+    warning = machine_load_warning(2)
+    assert (warning is not None) == warned
+    if warned:
+        assert f"load average {load:.1f} on {cpus} CPUs" in warning and "--threads" in warning

@@ -253,7 +253,10 @@ def _mil_program(path):
 def test_coreml_program_matches_the_fused_model(tiny, tmp_path, precision):
     _needs("coreml")
     out = tmp_path / "m.mlpackage"
-    export(tiny, "coreml", out, input_size=RES, precision=precision, verbose=False)
+    result = export(tiny, "coreml", out, input_size=RES, precision=precision, verbose=False)
+    if not get_format("coreml").can_run():  # nothing was compared with eager: not a PASS
+        assert result.report.summary().endswith("-> SKIPPED (numerics; IO shapes and ops verified)")
+        assert json.loads(parity_path(out).read_text())["numerics_checked"] is False
     spec, program = _mil_program(out)
     assert [list(i.type.multiArrayType.shape) for i in spec.description.input] == [[1, 3, RES, RES]]
     assert [list(o.type.multiArrayType.shape) for o in spec.description.output] == [[1, 6]]
@@ -667,3 +670,58 @@ def test_export_reproduces_the_given_checkpoint(tmp_path, capsys, fmt, no_flush)
     assert _rel(ref, run_native(fmt, other, x)) > 0.1
     report = json.loads(parity_path(other).read_text())
     assert "re-estimated" in report["weights"] and any("not the input's" in n for n in report["notes"])
+
+
+def test_unchecked_numerics_are_skipped_not_passed():
+    from mnv4.deploy.parity import ParityReport
+
+    report = ParityReport("coreml", "fp32", "m.mlpackage", 4, [3, 64, 64], passed=True, numerics_checked=False)
+    assert report.summary().endswith("-> SKIPPED (numerics; IO shapes and ops verified)")
+    report.numerics_checked = True
+    report.max_abs_diff = report.max_rel_diff = 0.0
+    report.cosine, report.top1_agreement = 1.0, 1.0
+    assert report.summary().endswith("-> PASS")
+
+
+def test_int8_bar_includes_top1_agreement():
+    """Cosine alone lets an INT8 route change one answer in five; the bar also asks for agreement."""
+    from mnv4.deploy.parity import CRITERIA, INT8_MIN_TOP1, ParityReport, compare
+
+    ref = np.zeros((16, 10), np.float32)
+    ref[:, 0], ref[:, 1] = 5.0, 4.9  # every sample: class 0 just ahead of class 1
+    out = ref.copy()
+    out[:3, 1] = 5.1  # three of sixteen flip to class 1: 81% agreement, cosine still ~0.999
+    report = compare(ref, out, ParityReport("onnx", "int8", "q.onnx", 16, [3, 8, 8]), CRITERIA["int8"])
+    assert report.cosine > 0.99 and report.top1_agreement == 13 / 16 < INT8_MIN_TOP1
+    assert not report.passed and report.failures == [f"top-1 agreement 81.25% < {INT8_MIN_TOP1:.0%}"]
+    assert compare(ref, ref.copy(), ParityReport("onnx", "int8", "q.onnx", 16, [3, 8, 8]), CRITERIA["int8"]).passed
+
+
+def test_output_folder_gets_the_default_name(tiny, tmp_path):
+    folder = tmp_path / "new" / ""  # a path ending in a separator: a folder, made if missing
+    result = export(tiny, "torchscript", f"{folder}{os.sep}", input_size=RES, samples=2, verbose=False)
+    assert result.path == tmp_path / "new" / f"tiny_export_{RES}_fp32.pt" and result.path.is_file()
+    again = export(tiny, "torchscript", tmp_path / "new", input_size=RES, samples=2, verbose=False)  # existing
+    assert again.path == result.path
+
+
+def test_third_party_logging_is_silenced_unless_debug(monkeypatch, capsys, caplog):
+    import logging
+
+    import mnv4.cli.models as cli_models
+    from mnv4.cli import main
+
+    def chatty(args):
+        logging.getLogger("nncf").warning("INFO:nncf: collecting statistics")
+        logging.getLogger("absl").info("absl says hello")
+        print("result line")
+        return 0
+
+    monkeypatch.setattr(cli_models, "_cmd_models", chatty)
+    with caplog.at_level(logging.INFO):
+        assert main(["models"]) == 0
+        out = capsys.readouterr()
+        assert out.out == "result line\n" and out.err == "" and not caplog.records
+        assert main(["models", "--debug"]) == 0
+    assert {r.getMessage() for r in caplog.records} == {"INFO:nncf: collecting statistics", "absl says hello"}
+    assert logging.getLogger("nncf").isEnabledFor(logging.WARNING)  # restored after the command

@@ -9,10 +9,13 @@ with the library's field names rewritten to the command's flags; ``--debug`` sho
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import logging
+import os
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 from ..errors import MNv4Error
 from .args import Formatter, render_message
@@ -114,6 +117,37 @@ def _one_line_warnings() -> None:
     warnings.showwarning = show
 
 
+# Converters and runtimes that log progress and advice at INFO/WARNING level or through C++ glog:
+# their chatter buries the command's one-line results, so it is shown only with --debug.
+_CHATTY_MODULES = r"(nncf|executorch|coremltools|ai_edge_litert|ai_edge_torch|tensorflow|absl|onnxscript|openvino)"
+_CHATTY_ENV = {"TF_CPP_MIN_LOG_LEVEL": "3", "GLOG_minloglevel": "2", "TF_ENABLE_ONEDNN_OPTS": "0"}
+
+
+@contextlib.contextmanager
+def quiet_third_party(debug: bool) -> Iterator[None]:
+    """Silence third-party logging (Python ``logging`` below ERROR, TF/absl C++ logs, the chatty
+    libraries' warnings) for one command, unless ``debug``; everything is restored afterwards.
+    mnv4 itself reports through print and ``warnings``, so its own lines are unaffected."""
+    if debug:
+        yield
+        return
+    saved_env = {k: os.environ.get(k) for k in _CHATTY_ENV}
+    for k, v in _CHATTY_ENV.items():
+        os.environ.setdefault(k, v)
+    logging.disable(logging.WARNING)  # global: libraries reset their own loggers' levels at import
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", module=_CHATTY_MODULES)
+            yield
+    finally:
+        logging.disable(logging.NOTSET)
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = _rewrite_legacy(list(sys.argv[1:] if argv is None else argv))
     parser = build_parser()
@@ -125,7 +159,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     _one_line_warnings()
     sub = getattr(args, "_parser", parser)
     try:
-        result = args.func(args)
+        with quiet_third_party(args.debug):
+            result = args.func(args)
     except MNv4Error as e:
         if args.debug:
             raise

@@ -48,12 +48,17 @@ def _cmd_export(args: argparse.Namespace) -> int:
 def _cmd_bench(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from ..deploy.bench import available_runtimes, bench, pareto_plot, write_table
+    from ..deploy.bench import available_runtimes, bench, machine_load_warning, pareto_plot, write_table
     from ..deploy.zoo import default_models
 
     models = A.resolve_models(args) or default_models()
     runtimes = A.model_list(args.runtimes) if args.runtimes else None
     print(f"runtimes installed: {', '.join(available_runtimes())}", file=sys.stderr)
+    if args.threads is None:
+        args.threads = 2
+        warning = machine_load_warning(args.threads)
+        if warning:
+            print(f"mnv4 bench: warning: {warning}", file=sys.stderr)
     out = Path(args.output)
     rows = bench(
         models,
@@ -184,7 +189,7 @@ def register(sub) -> None:
         "default: only for random init, i.e. no --checkpoint/--pretrained)",
     )
     A.add_input_size(p, help="input resolution (default: the model's)")
-    A.add_output(p, help="artefact path (default: <model>_<res>_<precision>.<ext>)")
+    A.add_output(p, help="artefact path, or a folder for the default name (default: <model>_<res>_<precision>.<ext>)")
     p.add_argument("--samples", type=A.positive_int, default=16, help="inputs used for the parity check")
     p.add_argument("--calib-samples", type=A.positive_int, default=128, help="calibration images for --int8")
     p.add_argument("--min-top1", type=float, default=None, help="also require this top-1 agreement (0-1)")
@@ -203,7 +208,7 @@ def register(sub) -> None:
     p.add_argument("--runtimes", default=None, help=f"comma list of {','.join(all_runtimes())} (default: installed)")
     p.add_argument("--precisions", default="fp32", help=f"comma list of {','.join(PRECISIONS)}")
     A.add_input_size(p, help="resolution for all models (default: each model's)")
-    A.add_threads(p, default=2)
+    A.add_threads(p)
     p.add_argument("--runs", type=A.positive_int, default=1000, help="runs per repeat (paper: ~1000)")
     p.add_argument("--repeats", type=A.positive_int, default=5, help="repeats; the median of their means is reported")
     p.add_argument("--warmup", type=A.nonneg_int, default=20, help="untimed runs first")

@@ -47,6 +47,9 @@ __all__ = [
     "error_row",
     "write_table",
     "pareto_plot",
+    "NOISY_SPREAD",
+    "is_noisy",
+    "machine_load_warning",
 ]
 
 # In-process torch runtimes (no artefact): name -> what runs. Exported runtimes come from FORMATS.
@@ -376,20 +379,51 @@ def bench(
     return rows
 
 
-_COLUMNS = ("model", "runtime", "precision", "resolution", "median_ms", "spread", "runs", "repeats", "threads")
+# (max - min) / median of the repeats' means above which a row is flagged: on an idle machine
+# repeats agree within a few percent; a busy one swings them by 2-5x.
+NOISY_SPREAD = 0.25
+_NOISY_NOTE = (
+    f"noisy: the repeats' means differ by more than {NOISY_SPREAD:.0%} of their median, so the machine was "
+    "busy while they ran; rerun on an idle machine with --threads set"
+)
+
+
+def is_noisy(row: BenchRow) -> bool:
+    """Did this row's repeats disagree (spread above :data:`NOISY_SPREAD`)?"""
+    return not row.error and row.spread > NOISY_SPREAD
+
+
+def machine_load_warning(threads: int) -> str | None:
+    """A warning when other work already occupies the cores ``threads`` timing threads need (the
+    1-minute load average exceeds the idle cores), since timings then swing with that load."""
+    if not hasattr(os, "getloadavg"):
+        return None
+    load, cpus = os.getloadavg()[0], os.cpu_count() or 1
+    if load <= max(cpus - threads, 0.5):
+        return None
+    return (
+        f"the machine is busy (load average {load:.1f} on {cpus} CPUs) and --threads is unset (using {threads}); "
+        "timings will swing with the load: pass --threads and rerun when the machine is idle"
+    )
 
 
 def write_table(rows: Sequence[BenchRow], md_path: str | os.PathLike | None, csv_path: str | os.PathLike | None) -> str:
-    """Markdown table (returned, and written when a path is given) plus a CSV with every field."""
+    """Markdown table (returned, and written when a path is given) plus a CSV with every field.
+
+    ``spread`` is (max - min) / median over the repeats; rows above :data:`NOISY_SPREAD` are marked
+    ``noisy`` and a note under the table says what that means."""
     header = "| model | runtime | prec | res | GMACs | median ms | spread | runs x reps | top-1 (source) | parity |"
     lines = [header, "|---" * (header.count("|") - 1) + "|"]
     for r in rows:
         ms = f"{r.median_ms:.2f}" if not r.error else f"failed: {r.error[:60]}"
+        spread = "-" if r.error else f"{r.spread:.0%}" + (" noisy" if is_noisy(r) else "")
         top1 = f"{r.top1:.1f} ({r.top1_source})" if r.top1 == r.top1 else "-"
         lines.append(
             f"| {r.model} | {r.runtime} | {r.precision} | {r.resolution} | {r.macs / 1e9:.3f} | {ms} | "
-            f"{r.spread:.2f} | {r.runs}x{r.repeats} | {top1} | {r.parity or '-'} |"
+            f"{spread} | {r.runs}x{r.repeats} | {top1} | {r.parity or '-'} |"
         )
+    if any(is_noisy(r) for r in rows):
+        lines += ["", _NOISY_NOTE]
     text = "\n".join(lines) + "\n"
     if md_path:
         atomic_write_text(md_path, text)

@@ -22,6 +22,7 @@ __all__ = [
     "ParityReport",
     "ParityError",
     "CRITERIA",
+    "INT8_MIN_TOP1",
     "compare",
     "parity_path",
     "save_report",
@@ -43,11 +44,14 @@ class Criteria:
 
 
 # fp32 runtimes reorder float sums (1e-6-ish); fp16 keeps ~3 significant digits; int8 is judged on
-# direction (cosine) and, when the user asks for it, on top-1 agreement with fp32.
+# direction (cosine) and on top-1 agreement with fp32: a cosine of 0.95 still allows one prediction in
+# five to change, and trained INT8 routes agree on >= 95% of real images (docs/deploy.md, "Pass
+# thresholds"), so 90% leaves room for sample noise and still fails a route that changes answers.
+INT8_MIN_TOP1 = 0.9
 CRITERIA = {
     "fp32": Criteria(max_rel=1e-4, min_cosine=0.99999, min_top1=None),
     "fp16": Criteria(max_rel=3e-2, min_cosine=0.999, min_top1=None),
-    "int8": Criteria(max_rel=None, min_cosine=0.95, min_top1=None),
+    "int8": Criteria(max_rel=None, min_cosine=0.95, min_top1=INT8_MIN_TOP1),
 }
 
 
@@ -77,6 +81,7 @@ class ParityReport:
     random_weights: bool = False  # the check ran on untrained weights: arithmetic, not accuracy
     unreadable_images: int = 0  # image files skipped because they could not be read
     unreadable_files: list[dict] = field(default_factory=list)  # {"path", "reason"}, the first 20
+    numerics_checked: bool = True  # False where the runtime cannot run here (Core ML off macOS)
 
     def summary(self) -> str:
         if self.max_abs_diff is None:
@@ -95,7 +100,12 @@ class ParityReport:
             status += " (random weights, BatchNorm re-estimated)"
         if self.unreadable_images:
             status += f"; skipped {self.unreadable_images} unreadable image(s)"
-        verdict = "PASS" if self.passed else "FAIL: " + "; ".join(self.failures)
+        if not self.passed:
+            verdict = "FAIL: " + "; ".join(self.failures)
+        elif not self.numerics_checked:  # structure only: nothing was compared with eager
+            verdict = "SKIPPED (numerics; IO shapes and ops verified)"
+        else:
+            verdict = "PASS"
         return f"parity {self.format}/{self.precision}: {status} -> {verdict}"
 
     def to_dict(self) -> dict:
