@@ -115,7 +115,9 @@ def _bench_rows(models: list[str], runtimes: list[str], precision: str, threads:
     have = [r for r in runtimes if r in available_runtimes()]
     if not have:
         return []
-    return bench(models, have, (precision,), threads=threads, runs=runs, repeats=repeats, budget_s=3.0)
+    return bench(
+        models=models, runtimes=have, precisions=(precision,), threads=threads, runs=runs, repeats=repeats, budget_s=3.0
+    )
 
 
 # --- INT8 on real images ---------------------------------------------------------------------------

@@ -26,9 +26,11 @@ from mnv4.deploy.bench import (
     runtime_precisions,
     write_table,
 )
-from mnv4.deploy.formats import FORMATS
+from mnv4.deploy.formats import FORMATS, PRECISIONS
+from mnv4.deploy.requests import BenchRequest
 from mnv4.errors import InvalidValue, MNv4Error
 from mnv4.perf import profile
+from mnv4.perf.latency import LatencyProtocol
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -87,17 +89,17 @@ def test_a_named_runtime_that_cannot_run_is_an_error(no_subprocess, monkeypatch)
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "openvino" else real(n, *a))
     with pytest.raises(MNv4Error, match=r"pip install 'mnv4\[openvino\]'"):
-        bench(["mnv4_conv_small"], ["openvino"], ["fp32"])
+        bench(models=["mnv4_conv_small"], runtimes=["openvino"])
     # among the defaults, a missing runtime is skipped instead
-    todo = check_bench_request(["mnv4_conv_small"], None, ["fp32"])
+    todo = check_bench_request(BenchRequest(("mnv4_conv_small",), None, ("fp32",)))
     assert "openvino" not in {m.runtime for m in todo} and "torch" in {m.runtime for m in todo}
     if not FORMATS["coreml"].can_run():
         with pytest.raises(MNv4Error, match="coreml cannot run on this platform"):
-            bench(["mnv4_conv_small"], ["coreml"], ["fp32"])
+            bench(models=["mnv4_conv_small"], runtimes=["coreml"])
 
 
 def test_request_expands_to_the_supported_combinations():
-    todo = check_bench_request(["mnv4_conv_small", "mobilenet_v2"], ["torch", "pt2"], ["fp32", "fp16", "int8"])
+    todo = check_bench_request(BenchRequest(("mnv4_conv_small", "mobilenet_v2"), ("torch", "pt2"), PRECISIONS))
     assert [(m.model_name, m.runtime, m.precision) for m in todo] == [
         ("mnv4_conv_small", "torch", "fp32"),
         ("mnv4_conv_small", "pt2", "fp32"),
@@ -111,8 +113,8 @@ def test_request_expands_to_the_supported_combinations():
 def test_every_measurement_failing_is_a_failed_command(monkeypatch, tmp_path, capsys):
     from mnv4.cli import main
 
-    monkeypatch.setattr(bench_mod, "measure_in_subprocess", lambda m, timeout: bench_mod.error_row(m, "boom"))
-    rows = bench(["mnv4_conv_small"], ["torch"], ["fp32"], progress=False)
+    monkeypatch.setattr(bench_mod, "measure_in_subprocess", lambda m: bench_mod.error_row(m, "boom"))
+    rows = bench(models=["mnv4_conv_small"], runtimes=["torch"], progress=False)
     assert [(r.model, r.error) for r in rows] == [("mnv4_conv_small", "boom")]
     args = ["bench", "-m", "mnv4_conv_small", "--runtimes", "torch", "-o", str(tmp_path), "--no-progress"]
     assert main(args) == 2
@@ -135,7 +137,7 @@ def test_cli_bench_errors_name_the_flags(no_subprocess, tmp_path, capsys):
 
 
 def test_a_hung_measurement_becomes_an_error_row():
-    row = measure_in_subprocess(Measurement("mnv4_conv_small", "torch", input_size=64), timeout=0.01)
+    row = measure_in_subprocess(Measurement("mnv4_conv_small", "torch", "fp32", BenchRequest(input_size=64)), 0.01)
     assert math.isnan(row.median_ms) and row.error == "timed out after 0 s"
     assert row.resolution == 64 and row.top1 == row.top1  # the zoo's published figure is kept
 
@@ -150,7 +152,10 @@ def restore_threads():
 
 def test_run_one_in_process(restore_threads):
     # one thread: two spinning OpenMP threads on a busy 2-core machine can take seconds
-    row = run_one("mnv4_conv_small", "torch", threads=1, runs=3, repeats=2, warmup=1, budget_s=None, input_size=64)
+    protocol = LatencyProtocol(runs=3, repeats=2, warmup=1, budget_s=None)
+    row = run_one(
+        Measurement("mnv4_conv_small", "torch", "fp32", BenchRequest(input_size=64, threads=1, protocol=protocol))
+    )
     assert row.median_ms > 0 and math.isfinite(row.spread) and not row.error
     assert (row.runs, row.repeats, row.resolution, row.threads) == (3, 2, 64, 1)
     assert torch.get_num_threads() == 1  # the protocol pins the thread count
@@ -177,8 +182,8 @@ def test_zoo_build_gives_realistic_activations():
 def test_bench_one_process_per_measurement(tmp_path):
     # torch has no int8 route, so only fp32 rows, each measured in its own process
     rows = bench(
-        ["mnv4_conv_small_035", "mobilenet_v3_small"],
-        ["torch"],
+        models=["mnv4_conv_small_035", "mobilenet_v3_small"],
+        runtimes=["torch"],
         precisions=("fp32", "int8"),
         input_size=64,
         runs=2,

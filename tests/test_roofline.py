@@ -21,6 +21,7 @@ from mnv4.perf.hardware import (
     get_profile,
     load_profile,
 )
+from mnv4.perf.latency import LatencyProtocol
 from mnv4.perf.roofline import (
     fit_hardware,
     plot_sweep,
@@ -408,7 +409,7 @@ def test_roofline_requests_are_validated(call, message):
         (dict(runtime="tflite"), "`runtime` 'tflite' is invalid: choose one of auto, torch, torch-fused, onnxruntime"),
         (dict(models=["mnv4_conv_small", "mnv4_conv_medium"]), "needs at least 3 models, got 2"),
         (dict(models=["mnv4_conv_small", "mobilenet_v2", "nope"]), "`models` 'nope' is invalid"),
-        (dict(runs=0), "`runs` 0 is invalid"),
+        (dict(protocol=LatencyProtocol(runs=0)), "`runs` 0 is invalid"),
         (dict(threads=0), "`threads` 0 is invalid"),
         (dict(dtype="fp64"), "`dtype` 'fp64' is invalid"),
     ],

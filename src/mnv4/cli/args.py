@@ -20,12 +20,13 @@ this one. Nothing here imports torch: ``mnv4 --help`` must stay fast.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from ..errors import MNv4Error
 
@@ -48,6 +49,8 @@ __all__ = [
     "nonneg_int",
     "positive_float",
     "model_list",
+    "add_request_flags",
+    "request_from_args",
 ]
 
 
@@ -236,3 +239,58 @@ def render_message(message: str, parser: argparse.ArgumentParser | None, fallbac
         return fallback.format(field) if fallback else field
 
     return _FIELD.sub(sub, message)
+
+
+_R = TypeVar("_R")
+
+
+def _comma_tuple(text: str) -> tuple[str, ...]:
+    return tuple(model_list(text))
+
+
+_METAVARS = {int: "N", float: "X", _comma_tuple: "LIST"}
+
+
+def add_request_flags(
+    parser: argparse.ArgumentParser,
+    request: type,
+    only: Iterable[str] | None = None,
+    defaults: Any = None,
+) -> None:
+    """One flag per field of the ``request`` dataclass declared with :func:`mnv4.requests.option`, its
+    spelling, type, default, choices and help read from the field (so the CLI restates none of them).
+
+    ``only`` limits the flags to those fields; ``defaults`` (an instance of ``request``) takes the
+    defaults from it instead of from the class (``mnv4 roofline calibrate`` times with fewer runs).
+    """
+    for f in dataclasses.fields(request):
+        meta = f.metadata
+        if "help" not in meta or (only is not None and f.name not in only):
+            continue
+        default = getattr(defaults, f.name) if defaults is not None else f.default
+        flag = meta["flag"] or "--" + f.name.replace("_", "-")
+        kw: dict[str, Any] = {"dest": f.name, "help": meta["help"]}
+        kind = meta["kind"] or type(default)
+        if default is dataclasses.MISSING:
+            kw["required"] = True
+            kind = meta["kind"] or str
+        else:
+            kw["default"] = default
+        if kind is bool:
+            kw.update(action="store_const", const=True)
+        else:
+            if kind is tuple:
+                kind = _comma_tuple
+                if isinstance(default, tuple):  # argparse parses string defaults: help shows "fp32,int8"
+                    kw["default"] = ",".join(default)
+            metavar = meta["metavar"] or (None if meta["choices"] else _METAVARS.get(kind))
+            kw.update(type=kind, choices=meta["choices"], metavar=metavar)
+        parser.add_argument(flag, **kw)
+
+
+def request_from_args(request: type[_R], args: argparse.Namespace, **given: Any) -> _R:
+    """The ``request`` made of the parsed flags that share its fields' names, plus ``given``."""
+    names = {f.name for f in dataclasses.fields(request)}  # type: ignore[arg-type]
+    fields = {n: getattr(args, n) for n in names if hasattr(args, n)}
+    fields.update(given)
+    return request(**fields)

@@ -18,29 +18,13 @@ def _progress(args: argparse.Namespace) -> bool | None:
 
 def _cmd_export(args: argparse.Namespace) -> int:
     from ..deploy.export import export
+    from ..deploy.requests import ExportRequest
     from .models import announce_weights, load_model
 
-    if args.fp16 and args.int8:
-        raise MNv4Error("choose one of --fp16 and --int8")
-    precision = "int8" if args.int8 else "fp16" if args.fp16 else "fp32"
+    request = A.request_from_args(ExportRequest, args)
     model = load_model(args)
     announce_weights(model, "the artefact is only good for latency and parity checks")
-    result = export(
-        model,
-        args.format,
-        args.output,
-        input_size=args.input_size,
-        precision=precision,
-        calib_dir=args.calib,
-        eval_dir=args.eval,
-        samples=args.samples,
-        calib_samples=args.calib_samples,
-        min_top1=args.min_top1,
-        int8_all_layers=args.int8_all_layers,
-        recalibrate_bn=True if args.recalibrate_bn else None,
-        threads=args.threads,
-        progress=_progress(args),
-    )
+    result = export(model, request, progress=_progress(args))
     print(f"wrote {result.path} and {result.path}.parity.json")
     return 0
 
@@ -48,32 +32,19 @@ def _cmd_export(args: argparse.Namespace) -> int:
 def _cmd_bench(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from ..deploy.bench import available_runtimes, bench, machine_load_warning, pareto_plot, write_table
+    from ..deploy.bench import available_runtimes, bench, pareto_plot, write_table
+    from ..deploy.requests import BenchRequest
     from ..deploy.zoo import default_models
+    from ..perf.latency import LatencyProtocol
 
-    models = A.resolve_models(args) or default_models()
-    runtimes = A.model_list(args.runtimes) if args.runtimes else None
-    print(f"runtimes installed: {', '.join(available_runtimes())}", file=sys.stderr)
-    if args.threads is None:
-        args.threads = 2
-        warning = machine_load_warning(args.threads)
-        if warning:
-            print(f"mnv4 bench: warning: {warning}", file=sys.stderr)
     out = Path(args.output)
-    rows = bench(
-        models,
-        runtimes,
-        precisions=A.model_list(args.precisions),
-        input_size=args.input_size,
-        threads=args.threads,
-        runs=args.runs,
-        repeats=args.repeats,
-        warmup=args.warmup,
-        budget_s=None if args.budget_s == 0 else args.budget_s,
-        artefact_dir=out / "artefacts",
-        calib_dir=args.calib,
-        progress=_progress(args),
+    protocol = A.request_from_args(LatencyProtocol, args, budget_s=args.budget_s or None)  # --budget 0: none
+    models = tuple(A.resolve_models(args) or default_models())
+    request = A.request_from_args(
+        BenchRequest, args, models=models, protocol=protocol, artefact_dir=str(out / "artefacts")
     )
+    print(f"runtimes installed: {', '.join(available_runtimes())}", file=sys.stderr)
+    rows = bench(request, progress=_progress(args))
     ok = [r for r in rows if not r.error]
     print(write_table(rows, out / "bench.md", out / "bench.csv"))
     if not ok:
@@ -135,14 +106,15 @@ def _cmd_roofline_sweep(args: argparse.Namespace) -> int:
 
 
 def _cmd_roofline_calibrate(args: argparse.Namespace) -> int:
-    from ..deploy.roofline_fit import calibrate
+    from dataclasses import replace
+
+    from ..deploy.roofline_fit import CALIBRATION_PROTOCOL, calibrate
 
     result = calibrate(
         A.resolve_models(args) or None,
         runtime=args.runtime,
         threads=args.threads,
-        runs=args.runs,
-        repeats=args.repeats,
+        protocol=replace(CALIBRATION_PROTOCOL, runs=args.runs, repeats=args.repeats),
         dtype=args.dtype,
         progress=_progress(args),
     )
@@ -155,10 +127,15 @@ def _cmd_roofline_calibrate(args: argparse.Namespace) -> int:
 
 
 def register(sub) -> None:
-    # The format table and runtime list are read without torch (mnv4 --help stays fast).
-    from ..deploy.bench import all_runtimes
-    from ..deploy.formats import FORMATS, PRECISIONS
-    from ..deploy.roofline_fit import FIT_RUNTIMES
+    # The format table, runtime list and requests are read without torch (mnv4 --help stays fast).
+    _add_export(sub)
+    _add_bench(sub)
+    _add_roofline(sub)
+
+
+def _add_export(sub) -> None:
+    from ..deploy.formats import FORMATS
+    from ..deploy.requests import ExportRequest
 
     def having(what: str) -> str:
         return ", ".join(f.name for f in FORMATS.values() if getattr(f, what))
@@ -171,31 +148,25 @@ def register(sub) -> None:
     )
     A.add_model(p)
     A.add_spec(p)
-    A.add_weights(p, checkpoint_help="weights to export (default: random init, announced)")
-    p.add_argument("--format", required=True, choices=list(FORMATS), help="artefact format / runtime")
-    p.add_argument("--fp16", action="store_true", help=f"half precision ({having('fp16')})")
-    p.add_argument("--int8", action="store_true", help=f"post-training INT8 ({having('int8')})")
-    p.add_argument("--calib", default=None, help="calibration image folder for --int8 (flat or one folder per class)")
-    p.add_argument(
-        "--int8-all-layers",
-        action="store_true",
-        help=f"{having('float_ends')}: quantize the stem conv and head too (default: kept float; others: always int8)",
+    A.add_weights(p, checkpoint_help="weights to export, as given (default: random init, announced)")
+    A.add_request_flags(p, ExportRequest)
+    short = p.add_mutually_exclusive_group()
+    short.add_argument(
+        "--fp16", dest="precision", action="store_const", const="fp16", help=f"--precision fp16 ({having('fp16')})"
     )
-    p.add_argument("--eval", default=None, help="labelled image folder to compare on and report accuracy delta")
-    p.add_argument(
-        "--recalibrate-bn",
-        action="store_true",
-        help="re-estimate BatchNorm statistics before export (the artefact then differs from the checkpoint; "
-        "default: only for random init, i.e. no --checkpoint/--pretrained)",
+    short.add_argument(
+        "--int8", dest="precision", action="store_const", const="int8", help=f"--precision int8 ({having('int8')})"
     )
     A.add_input_size(p, help="input resolution (default: the model's)")
-    A.add_output(p, help="artefact path, or a folder for the default name (default: <model>_<res>_<precision>.<ext>)")
-    p.add_argument("--samples", type=A.positive_int, default=16, help="inputs used for the parity check")
-    p.add_argument("--calib-samples", type=A.positive_int, default=128, help="calibration images for --int8")
-    p.add_argument("--min-top1", type=float, default=None, help="also require this top-1 agreement (0-1)")
+    A.add_output(p, help="artefact path, or a folder for the default name <model>_<res>_<precision>.<ext>")
     A.add_threads(p)
     A.add_progress(p)
     p.set_defaults(func=_cmd_export)
+
+
+def _add_bench(sub) -> None:
+    from ..deploy.requests import DEFAULT_BENCH_THREADS, BenchRequest
+    from ..perf.latency import LatencyProtocol
 
     p = sub.add_parser(
         "bench",
@@ -205,21 +176,28 @@ def register(sub) -> None:
         "BatchNorm statistics re-estimated, so their activations have a realistic scale.",
     )
     A.add_models(p, "models, repeatable or comma-separated (default: MNv4 family + torchvision + timm baselines)")
-    p.add_argument("--runtimes", default=None, help=f"comma list of {','.join(all_runtimes())} (default: installed)")
-    p.add_argument("--precisions", default="fp32", help=f"comma list of {','.join(PRECISIONS)}")
+    A.add_request_flags(p, BenchRequest)
     A.add_input_size(p, help="resolution for all models (default: each model's)")
-    A.add_threads(p)
-    p.add_argument("--runs", type=A.positive_int, default=1000, help="runs per repeat (paper: ~1000)")
-    p.add_argument("--repeats", type=A.positive_int, default=5, help="repeats; the median of their means is reported")
-    p.add_argument("--warmup", type=A.nonneg_int, default=20, help="untimed runs first")
     p.add_argument(
-        "--budget", dest="budget_s", type=float, default=3.0, help="max seconds per repeat (0 = always --runs)"
+        "--threads",
+        type=A.positive_int,
+        default=None,
+        metavar="N",
+        help=f"CPU threads (default: {DEFAULT_BENCH_THREADS}, with a warning when the machine is busy)",
     )
-    p.add_argument("--calib", default=None, help="calibration images for INT8 routes (default: noise)")
+    A.add_request_flags(p, LatencyProtocol)
     A.add_output(p, help="folder for bench.md, bench.csv, pareto.png and the artefacts", default="bench_out")
     A.add_progress(p)
     p.set_defaults(func=_cmd_bench)
 
+
+def _add_roofline(sub) -> None:
+    from ..deploy.requests import DEFAULT_BENCH_THREADS
+    from ..deploy.roofline_fit import CALIBRATION_PROTOCOL, FIT_RUNTIMES
+    from ..perf.dtypes import DTYPE_BYTES
+    from ..perf.latency import LatencyProtocol
+
+    dtypes = tuple(DTYPE_BYTES)
     g = sub.add_group(
         "roofline",
         help="roofline latency model: predict on hardware profiles, sweep ridge points, calibrate this machine",
@@ -228,22 +206,14 @@ def register(sub) -> None:
     A.add_models(p, "models, repeatable or comma-separated (default: the five MNv4 models)")
     p.add_argument("--hardware", action="append", help="built-in profile or .yaml/.json file (repeatable)")
     p.add_argument(
-        "--dtype",
-        default=None,
-        choices=("float32", "float16", "bfloat16", "int8"),
-        help="element width for bytes moved (default: the hardware profile's)",
+        "--dtype", default=None, choices=dtypes, help="element width for bytes moved (default: the hardware profile's)"
     )
     A.add_input_size(p)
     p.set_defaults(func=_cmd_roofline_predict)
 
     p = g.add_parser("sweep", help="plot relative latency as the ridge point goes 0..max (the paper's analysis)")
     A.add_models(p, "models, repeatable or comma-separated (default: the five MNv4 models)")
-    p.add_argument(
-        "--dtype",
-        default="int8",
-        choices=("float32", "float16", "bfloat16", "int8"),
-        help="element width for bytes moved",
-    )
+    p.add_argument("--dtype", default="int8", choices=dtypes, help="element width for bytes moved")
     A.add_input_size(p)
     p.add_argument("--max-ridge", type=A.positive_float, default=500.0, help="largest ridge point (MACs/byte)")
     p.add_argument("--normalize", default="macs", help="'macs' (own MAC-only latency) or a model name")
@@ -255,17 +225,10 @@ def register(sub) -> None:
     p.add_argument(
         "--runtime", default="auto", choices=FIT_RUNTIMES, help="auto: onnxruntime when installed, else torch-fused"
     )
-    p.add_argument(
-        "--dtype",
-        default="float32",
-        choices=("float32", "float16", "bfloat16", "int8"),
-        help="element width for bytes moved",
-    )
-    A.add_threads(p, default=2)
-    p.add_argument("--runs", type=A.positive_int, default=100, help="runs per repeat")
-    p.add_argument("--repeats", type=A.positive_int, default=3, help="repeats (median of means)")
+    p.add_argument("--dtype", default="float32", choices=dtypes, help="element width for bytes moved")
+    A.add_threads(p, default=DEFAULT_BENCH_THREADS)
+    A.add_request_flags(p, LatencyProtocol, only=("runs", "repeats"), defaults=CALIBRATION_PROTOCOL)
     A.add_output(p, help="write the fitted profile (.yaml/.json) for --hardware")
-    add_hidden = A.add_hidden_alias
-    add_hidden(p, "--save", dest="output")
+    A.add_hidden_alias(p, "--save", dest="output")
     A.add_progress(p)
     p.set_defaults(func=_cmd_roofline_calibrate)

@@ -22,16 +22,21 @@ import os
 import subprocess
 import sys
 import tempfile
+import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from ..errors import InvalidValue, MNv4Error, check_float, check_int
+from ..errors import InvalidValue, MNv4Error
 from ..files import atomic_write_text
+from ..perf.latency import LatencyProtocol
 from ..plotting import pyplot, save_figure
 from .formats import FORMATS, PRECISIONS, Format, format_for_runtime
+from .requests import ALL_RUNTIMES, TORCH_RUNTIMES, BenchRequest
 
 __all__ = [
+    "BenchRequest",
     "TORCH_RUNTIMES",
     "DEFAULT_RUNTIMES",
     "BenchRow",
@@ -52,12 +57,6 @@ __all__ = [
     "machine_load_warning",
 ]
 
-# In-process torch runtimes (no artefact): name -> what runs. Exported runtimes come from FORMATS.
-TORCH_RUNTIMES: dict[str, str] = {
-    "torch": "eager PyTorch, the model as built",
-    "torch-fused": "mnv4.deploy.cpu.optimize_for_cpu for MNv4 (fuse + pre-packed oneDNN convs), BN folding for others",
-    "torch-compile": "torch.compile (inductor, freezing) of the fused model",
-}
 TORCH_DENORMALS = "`torch.set_flush_denormal(True)` in the measuring process (mnv4.perf.latency.flush_denormals)"
 DEFAULT_RUNTIMES = ("torch", "torch-fused", *(f.runtime for f in FORMATS.values() if f.bench_default))
 
@@ -72,7 +71,7 @@ def denormal_table() -> str:
 
 def all_runtimes() -> list[str]:
     """Every runtime name ``bench`` knows, installed or not."""
-    return [*TORCH_RUNTIMES, *(f.runtime for f in FORMATS.values())]
+    return list(ALL_RUNTIMES)
 
 
 def runtime_precisions(runtime: str) -> tuple[str, ...]:
@@ -113,19 +112,20 @@ class BenchRow:
 
 @dataclass
 class Measurement:
-    """One (model, runtime, precision) to time; the arguments of :func:`run_one`."""
+    """One (model, runtime, precision) of a :class:`BenchRequest` to time; what :func:`run_one` takes."""
 
     model_name: str
     runtime: str
-    precision: str = "fp32"
-    input_size: int | None = None
-    threads: int = 2
-    runs: int = 1000
-    repeats: int = 5
-    warmup: int = 20
-    budget_s: float | None = 3.0
-    artefact_dir: str | None = None
-    calib_dir: str | None = None
+    precision: str
+    request: BenchRequest = field(default_factory=BenchRequest)
+
+    def to_json(self) -> str:
+        return json.dumps({**dataclasses.asdict(self), "request": self.request.to_dict()})
+
+    @classmethod
+    def from_json(cls, text: str) -> Measurement:
+        d = json.loads(text)
+        return cls(d["model_name"], d["runtime"], d["precision"], BenchRequest.from_dict(d["request"]))
 
 
 def _torch_fn(model, runtime: str, x):
@@ -149,19 +149,7 @@ def _torch_fn(model, runtime: str, x):
     return fn
 
 
-def run_one(
-    model_name: str,
-    runtime: str,
-    precision: str = "fp32",
-    input_size: int | None = None,
-    threads: int = 2,
-    runs: int = 1000,
-    repeats: int = 5,
-    warmup: int = 20,
-    budget_s: float | None = 3.0,
-    artefact_dir: str | os.PathLike | None = None,
-    calib_dir: str | os.PathLike | None = None,
-) -> BenchRow:
+def run_one(m: Measurement) -> BenchRow:
     """Measure one (model, runtime, precision) in *this* process (``bench`` runs each in its own)."""
     import numpy as np
     import torch
@@ -170,32 +158,36 @@ def run_one(
     from ..perf.latency import flush_denormals, measure_latency, set_threads
     from .zoo import build
 
-    check_bench_request([model_name], [runtime], [precision], input_size, threads, runs, repeats, warmup, budget_s)
-    fmt = _runtime_format(runtime)
+    req = m.request
+    check_bench_request(
+        dataclasses.replace(req, models=(m.model_name,), runtimes=(m.runtime,), precisions=(m.precision,))
+    )
+    fmt = _runtime_format(m.runtime)
+    threads = req.thread_count
     set_threads(threads)
     flush_denormals()
-    model, entry = build(model_name, input_size)
-    res = input_size or entry.resolution
+    model, entry = build(m.model_name, req.input_size)
+    res = req.input_size or entry.resolution
     prof = profile(model, res)
     x = torch.randn(1, 3, res, res, generator=torch.Generator().manual_seed(0))
     parity = ""
     if fmt is None:
-        fn = _torch_fn(model, runtime, x)
+        fn = _torch_fn(model, m.runtime, x)
     else:
         from .export import export
         from .inputs import random_inputs
         from .runners import load_runner
 
-        out_dir = Path(artefact_dir or tempfile.mkdtemp(prefix="mnv4-bench-"))
-        path = out_dir / f"{model_name}_{res}_{precision}{fmt.suffix}"
-        calib = None if calib_dir else random_inputs(32, res, seed=1)
+        out_dir = Path(req.artefact_dir or tempfile.mkdtemp(prefix="mnv4-bench-"))
+        path = out_dir / f"{m.model_name}_{res}_{m.precision}{fmt.suffix}"
+        calib = None if req.calib_dir else random_inputs(32, res, seed=1)
         result = export(
             model,
             fmt.name,
             path,
             input_size=res,
-            precision=precision,
-            calib_dir=calib_dir,
+            precision=m.precision,
+            calib_dir=req.calib_dir,
             calib_data=calib,
             samples=4,
             calib_samples=64,
@@ -203,17 +195,18 @@ def run_one(
         )
         rep = result.report
         parity = f"diff {rep.max_abs_diff:.1e}, top-1 {rep.top1_agreement:.0%}"
-        run = load_runner(path, fmt.name, threads=threads, precision=precision)
+        run = load_runner(path, fmt.name, threads=threads, precision=m.precision)
         xn = np.ascontiguousarray(x.numpy())
 
         def fn():
             return run(xn)
 
-    lat = measure_latency(fn, runs=runs, repeats=repeats, warmup=warmup, budget_s=budget_s, threads=threads)
+    p = req.protocol
+    lat = measure_latency(fn, runs=p.runs, repeats=p.repeats, warmup=p.warmup, budget_s=p.budget_s, threads=threads)
     return BenchRow(
-        model_name,
-        runtime,
-        precision,
+        m.model_name,
+        m.runtime,
+        m.precision,
         res,
         lat.median_ms,
         lat.spread,
@@ -229,11 +222,12 @@ def run_one(
     )
 
 
-def measure_in_subprocess(m: Measurement, timeout: float = 900.0) -> BenchRow:
-    """:func:`run_one` in a fresh ``python -m mnv4.deploy.bench`` process; a crash or a timeout
-    becomes a row with ``error`` set."""
-    cmd = [sys.executable, "-m", "mnv4.deploy.bench", json.dumps(dataclasses.asdict(m))]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS=str(m.threads))
+def measure_in_subprocess(m: Measurement, timeout: float | None = None) -> BenchRow:
+    """:func:`run_one` in a fresh ``python -m mnv4.deploy.bench`` process; a crash or a timeout (default:
+    the request's) becomes a row with ``error`` set."""
+    timeout = m.request.timeout if timeout is None else timeout
+    cmd = [sys.executable, "-m", "mnv4.deploy.bench", m.to_json()]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS=str(m.request.thread_count))
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
@@ -257,12 +251,12 @@ def error_row(m: Measurement, error: str) -> BenchRow:
         m.model_name,
         m.runtime,
         m.precision,
-        m.input_size or (entry.resolution if entry else 0),
+        m.request.input_size or (entry.resolution if entry else 0),
         math.nan,
         math.nan,
         0,
         0,
-        m.threads,
+        m.request.thread_count,
         0,
         0,
         entry.top1 if entry else math.nan,
@@ -272,27 +266,16 @@ def error_row(m: Measurement, error: str) -> BenchRow:
     )
 
 
-def check_bench_request(
-    models: Sequence[str],
-    runtimes: Sequence[str] | None = None,
-    precisions: Sequence[str] = ("fp32", "int8"),
-    input_size: int | None = None,
-    threads: int = 2,
-    runs: int = 1000,
-    repeats: int = 5,
-    warmup: int = 20,
-    budget_s: float | None = 3.0,
-    timeout: float = 900.0,
-) -> list[Measurement]:
+def check_bench_request(request: BenchRequest) -> list[Measurement]:
     """Validate a benchmark request in one place; returns the measurements it asks for.
 
     Unknown models, runtimes or precisions and out-of-range numbers are one clear error each; a
     runtime named explicitly must be installed (the defaults skip the ones that are not); a
     request that leaves nothing to measure is an error too.
     """
-    from .export import MAX_INPUT_SIZE, MIN_INPUT_SIZE
     from .zoo import zoo_entry
 
+    models, runtimes, precisions = request.models, request.runtimes, request.precisions
     if isinstance(models, str) or not models:
         raise MNv4Error("no models to benchmark; pass at least one model name as `models`")
     for m in models:
@@ -302,15 +285,7 @@ def check_bench_request(
     for p in precisions:
         if p not in PRECISIONS:
             raise InvalidValue("precisions", p, f"choose from {', '.join(PRECISIONS)}")
-    if input_size is not None:
-        check_int("input_size", input_size, MIN_INPUT_SIZE, MAX_INPUT_SIZE)
-    check_int("threads", threads, 1)
-    check_int("runs", runs, 1)
-    check_int("repeats", repeats, 1)
-    check_int("warmup", warmup, 0)
-    if budget_s is not None:
-        check_float("budget_s", budget_s, 0.0, lo_open=True)
-    check_float("timeout", timeout, 0.0, lo_open=True)
+    request.checked_numbers()
     if runtimes is None:
         have = available_runtimes()
         chosen = [r for r in DEFAULT_RUNTIMES if r in have]
@@ -325,7 +300,7 @@ def check_bench_request(
             if fmt is not None:
                 fmt.require("fp32")
     todo = [
-        Measurement(m, r, p, input_size, threads, runs, repeats, warmup, budget_s)
+        Measurement(m, r, p, request)
         for m in models
         for r in chosen
         for p in precisions
@@ -337,46 +312,51 @@ def check_bench_request(
     return todo
 
 
-def bench(
-    models: Sequence[str],
-    runtimes: Sequence[str] | None = None,
-    precisions: Sequence[str] = ("fp32", "int8"),
-    input_size: int | None = None,
-    threads: int = 2,
-    runs: int = 1000,
-    repeats: int = 5,
-    warmup: int = 20,
-    budget_s: float | None = 3.0,
-    artefact_dir: str | os.PathLike | None = None,
-    calib_dir: str | os.PathLike | None = None,
-    timeout: float = 900.0,
-    progress: bool | None = None,
-) -> list[BenchRow]:
+def bench(request: BenchRequest | None = None, *, progress: bool | None = None, **fields: Any) -> list[BenchRow]:
     """Every (model, runtime, precision) combination the chosen runtimes support, each in its own process.
 
-    The request is validated first (:func:`check_bench_request`): a request that names nothing to
-    measure is an error. A measurement that fails is a row with ``error`` set, so one broken
+    Pass a :class:`BenchRequest`, or its fields as keyword arguments (``models``, ``runtimes``,
+    ``precisions``, ``protocol``...; ``runs``, ``repeats``, ``warmup`` and ``budget_s`` are folded into the
+    protocol). The request is validated first (:func:`check_bench_request`): a request that names nothing
+    to measure is an error. With ``threads`` unset, a busy machine gets a warning
+    (:func:`machine_load_warning`). A measurement that fails is a row with ``error`` set, so one broken
     runtime does not cost the others; callers decide what a table without a success means.
     """
     from tqdm import tqdm
 
-    todo = check_bench_request(
-        models, runtimes, precisions, input_size, threads, runs, repeats, warmup, budget_s, timeout
-    )
-    if calib_dir is not None and not Path(calib_dir).is_dir():
-        raise MNv4Error(f"calibration folder not found: {calib_dir} (`calib`)")
-    artefact_dir = str(artefact_dir or tempfile.mkdtemp(prefix="mnv4-bench-"))
+    request = _request_of(request, fields)
+    todo = check_bench_request(request)
+    if request.threads is None and (warning := machine_load_warning(request.thread_count)):
+        warnings.warn(warning, stacklevel=2)
+    artefact_dir = request.artefact_dir or tempfile.mkdtemp(prefix="mnv4-bench-")
+    todo = [
+        dataclasses.replace(m, request=dataclasses.replace(m.request, artefact_dir=str(artefact_dir))) for m in todo
+    ]
     rows = []
     bar = tqdm(todo, desc="bench", unit="run", disable=None if progress is None else not progress)
     for m in bar:
-        m.artefact_dir, m.calib_dir = artefact_dir, str(calib_dir) if calib_dir else None
         bar.set_postfix_str(f"{m.model_name} {m.runtime} {m.precision}")
-        row = measure_in_subprocess(m, timeout)
+        row = measure_in_subprocess(m)
         status = f"{row.median_ms:.2f} ms" if not row.error else f"failed: {row.error}"
         if row.error or not bar.disable:
             tqdm.write(f"  {m.model_name:20s} {m.runtime:14s} {m.precision:5s} {status}", file=sys.stderr)
         rows.append(row)
     return rows
+
+
+def _request_of(request: BenchRequest | None, fields: dict[str, Any]) -> BenchRequest:
+    """A request from keyword arguments, the protocol's own fields folded into ``protocol``."""
+    request = request or BenchRequest()
+    proto = {k: fields.pop(k) for k in list(fields) if k in LatencyProtocol.__dataclass_fields__}
+    for key in ("models", "runtimes", "precisions"):
+        if isinstance(fields.get(key), list):
+            fields[key] = tuple(fields[key])
+    if "artefact_dir" in fields and fields["artefact_dir"] is not None:
+        fields["artefact_dir"] = str(fields["artefact_dir"])
+    if "calib_dir" in fields and fields["calib_dir"] is not None:
+        fields["calib_dir"] = str(fields["calib_dir"])
+    protocol = dataclasses.replace(fields.pop("protocol", request.protocol), **proto)
+    return dataclasses.replace(request, protocol=protocol, **fields)
 
 
 # (max - min) / median of the repeats' means above which a row is flagged: on an idle machine
@@ -486,8 +466,7 @@ def pareto_plot(rows: Sequence[BenchRow], path: str | os.PathLike, title: str = 
 def _worker(argv: Sequence[str]) -> int:
     import dataclasses
 
-    args = json.loads(argv[0])
-    row = run_one(**args)  # the fields of Measurement
+    row = run_one(Measurement.from_json(argv[0]))
     print(json.dumps(dataclasses.asdict(row)), flush=True)
     return 0
 

@@ -25,19 +25,20 @@ import torch
 from torch import nn
 
 from ..data.images import BadImage, BadImageLog
-from ..errors import InvalidValue, MNv4Error, check_float, check_int
-from .formats import PRECISIONS, Format, get_format
+from ..errors import MNv4Error, check_int
+from .formats import Format
 from .fusion import fuse
 from .inputs import load_images, random_inputs
-from .parity import CRITERIA, INT8_MIN_TOP1, ParityError, ParityReport, compare, run_batches, save_report
+from .parity import CRITERIA, INT8_MIN_TOP1, Criteria, ParityError, ParityReport, compare, run_batches, save_report
+from .requests import MAX_INPUT_SIZE, MIN_INPUT_SIZE, ExportRequest
 from .runners import RunOptions
 from .writers import WriteJob, export_program, write_atomically
 
 __all__ = [
+    "ExportRequest",
     "ExportResult",
     "export",
     "export_program",
-    "check_export_request",
     "MIN_INPUT_SIZE",
     "MAX_INPUT_SIZE",
     "RANDOM_INT8_MIN_COSINE",
@@ -45,50 +46,14 @@ __all__ = [
     "artefact_path",
 ]
 
-# Sanity bounds, not what a network needs (any size runs; MNv4's stages see a 1x1 map below 32 px):
-# small digit-style models run at 16 px, and above 2048 px batch-1 activations get huge.
-MIN_INPUT_SIZE, MAX_INPUT_SIZE = 16, 2048
 _RECALIBRATION_BATCHES, _RECALIBRATION_BATCH = 4, 8
-RANDOM_INT8_MIN_COSINE = 0.5  # INT8 parity bar for random weights (see export)
+RANDOM_INT8_MIN_COSINE = 0.5  # INT8 parity bar for random weights (see _criteria)
 
 
 @dataclass
 class ExportResult:
     path: Path
     report: ParityReport
-
-
-def check_export_request(
-    fmt: str,
-    precision: str = "fp32",
-    input_size: int | None = None,
-    calib_dir: str | os.PathLike | None = None,
-    eval_dir: str | os.PathLike | None = None,
-    calib_data: torch.Tensor | None = None,
-    samples: int = 16,
-    calib_samples: int = 128,
-    min_top1: float | None = None,
-    threads: int | None = None,
-) -> Format:
-    """Validate an export request in one place (before any work); returns the format's record."""
-    info = get_format(fmt)
-    if precision not in PRECISIONS:
-        raise InvalidValue("precision", precision, f"choose one of {', '.join(PRECISIONS)}")
-    info.require(precision)
-    if input_size is not None:
-        check_int("input_size", input_size, MIN_INPUT_SIZE, MAX_INPUT_SIZE)
-    check_int("samples", samples, 1)
-    check_int("calib_samples", calib_samples, 1)
-    if min_top1 is not None:
-        check_float("min_top1", min_top1, 0.0, 1.0)
-    if threads is not None:
-        check_int("threads", threads, 1)
-    for field, folder, role in (("calib", calib_dir, "calibration"), ("eval", eval_dir, "evaluation")):
-        if folder is not None and not Path(folder).is_dir():
-            raise MNv4Error(f"{role} folder not found: {folder} (`{field}`)")
-    if precision == "int8" and calib_dir is None and calib_data is None:
-        raise MNv4Error("INT8 export needs calibration images: pass an image folder as `calib`")
-    return info
 
 
 @dataclass
@@ -182,86 +147,124 @@ def _eager(model: nn.Module, x: torch.Tensor) -> np.ndarray:
 
 def export(
     model: nn.Module,
-    fmt: str,
+    fmt: str | ExportRequest,
     output: str | os.PathLike | None = None,
-    input_size: int | None = None,
-    precision: str = "fp32",
-    calib_dir: str | os.PathLike | None = None,
-    eval_dir: str | os.PathLike | None = None,
+    *,
     calib_data: torch.Tensor | None = None,
-    samples: int = 16,
-    calib_samples: int = 128,
-    min_top1: float | None = None,
-    threads: int | None = None,
     verbose: bool = True,
-    int8_all_layers: bool = False,
-    recalibrate_bn: bool | None = None,
     progress: bool | None = False,
+    **settings,
 ) -> ExportResult:
-    """Export ``model`` to ``fmt`` (see :data:`~mnv4.deploy.formats.FORMATS`) and check the artefact
+    """Export ``model`` to a format (see :data:`~mnv4.deploy.formats.FORMATS`) and check the artefact
     against eager PyTorch.
 
+    ``fmt`` is a format name, with ``output`` and the other fields of :class:`ExportRequest` as keyword
+    arguments (``precision``, ``input_size``, ``calib_dir``, ``eval_dir``, ``samples``, ...), or a whole
+    request. The request's fields document themselves; the others:
+
     Args:
-        precision: ``fp32``, ``fp16`` or ``int8`` (int8 needs ``calib_dir``: an image folder, flat or
-            one sub-folder per class).
-        eval_dir: a labelled image folder (ImageFolder layout) to compare on and to report the
-            accuracy delta with; otherwise held-out calibration images or seeded noise are used.
         calib_data: a preprocessed calibration batch [N, C, R, R], instead of ``calib_dir``.
-        min_top1: also require this top-1 agreement with eager fp32 (0..1).
-        int8_all_layers: formats with ``float_ends`` (ONNX Runtime, OpenVINO) keep the stem conv and
-            the head (after the global pool) in float unless this is set (see
-            :mod:`mnv4.deploy.quantize`); LiteRT and ExecuTorch always quantize every layer.
-        recalibrate_bn: None (default): a model that was never given weights (see
-            :func:`never_given_weights`) and whose BatchNorm statistics are still the defaults gets
-            them estimated on a copy first (its eval-mode activations would otherwise be
-            ~1e-6..1e-23, which checks nothing and runs on the CPU's denormal slow path); a model
-            loaded from a checkpoint or the hub is exported exactly as given. True: estimate them for
-            any model (the artefact then differs from the input; the report says so). False: never.
         progress: progress bars (image loading, parity batches); None shows them on terminals only.
+
+    ``recalibrate_bn`` (a request field): None (default): a model that was never given weights (see
+    :func:`never_given_weights`) and whose BatchNorm statistics are still the defaults gets them
+    estimated on a copy first (its eval-mode activations would otherwise be ~1e-6..1e-23, which checks
+    nothing and runs on the CPU's denormal slow path); a model loaded from a checkpoint or the hub is
+    exported exactly as given. True: estimate them for any model (the artefact then differs from the
+    input; the report says so). False: never.
     """
-    info = check_export_request(
-        fmt, precision, input_size, calib_dir, eval_dir, calib_data, samples, calib_samples, min_top1, threads
-    )
+    if isinstance(fmt, ExportRequest):
+        request = replace(fmt, **settings, **({"output": output} if output is not None else {}))
+    else:
+        request = ExportRequest(fmt, output, **settings)
+    info = request.validated(has_calib_data=calib_data is not None)
     model = model.eval().float()
-    input_size = input_size or _preprocess(model).input_size
+    input_size = request.input_size or _preprocess(model).input_size
     check_int("input_size", input_size, MIN_INPUT_SIZE, MAX_INPUT_SIZE)
     name = getattr(getattr(model, "spec", None), "name", type(model).__name__)
-    path = artefact_path(output, f"{name}_{input_size}_{precision}{info.suffix}", info)
+    path = artefact_path(request.output, f"{name}_{input_size}_{request.precision}{info.suffix}", info)
     if path.suffix.lower() != info.suffix:
-        raise MNv4Error(f"a {fmt} artefact must end in {info.suffix}, got {path.name} (`output`)")
+        raise MNv4Error(f"a {info.name} artefact must end in {info.suffix}, got {path.name} (`output`)")
 
-    need_calib = precision == "int8" and calib_data is None
-    ins = _inputs(model, input_size, samples, calib_samples, calib_dir, eval_dir, need_calib, progress)
-    calib = calib_data.float() if calib_data is not None and precision == "int8" else ins.calib
+    int8 = request.precision == "int8"
+    ins = _inputs(
+        model, input_size, request.samples, request.calib_samples, request.calib_dir, request.eval_dir,
+        int8 and calib_data is None, progress,
+    )  # fmt: skip
+    calib = calib_data.float() if calib_data is not None and int8 else ins.calib
+    model, weights, random_weights = _weights_to_export(model, request, input_size, calib)
+    float_ends = _write(model, info, path, request, ins.x, calib)
 
+    report = _new_report(info, request, path, ins, weights, random_weights, float_ends)
+    reference = _eager(model, ins.x)
+    if not info.can_run():
+        _check_structure(info, path, ins.x, reference, report)
+    else:
+        _check_numerics(info, path, request, ins, reference, report, _criteria(request, random_weights), progress)
+    save_report(report)
+    if verbose:
+        print(report.summary())
+    if not report.passed:
+        raise ParityError(f"{path} failed its parity check: {'; '.join(report.failures)} (see {path}.parity.json)")
+    return ExportResult(path, report)
+
+
+def _weights_to_export(
+    model: nn.Module, request: ExportRequest, input_size: int, calib: torch.Tensor | None
+) -> tuple[nn.Module, str, bool]:
+    """The model the artefact is made of (the input, or a copy with BatchNorm re-estimated; see
+    ``recalibrate_bn``), what its weights are, and whether they are random."""
     from ..models.batchnorm import has_default_bn_stats
 
     random_weights = bool(getattr(model, "random_weights", False))  # set by mnv4.deploy.zoo.build
     source = getattr(model, "weights_source", None)  # set by create_model when it loaded weights
     weights = getattr(model, "weights_note", None) or (f"from {source}" if source else "as given")
     never_given = never_given_weights(model)
-    if recalibrate_bn or (recalibrate_bn is None and never_given and has_default_bn_stats(model)):
+    recal = request.recalibrate_bn
+    if recal or (recal is None and never_given and has_default_bn_stats(model)):
         model, weights = _realistic_copy(model, input_size, calib, "random init" if never_given else weights)
         random_weights = random_weights or never_given
+    return model, weights, random_weights
 
+
+def _write(
+    model: nn.Module, info: Format, path: Path, request: ExportRequest, x: torch.Tensor, calib: torch.Tensor | None
+) -> bool:
+    """Fuse and write the artefact atomically; returns whether INT8 kept the stem and head in float."""
     deploy_model = fuse(model)
-    if precision == "fp16" and info.half_model:
+    if request.precision == "fp16" and info.half_model:
         deploy_model = deploy_model.half()
-    example = ins.x[:2].to(next(deploy_model.parameters()).dtype)
-    float_ends = precision == "int8" and info.float_ends and not int8_all_layers
-    job = WriteJob(precision, calib, float_ends)
+    example = x[:2].to(next(deploy_model.parameters()).dtype)
+    float_ends = request.precision == "int8" and info.float_ends and not request.int8_all_layers
+    job = WriteJob(request.precision, calib, float_ends)
     write_atomically(path, lambda target: info.writer(deploy_model, example, target, job))
+    return float_ends
 
-    criteria = CRITERIA[precision]
-    if random_weights and precision == "int8":
+
+def _criteria(request: ExportRequest, random_weights: bool) -> Criteria:
+    criteria = CRITERIA[request.precision]
+    if random_weights and request.precision == "int8":
         # A random network has no margin between its logits: INT8 rounding alone moves them by a
         # good part of their spread (cosine 0.8-0.9 on Conv-S 0.35 / MobileNetV3-S), while a broken
         # conversion lands near 0. The bar tells the two apart; accuracy needs trained weights.
         criteria = replace(criteria, min_cosine=RANDOM_INT8_MIN_COSINE, min_top1=None)
-    if min_top1 is not None:
-        criteria = replace(criteria, min_top1=min_top1)
-    x = ins.x
-    report = ParityReport(fmt, precision, str(path), len(x), list(x.shape[1:]))
+    if request.min_top1 is not None:
+        criteria = replace(criteria, min_top1=request.min_top1)
+    return criteria
+
+
+def _new_report(
+    info: Format,
+    request: ExportRequest,
+    path: Path,
+    ins: _Inputs,
+    weights: str,
+    random_weights: bool,
+    float_ends: bool,
+) -> ParityReport:
+    """The report before any comparison: what was compared, on what, and the notes that explain it."""
+    x, precision = ins.x, request.precision
+    report = ParityReport(info.name, precision, str(path), len(x), list(x.shape[1:]))
     report.inputs, report.weights, report.random_weights = ins.source, weights, random_weights
     report.unreadable_images = len(ins.unreadable)
     report.unreadable_files = [{"path": b.path, "reason": b.reason} for b in ins.unreadable[:20]]
@@ -273,33 +276,38 @@ def export(
                 f"int8 on random weights: cosine bar {RANDOM_INT8_MIN_COSINE}, no top-1 bar "
                 f"(trained: 0.95 and {INT8_MIN_TOP1:.0%})"
             )
-    if recalibrate_bn and not random_weights:
+    if request.recalibrate_bn and not random_weights:
         report.notes.append("recalibrate_bn: the artefact's BatchNorm statistics were re-estimated, not the input's")
     if float_ends:
         report.notes.append("int8: stem conv and head (after the global pool) kept in float")
-    reference = _eager(model, x)
-    if not info.can_run():
-        _check_structure(info, path, x, reference, report)
-    else:
-        run = info.loader(path, RunOptions(threads, precision))
-        batch = len(x) if info.dynamic_batch else 1
-        out = run_batches(run, x.numpy(), batch, progress)
-        report.batch_sizes = sorted({1, batch} if info.dynamic_batch else {1})
-        if info.dynamic_batch and len(x) > 1:
-            # Dynamic batch must really be dynamic: batch 1 must give the same rows as the big batch.
-            single = run_batches(run, x[:1].numpy(), 1)
-            # int8 kernels may pick other blockings per batch size, so allow the format's own noise.
-            tol = {"fp32": 1e-4, "fp16": 1e-2, "int8": 5e-2}[precision] * float(np.abs(out).max())
-            report.dynamic_batch = bool(np.abs(single - out[:1]).max() <= tol)
-            if not report.dynamic_batch:
-                report.failures.append("batch-1 and batched outputs differ")
-        compare(reference, out, report, criteria, ins.labels)
-    save_report(report)
-    if verbose:
-        print(report.summary())
-    if not report.passed:
-        raise ParityError(f"{path} failed its parity check: {'; '.join(report.failures)} (see {path}.parity.json)")
-    return ExportResult(path, report)
+    return report
+
+
+def _check_numerics(
+    info: Format,
+    path: Path,
+    request: ExportRequest,
+    ins: _Inputs,
+    reference: np.ndarray,
+    report: ParityReport,
+    criteria: Criteria,
+    progress: bool | None,
+) -> None:
+    """Run the artefact in its runtime on the check's inputs and compare with eager."""
+    precision, x = request.precision, ins.x
+    run = info.loader(path, RunOptions(request.threads, precision))
+    batch = len(x) if info.dynamic_batch else 1
+    out = run_batches(run, x.numpy(), batch, progress)
+    report.batch_sizes = sorted({1, batch} if info.dynamic_batch else {1})
+    if info.dynamic_batch and len(x) > 1:
+        # Dynamic batch must really be dynamic: batch 1 must give the same rows as the big batch.
+        single = run_batches(run, x[:1].numpy(), 1)
+        # int8 kernels may pick other blockings per batch size, so allow the format's own noise.
+        tol = {"fp32": 1e-4, "fp16": 1e-2, "int8": 5e-2}[precision] * float(np.abs(out).max())
+        report.dynamic_batch = bool(np.abs(single - out[:1]).max() <= tol)
+        if not report.dynamic_batch:
+            report.failures.append("batch-1 and batched outputs differ")
+    compare(reference, out, report, criteria, ins.labels)
 
 
 def _check_structure(info: Format, path: Path, x: torch.Tensor, reference: np.ndarray, report: ParityReport) -> None:

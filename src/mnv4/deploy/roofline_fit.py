@@ -14,15 +14,19 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from ..errors import InvalidValue, MNv4Error, check_int
+from ..errors import InvalidValue, MNv4Error
+from ..perf.latency import LatencyProtocol
+from .requests import DEFAULT_BENCH_THREADS
 
 if TYPE_CHECKING:
     from ..perf.hardware import HardwareProfile
 
-__all__ = ["CalibrationResult", "calibrate", "DEFAULT_CALIBRATION_MODELS", "FIT_RUNTIMES"]
+__all__ = ["CalibrationResult", "calibrate", "CALIBRATION_PROTOCOL", "DEFAULT_CALIBRATION_MODELS", "FIT_RUNTIMES"]
 
 # Runtimes a roofline can be fitted to: in-process torch and ONNX Runtime (fp32 everywhere).
 FIT_RUNTIMES = ("auto", "torch", "torch-fused", "onnxruntime")
+# A fit times a dozen models: fewer runs than the paper's protocol, still a median over repeats.
+CALIBRATION_PROTOCOL = LatencyProtocol(runs=100, repeats=3, warmup=10, budget_s=2.0)
 
 DEFAULT_CALIBRATION_MODELS = (
     "mnv4_conv_small_035",
@@ -80,9 +84,8 @@ def _pick_runtime(runtime: str) -> str:
 def calibrate(
     models: Sequence[str] | None = None,
     runtime: str = "auto",
-    threads: int = 2,
-    runs: int = 100,
-    repeats: int = 3,
+    threads: int = DEFAULT_BENCH_THREADS,
+    protocol: LatencyProtocol = CALIBRATION_PROTOCOL,
     dtype: str = "float32",
     name: str = "this_machine",
     progress: bool | None = None,
@@ -90,6 +93,7 @@ def calibrate(
 ) -> CalibrationResult:
     """Time ``models`` (default :data:`DEFAULT_CALIBRATION_MODELS`) on ``runtime`` and fit a profile.
 
+    ``protocol`` times each model (default: fewer runs than the paper's, a fit needs a dozen models);
     ``dtype`` is the byte width the fitted profile counts traffic in; ``progress`` shows a bar
     over the models (None: on terminals only).
     """
@@ -98,6 +102,7 @@ def calibrate(
     from ..perf.counting import DTYPE_BYTES, profile
     from ..perf.roofline import fit_hardware, predict_latency, spearman
     from .bench import Measurement, check_bench_request, measure_in_subprocess
+    from .requests import BenchRequest
     from .zoo import build
 
     if runtime not in FIT_RUNTIMES:
@@ -108,14 +113,13 @@ def calibrate(
     models = list(models or DEFAULT_CALIBRATION_MODELS)
     if len(models) < 3:
         raise MNv4Error(f"a roofline fit needs at least 3 models, got {len(models)} (`models`)")
-    check_int("runs", runs, 1)
-    check_int("repeats", repeats, 1)
-    check_bench_request(models, [runtime], ["fp32"], None, threads, runs, repeats, 10, 2.0, timeout)
+    request = BenchRequest(tuple(models), (runtime,), ("fp32",), threads=threads, protocol=protocol, timeout=timeout)
+    check_bench_request(request)
     ok_models, res_list, profiles, measured, failures = [], [], [], [], []
     bar = tqdm(models, desc="roofline calibrate", unit="model", disable=None if progress is None else not progress)
     for m in bar:
         bar.set_postfix_str(m)
-        row = measure_in_subprocess(Measurement(m, runtime, "fp32", None, threads, runs, repeats, 10, 2.0), timeout)
+        row = measure_in_subprocess(Measurement(m, runtime, "fp32", request))
         if row.error:
             failures.append(f"{m}: {row.error}")
             tqdm.write(f"  {m}: failed ({row.error})")

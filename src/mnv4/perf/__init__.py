@@ -1,5 +1,24 @@
-"""Performance modelling: counting (params, MACs, bytes per layer), roofline, latency."""
+"""Performance modelling: counting (params, MACs, bytes per layer), roofline, latency.
 
-from .counting import DTYPE_BYTES, LayerStats, Profile, profile
+Only :mod:`mnv4.perf.counting` needs torch, and it loads on first use of ``profile`` /
+``Profile`` / ``LayerStats``: the latency protocol and the dtype table are read by the CLI at start-up.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from .dtypes import DTYPE_BYTES
+
+if TYPE_CHECKING:
+    from .counting import LayerStats, Profile, profile
 
 __all__ = ["DTYPE_BYTES", "LayerStats", "Profile", "profile"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("LayerStats", "Profile", "profile"):
+        from . import counting
+
+        return getattr(counting, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -22,10 +22,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ..models.blocks import AttentionCore
 from ..models.specs import ModelSpec
+from .dtypes import DTYPE_BYTES
 
 __all__ = ["LayerStats", "Profile", "profile", "DTYPE_BYTES"]
-
-DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1}
 
 
 @dataclass

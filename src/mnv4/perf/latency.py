@@ -13,7 +13,12 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
+from ..errors import check_float, check_int
+from ..requests import option
+
 __all__ = [
+    "LatencyProtocol",
+    "PAPER_PROTOCOL",
     "LatencyResult",
     "measure_latency",
     "alternating_rounds",
@@ -22,6 +27,28 @@ __all__ = [
     "set_threads",
     "flush_denormals",
 ]
+
+
+@dataclass(frozen=True)
+class LatencyProtocol:
+    """How a latency is measured (the paper's Appendix B): the one home of these defaults, used by
+    :func:`measure_latency`, ``mnv4 bench`` and ``mnv4 roofline calibrate``."""
+
+    runs: int = option(1000, "runs per repeat (paper: ~1000)")
+    repeats: int = option(5, "repeats; the median of their means is reported")
+    warmup: int = option(20, "untimed runs first")
+    budget_s: float | None = option(3.0, "max seconds per repeat (0 = always --runs)", kind=float, flag="--budget")
+
+    def validated(self) -> LatencyProtocol:
+        check_int("runs", self.runs, 1)
+        check_int("repeats", self.repeats, 1)
+        check_int("warmup", self.warmup, 0)
+        if self.budget_s is not None:
+            check_float("budget_s", self.budget_s, 0.0, lo_open=True)
+        return self
+
+
+PAPER_PROTOCOL = LatencyProtocol()
 
 
 @dataclass
@@ -48,10 +75,10 @@ class LatencyResult:
 
 def measure_latency(
     fn: Callable[[], object],
-    runs: int = 1000,
-    repeats: int = 5,
-    warmup: int = 20,
-    budget_s: float | None = 3.0,
+    runs: int = PAPER_PROTOCOL.runs,
+    repeats: int = PAPER_PROTOCOL.repeats,
+    warmup: int = PAPER_PROTOCOL.warmup,
+    budget_s: float | None = PAPER_PROTOCOL.budget_s,
     min_runs: int = 10,
     threads: int | None = None,
     clock: str = "wall",

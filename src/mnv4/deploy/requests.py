@@ -1,0 +1,149 @@
+"""What ``export`` and ``bench`` are asked to do: typed frozen requests, the one home of their defaults.
+
+The CLI generates the commands' flags from these fields (:func:`mnv4.cli.args.add_request_flags`);
+the library functions take a request, or keyword arguments that build one. Nothing here imports
+torch or a runtime.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import InvalidValue, MNv4Error, check_float, check_int
+from ..perf.latency import LatencyProtocol
+from ..requests import option
+from .formats import FORMATS, PRECISIONS, Format, get_format
+
+__all__ = [
+    "ExportRequest",
+    "BenchRequest",
+    "MIN_INPUT_SIZE",
+    "MAX_INPUT_SIZE",
+    "DEFAULT_BENCH_THREADS",
+    "TORCH_RUNTIMES",
+    "ALL_RUNTIMES",
+]
+
+# Sanity bounds, not what a network needs (any size runs; MNv4's stages see a 1x1 map below 32 px):
+# small digit-style models run at 16 px, and above 2048 px batch-1 activations get huge.
+MIN_INPUT_SIZE, MAX_INPUT_SIZE = 16, 2048
+# In-process torch runtimes (no artefact): name -> what runs. Exported runtimes come from FORMATS.
+TORCH_RUNTIMES: dict[str, str] = {
+    "torch": "eager PyTorch, the model as built",
+    "torch-fused": "mnv4.deploy.cpu.optimize_for_cpu for MNv4 (fuse + pre-packed oneDNN convs), BN folding for others",
+    "torch-compile": "torch.compile (inductor, freezing) of the fused model",
+}
+ALL_RUNTIMES = (*TORCH_RUNTIMES, *(f.runtime for f in FORMATS.values()))
+DEFAULT_BENCH_THREADS = 2  # the protocol fixes threads; bench warns when it had to pick them on a busy machine
+
+
+def _check_folders(*folders: tuple[str, str | os.PathLike | None, str]) -> None:
+    for name, folder, role in folders:
+        if folder is not None and not Path(folder).is_dir():
+            raise MNv4Error(f"{role} folder not found: {folder} (`{name}`)")
+
+
+@dataclass(frozen=True)
+class ExportRequest:
+    """One export: the artefact's format and precision, where its check's inputs come from, its bars."""
+
+    format: str = option(help="artefact format / runtime", choices=tuple(FORMATS))
+    output: str | os.PathLike | None = None  # a file, or a folder for the default name (CLI: -o)
+    input_size: int | None = None  # default: the model's (CLI: --input-size)
+    precision: str = option("fp32", "fp32, fp16 or post-training int8 (int8 needs --calib)", choices=PRECISIONS)
+    calib_dir: str | os.PathLike | None = option(
+        None,
+        "calibration image folder for int8 (flat or one folder per class)",
+        kind=str,
+        flag="--calib",
+        metavar="DIR",
+    )
+    eval_dir: str | os.PathLike | None = option(
+        None,
+        "labelled image folder to compare on and report the accuracy delta",
+        kind=str,
+        flag="--eval",
+        metavar="DIR",
+    )
+    samples: int = option(16, "inputs used for the parity check")
+    calib_samples: int = option(128, "calibration images for int8")
+    min_top1: float | None = option(None, "top-1 agreement to require (0-1; default: the precision's bar)", kind=float)
+    threads: int | None = None  # CLI: --threads
+    int8_all_layers: bool = option(
+        False,
+        f"{', '.join(f.name for f in FORMATS.values() if f.float_ends)}: quantize the stem conv and head too "
+        "(default: kept float; other formats: always int8)",
+    )
+    recalibrate_bn: bool | None = option(
+        None,
+        "re-estimate BatchNorm statistics before export (the artefact then differs from the checkpoint; "
+        "default: only for random init, i.e. no --checkpoint/--pretrained)",
+        kind=bool,
+    )
+
+    def validated(self, has_calib_data: bool = False) -> Format:
+        """Check the request in one place, before any work; returns the format's record."""
+        info = get_format(self.format)
+        if self.precision not in PRECISIONS:
+            raise InvalidValue("precision", self.precision, f"choose one of {', '.join(PRECISIONS)}")
+        info.require(self.precision)
+        if self.input_size is not None:
+            check_int("input_size", self.input_size, MIN_INPUT_SIZE, MAX_INPUT_SIZE)
+        check_int("samples", self.samples, 1)
+        check_int("calib_samples", self.calib_samples, 1)
+        if self.min_top1 is not None:
+            check_float("min_top1", self.min_top1, 0.0, 1.0)
+        if self.threads is not None:
+            check_int("threads", self.threads, 1)
+        _check_folders(("calib_dir", self.calib_dir, "calibration"), ("eval_dir", self.eval_dir, "evaluation"))
+        if self.precision == "int8" and self.calib_dir is None and not has_calib_data:
+            raise MNv4Error("INT8 export needs calibration images: pass an image folder as `calib_dir`")
+        return info
+
+
+@dataclass(frozen=True)
+class BenchRequest:
+    """A benchmark: every (model, runtime, precision) the runtimes support, timed with ``protocol``."""
+
+    models: tuple[str, ...] = ()  # CLI: -m (default: mnv4.deploy.zoo.default_models())
+    runtimes: tuple[str, ...] | None = option(
+        None, f"comma list of {','.join(ALL_RUNTIMES)} (default: the installed ones)", kind=tuple
+    )
+    precisions: tuple[str, ...] = option(("fp32",), f"comma list of {', '.join(PRECISIONS)}")
+    input_size: int | None = None  # default: each model's (CLI: --input-size)
+    threads: int | None = None  # None: DEFAULT_BENCH_THREADS, with a warning on a busy machine (CLI: --threads)
+    protocol: LatencyProtocol = field(default_factory=LatencyProtocol)
+    calib_dir: str | None = option(
+        None, "calibration images for int8 routes (default: noise)", kind=str, flag="--calib", metavar="DIR"
+    )
+    artefact_dir: str | None = None  # where exported runtimes' artefacts go (default: a temporary folder)
+    timeout: float = 900.0  # seconds one measurement process may take
+
+    @property
+    def thread_count(self) -> int:
+        return DEFAULT_BENCH_THREADS if self.threads is None else self.threads
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> BenchRequest:
+        d = dict(d)
+        d["protocol"] = LatencyProtocol(**d.get("protocol", {}))
+        for key in ("models", "runtimes", "precisions"):
+            if d.get(key) is not None:
+                d[key] = tuple(d[key])
+        return cls(**d)
+
+    def checked_numbers(self) -> None:
+        """The numeric fields and folders (the names are checked against the runtimes in mnv4.deploy.bench)."""
+        if self.input_size is not None:
+            check_int("input_size", self.input_size, MIN_INPUT_SIZE, MAX_INPUT_SIZE)
+        if self.threads is not None:
+            check_int("threads", self.threads, 1)
+        self.protocol.validated()
+        check_float("timeout", self.timeout, 0.0, lo_open=True)
+        _check_folders(("calib_dir", self.calib_dir, "calibration"))

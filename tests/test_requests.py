@@ -1,0 +1,94 @@
+"""Requests are the one home of a command's defaults and choices: the CLI's flags are generated from
+their fields, so parsing no flags gives the library's defaults, and a choice list exists once."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+import pytest
+
+from mnv4.cli import args as A
+from mnv4.deploy.formats import FORMATS, PRECISIONS
+from mnv4.deploy.requests import BenchRequest, ExportRequest
+from mnv4.perf.latency import PAPER_PROTOCOL, LatencyProtocol, measure_latency
+
+
+def _subcommand(argv: list[str]) -> argparse.Namespace:
+    from mnv4.cli import build_parser
+
+    return build_parser().parse_args(argv)
+
+
+def test_no_flags_give_the_library_defaults():
+    args = _subcommand(["export", "-m", "mnv4_conv_small", "--format", "onnx"])
+    assert A.request_from_args(ExportRequest, args) == ExportRequest("onnx")
+    args = _subcommand(["bench", "-m", "mnv4_conv_small"])
+    protocol = A.request_from_args(LatencyProtocol, args)
+    assert protocol == LatencyProtocol() == PAPER_PROTOCOL
+    assert A.request_from_args(BenchRequest, args, models=("mnv4_conv_small",), protocol=protocol) == BenchRequest(
+        ("mnv4_conv_small",)
+    )
+    # the protocol's numbers, spelt out once: what the paper asks for (Appendix B)
+    assert (PAPER_PROTOCOL.runs, PAPER_PROTOCOL.repeats, PAPER_PROTOCOL.warmup, PAPER_PROTOCOL.budget_s) == (
+        1000,
+        5,
+        20,
+        3.0,
+    )
+    defaults = {k: v.default for k, v in __import__("inspect").signature(measure_latency).parameters.items()}
+    assert {k: defaults[k] for k in ("runs", "repeats", "warmup", "budget_s")} == dataclasses.asdict(PAPER_PROTOCOL)
+
+
+def test_flags_parse_into_the_request():
+    args = _subcommand(
+        ["export", "-m", "x", "--format", "litert", "--int8", "--calib", "d", "--samples", "4", "--recalibrate-bn"]
+    )
+    req = A.request_from_args(ExportRequest, args)
+    assert (req.format, req.precision, req.calib_dir, req.samples, req.recalibrate_bn) == (
+        "litert",
+        "int8",
+        "d",
+        4,
+        True,
+    )
+    args = _subcommand(["bench", "--precisions", "fp32,int8", "--runtimes", "torch", "--runs", "7", "--budget", "0"])
+    assert args.precisions == ("fp32", "int8") and args.runtimes == ("torch",) and args.runs == 7
+    assert args.budget_s == 0.0
+
+
+def test_choices_come_from_the_records(capsys):
+    with pytest.raises(SystemExit):
+        _subcommand(["export", "-m", "x", "--format", "tflite"])
+    err = capsys.readouterr().err
+    assert f"choose from {', '.join(repr(f) for f in FORMATS)}" in err
+    with pytest.raises(SystemExit):
+        _subcommand(["export", "-m", "x", "--format", "onnx", "--precision", "fp64"])
+    assert f"choose from {', '.join(repr(p) for p in PRECISIONS)}" in capsys.readouterr().err
+
+
+def test_calibrate_takes_its_own_protocol_defaults():
+    from mnv4.deploy.roofline_fit import CALIBRATION_PROTOCOL
+
+    args = _subcommand(["roofline", "calibrate"])
+    assert (args.runs, args.repeats) == (CALIBRATION_PROTOCOL.runs, CALIBRATION_PROTOCOL.repeats) == (100, 3)
+
+
+def test_add_request_flags_on_a_toy_request():
+    from mnv4.requests import option
+
+    @dataclasses.dataclass(frozen=True)
+    class Toy:
+        name: str = option(help="required", choices=("a", "b"))
+        sizes: tuple[str, ...] = option(("x", "y"), "comma list")
+        limit: float | None = option(None, "optional", kind=float, flag="--cap")
+        on: bool = option(False, "switch")
+        hidden: int = 3  # no option(): not a flag
+
+    p = argparse.ArgumentParser()
+    A.add_request_flags(p, Toy)
+    assert A.request_from_args(Toy, p.parse_args(["--name", "a"])) == Toy("a")
+    got = A.request_from_args(Toy, p.parse_args(["--name", "b", "--sizes", "p, q", "--cap", "2.5", "--on"]))
+    assert got == Toy("b", ("p", "q"), 2.5, True)
+    with pytest.raises(SystemExit):
+        p.parse_args(["--name", "a", "--hidden", "4"])
