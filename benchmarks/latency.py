@@ -23,10 +23,8 @@ import torch  # noqa: E402
 
 import mnv4  # noqa: E402
 from mnv4.models import noise_batches, recalibrate_batchnorm  # noqa: E402
-from mnv4.models.registry import MODELS  # noqa: E402
+from mnv4.models.registry import MODELS, PUBLISHED  # noqa: E402
 from mnv4.perf.latency import alternating_medians  # noqa: E402
-
-FIVE = ["mnv4_conv_small", "mnv4_conv_medium", "mnv4_hybrid_medium", "mnv4_conv_large", "mnv4_hybrid_large"]
 
 
 def bench(name: str, rounds: int, iters: int, res: int | None, nchw: bool = False) -> tuple[dict[str, float], float]:
@@ -54,7 +52,7 @@ def bench(name: str, rounds: int, iters: int, res: int | None, nchw: bool = Fals
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=FIVE)
+    parser.add_argument("--models", nargs="+", default=list(PUBLISHED))
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--iters", type=int, default=20)

@@ -47,10 +47,9 @@ import mnv4  # noqa: E402
 from mnv4.deploy import fuse  # noqa: E402
 from mnv4.deploy.cpu import optimize_for_cpu  # noqa: E402
 from mnv4.models import noise_batches, recalibrate_batchnorm  # noqa: E402
-from mnv4.models.registry import MODELS  # noqa: E402
+from mnv4.models.registry import MODELS, PUBLISHED  # noqa: E402
 from mnv4.perf.latency import alternating_medians  # noqa: E402
 
-FIVE = ["mnv4_conv_small", "mnv4_conv_medium", "mnv4_hybrid_medium", "mnv4_conv_large", "mnv4_hybrid_large"]
 HERE = Path(__file__).resolve().parent
 
 
@@ -139,7 +138,7 @@ def _time_worker(spec: dict) -> None:
             with torch.inference_mode():
                 model(x)
     else:
-        from mnv4.deploy.runners import load_runner
+        from mnv4.deploy.formats import load_runner
 
         run = load_runner(spec["path"], spec["format"], threads=spec["threads"], precision=spec["precision"])
         xn = np.ascontiguousarray(x.numpy())
@@ -215,7 +214,7 @@ def int8_table(args) -> list[dict]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", nargs="+", default=FIVE)
+    ap.add_argument("--models", nargs="+", default=list(PUBLISHED))
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--iters", type=int, default=20)

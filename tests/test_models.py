@@ -4,11 +4,10 @@ import pytest
 import torch
 
 import mnv4
-from mnv4.models.registry import MODELS
+from mnv4.models.registry import MODELS, PUBLISHED
 from mnv4.perf import profile
 
 ALL = mnv4.list_models()
-FIVE = ["mnv4_conv_small", "mnv4_conv_medium", "mnv4_hybrid_medium", "mnv4_conv_large", "mnv4_hybrid_large"]
 
 # The expected counts are the registry's facts (mnv4/models/registry.py, sourced in
 # docs/architecture.md §4): TF unit-test counts for the five models, timm's builds for the width variants.
@@ -82,7 +81,7 @@ def test_eval_is_deterministic_and_batch_independent(name):
     torch.testing.assert_close(single, batched, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", FIVE)
+@pytest.mark.parametrize("name", PUBLISHED)
 @pytest.mark.parametrize("output_stride", [32, 16, 8])
 def test_features_only_levels_match_feature_info(name, output_stride):
     model = mnv4.create_model(name, features_only=True, output_stride=output_stride).eval()
@@ -128,7 +127,7 @@ def test_layer_scale_placement_and_init(name, count):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", FIVE)
+@pytest.mark.parametrize("name", PUBLISHED)
 def test_torch_export(name):
     model = mnv4.create_model(name).eval()
     x = torch.randn(2, 3, 64, 64)

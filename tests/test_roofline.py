@@ -17,12 +17,12 @@ from mnv4.perf.hardware import (
     BUILTIN_PROFILES,
     PAPER_LATENCIES_MS,
     HardwareProfile,
-    anchor_peak,
     get_profile,
     load_profile,
 )
 from mnv4.perf.latency import LatencyProtocol
 from mnv4.perf.roofline import (
+    anchor_peak,
     fit_hardware,
     plot_sweep,
     predict_latency,

@@ -175,8 +175,8 @@ def run_one(m: Measurement) -> BenchRow:
         fn = _torch_fn(model, m.runtime, x)
     else:
         from .export import export
+        from .formats import load_runner
         from .inputs import random_inputs
-        from .runners import load_runner
 
         out_dir = Path(req.artefact_dir or tempfile.mkdtemp(prefix="mnv4-bench-"))
         path = out_dir / f"{m.model_name}_{res}_{m.precision}{fmt.suffix}"

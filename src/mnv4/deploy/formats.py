@@ -4,7 +4,7 @@ Everything that differs between runtimes lives in its record: the artefact's suf
 that installs it, its writer and its loader, which precisions it offers and how, whether its
 batch is dynamic, whether INT8 can keep the network's ends in float, the name ``mnv4 bench`` gives
 its runtime, and how that runtime is told to flush denormals. :func:`~mnv4.deploy.export.export`,
-:func:`~mnv4.deploy.runners.load_runner`, ``mnv4 bench`` and the docs read only this table, so
+:func:`load_runner`, ``mnv4 bench`` and the docs read only this table, so
 adding a runtime means adding one record (plus its writer and loader).
 
 Nothing here imports torch or a runtime: the CLI may read the table at start-up.
@@ -19,10 +19,19 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import InvalidValue, MNv4Error, missing_extra
+from ..errors import InvalidValue, MNv4Error, check_int, missing_extra
 from . import runners, writers
 
-__all__ = ["Format", "FORMATS", "PRECISIONS", "get_format", "format_of", "format_for_runtime", "format_table"]
+__all__ = [
+    "Format",
+    "FORMATS",
+    "PRECISIONS",
+    "get_format",
+    "format_of",
+    "format_for_runtime",
+    "format_table",
+    "load_runner",
+]
 
 PRECISIONS = ("fp32", "fp16", "int8")
 
@@ -254,3 +263,22 @@ def format_table() -> str:
             f"| {f.fp16 or 'no'} | {f.int8 or 'none'} | {'yes' if f.float_ends else 'no'} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def load_runner(
+    path: str | os.PathLike,
+    fmt: str | None = None,
+    threads: int | None = None,
+    precision: str = "fp32",
+    flush_denormals: bool = True,
+) -> runners.Runner:
+    """A callable running the artefact at ``path`` in its runtime (format from the suffix unless
+    ``fmt`` is given); the loader is the format record's (:mod:`mnv4.deploy.runners`)."""
+    path = Path(path)
+    if not path.exists():
+        raise MNv4Error(f"no such artefact: {path}")
+    if threads is not None:
+        check_int("threads", threads, 1)
+    info = get_format(fmt) if fmt else format_of(path)
+    info.require(precision)
+    return info.loader(path, runners.RunOptions(threads, precision, flush_denormals))

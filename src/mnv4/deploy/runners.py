@@ -2,8 +2,9 @@
 
 One loader per format, each importing its runtime lazily, all with the signature
 ``load(path, options) -> Runner``; :data:`mnv4.deploy.formats.FORMATS` records which loader serves
-which format. Parity checks and ``mnv4 bench`` both go through :func:`load_runner`, so what is
-benchmarked is exactly what was verified.
+which format, and :func:`mnv4.deploy.formats.load_runner` picks the loader of an artefact. Parity
+checks and ``mnv4 bench`` both go through those records, so what is benchmarked is exactly what
+was verified.
 
 Every loader makes its runtime flush denormal floats to zero (``RunOptions.flush_denormals``), as
 mobile runtimes do; how each one is told is in its format record (``Format.denormals``).
@@ -11,7 +12,6 @@ mobile runtimes do; how each one is told is in its format record (``Format.denor
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,13 +19,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import MNv4Error, check_int, missing_extra
+from ..errors import MNv4Error, missing_extra
 
 __all__ = [
     "Runner",
     "RunOptions",
-    "load_runner",
-    "format_of",
     "load_onnx",
     "load_openvino",
     "load_litert",
@@ -241,30 +239,3 @@ def inspect_coreml(path: Path) -> dict:
     ins = [list(i.type.multiArrayType.shape) for i in spec.description.input]
     outs = [list(o.type.multiArrayType.shape) for o in spec.description.output]
     return {"inputs": ins, "outputs": outs, "ops": dict(sorted(ops.items()))}
-
-
-def format_of(path: str | os.PathLike):
-    """The :class:`~mnv4.deploy.formats.Format` an artefact's suffix names."""
-    from .formats import format_of as lookup
-
-    return lookup(path)
-
-
-def load_runner(
-    path: str | os.PathLike,
-    fmt: str | None = None,
-    threads: int | None = None,
-    precision: str = "fp32",
-    flush_denormals: bool = True,
-) -> Runner:
-    """A callable running the artefact at ``path`` (format from the suffix unless ``fmt`` is given)."""
-    from .formats import get_format
-
-    path = Path(path)
-    if not path.exists():
-        raise MNv4Error(f"no such artefact: {path}")
-    if threads is not None:
-        check_int("threads", threads, 1)
-    info = get_format(fmt) if fmt else format_of(path)
-    info.require(precision)
-    return info.loader(path, RunOptions(threads, precision, flush_denormals))

@@ -33,6 +33,7 @@ from ..errors import MNv4Error, check_choice, check_int
 from ..models.blocks import ConvBN, init_weights
 from ..models.mobilenetv4 import _build_block
 from ..models.specs import AttentionSpec, BlockSpec, ModelSpec, UIBSpec, cn, fib, uib
+from ..perf.hardware import BUILTIN_PROFILES
 from ..threads import torch_threads
 from .compact import block_token
 from .space import SearchSpace
@@ -50,7 +51,8 @@ __all__ = [
     "HARDWARE_CHOICES",
 ]
 
-HARDWARE_CHOICES = ("macs", "local", "pixel6_cpu", "s23_cpu", "pixel4_dsp", "pixel8_edgetpu")
+# A MAC count, a latency table measured here, or a built-in roofline profile (mnv4.perf.hardware).
+HARDWARE_CHOICES = ("macs", "local", *BUILTIN_PROFILES)
 
 
 def _down(n: int) -> int:

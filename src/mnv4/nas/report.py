@@ -6,18 +6,31 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ..files import atomic_write_json, atomic_write_text
 from ..models.specs import AttentionSpec, ConvBNSpec, FusedIBSpec, ModelSpec, UIBSpec
 from ..plotting import pyplot, save_figure
 from .compact import spec_to_string
+from .space import Arch
 
-if TYPE_CHECKING:
-    from .search import SearchResult, SuperNetTrainer
+__all__ = ["SearchResult", "SPEC", "HISTORY", "write_report", "predicted_costs", "block_name", "read_spec_file"]
 
-__all__ = ["write_report", "predicted_costs", "block_name", "read_spec_file"]
+SPEC = "spec.json"
+HISTORY = "history.jsonl"
+
+
+@dataclass
+class SearchResult:
+    output: Path
+    arch: Arch
+    spec: ModelSpec
+    cost: float
+    target: float
+    unit: str
+    report: dict[str, Any] = field(default_factory=dict)
 
 
 def block_name(b: Any) -> str:
@@ -169,10 +182,9 @@ def plot_scatter(subnets: list[dict[str, Any]], path: Path, target: float, unit:
 
 
 def write_report(
-    search: SuperNetTrainer, result: SearchResult, pick: dict[str, Any], subnets: list[dict[str, Any]], wall: float
+    search: Any, result: SearchResult, pick: dict[str, Any], subnets: list[dict[str, Any]], wall: float
 ) -> dict[str, Any]:
     from .cost import measure_model_ms
-    from .search import HISTORY, SPEC
 
     out = search.run_dir
     spec = result.spec

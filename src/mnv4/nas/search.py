@@ -28,7 +28,7 @@ import dataclasses
 import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +39,6 @@ from torch.utils.data import Dataset, Subset
 
 from ..data.transforms import eval_transform
 from ..errors import InvalidValue, MNv4Error, check_float, check_int
-from ..models.specs import ModelSpec
 from ..train.checkpoint import LAST
 from ..train.config import TrainConfig, resolve_config
 from ..train.distributed import all_reduce_sum
@@ -48,6 +47,7 @@ from ..weights.checkpoint import save_model
 from ..weights.io import write_safetensors
 from .controller import Controller, absolute_reward
 from .cost import HARDWARE_CHOICES, CostModel, LatencyTable, get_cost_model
+from .report import SPEC, SearchResult, write_report
 from .space import Arch, SearchSpace, get_space
 from .supernet import SuperNet
 
@@ -64,8 +64,6 @@ __all__ = [
 ]
 
 STATE = LAST  # the trainer's last.pt, with the controller and history in its extra state
-SPEC = "spec.json"
-HISTORY = "history.jsonl"
 SUBNET = "subnet.safetensors"
 SUPERNET = "supernet.safetensors"
 
@@ -218,17 +216,6 @@ class StagePlan:
 
     def rl_start(self, warmup: float) -> int:
         return self.start + int(round(warmup * self.steps))
-
-
-@dataclass
-class SearchResult:
-    output: Path
-    arch: Arch
-    spec: ModelSpec
-    cost: float
-    target: float
-    unit: str
-    report: dict[str, Any] = field(default_factory=dict)
 
 
 # What a resumed search may change: where and how it runs, not what it searches.
@@ -546,8 +533,6 @@ class SuperNetTrainer(Trainer):
                 f"continue with `resume` ({self.run_dir / LAST})"
             )
             return super_finish_stopped(self)
-        from .report import write_report
-
         self.stage_results[self.stages[self.stage_index].name] = self.space.canonical(self.controller.argmax())
         arch, pick_info = self.pick()
         spec = self.space.to_spec(arch, name=f"nas_{self.space.name}_{self.cost_model.name}")

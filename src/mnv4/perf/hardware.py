@@ -4,7 +4,7 @@ The paper (Tab. 16; docs/deploy.md) publishes only ridge points (MACs per byte),
 the built-in profiles the ridge point is the paper's, and the absolute scale (peak MAC/s) is
 anchored so that the roofline reproduces the paper's measured MNv4 latencies on that device
 (Tab. 6, copied in ``PAPER_LATENCIES_MS``) in the least-squares-in-log sense; see
-:func:`anchor_peak`. Relative latencies and rankings depend only on the ridge point, so they are
+:func:`mnv4.perf.roofline.anchor_peak`. Relative latencies and rankings depend only on the ridge point, so they are
 exactly the paper's model.
 
 User profiles are small YAML or JSON files::
@@ -18,13 +18,13 @@ User profiles are small YAML or JSON files::
 from __future__ import annotations
 
 import json
-import math
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..errors import MNv4Error
 from ..files import read_mapping
+from .dtypes import DTYPE_BYTES
 
 __all__ = [
     "HardwareProfile",
@@ -34,7 +34,6 @@ __all__ = [
     "PAPER_RIDGE_POINTS",
     "get_profile",
     "load_profile",
-    "anchor_peak",
 ]
 
 
@@ -86,8 +85,6 @@ class HardwareProfile:
             raise MNv4Error("a hardware profile needs peak_macs and bandwidth (or ridge_point)") from None
         except ZeroDivisionError:
             raise MNv4Error("hardware profile ridge_point must be positive") from None
-        from .counting import DTYPE_BYTES
-
         dtype = str(d.get("dtype", "int8"))
         if dtype not in DTYPE_BYTES:
             raise MNv4Error(f"hardware profile dtype must be one of {sorted(DTYPE_BYTES)}, got {dtype!r}")
@@ -122,7 +119,7 @@ PAPER_LATENCIES_MS: dict[str, dict[str, float]] = {
 }
 PAPER_RIDGE_POINTS = {"pixel6_cpu": 31.2, "s23_cpu": 39.7, "pixel4_dsp": 347.3, "pixel8_edgetpu": 433.8}
 
-# Peak MAC/s from anchor_peak(name) (int8 byte counts); regenerate with that function if the
+# Peak MAC/s from mnv4.perf.roofline.anchor_peak(name) (int8 byte counts); regenerate with it if the
 # profiler's byte accounting changes (tests check they still agree).
 _ANCHORED_PEAKS = {
     "pixel6_cpu": 1.116e11,
@@ -148,23 +145,6 @@ BUILTIN_PROFILES: dict[str, HardwareProfile] = {
     )
     for key in PAPER_RIDGE_POINTS
 }
-
-
-def anchor_peak(name: str) -> float:
-    """Peak MAC/s that best fits (geometric mean of ratios) the paper's MNv4 latencies on ``name``
-    at its published ridge point; the basis of ``_ANCHORED_PEAKS``. Each model is counted at its
-    native resolution from the registry (the paper's Tab. 6 resolutions)."""
-    from ..models.registry import get_entry
-    from .counting import profile
-    from .roofline import roofline_units
-
-    rp = PAPER_RIDGE_POINTS[name]
-    logs = []
-    for model, ms in PAPER_LATENCIES_MS[name].items():
-        res = get_entry(model).default_preprocess.input_size
-        units = roofline_units(profile(model, res, dtype="int8"), rp)  # MAC-equivalents
-        logs.append(math.log(units / (ms / 1e3)))
-    return math.exp(sum(logs) / len(logs))
 
 
 def load_profile(path: str | os.PathLike) -> HardwareProfile:

@@ -10,6 +10,7 @@ alone; :func:`ridge_sweep` is the paper's analysis of RP from 0 (pure MAC count)
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -21,7 +22,14 @@ from torch import nn
 from ..errors import InvalidValue, MNv4Error
 from ..models.specs import ModelSpec
 from .counting import Profile, profile
-from .hardware import HardwareProfile, get_profile
+from .hardware import (
+    BUILTIN_PROFILES,
+    DEVICE_NAMES,
+    PAPER_LATENCIES_MS,
+    PAPER_RIDGE_POINTS,
+    HardwareProfile,
+    get_profile,
+)
 
 __all__ = [
     "RooflinePrediction",
@@ -33,6 +41,7 @@ __all__ = [
     "sweep_points",
     "sweep_table",
     "plot_sweep",
+    "anchor_peak",
 ]
 
 ModelLike = nn.Module | ModelSpec | str | Profile
@@ -167,8 +176,6 @@ def fit_hardware(
 
 def sweep_points(max_ridge: float = 500.0, hardware: Sequence[str | HardwareProfile] | None = None) -> list[float]:
     """The ridge points a sweep table reports: 0 (pure MACs), each device's, 100 and ``max_ridge``."""
-    from .hardware import BUILTIN_PROFILES
-
     devices = [get_profile(h).ridge_point for h in (hardware or list(BUILTIN_PROFILES))]
     return sorted({0.0, 100.0, float(max_ridge), *devices})
 
@@ -195,7 +202,6 @@ def plot_sweep(
     The byte width is the profiles' own dtype (all profiles must share it).
     """
     from ..plotting import pyplot, save_figure
-    from .hardware import BUILTIN_PROFILES, DEVICE_NAMES
 
     if not profiles:
         raise MNv4Error("a sweep needs at least one model profile")
@@ -223,3 +229,18 @@ def plot_sweep(
     ax.grid(alpha=0.3)
     fig.tight_layout()
     return save_figure(fig, path, dpi=130), rps, rel
+
+
+def anchor_peak(name: str) -> float:
+    """Peak MAC/s that best fits (geometric mean of ratios) the paper's MNv4 latencies on ``name``
+    at its published ridge point; the basis of the built-in profiles' peaks (mnv4.perf.hardware).
+    Each model is counted at its native resolution from the registry (the paper's Tab. 6 resolutions)."""
+    from ..models.registry import get_entry
+
+    rp = PAPER_RIDGE_POINTS[name]
+    logs = []
+    for model, ms in PAPER_LATENCIES_MS[name].items():
+        res = get_entry(model).default_preprocess.input_size
+        units = roofline_units(profile(model, res, dtype="int8"), rp)  # MAC-equivalents
+        logs.append(math.log(units / (ms / 1e3)))
+    return math.exp(sum(logs) / len(logs))
