@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -222,7 +221,9 @@ def main() -> None:
     done = {arm: student_stage(args, work, teacher_file, arm, manifests) for arm in arms}
     students = {arm: done[arm] for arm in ARMS + OPTIONAL_ARMS if arm in done}  # table order, whatever the run order
 
-    cpu = _cpu()
+    from mnv4.host import cpu_name
+
+    cpu = cpu_name()
     _log(
         f"\ndistillation in small on cifar10-mini (CPU {cpu}, {args.threads} thread(s)); teacher "
         f"{args.teacher} fine-tuned at {args.teacher_size} px: val top-1 {teacher['val_top1']:.2f}% "
@@ -322,16 +323,6 @@ def _table(header, rows) -> None:
     _log(line.format(*("-" * w for w in widths)))
     for r in rows:
         _log(line.format(*map(str, r)))
-
-
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 if __name__ == "__main__":

@@ -39,6 +39,7 @@ import torch  # noqa: E402
 from mnv4.data.datasets import load_data  # noqa: E402
 from mnv4.data.transforms import eval_transform  # noqa: E402
 from mnv4.files import atomic_write_json  # noqa: E402
+from mnv4.host import cpu_name  # noqa: E402
 from mnv4.models.registry import Preprocess, get_entry  # noqa: E402
 from mnv4.nas import get_space, spec_from_string  # noqa: E402
 from mnv4.nas.cost import LatencyTable, get_cost_model  # noqa: E402
@@ -59,13 +60,6 @@ class Cache:
     def put(self, key: str, value) -> None:
         self.data[key] = value
         atomic_write_json(self.path, self.data)
-
-
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.lower().startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown CPU"
 
 
 def run_search(args, name: str, one_stage: bool, out: Path, cache: Cache) -> dict:

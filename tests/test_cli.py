@@ -17,7 +17,7 @@ from .conftest import randomize_
 def test_models_table(capsys):
     assert main(["models", "conv_small"]) == 0
     out = capsys.readouterr().out
-    assert "mnv4_conv_small " in out and "3.77M" in out and "0.186G" in out and "224" in out
+    assert "mnv4_conv_small " in out and "3.77M" in out and " 0.186 " in out and "224" in out
     assert "mnv4_conv_medium" not in out
 
 

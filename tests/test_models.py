@@ -154,3 +154,11 @@ def test_cpu_channels_last_eval_is_the_same_function(tiny_hybrid_spec):
     model.cpu_channels_last = True
     graph = str(torch.export.export(model, (x,)).graph)  # exported graphs carry no layout change
     assert "channels_last" not in graph and "clone" not in graph
+
+
+def test_preprocess_names_its_normalisation():
+    from mnv4.models.registry import Preprocess
+
+    assert Preprocess().normalization == "imagenet"  # mean (0.485, 0.456, 0.406), std (0.229, 0.224, 0.225)
+    assert Preprocess(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)).normalization == "inception"
+    assert Preprocess(mean=(0.5, 0.5, 0.5)).normalization == "custom"

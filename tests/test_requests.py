@@ -92,3 +92,37 @@ def test_add_request_flags_on_a_toy_request():
     assert got == Toy("b", ("p", "q"), 2.5, True)
     with pytest.raises(SystemExit):
         p.parse_args(["--name", "a", "--hidden", "4"])
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["train", "--data", "digits"],
+        ["distill", "finetune", "--teacher", "t", "--data", "d"],
+        ["profile", "mnv4_conv_small"],
+        ["plot", "runs/x"],
+        ["convert", "a.pth", "b.safetensors"],
+        ["predict", "img.png"],
+        ["eval"],
+        ["distill", "label", "--teacher", "t", "--data", "d"],
+    ],
+)
+def test_threads_is_one_flag_that_sets_this_process(argv):
+    args = _subcommand([*argv, "--threads", "3"])
+    assert args.threads == 3 and args._process_threads is True
+
+
+def test_threads_apply_to_the_command_and_are_restored(monkeypatch, capsys):
+    import torch
+
+    import mnv4.cli.models as cli_models
+    from mnv4.cli import main
+
+    seen = []
+    monkeypatch.setattr(cli_models, "_cmd_profile", lambda args: seen.append(torch.get_num_threads()) or 0)
+    before = torch.get_num_threads()
+    target = 1 if before != 1 else 2
+    assert main(["profile", "mnv4_conv_small", "--threads", str(target)]) == 0
+    assert seen == [target] and torch.get_num_threads() == before
+    # export hands its --threads to the runtime instead: this process's pool is left alone
+    assert _subcommand(["export", "-m", "x", "--format", "onnx", "--threads", "3"])._process_threads is False

@@ -148,6 +148,20 @@ def quiet_third_party(debug: bool) -> Iterator[None]:
                 os.environ[k] = v
 
 
+@contextlib.contextmanager
+def process_threads(args: argparse.Namespace) -> Iterator[None]:
+    """The command's ``--threads`` as this process's torch thread count (commands whose flag says so,
+    see :func:`mnv4.cli.args.add_threads`), restored afterwards."""
+    n = getattr(args, "threads", None) if getattr(args, "_process_threads", False) else None
+    if n is None:
+        yield
+        return
+    from ..threads import torch_threads
+
+    with torch_threads(n):
+        yield
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = _rewrite_legacy(list(sys.argv[1:] if argv is None else argv))
     parser = build_parser()
@@ -159,7 +173,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _one_line_warnings()
     sub = getattr(args, "_parser", parser)
     try:
-        with quiet_third_party(args.debug):
+        with quiet_third_party(args.debug), process_threads(args):
             result = args.func(args)
     except MNv4Error as e:
         if args.debug:

@@ -188,10 +188,20 @@ def add_device(parser: argparse.ArgumentParser, default: str = "auto") -> None:
     parser.add_argument("--device", default=default, help="auto | cpu | cuda | cuda:N")
 
 
-def add_threads(parser: argparse.ArgumentParser, default: int | None = None) -> None:
+def add_threads(
+    parser: argparse.ArgumentParser, default: int | None = None, help: str | None = None, process: bool = True
+) -> None:
+    """``--threads N``. ``process``: the command runs with this process's torch intra-op pool at N threads
+    (:func:`mnv4.cli.main` applies it around the command with :func:`mnv4.threads.torch_threads`);
+    otherwise the command hands N on itself (to a runtime, or to measurement processes)."""
     parser.add_argument(
-        "--threads", type=positive_int, default=default, metavar="N", help="CPU threads (default: torch's choice)"
+        "--threads",
+        type=positive_int,
+        default=default,
+        metavar="N",
+        help=help or "CPU threads of this process (default: torch's choice)",
     )
+    parser.set_defaults(_process_threads=process)
 
 
 def add_workers(parser: argparse.ArgumentParser, default: int | None = 0) -> None:

@@ -159,7 +159,7 @@ def _add_export(sub) -> None:
     )
     A.add_input_size(p, help="input resolution (default: the model's)")
     A.add_output(p, help="artefact path, or a folder for the default name <model>_<res>_<precision>.<ext>")
-    A.add_threads(p)
+    A.add_threads(p, help="CPU threads of the runtime running the parity check", process=False)
     A.add_progress(p)
     p.set_defaults(func=_cmd_export)
 
@@ -226,7 +226,7 @@ def _add_roofline(sub) -> None:
         "--runtime", default="auto", choices=FIT_RUNTIMES, help="auto: onnxruntime when installed, else torch-fused"
     )
     p.add_argument("--dtype", default="float32", choices=dtypes, help="element width for bytes moved")
-    A.add_threads(p, default=DEFAULT_BENCH_THREADS)
+    A.add_threads(p, default=DEFAULT_BENCH_THREADS, help="CPU threads of each measurement", process=False)
     A.add_request_flags(p, LatencyProtocol, only=("runs", "repeats"), defaults=CALIBRATION_PROTOCOL)
     A.add_output(p, help="write the fitted profile (.yaml/.json) for --hardware")
     A.add_hidden_alias(p, "--save", dest="output")

@@ -26,10 +26,6 @@ def _cmd_label(args: argparse.Namespace) -> int:
         from ..errors import MNv4Error
 
         raise MNv4Error("`output` is required: the folder the shards and manifest go to")
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
     cfg = LabelConfig(
         teacher=args.teacher,
         data=args.data,
@@ -205,5 +201,6 @@ def register(sub) -> None:
     p.add_argument("--seed", type=A.nonneg_int, default=None)
     p.add_argument("--data-root", default=None, help="cache folder of cifar10 / fashion-mnist")
     p.add_argument("--exist-ok", action="store_true", help="replace a run already in --output")
+    A.add_threads(p)
     A.add_progress(p)
     p.set_defaults(func=_cmd_finetune)

@@ -43,7 +43,7 @@ def announce_weights(model, purpose: str = "") -> None:
 def _cmd_models(args: argparse.Namespace) -> int:
     import fnmatch
 
-    from ..models.registry import MODELS, models_markdown
+    from ..models.registry import MODEL_TABLE_HEADER, MODELS, model_row, models_markdown
 
     if args.markdown:
         print(models_markdown(), end="")
@@ -56,20 +56,13 @@ def _cmd_models(args: argparse.Namespace) -> int:
     ]
     if not entries:
         raise MNv4Error(f"no model matches {args.pattern!r}; `mnv4 models` lists them all")
-    rows = []
-    for e in entries:
-        top1 = f"{e.paper_top1:.1f}" if e.paper_top1 is not None else "-"
-        more = f" (+{len(e.tags) - 1} more, -v)" if len(e.tags) > 1 and not args.verbose else ""
-        weights = f"{e.tags[0].tag}{more}" if e.tags else "- (untrained)"
-        rows.append((e.name, f"{e.params / 1e6:.2f}M", f"{e.gmacs:.3f}G", str(e.resolution), top1, weights))
-    A.print_table(("model", "params", "MACs", "res", "paper top-1", "weights (timm tag)"), rows)
+    A.print_table(MODEL_TABLE_HEADER, [model_row(e) for e in entries])
     if args.verbose:
         print()
         tag_rows = []
         for e in entries:
             for t in e.tags:
                 pp = t.preprocess
-                norm = "inception" if pp.mean == (0.5, 0.5, 0.5) else "imagenet"
                 top1 = f"{t.top1:.2f}" if t.top1 is not None else "-"
                 tag_rows.append(
                     (
@@ -77,7 +70,7 @@ def _cmd_models(args: argparse.Namespace) -> int:
                         str(t.num_classes),
                         f"{pp.input_size} @ {pp.crop_pct:g}",
                         pp.interpolation,
-                        norm,
+                        pp.normalization,
                         top1,
                     )
                 )
@@ -133,10 +126,6 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     if args.topk < 1:
         raise MNv4Error(f"`topk` {args.topk} is invalid: must be >= 1")
     device = pick_device(args.device)
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
     model = load_model(args)
     announce_weights(model, "its predictions mean nothing")
     bad = BadImageLog()
@@ -172,6 +161,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 
 def register(sub) -> None:
+    from ..perf.dtypes import DTYPE_BYTES
+
     p = sub.add_parser("models", help="list the models: params, MACs, resolution, paper top-1, weight tags")
     p.add_argument("pattern", nargs="?", default=None, help="only names matching this (substring or glob)")
     p.add_argument("-v", "--verbose", action="store_true", help="also list every weight tag with preprocessing")
@@ -185,18 +176,17 @@ def register(sub) -> None:
     A.add_input_size(p, help="input resolution (default: the model's native one)")
     A.add_batch_size(p, 1)
     p.add_argument(
-        "--dtype",
-        default="float32",
-        choices=("float32", "float16", "bfloat16", "int8"),
-        help="element width used to count bytes moved",
+        "--dtype", default="float32", choices=tuple(DTYPE_BYTES), help="element width used to count bytes moved"
     )
     p.add_argument("--per-layer", action="store_true", help="print one row per conv / linear / attention op")
+    A.add_threads(p)
     p.set_defaults(func=_cmd_profile)
 
     p = sub.add_parser("convert", help="convert a timm checkpoint (or any loadable one) to mnv4's format")
     p.add_argument("src", help="timm .safetensors / .pth / .bin file or hub folder")
     p.add_argument("dst", help="output .safetensors path")
     A.add_model(p, help="architecture (default: inferred from the weights)", positional=False)
+    A.add_threads(p)
     p.set_defaults(func=_cmd_convert)
 
     p = sub.add_parser("predict", help="top-k classes for image files or folders (text, --json or --csv)")

@@ -134,10 +134,6 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from .models import announce_weights, load_model
 
     device = pick_device(args.device)
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
     model = load_model(args).eval()
     announce_weights(model, "its accuracy will be chance")
     data = load_data(args.data, args.data_root, args.val_split, args.seed)
@@ -245,6 +241,7 @@ def register(sub) -> None:
     p.add_argument(
         "--max-steps", type=A.positive_int, default=None, help="stop after N optimizer steps, resumable from there"
     )
+    A.add_threads(p)
     A.add_progress(p)
     p.set_defaults(func=_cmd_train, _field_fallback="--set {}")
 
@@ -272,4 +269,5 @@ def register(sub) -> None:
     p = sub.add_parser("plot", help="PNG of a run's training curves (from its metrics.csv)")
     p.add_argument("run_dir", help="a training run folder")
     A.add_output(p, help="output PNG (default: RUN_DIR/curves.png)")
+    A.add_threads(p)
     p.set_defaults(func=_cmd_plot)

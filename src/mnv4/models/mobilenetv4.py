@@ -11,7 +11,7 @@ from torch import nn
 from .blocks import UIB, AttentionBlock, ConvBN, FusedIB, init_weights
 from .specs import AttentionSpec, BlockSpec, ConvBNSpec, FusedIBSpec, ModelSpec, UIBSpec
 
-__all__ = ["MobileNetV4", "drop_path_rates"]
+__all__ = ["MobileNetV4", "drop_path_rates", "DROP_PATH_SCHEDULES"]
 
 DROP_PATH_SCHEDULES = ("tf", "linear", "flat")
 

@@ -27,6 +27,8 @@ __all__ = [
     "ModelEntry",
     "MODELS",
     "PUBLISHED",
+    "MODEL_TABLE_HEADER",
+    "model_row",
     "get_entry",
     "list_models",
     "split_name",
@@ -51,6 +53,13 @@ class Preprocess:
     std: tuple[float, float, float] = IMAGENET_STD
     test_input_size: int | None = None
     test_crop_pct: float | None = None
+
+    @property
+    def normalization(self) -> str:
+        """Which normalisation this is: "inception" (mean = std = 0.5), "imagenet" or "custom"."""
+        if (self.mean, self.std) == (INCEPTION_MEAN, INCEPTION_STD):
+            return "inception"
+        return "imagenet" if (self.mean, self.std) == (IMAGENET_MEAN, IMAGENET_STD) else "custom"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -272,17 +281,21 @@ def list_models(pattern: str = "*", pretrained: bool = False) -> list[str]:
     return [n for n in names if fnmatch.fnmatch(n, pattern)]
 
 
+MODEL_TABLE_HEADER = ("model", "params", "GMACs", "res", "paper top-1", "default weights (timm tag, top-1)")
+
+
+def model_row(e: ModelEntry) -> tuple[str, ...]:
+    """One model's row of the model table (the README's and ``mnv4 models``'), under :data:`MODEL_TABLE_HEADER`."""
+    tag = e.default_tag
+    weights = f"{tag.tag} ({tag.top1:.1f})" if tag and tag.top1 else "- (untrained)"
+    if tag and len(e.tags) > 1:
+        weights += f" +{len(e.tags) - 1} more"
+    top1 = f"{e.paper_top1:.1f}" if e.paper_top1 is not None else "-"
+    return (e.name, f"{e.params / 1e6:.2f}M", f"{e.gmacs:.3f}", str(e.resolution), top1, weights)
+
+
 def models_markdown() -> str:
     """The README's model table, from this module's facts (a test keeps the README equal to it)."""
-    lines = [
-        "| model | params | GMACs | res | paper top-1 | default weights (timm tag, top-1) |",
-        "|---|---|---|---|---|---|",
-    ]
-    for e in MODELS.values():
-        tag = e.default_tag
-        weights = f"{tag.tag} ({tag.top1:.1f})" if tag and tag.top1 else "- (untrained)"
-        if tag and len(e.tags) > 1:
-            weights += f" +{len(e.tags) - 1} more"
-        top1 = f"{e.paper_top1:.1f}" if e.paper_top1 is not None else "-"
-        lines.append(f"| {e.name} | {e.params / 1e6:.2f}M | {e.gmacs:.3f} | {e.resolution} | {top1} | {weights} |")
-    return "\n".join(lines) + "\n"
+    rule = "|---" * len(MODEL_TABLE_HEADER) + "|\n"
+    rows = [f"| {' | '.join(r)} |\n" for r in (MODEL_TABLE_HEADER, *(model_row(e) for e in MODELS.values()))]
+    return rows[0] + rule + "".join(rows[1:])

@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import platform
 import statistics
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ import torch
 from torch import nn
 
 from ..errors import MNv4Error, check_choice, check_int
+from ..host import cpu_name
 from ..models.blocks import ConvBN, init_weights
 from ..models.mobilenetv4 import _build_block
 from ..models.specs import AttentionSpec, BlockSpec, ModelSpec, UIBSpec, cn, fib, uib
@@ -247,16 +247,6 @@ class RooflineCost(CostModel):
         return predict_latency(profile(seg.build(), seg.hw, dtype=self.hardware.dtype), self.hardware).latency_ms
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def default_cache_dir() -> Path:
     return Path(os.environ.get("MNV4_CACHE", Path.home() / ".cache" / "mnv4")) / "latency"
 
@@ -303,7 +293,7 @@ class LatencyTable(CostModel):
         self.runs, self.repeats, self.budget_s, self.warmup = runs, repeats, budget_s, warmup
         self.passes = check_int("passes", passes, 1)
         self.fingerprint = {
-            "cpu": _cpu_name(),
+            "cpu": cpu_name(),
             "torch": torch.__version__.split("+")[0],
             "threads": self.threads,
             "runtime": runtime,

@@ -15,6 +15,7 @@ from typing import Any
 from ..data.sampling import parse_mix
 from ..errors import InvalidValue, MNv4Error, check_choice, check_float, check_int
 from ..files import read_mapping
+from ..models.mobilenetv4 import DROP_PATH_SCHEDULES
 from .recipes import Recipe, get_recipe
 
 __all__ = ["TrainConfig", "resolve_config", "load_config_file", "validate"]
@@ -92,7 +93,7 @@ _RULES: dict[str, tuple] = {
     "label_smoothing": ("float", 0.0, 1.0, False, True, False),
     "dropout": ("float", 0.0, 1.0, False, True, False),
     "drop_path": ("float", 0.0, 1.0, False, True, False),
-    "drop_path_schedule": ("tf", "linear", "flat"),
+    "drop_path_schedule": DROP_PATH_SCHEDULES,
     "bn_momentum": ("float", 0.0, 1.0, True, False, True),
     "bn_eps": ("float", 0.0, None, True, False, True),
     "hflip": _UNIT,
