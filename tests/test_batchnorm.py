@@ -9,6 +9,7 @@ from torch import nn
 import mnv4
 from mnv4.errors import MNv4Error
 from mnv4.models import has_default_bn_stats, noise_batches, recalibrate_batchnorm
+from mnv4.models.meta import weights_meta
 
 
 def _bn_output_stds(model: nn.Module, x: torch.Tensor) -> tuple[dict[str, float], float]:
@@ -49,7 +50,8 @@ def test_random_model_activations_get_their_scale_back(name, before, after):
     # classifier weights are N(0, 0.01): unit-scale pre-logits give logits of ~0.1-1
     assert 0.02 < logits < 10, logits
     assert not has_default_bn_stats(model) and not model.training
-    assert model.bn_recalibration == {"batches": 2, "images": 16}
+    meta = weights_meta(model)
+    assert (meta.bn_batches, meta.bn_images) == (2, 16)
 
 
 def test_statistics_are_the_plain_average_of_the_batches():
@@ -70,10 +72,10 @@ def test_inputs_as_one_tensor_or_loader_and_steps():
     model = mnv4.create_model("mnv4_conv_small_035").eval()
     x = torch.randn(10, 3, 64, 64)
     recalibrate_batchnorm(model, x, batch_size=4)  # 4 + 4 + a 2-image remainder
-    assert model.bn_recalibration == {"batches": 3, "images": 10}
+    assert (weights_meta(model).bn_batches, weights_meta(model).bn_images) == (3, 10)
     pairs = [(x[:4], torch.zeros(4)), (x[4:8], torch.zeros(4)), (x[8:], torch.zeros(2))]
     recalibrate_batchnorm(model, pairs, steps=2)
-    assert model.bn_recalibration == {"batches": 2, "images": 8}
+    assert (weights_meta(model).bn_batches, weights_meta(model).bn_images) == (2, 8)
 
 
 def test_bad_inputs():

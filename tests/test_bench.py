@@ -29,6 +29,7 @@ from mnv4.deploy.bench import (
 from mnv4.deploy.formats import FORMATS, PRECISIONS
 from mnv4.deploy.requests import BenchRequest
 from mnv4.errors import InvalidValue, MNv4Error
+from mnv4.models.meta import weights_meta
 from mnv4.perf import profile
 from mnv4.perf.latency import LatencyProtocol
 
@@ -169,7 +170,8 @@ def test_zoo_build_gives_realistic_activations():
     from mnv4.deploy.zoo import build
 
     model, entry = build("mobilenet_v3_small", input_size=64)
-    assert entry.source == "torchvision" and model.random_weights
+    meta = weights_meta(model)
+    assert entry.source == "torchvision" and meta.random and meta.bn_images == 32 and meta.source is None
     with torch.no_grad():
         y = model(torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0)))
     assert y.std().item() > 1e-3  # default BN statistics would leave ~1e-10 here

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from .errors import MNv4Error
+from .models.meta import WeightsMeta, set_weights_meta
 from .models.mobilenetv4 import MobileNetV4
 from .models.registry import MODELS, Preprocess, get_entry, split_name
 from .models.specs import ModelSpec
@@ -112,18 +113,7 @@ def create_model(
         model = MobileNetV4(spec, num_classes=num_classes, **overrides)
     except (TypeError, ValueError) as e:
         raise MNv4Error(f"cannot build {spec.name}: {e}") from None
-    if tag is not None:
-        model.preprocess = tag.preprocess
-    elif cfg and isinstance(cfg.get("preprocess"), dict):
-        model.preprocess = Preprocess.from_dict(cfg["preprocess"])
-    elif entry is not None:
-        model.preprocess = entry.default_preprocess
-    else:
-        model.preprocess = Preprocess()
-    model.pretrained_tag = tag.tag if tag else None
-    # Where the weights came from; None means random initialisation (commands announce that).
-    model.weights_source = source if sd is not None else None
-    model.class_names = list(cfg["class_names"]) if cfg and cfg.get("class_names") else None
+    set_weights_meta(model, _weights_meta(tag, cfg, entry, source if sd is not None else None))
     if sd is not None:
         try:
             load_weights(model, sd, source=source or "checkpoint")
@@ -133,6 +123,24 @@ def create_model(
                 raise MNv4Error(f"the checkpoint is for {other}, not {spec.name}; pass `model` {other}") from None
             raise
     return model
+
+
+# Keys of an mnv4 checkpoint's config that describe the model; the rest is the summary of the run
+# that wrote it (epoch, val_top1, ...: mnv4.train.Trainer's extra).
+_MODEL_KEYS = ("format", "version", "architecture", "num_classes", "in_chans", "spec", "preprocess", "class_names")
+
+
+def _weights_meta(tag, cfg: dict[str, Any] | None, entry, source: str | None) -> WeightsMeta:
+    """The record of the weights create_model built (mnv4.models.meta): the one place it is made."""
+    if tag is not None:
+        pp = tag.preprocess
+    elif cfg and isinstance(cfg.get("preprocess"), dict):
+        pp = Preprocess.from_dict(cfg["preprocess"])
+    else:
+        pp = entry.default_preprocess if entry is not None else Preprocess()
+    names = tuple(cfg["class_names"]) if cfg and cfg.get("class_names") else None
+    training = {k: v for k, v in cfg.items() if k not in _MODEL_KEYS} if cfg and cfg.get("format") == "mnv4" else {}
+    return WeightsMeta(pp, names, source, tag.tag if tag else None, random=source is None, training=training or None)
 
 
 def _registered_fit(sd: dict[str, torch.Tensor]) -> str | None:

@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .data.images import BadImage, BadImageLog, find_images, try_load_rgb
 from .errors import MNv4Error
+from .models.meta import weights_meta
 
 __all__ = ["Prediction", "predict", "class_names_of"]
 
@@ -38,7 +39,7 @@ class Prediction:
 
 def class_names_of(model: nn.Module) -> list[str]:
     """The model's class names: stored with its weights, ImageNet's for a 1000-class model, else 'class i'."""
-    names = getattr(model, "class_names", None)
+    names = weights_meta(model).class_names
     num = int(getattr(model, "num_classes", 0))
     if names:
         return list(names)
@@ -88,7 +89,6 @@ def predict(
     from tqdm import tqdm
 
     from .data.transforms import eval_transform
-    from .models.registry import Preprocess
 
     paths = find_images([images] if isinstance(images, str | os.PathLike) else images)
     if not paths:
@@ -97,7 +97,7 @@ def predict(
         raise MNv4Error(f"`topk` must be >= 1, got {topk}")
     names = class_names_of(model)
     k = min(topk, len(names))
-    tf = eval_transform(getattr(model, "preprocess", None) or Preprocess(), input_size=input_size)
+    tf = eval_transform(weights_meta(model).preprocess, input_size=input_size)
     loader = DataLoader(_Files(paths, tf), batch_size=batch_size, num_workers=workers, collate_fn=_collate)
     bad_images = bad_images if bad_images is not None else BadImageLog()
     device = torch.device(device)

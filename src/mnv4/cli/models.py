@@ -32,7 +32,9 @@ def load_model(args: argparse.Namespace, **overrides):
 
 def announce_weights(model, purpose: str = "") -> None:
     """One line when a command runs on random weights, so nobody mistakes its output for a real model's."""
-    if getattr(model, "weights_source", None) is None:
+    from ..models.meta import weights_meta
+
+    if weights_meta(model).source is None:
         what = f" ({purpose})" if purpose else ""
         print(
             f"mnv4: note: {model.spec.name} has random weights{what}; pass --checkpoint or --pretrained for real ones",

@@ -154,6 +154,7 @@ def run_one(m: Measurement) -> BenchRow:
     import numpy as np
     import torch
 
+    from ..models.meta import weights_meta
     from ..perf.counting import profile
     from ..perf.latency import flush_denormals, measure_latency, set_threads
     from .zoo import build
@@ -218,7 +219,7 @@ def run_one(m: Measurement) -> BenchRow:
         entry.top1,
         entry.top1_source,
         parity,
-        weights=getattr(model, "weights_note", ""),
+        weights=weights_meta(model).describe(),
     )
 
 

@@ -26,6 +26,7 @@ from torch import nn
 
 from ..data.images import BadImage, BadImageLog
 from ..errors import MNv4Error, check_int
+from ..models.meta import weights_meta
 from .formats import Format
 from .fusion import fuse
 from .inputs import load_images, random_inputs
@@ -65,12 +66,6 @@ class _Inputs:
     unreadable: list[BadImage]
 
 
-def _preprocess(model: nn.Module):
-    from ..models.registry import Preprocess
-
-    return getattr(model, "preprocess", None) or Preprocess()
-
-
 def _in_chans(model: nn.Module) -> int:
     return next(m for m in model.modules() if isinstance(m, nn.Conv2d)).in_channels
 
@@ -78,8 +73,8 @@ def _in_chans(model: nn.Module) -> int:
 def _inputs(model, input_size, samples, calib_samples, calib_dir, eval_dir, need_calib, progress) -> _Inputs:
     """Calibration takes the first images of ``calib_dir``; parity uses ``eval_dir`` when given, else
     the calibration folder's next (held-out) images, else seeded noise."""
-    pp = _preprocess(model)
-    classes = getattr(model, "class_names", None)
+    meta = weights_meta(model)
+    pp, classes = meta.preprocess, list(meta.class_names) if meta.class_names else None
     log = BadImageLog(verbose=bool(progress) or progress is None)
     calib = held_out = None
     unreadable: list[BadImage] = []
@@ -114,30 +109,25 @@ def artefact_path(output: str | os.PathLike | None, default_name: str, info: For
 
 
 def never_given_weights(model: nn.Module) -> bool:
-    """True for a model known to hold random initialisation: built by :func:`mnv4.deploy.zoo.build`, or an
-    MNv4 model that ``create_model`` gave no checkpoint or hub weights. A model that does not say where
-    its weights came from is taken as given."""
-    if getattr(model, "random_weights", False):
-        return True
-    return hasattr(model, "weights_source") and model.weights_source is None
+    """True for a model known to hold a random initialisation (its weights record says so: built by
+    ``create_model`` without weights, or by :func:`mnv4.deploy.zoo.build`). A model without a record
+    is taken as given."""
+    return weights_meta(model).random
 
 
-def _realistic_copy(
-    model: nn.Module, input_size: int, calib: torch.Tensor | None, weights: str
-) -> tuple[nn.Module, str]:
-    """A copy of ``model`` with BatchNorm statistics estimated (see mnv4.models.batchnorm)."""
+def _realistic_copy(model: nn.Module, input_size: int, calib: torch.Tensor | None) -> nn.Module:
+    """A copy of ``model`` with BatchNorm statistics estimated (see mnv4.models.batchnorm); its weights
+    record says on what."""
     from ..models.batchnorm import noise_batches, recalibrate_batchnorm
 
     model = copy.deepcopy(model)
     if calib is not None and len(calib) >= 2:
-        recalibrate_batchnorm(model, calib, steps=_RECALIBRATION_BATCHES, batch_size=_RECALIBRATION_BATCH)
-        source = "calibration images"
+        steps, size = _RECALIBRATION_BATCHES, _RECALIBRATION_BATCH
+        recalibrate_batchnorm(model, calib, steps=steps, batch_size=size, inputs_kind="calibration images")
     else:
         batches = noise_batches(input_size, _RECALIBRATION_BATCHES, _RECALIBRATION_BATCH, _in_chans(model), seed=1)
-        recalibrate_batchnorm(model, batches)
-        source = "seeded N(0,1) noise"
-    n = model.bn_recalibration["images"]
-    return model, f"{weights}; BatchNorm statistics re-estimated on {n} inputs ({source})"
+        recalibrate_batchnorm(model, batches, inputs_kind="seeded N(0,1) noise")
+    return model
 
 
 def _eager(model: nn.Module, x: torch.Tensor) -> np.ndarray:
@@ -179,7 +169,7 @@ def export(
         request = ExportRequest(fmt, output, **settings)
     info = request.validated(has_calib_data=calib_data is not None)
     model = model.eval().float()
-    input_size = request.input_size or _preprocess(model).input_size
+    input_size = request.input_size or weights_meta(model).preprocess.input_size
     check_int("input_size", input_size, MIN_INPUT_SIZE, MAX_INPUT_SIZE)
     name = getattr(getattr(model, "spec", None), "name", type(model).__name__)
     path = artefact_path(request.output, f"{name}_{input_size}_{request.precision}{info.suffix}", info)
@@ -216,15 +206,12 @@ def _weights_to_export(
     ``recalibrate_bn``), what its weights are, and whether they are random."""
     from ..models.batchnorm import has_default_bn_stats
 
-    random_weights = bool(getattr(model, "random_weights", False))  # set by mnv4.deploy.zoo.build
-    source = getattr(model, "weights_source", None)  # set by create_model when it loaded weights
-    weights = getattr(model, "weights_note", None) or (f"from {source}" if source else "as given")
-    never_given = never_given_weights(model)
     recal = request.recalibrate_bn
-    if recal or (recal is None and never_given and has_default_bn_stats(model)):
-        model, weights = _realistic_copy(model, input_size, calib, "random init" if never_given else weights)
-        random_weights = random_weights or never_given
-    return model, weights, random_weights
+    if recal or (recal is None and never_given_weights(model) and has_default_bn_stats(model)):
+        model = _realistic_copy(model, input_size, calib)
+    meta = weights_meta(model)
+    # random weights whose statistics were estimated (here or by mnv4.deploy.zoo.build): arithmetic only
+    return model, meta.describe(), meta.random and meta.bn_images is not None
 
 
 def _write(

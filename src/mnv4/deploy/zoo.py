@@ -12,11 +12,13 @@ the denormal range, where the CPU runs ~40x slower than it would for a trained m
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ..errors import InvalidValue, MNv4Error, missing_extra
+from ..models.meta import set_weights_meta, weights_meta
 from ..models.registry import PAPER_SOURCE
 
 if TYPE_CHECKING:
@@ -126,7 +128,7 @@ def build(
 
     ``realistic`` (the default) estimates its BatchNorm statistics on seeded noise at ``input_size``
     (default: the model's native resolution), so its activations have a trained model's scale;
-    the model's ``random_weights`` and ``weights_note`` attributes say so.
+    its weights record (:func:`mnv4.models.meta.weights_meta`) says so.
     """
     entry = zoo_entry(name)
     if entry.source == "mnv4":
@@ -144,13 +146,11 @@ def build(
             raise missing_extra("timm", "timm") from None
         model = timm.create_model(entry.arch, pretrained=False)
     model.eval()
-    model.random_weights = True
-    model.weights_note = "random init"
+    set_weights_meta(model, dataclasses.replace(weights_meta(model), random=True, source=None))
     if realistic:
         from ..models.batchnorm import noise_batches, recalibrate_batchnorm
 
         size = input_size or entry.resolution
-        recalibrate_batchnorm(model, noise_batches(size, batches=4, batch_size=8), progress=progress)
-        n = model.bn_recalibration["images"]
-        model.weights_note = f"random init; BatchNorm statistics re-estimated on {n} inputs (seeded N(0,1) noise)"
+        batches = noise_batches(size, batches=4, batch_size=8)
+        recalibrate_batchnorm(model, batches, progress=progress, inputs_kind="seeded N(0,1) noise")
     return model, entry

@@ -30,6 +30,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..errors import MNv4Error, check_int
+from .meta import update_weights_meta
 
 __all__ = ["batchnorm_layers", "has_default_bn_stats", "noise_batches", "recalibrate_batchnorm"]
 
@@ -85,6 +86,7 @@ def recalibrate_batchnorm(
     steps: int | None = None,
     batch_size: int = 8,
     progress: bool | None = False,
+    inputs_kind: str = "",
 ) -> nn.Module:
     """Re-estimate every BatchNorm's running mean and variance on ``inputs``; returns ``model`` in eval mode.
 
@@ -95,10 +97,12 @@ def recalibrate_batchnorm(
         batch_size: chunk size when ``inputs`` is one tensor; BN layers after the global pool see
             one value per image and channel, so a batch needs at least 2 images.
         progress: a progress bar over the batches; None shows it on terminals only.
+        inputs_kind: what the inputs are, for the record (e.g. "seeded N(0,1) noise").
 
     Only BN layers run in training mode; dropout and stochastic depth stay off, so the statistics
     are those of the eval-mode network. The average is cumulative (``momentum=None``): every batch
-    counts equally. The model's ``bn_recalibration`` attribute records what was done.
+    counts equally. The model's weights record (:func:`mnv4.models.meta.weights_meta`: ``bn_images``,
+    ``bn_batches``, ``bn_inputs``) says what was done.
     """
     check_int("batch_size", batch_size, 2)
     if steps is not None:
@@ -134,7 +138,7 @@ def recalibrate_batchnorm(
         model.eval()
     if done == 0:
         raise MNv4Error("BatchNorm recalibration got no batch of 2 or more images; pass more `inputs`")
-    model.bn_recalibration = {"batches": done, "images": images}
+    update_weights_meta(model, bn_images=images, bn_batches=done, bn_inputs=inputs_kind)
     return model.train(was_training)
 
 

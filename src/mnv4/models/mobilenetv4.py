@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
@@ -9,6 +10,8 @@ import torch
 from torch import nn
 
 from .blocks import UIB, AttentionBlock, ConvBN, FusedIB, init_weights
+from .meta import WeightsMeta
+from .registry import Preprocess
 from .specs import AttentionSpec, BlockSpec, ConvBNSpec, FusedIBSpec, ModelSpec, UIBSpec
 
 __all__ = ["MobileNetV4", "drop_path_rates", "DROP_PATH_SCHEDULES"]
@@ -86,11 +89,8 @@ class MobileNetV4(nn.Module):
         self.num_classes = num_classes
         self.drop_rate = drop_rate
         self.features_only = features_only
-        # Metadata set by create_model: the eval preprocessing of the weights, class names, tag.
-        self.preprocess = None
-        self.class_names: list[str] | None = None
-        self.pretrained_tag: str | None = None
-        self.weights_source: str | None = None  # checkpoint path or hub id; None = random init
+        # What the weights are (mnv4.models.meta): a random initialisation until create_model loads some.
+        self.weights_meta = WeightsMeta(random=True)
         # Eval on CPU runs the convs in channels_last (oneDNN's native layout): 5-25% faster at batch 1
         # (benchmarks/latency.py), same values to float rounding; outputs are returned in the caller's layout.
         self.cpu_channels_last = True
@@ -137,6 +137,35 @@ class MobileNetV4(nn.Module):
             self.dropout = nn.Dropout(drop_rate)
             self.classifier = self._make_classifier(num_classes)
         init_weights(self)
+
+    # The weights' record, under the names README and callers use (mnv4.models.meta is the one home).
+    @property
+    def preprocess(self) -> Preprocess:
+        """The eval preprocessing the weights expect."""
+        return self.weights_meta.preprocess
+
+    @preprocess.setter
+    def preprocess(self, value: Preprocess) -> None:
+        self.weights_meta = dataclasses.replace(self.weights_meta, preprocess=value)
+
+    @property
+    def class_names(self) -> list[str] | None:
+        names = self.weights_meta.class_names
+        return list(names) if names is not None else None
+
+    @class_names.setter
+    def class_names(self, value: Sequence[str] | None) -> None:
+        names = tuple(value) if value is not None else None
+        self.weights_meta = dataclasses.replace(self.weights_meta, class_names=names)
+
+    @property
+    def weights_source(self) -> str | None:
+        """Checkpoint path or hub id the weights were read from; None: not read from anywhere."""
+        return self.weights_meta.source
+
+    @property
+    def pretrained_tag(self) -> str | None:
+        return self.weights_meta.tag
 
     def _make_classifier(self, num_classes: int) -> nn.Module:
         return nn.Linear(self.head_hidden_size, num_classes) if num_classes > 0 else nn.Identity()

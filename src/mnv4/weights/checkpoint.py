@@ -90,6 +90,7 @@ def load_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor], sourc
 
 def model_config(model: nn.Module) -> dict[str, Any]:
     """The JSON config stored next to the weights; ``create_model(checkpoint=...)`` rebuilds from it."""
+    from ..models.meta import weights_meta
     from ..models.registry import MODELS
 
     spec = model.spec
@@ -102,10 +103,10 @@ def model_config(model: nn.Module) -> dict[str, Any]:
     }
     if spec.name not in MODELS or MODELS[spec.name].spec != spec:
         cfg["spec"] = spec.to_dict()
-    if getattr(model, "preprocess", None) is not None:
-        cfg["preprocess"] = model.preprocess.to_dict()
-    if getattr(model, "class_names", None):
-        cfg["class_names"] = list(model.class_names)
+    meta = weights_meta(model)
+    cfg["preprocess"] = meta.preprocess.to_dict()
+    if meta.class_names:
+        cfg["class_names"] = list(meta.class_names)
     return cfg
 
 
