@@ -160,3 +160,23 @@ def test_space_files_and_errors(tmp_path):
         SearchSpace.from_dict(bad)
     with pytest.raises(MNv4Error, match="misses decision"):
         space.to_spec({"stem": 8})
+
+
+def test_specs_off_the_space_are_located_as_none():
+    import dataclasses
+
+    space = SPACES["m"]
+    spec = MODEL_SPECS["mnv4_conv_medium"]
+    assert space.locate(spec) is not None
+    first = spec.stages[1][0]
+    for block in (
+        dataclasses.replace(first, out=first.out + 8),  # widths differ inside the stage
+        dataclasses.replace(first, expand=3.5),  # an expansion not among the choices
+        dataclasses.replace(first, stride=1),  # the stage would not down-sample
+    ):
+        stages = (spec.stages[0], (block, *spec.stages[1][1:]), *spec.stages[2:])
+        try:
+            off = dataclasses.replace(spec, stages=stages)
+        except ValueError:
+            continue  # not even a valid spec
+        assert space.locate(off) is None, block

@@ -103,7 +103,11 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
 
 def register(sub) -> None:
     g = sub.add_group("distill", help="teacher soft-label datasets (label) and teacher fine-tuning (finetune)")
+    _add_label(g)
+    _add_finetune(g)
 
+
+def _add_label(g) -> None:
     p = g.add_parser(
         "label",
         help="label augmented images with a teacher into WebDataset-style shards (resumable; torchrun splits shards)",
@@ -145,22 +149,7 @@ def register(sub) -> None:
         help="passes over the data, each with fresh augmentations",
     )
     A.add_output(p, help="folder for the shards and manifest.json (a killed run continues there)")
-    p.add_argument(
-        "--record-size",
-        type=A.positive_int,
-        default=None,
-        metavar="N",
-        help="resolution of the stored images (default: the teacher's)",
-    )
-    p.add_argument("--jpeg-quality", type=A.positive_int, default=95, metavar="Q", help="JPEG round-trip quality")
-    p.add_argument(
-        "--top-k",
-        type=A.nonneg_int,
-        default=0,
-        metavar="K",
-        help="store the top K probabilities (+ the remaining mass) instead of all in float16",
-    )
-    p.add_argument("--shard-size", type=A.positive_int, default=1000, metavar="N", help="records per shard")
+    _add_label_storage(p)
     A.add_batch_size(p, 64, help="images per teacher batch")
     A.add_workers(p)
     A.add_device(p)
@@ -184,6 +173,28 @@ def register(sub) -> None:
     A.add_progress(p)
     p.set_defaults(func=_cmd_label)
 
+
+def _add_label_storage(p) -> None:
+    """How ``distill label`` stores its records: image size, JPEG quality, probabilities, shard size."""
+    p.add_argument(
+        "--record-size",
+        type=A.positive_int,
+        default=None,
+        metavar="N",
+        help="resolution of the stored images (default: the teacher's)",
+    )
+    p.add_argument("--jpeg-quality", type=A.positive_int, default=95, metavar="Q", help="JPEG round-trip quality")
+    p.add_argument(
+        "--top-k",
+        type=A.nonneg_int,
+        default=0,
+        metavar="K",
+        help="store the top K probabilities (+ the remaining mass) instead of all in float16",
+    )
+    p.add_argument("--shard-size", type=A.positive_int, default=1000, metavar="N", help="records per shard")
+
+
+def _add_finetune(g) -> None:
     p = g.add_parser(
         "finetune",
         help="fine-tune a non-MobileNetV4 teacher (EfficientNet-Lite, timm, torchvision) on labelled images",

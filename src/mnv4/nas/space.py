@@ -331,7 +331,7 @@ class SearchSpace:
         """The architecture of this space that builds ``spec`` (name aside), or None if it is outside."""
         try:
             arch = self._locate(spec)
-        except (KeyError, ValueError, MNv4Error, IndexError, TypeError):
+        except MNv4Error:  # a decision's value outside its choices (SearchSpace.validate)
             return None
         if arch is None:
             return None
@@ -342,78 +342,88 @@ class SearchSpace:
         return self.canonical(arch) if ok else None
 
     def _locate(self, spec: ModelSpec) -> Arch | None:
-        if (spec.act, spec.layer_scale_init, spec.num_features, spec.head_hidden_size) != (
-            self.act,
-            self.layer_scale_init,
-            self.num_features,
-            self.head_hidden_size,
-        ):
+        """The decisions that build ``spec``, or None where a block has no decision that makes it."""
+        head = (spec.act, spec.layer_scale_init, spec.num_features, spec.head_hidden_size)
+        if head != (self.act, self.layer_scale_init, self.num_features, self.head_hidden_size):
+            return None
+        if spec.stem.kernel != 3 or spec.stem.stride != 2 or len(spec.stages) != len(self.stages):
             return None
         arch: Arch = {d.name: d.choices[0] for d in self._decisions}
-        if spec.stem.kernel != 3 or spec.stem.stride != 2:
-            return None
-        arch["stem"] = spec.stem.out
-        prev = spec.stem.out
+        arch["stem"] = prev = spec.stem.out
         for i, (st, blocks) in enumerate(zip(self.stages, spec.stages)):
-            blocks = list(blocks)
-            units: list[tuple[str, Any]] = []  # (kind, payload) per searchable block; mqa flags after
-            mqa_after: list[bool] = []
-            k = 0
-            while k < len(blocks):
-                b = blocks[k]
-                if isinstance(b, AttentionSpec):
-                    if not units or st.mqa is None or b != st.mqa or mqa_after[-1]:
-                        return None
-                    mqa_after[-1] = True
-                    k += 1
-                    continue
-                if not units and isinstance(b, ConvBNSpec):
-                    nxt = blocks[k + 1] if k + 1 < len(blocks) else None
-                    if not (isinstance(nxt, ConvBNSpec) and nxt.kernel == 1 and nxt.stride == 1):
-                        return None
-                    if b.kernel != self.fused_kernel or b.stride != 2:
-                        return None
-                    fe = next((e for e in st.fused_expand if make_divisible(prev * e) == b.out), None)
-                    if fe is None:
-                        return None
-                    units.append(("conv2", (fe, nxt.out)))
-                    k += 2
-                elif not units and isinstance(b, FusedIBSpec):
-                    if b.kernel != self.fused_kernel or b.stride != 2:
-                        return None
-                    units.append(("fused_ib", b))
-                    k += 1
-                elif isinstance(b, UIBSpec) and b.end_dw == 0 and b.stride == (1 if units else 2):
-                    units.append(("uib", b))
-                    k += 1
-                else:
-                    return None
-                mqa_after.append(False)
-            widths = {p[1] if kind == "conv2" else p.out for kind, p in units}
-            if len(widths) != 1:
+            found = self._stage_units(st, list(blocks), prev)
+            decisions = self._stage_decisions(i, st, *found) if found is not None else None
+            if decisions is None:
                 return None
-            f = widths.pop()
-            arch[f"s{i}.filters"] = f
-            arch[f"s{i}.depth"] = len(units)
-            kind0 = units[0][0]
-            if len(st.first) > 1:
-                arch[f"s{i}.b0.kind"] = kind0
-            elif kind0 != st.first[0]:
-                return None
-            for j, (kind, p) in enumerate(units):
-                if kind == "conv2":
-                    arch[f"s{i}.b0.fexpand"] = p[0]
-                elif kind == "fused_ib":
-                    arch[f"s{i}.b0.fexpand"] = p.expand
-                else:
-                    arch[f"s{i}.b{j}.start"] = p.start_dw
-                    arch[f"s{i}.b{j}.mid"] = p.mid_dw
-                    arch[f"s{i}.b{j}.expand"] = p.expand
-                if st.mqa is not None:
-                    arch[f"s{i}.b{j}.mqa"] = int(mqa_after[j])
-            prev = f
-        self.validate(arch)
+            arch.update(decisions)
+            prev = decisions[f"s{i}.filters"]
+        self.validate(arch)  # MNv4Error when a value is not among the decision's choices
         return arch
+
+    def _stage_units(self, st: Any, blocks: list, prev: int) -> tuple[list[tuple[str, Any]], list[bool]] | None:
+        """A stage's searchable blocks as (kind, payload), and after which of them an MQA block follows."""
+        units: list[tuple[str, Any]] = []
+        mqa_after: list[bool] = []
+        k = 0
+        while k < len(blocks):
+            b = blocks[k]
+            if isinstance(b, AttentionSpec):
+                if not units or st.mqa is None or b != st.mqa or mqa_after[-1]:
+                    return None
+                mqa_after[-1] = True
+                k += 1
+                continue
+            if not units and isinstance(b, ConvBNSpec):
+                nxt = blocks[k + 1] if k + 1 < len(blocks) else None
+                if not (isinstance(nxt, ConvBNSpec) and nxt.kernel == 1 and nxt.stride == 1):
+                    return None
+                if b.kernel != self.fused_kernel or b.stride != 2:
+                    return None
+                fe = next((e for e in st.fused_expand if make_divisible(prev * e) == b.out), None)
+                if fe is None:
+                    return None
+                units.append(("conv2", (fe, nxt.out)))
+                k += 2
+            elif not units and isinstance(b, FusedIBSpec):
+                if b.kernel != self.fused_kernel or b.stride != 2:
+                    return None
+                units.append(("fused_ib", b))
+                k += 1
+            elif isinstance(b, UIBSpec) and b.end_dw == 0 and b.stride == (1 if units else 2):
+                units.append(("uib", b))
+                k += 1
+            else:
+                return None
+            mqa_after.append(False)
+        return (units, mqa_after) if units else None
+
+    def _stage_decisions(
+        self, i: int, st: Any, units: list[tuple[str, Any]], mqa_after: list[bool]
+    ) -> dict[str, Any] | None:
+        """Stage ``i``'s decisions from its units (None where they cannot come from this space)."""
+        widths = {p[1] if kind == "conv2" else p.out for kind, p in units}
+        if len(widths) != 1:
+            return None
+        out: dict[str, Any] = {f"s{i}.filters": widths.pop(), f"s{i}.depth": len(units)}
+        kind0 = units[0][0]
+        if len(st.first) > 1:
+            out[f"s{i}.b0.kind"] = kind0
+        elif kind0 != st.first[0]:
+            return None
+        for j, (kind, p) in enumerate(units):
+            if kind == "conv2":
+                out[f"s{i}.b0.fexpand"] = p[0]
+            elif kind == "fused_ib":
+                out[f"s{i}.b0.fexpand"] = p.expand
+            else:
+                out[f"s{i}.b{j}.start"], out[f"s{i}.b{j}.mid"], out[f"s{i}.b{j}.expand"] = (
+                    p.start_dw,
+                    p.mid_dw,
+                    p.expand,
+                )
+            if st.mqa is not None:
+                out[f"s{i}.b{j}.mqa"] = int(mqa_after[j])
+        return out
 
     # -- (de)serialisation ----------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
