@@ -76,7 +76,7 @@ def get_policy(name: str) -> AugPolicy:
 
 
 def randaug_bin(level: float) -> int:
-    """TF level (0-10 scale) -> torchvision RandAugment bin (31 bins), as in docs/training.md: torchvision's
+    """TF level (0-10 scale) -> torchvision RandAugment bin (31 bins), as in docs/training.md "Recipes": torchvision's
     top bin reaches TF's level-10 ranges, so level m is bin 3m, capped at 30."""
     return max(0, min(30, round(3 * level)))
 

@@ -3,9 +3,10 @@
 A model is a stem conv, four stages ending at stride 4 / 8 / 16 / 32 (the TF ``is_output``
 endpoints), then the fixed head (1x1 conv to ``num_features`` = 960, global pool, 1x1 conv to
 ``head_hidden_size`` = 1280, classifier). Only the stem and the stages vary between models, so
-only they are written down here; ``mobilenetv4.build`` turns any :class:`ModelSpec` into a model.
+only they are written down here; :class:`mnv4.models.mobilenetv4.MobileNetV4` builds any :class:`ModelSpec`
+(``mnv4.create_model(spec)``).
 
-Shorthand used in the tables, mirroring the spec document's notation:
+Shorthand used in the tables, as in docs/architecture.md §2:
 ``cn(k, s, c)`` conv-BN-act, ``fib(k, s, c, e)`` FusedIB, ``uib(start_dw, mid_dw, s, c, e)`` UIB
 (a kernel of 0 means that depthwise conv is absent), ``mqa(heads, dim, kv_stride)`` Mobile MQA.
 """
@@ -183,7 +184,7 @@ class ModelSpec:
 
 # --- the five published models (TF Model Garden block specs, docs/architecture.md §3) ---------------------------
 
-# Conv-S has no FusedIB in TF: its "FusedIB" rows are two separate conv-BN-ReLU layers (§3.1).
+# Conv-S has no FusedIB in TF: its "FusedIB" rows are two separate conv-BN-ReLU layers (docs/architecture.md §6).
 CONV_SMALL = ModelSpec(
     name="mnv4_conv_small",
     stem=cn(3, 2, 32),
@@ -335,7 +336,7 @@ HYBRID_LARGE = ModelSpec(
         ),
         (*_LARGE_STAGE5_HEAD, *[_HL_MQA_S32, uib(5, 0, 1, 512)] * 4),
     ),
-    act="gelu",  # TF builds Hybrid-L with exact GELU in stem, FusedIB, UIBs and head (§2.1)
+    act="gelu",  # TF builds Hybrid-L with exact GELU in stem, FusedIB, UIBs and head (docs/architecture.md §2.1)
     layer_scale_init=1e-5,
 )
 

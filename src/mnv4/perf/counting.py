@@ -53,7 +53,7 @@ class Profile:
     resolution: tuple[int, int]
     batch_size: int
     dtype: str
-    params: int  # all parameters of the model (BN included), as counted by the spec's §4 tables
+    params: int  # all parameters of the model (BN included), as counted in docs/architecture.md §4
     layers: list[LayerStats] = field(default_factory=list)
 
     @property

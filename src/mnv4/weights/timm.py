@@ -1,4 +1,4 @@
-"""Conversion between timm's MobileNetV4 state_dict layout and mnv4's (timm-interop §4).
+"""Conversion between timm's MobileNetV4 state_dict layout and mnv4's (timm is the oracle of tests/test_timm.py).
 
 timm names: ``conv_stem``/``bn1`` (stem), ``blocks.<stage>.<i>`` (stages 0-3, then ``blocks.4.0``
 = the 960 conv), ``conv_head``/``norm_head`` (1280 conv), ``classifier``. Inside blocks the leaf
