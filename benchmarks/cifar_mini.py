@@ -5,7 +5,7 @@ The `small-photos` recipe: `quick`'s AdamW, warm-up + cosine and label smoothing
 that photos need and digits do not: horizontal flips, RandAugment (p 0.5, 2 ops, level 5) and
 random resized crops from 35% of the image, at the native 32 px, 40 epochs, batch 64.
 
-    python benchmarks/cifar_mini.py [--data ../shared/data/cifar10-mini] [--epochs 40]
+    python benchmarks/cifar_mini.py --data DATA/cifar10-mini [--epochs 40]
 
 Prints val top-1 (best epoch) and wall time, and writes a normal run directory (summary.json,
 metrics.csv, curves.png) under runs/.
@@ -23,9 +23,8 @@ from mnv4.train.metrics import plot_run  # noqa: E402
 
 
 def main() -> None:
-    here = os.path.dirname(os.path.abspath(__file__))
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", default=os.path.join(here, "..", "..", "shared", "data", "cifar10-mini"))
+    ap.add_argument("--data", required=True, help="the cifar10-mini image folder (train/ and val/)")
     ap.add_argument("--epochs", type=float, default=40)
     ap.add_argument("--input-size", type=int, default=32)
     ap.add_argument("--workers", type=int, default=1)

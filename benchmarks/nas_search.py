@@ -176,9 +176,8 @@ def kendall(a: list[float], b: list[float]) -> float:
 
 
 def main() -> None:
-    here = Path(__file__).resolve().parent
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", default=str(here.parent.parent / "shared" / "data" / "cifar10-mini"))
+    ap.add_argument("--data", required=True, help="the cifar10-mini image folder (train/ and val/)")
     ap.add_argument("--hardware", default="local", help="local | macs | pixel6_cpu | pixel8_edgetpu | ... | FILE")
     ap.add_argument("--space", default="s")
     ap.add_argument("--input-size", type=int, default=32)

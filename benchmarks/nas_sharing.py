@@ -9,7 +9,7 @@ at random each step, and prints the mean training loss of the last 20 steps per 
 * start 0/3/5: the start DW drawn from {absent, 3, 5} - Kaiming init vs near-identity init;
 * all: start and middle DW both sampled - separate + Kaiming vs centre + identity (the default).
 
-    nice -n 10 python benchmarks/nas_sharing.py [--data ../shared/data/cifar10-mini] [--steps 100]
+    nice -n 10 python benchmarks/nas_sharing.py --data DATA/cifar10-mini [--steps 100]
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import argparse
 import os
 import random
 import time
-from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -44,9 +43,8 @@ SETTINGS = (
 
 
 def main() -> None:
-    here = Path(__file__).resolve().parent
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", default=str(here.parent.parent / "shared" / "data" / "cifar10-mini"))
+    ap.add_argument("--data", required=True, help="the cifar10-mini image folder (train/ and val/)")
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--images", type=int, default=1500, help="training images, augmented once and kept in memory")
     ap.add_argument("--threads", type=int, default=1)

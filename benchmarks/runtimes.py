@@ -2,15 +2,15 @@
 this machine's fp32 GEMM peak, and INT8 vs fp32 on real images. Issue #4's targets, in one run.
 
     python benchmarks/runtimes.py [--models ...] [--threads 2] [--rounds 7] [--iters 20]
-        [--checkpoint runs/cifar-mini-conv-small/best.safetensors --data ../shared/data/cifar10-mini]
+        [--checkpoint runs/cifar-mini-conv-small/best.safetensors --data DATA/cifar10-mini]
 
     # INT8 target on conv_medium (parts 1 and 4 only), with a model trained on the real photos:
-    mnv4 train --model mnv4_conv_medium --data ../shared/data/cifar10-mini --recipe quick \
+    mnv4 train --model mnv4_conv_medium --data DATA/cifar10-mini --recipe quick \
         --input-size 128 --epochs 10 --output runs/cifar-mini-medium-128
-    mnv4 train --data ../shared/data/cifar10-mini --recipe finetune --input-size 256 --epochs 3 \
+    mnv4 train --data DATA/cifar10-mini --recipe finetune --input-size 256 --epochs 3 \
         --checkpoint runs/cifar-mini-medium-128/best.safetensors --output runs/cifar-mini-medium-256
     python benchmarks/runtimes.py --int8-only --int8-res 256 \
-        --checkpoint runs/cifar-mini-medium-256/best.safetensors
+        --checkpoint runs/cifar-mini-medium-256/best.safetensors --data DATA/cifar10-mini
 
 1. GEMM peak: a 2048x2048 fp32 matmul in torch and in onnxruntime (median of rounds); the best of the
    two is this machine's fp32 peak (GMAC/s).
@@ -49,8 +49,6 @@ from mnv4.deploy.cpu import optimize_for_cpu  # noqa: E402
 from mnv4.models import noise_batches, recalibrate_batchnorm  # noqa: E402
 from mnv4.models.registry import MODELS, PUBLISHED  # noqa: E402
 from mnv4.perf.latency import alternating_medians  # noqa: E402
-
-HERE = Path(__file__).resolve().parent
 
 
 def gemm_peak(threads: int, rounds: int, n: int = 2048) -> dict[str, float]:
@@ -222,7 +220,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--runtimes", default="onnxruntime,openvino", help="exported fp32 runtimes for part 2")
     ap.add_argument("--checkpoint", default=None, help="trained checkpoint for the INT8 part (e.g. cifar_mini's)")
-    ap.add_argument("--data", default=str(HERE.parent.parent / "shared" / "data" / "cifar10-mini"))
+    ap.add_argument("--data", default=None, help="labelled image folder with val/ for the INT8 part (--checkpoint)")
     ap.add_argument("--int8-res", type=int, default=224, help="resolution the real images are upscaled to")
     ap.add_argument("--eval-images", type=int, default=1000)
     ap.add_argument("--calib-images", type=int, default=256)
@@ -230,6 +228,8 @@ def main() -> None:
     ap.add_argument("--int8-only", action="store_true", help="only the INT8 part (needs --checkpoint)")
     ap.add_argument("--_time", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.checkpoint and not args.data:
+        ap.error("--checkpoint needs --data: the labelled image folder (with val/) the model was trained on")
     if args._time:
         return _time_worker(json.loads(args._time))
     torch.set_num_threads(args.threads)
