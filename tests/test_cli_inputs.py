@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -156,14 +155,13 @@ def test_models_filter_and_unmatched_pattern(capsys):
 
 
 def test_help_is_fast_because_torch_is_imported_lazily():
+    # what makes --help fast is not importing torch (seconds); speed targets live in benchmarks
     code = (
-        "import sys, time; t=time.perf_counter(); from mnv4.cli import main; main(['train', '--help']);"
-        "print('TORCH' if 'torch' in sys.modules else 'NO_TORCH', time.perf_counter()-t, file=sys.stderr)"
+        "import sys; from mnv4.cli import main; main(['train', '--help']);"
+        "print('TORCH' if 'torch' in sys.modules else 'NO_TORCH', file=sys.stderr)"
     )
-    t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and "NO_TORCH" in proc.stderr, proc.stderr
-    assert time.perf_counter() - t0 < 10  # generous for a loaded CI machine; typically ~0.2 s
 
 
 def test_readme_model_table_is_generated_from_the_registry():

@@ -28,24 +28,51 @@ def test_profile_leaves_the_model_untouched():
     assert model.stem.conv.weight.device.type == "cpu" and torch.equal(model.stem.conv.weight, before)
 
 
-def test_bytes_scale_with_dtype_and_batch():
-    fp32 = profile("mnv4_conv_small", resolution=224, dtype="float32")
-    fp16 = profile("mnv4_conv_small", resolution=224, dtype="float16")
-    int8 = profile("mnv4_conv_small", resolution=224, dtype="int8")
-    assert fp32.bytes == 2 * fp16.bytes == 4 * int8.bytes
-    assert fp32.weight_bytes == 4 * sum(layer.params for layer in fp32.layers)
-    batch4 = profile("mnv4_conv_small", resolution=224, batch_size=4)
-    assert batch4.macs == 4 * fp32.macs and batch4.weight_bytes == fp32.weight_bytes
+def test_counts_of_a_hand_built_net():
+    """Every number worked out by hand for conv3x3 (3->8, no bias) + BN + ReLU + conv1x1 (8->4, bias) at 10x10."""
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, bias=False), torch.nn.BatchNorm2d(8), torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 1)
+    )
+    fp32 = profile(net, resolution=10)
+    # conv3x3: out 8x8x8; MACs 8*8*8 * 3*9 = 13,824; weights 8*3*9 = 216; activations 3*10*10 + 8*8*8 = 812
+    # conv1x1: out 4x8x8; MACs 8*8*4 * 8 = 2,048; weights 32 + 4 bias = 36; activations 8*8*8 + 4*8*8 = 768
+    rows = [(layer.kind, layer.out_shape, layer.macs, layer.params) for layer in fp32.layers]
+    assert rows == [("conv", (1, 8, 8, 8), 13_824, 216), ("pwconv", (1, 4, 8, 8), 2_048, 36)]
+    assert fp32.params == 216 + 16 + 36  # BatchNorm's weight and bias count as parameters, not as a layer
+    assert (fp32.weight_bytes, fp32.activation_bytes) == (4 * 252, 4 * (812 + 768))
+    assert [layer.intensity for layer in fp32.layers] == pytest.approx([13_824 / 4_112, 2_048 / 3_216])  # 4*(216+812)
+    int8 = profile(net, resolution=10, dtype="int8")
+    assert (int8.weight_bytes, int8.activation_bytes) == (252, 1_580)
+    assert profile(net, resolution=10, dtype="float16").bytes == 2 * (252 + 1_580)
+    batch4 = profile(net, resolution=10, batch_size=4)  # activations and MACs per image, weights once
+    assert (batch4.macs, batch4.weight_bytes, batch4.activation_bytes) == (4 * 15_872, 4 * 252, 4 * 4 * 1_580)
     with pytest.raises(ValueError, match="dtype"):
-        profile("mnv4_conv_small", dtype="float64")
+        profile(net, dtype="float64")
 
 
 def test_per_layer_numbers_for_a_known_conv():
-    stem = profile("mnv4_conv_small", resolution=224).layers[0]
+    stem = profile("mnv4_conv_small", resolution=224).layers[0]  # conv3x3 s2, 3 -> 32, no bias
     assert stem.name == "stem.conv" and stem.out_shape == (1, 32, 112, 112)
-    assert stem.macs == 112 * 112 * 32 * 3 * 9
-    assert stem.activation_bytes == 4 * (3 * 224 * 224 + 32 * 112 * 112)
-    assert stem.intensity == pytest.approx(stem.macs / stem.bytes)
+    assert stem.macs == 112 * 112 * 32 * 3 * 9 == 10_838_016
+    assert (stem.weight_bytes, stem.activation_bytes) == (4 * 864, 4 * (3 * 224 * 224 + 32 * 112 * 112))
+    assert stem.intensity == pytest.approx(10_838_016 / 2_211_200)  # about 4.9 MACs per byte
+
+
+def test_mobile_mqa_worked_example():
+    """docs/architecture.md §4: Hybrid-M's stage-4 Mobile MQA at 16x16x160 (4 heads x 64, K/V stride 2)."""
+    from mnv4.models.blocks import MobileMQA
+
+    prof = profile(MobileMQA(160, heads=4, key_dim=64, value_dim=64, kv_stride=2), resolution=16)
+    assert [layer.macs for layer in prof.layers] == [
+        256 * 160 * 256,  # query projection: 10.49M
+        8 * 8 * 160 * 9,  # key down-sampling, a DW3x3 s2
+        64 * 160 * 64,  # key projection on the 8x8 map
+        8 * 8 * 160 * 9,  # value down-sampling
+        64 * 160 * 64,  # value projection
+        256 * 4 * 64 * (64 + 64),  # attention: scores and weighted sum
+        256 * 256 * 160,  # output projection
+    ]
+    assert prof.macs == 30_855_168  # the 30.9 MMACs the docs quote
 
 
 def test_macs_grow_with_resolution():

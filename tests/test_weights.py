@@ -1,7 +1,6 @@
 """mnv4's checkpoint format, safe loading, clear errors, and pretrained-weight resolution."""
 
 import json
-import time
 
 import pytest
 import torch
@@ -108,12 +107,10 @@ def test_missing_checkpoint():
         mnv4.create_model("mnv4_conv_small", checkpoint="/nonexistent/x.safetensors")
 
 
-def test_pretrained_offline_fails_fast_and_clearly(monkeypatch):
+def test_pretrained_offline_fails_clearly(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    start = time.perf_counter()
     with pytest.raises(mnv4.MNv4Error, match=r"timm/mobilenetv4_conv_small\.e2400_r224_in1k.*checkpoint=PATH"):
         mnv4.create_model("mnv4_conv_small", pretrained=True)
-    assert time.perf_counter() - start < 20
 
 
 def test_pretrained_resolves_tag_hub_id_and_preprocessing(monkeypatch, tmp_path):
