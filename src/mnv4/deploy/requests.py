@@ -46,6 +46,11 @@ def _check_folders(*folders: tuple[str, str | os.PathLike | None, str]) -> None:
             raise MNv4Error(f"{role} folder not found: {folder} (`{name}`)")
 
 
+def _folder(flag: str, help: str):
+    """An optional folder field and its flag."""
+    return option(None, help, kind=str, flag=flag, metavar="DIR")
+
+
 @dataclass(frozen=True)
 class ExportRequest:
     """One export: the artefact's format and precision, where its check's inputs come from, its bars."""
@@ -54,19 +59,11 @@ class ExportRequest:
     output: str | os.PathLike | None = None  # a file, or a folder for the default name (CLI: -o)
     input_size: int | None = None  # default: the model's (CLI: --input-size)
     precision: str = option("fp32", "fp32, fp16 or post-training int8 (int8 needs --calib)", choices=PRECISIONS)
-    calib_dir: str | os.PathLike | None = option(
-        None,
-        "calibration image folder for int8 (flat or one folder per class)",
-        kind=str,
-        flag="--calib",
-        metavar="DIR",
+    calib_dir: str | os.PathLike | None = _folder(
+        "--calib", "calibration image folder for int8 (flat or one folder per class)"
     )
-    eval_dir: str | os.PathLike | None = option(
-        None,
-        "labelled image folder to compare on and report the accuracy delta",
-        kind=str,
-        flag="--eval",
-        metavar="DIR",
+    eval_dir: str | os.PathLike | None = _folder(
+        "--eval", "labelled image folder to compare on and report the accuracy delta"
     )
     samples: int = option(16, "inputs used for the parity check")
     calib_samples: int = option(128, "calibration images for int8")
@@ -116,9 +113,7 @@ class BenchRequest:
     input_size: int | None = None  # default: each model's (CLI: --input-size)
     threads: int | None = None  # None: DEFAULT_BENCH_THREADS, with a warning on a busy machine (CLI: --threads)
     protocol: LatencyProtocol = field(default_factory=LatencyProtocol)
-    calib_dir: str | None = option(
-        None, "calibration images for int8 routes (default: noise)", kind=str, flag="--calib", metavar="DIR"
-    )
+    calib_dir: str | None = _folder("--calib", "calibration images for int8 routes (default: noise)")
     artefact_dir: str | None = None  # where exported runtimes' artefacts go (default: a temporary folder)
     timeout: float = 900.0  # seconds one measurement process may take
 
