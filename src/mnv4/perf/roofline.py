@@ -68,13 +68,14 @@ class RooflinePrediction:
 def _as_profile(model: ModelLike, resolution: int | tuple[int, int] | None, dtype: str) -> Profile:
     if isinstance(model, Profile):
         return model
-    if resolution is None:
-        pp = getattr(model, "preprocess", None)
-        if pp is None and isinstance(model, str):
-            from ..models.registry import get_entry
+    if resolution is None:  # the weights' own resolution (a spec has none: 224)
+        from ..models.meta import weights_meta
+        from ..models.registry import get_entry
 
-            pp = get_entry(model).default_preprocess
-        resolution = pp.input_size if pp is not None else 224
+        if isinstance(model, str):
+            resolution = get_entry(model).default_preprocess.input_size
+        else:
+            resolution = weights_meta(model).preprocess.input_size if isinstance(model, nn.Module) else 224
     return profile(model, resolution, dtype=dtype)
 
 
