@@ -726,3 +726,20 @@ def test_third_party_logging_is_silenced_unless_debug(monkeypatch, capsys, caplo
         assert main(["models", "--debug"]) == 0
     assert {r.getMessage() for r in caplog.records} == {"INFO:nncf: collecting statistics", "absl says hello"}
     assert logging.getLogger("nncf").isEnabledFor(logging.WARNING)  # restored after the command
+
+
+def test_converter_chatter_follows_progress(tiny, tmp_path, monkeypatch, capsys):
+    import dataclasses
+
+    info = get_format("torchscript")
+    real = info.writer
+
+    def chatty(model, example, target, job):
+        print("Statistics collection 100% 32/32")  # what NNCF's rich bars leave on a pipe
+        real(model, example, target, job)
+
+    monkeypatch.setitem(FORMATS, "torchscript", dataclasses.replace(info, writer=chatty))
+    export(tiny, "torchscript", tmp_path / "a.pt", input_size=RES, samples=2, verbose=False, progress=False)
+    assert capsys.readouterr().out == ""
+    export(tiny, "torchscript", tmp_path / "b.pt", input_size=RES, samples=2, verbose=False, progress=True)
+    assert "Statistics collection" in capsys.readouterr().out

@@ -15,8 +15,12 @@ its report says so.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import os
+import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -183,7 +187,8 @@ def export(
     )  # fmt: skip
     calib = calib_data.float() if calib_data is not None and int8 else ins.calib
     model, weights, random_weights = _weights_to_export(model, request, input_size, calib)
-    float_ends = _write(model, info, path, request, ins.x, calib)
+    with _converter_output(progress):
+        float_ends = _write(model, info, path, request, ins.x, calib)
 
     report = _new_report(info, request, path, ins, weights, random_weights, float_ends)
     reference = _eager(model, ins.x)
@@ -212,6 +217,17 @@ def _weights_to_export(
     meta = weights_meta(model)
     # random weights whose statistics were estimated (here or by mnv4.deploy.zoo.build): arithmetic only
     return model, meta.describe(), meta.random and meta.bn_images is not None
+
+
+@contextlib.contextmanager
+def _converter_output(progress: bool | None) -> Iterator[None]:
+    """Converters draw their own progress bars and notes (NNCF's statistics bars, ...) on stdout and
+    stderr; like mnv4's own bars they show only when ``progress`` asks (None: on a terminal)."""
+    if progress or (progress is None and sys.stdout.isatty()):
+        yield
+        return
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        yield
 
 
 def _write(
