@@ -224,6 +224,8 @@ class Trainer:
             )
         pp: Preprocess = getattr(model, "preprocess", None) or Preprocess()
         size = cfg.input_size or data.input_size or pp.input_size
+        if size != pp.input_size:  # the larger test setting belongs to the published weights at their size
+            pp = dataclasses.replace(pp, test_input_size=None, test_crop_pct=None)
         if data.input_size is not None:
             # Small-image sets (digits, CIFAR): no centre crop, or the border of a 32 px image is lost.
             pp = dataclasses.replace(pp, input_size=size, crop_pct=1.0)
