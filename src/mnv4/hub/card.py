@@ -18,7 +18,7 @@ HUB_DATASETS = {"cifar10": "uoft-cs/cifar10", "fashion-mnist": "zalando-datasets
 # Config fields that say where or how fast a run went, not what it learnt: left out of the command.
 _LOCAL_FIELDS = {
     "output", "data_root", "workers", "device", "save_every_steps", "eval_every", "channels_last", "compile", "name",
-    "note", "recipe",
+    "note", "recipe", "loggers",
 }  # fmt: skip
 _FLAGS = {
     "data": "--data", "epochs": "--epochs", "batch_size": "--batch-size", "input_size": "--input-size", "lr": "--lr",

@@ -54,6 +54,7 @@ from .distributed import DistInfo, all_reduce_sum, setup
 from .evaluate import EvalResult, evaluate
 from .metrics import METRICS_FILE, MetricsLog
 from .optim import build_ema, build_optimizer, build_scheduler, l2_penalty
+from .trackers import TRACKERS_FILE
 
 __all__ = ["Trainer", "train", "TrainResult", "Plan", "plan_run", "BEST", "LAST_WEIGHTS", "SUMMARY", "RUN_FILES"]
 
@@ -64,6 +65,7 @@ SUMMARY = "summary.json"
 CONFIG = "config.yaml"
 # What a run writes; a folder holding any of these holds a run.
 RUN_FILES = (CONFIG, METRICS_FILE, SUMMARY, LAST, BEST, LAST_WEIGHTS, LAST_EMA, "curves.png", "tensorboard")
+RUN_FILES += ("wandb", TRACKERS_FILE)  # experiment trackers (mnv4.train.trackers)
 
 
 @dataclass
@@ -369,7 +371,7 @@ class Trainer:
         if info.is_main:
             atomic_write_text(self.run_dir / CONFIG, _config_yaml(cfg, self.plan, info))
             resume_epoch = self.step // self.plan.steps_per_epoch if state is not None else None
-            self.metrics = MetricsLog(self.run_dir, resume_epoch=resume_epoch)
+            self.metrics = MetricsLog(self.run_dir, resume_epoch, loggers=cfg.loggers, config=cfg.to_dict())
             p = self.plan
             eff = f"{p.micro_batch} x {p.accumulation} accumulation x {info.world_size} process(es)"
             self.say(
