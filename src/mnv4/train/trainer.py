@@ -27,6 +27,7 @@ import shutil
 import signal
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -791,7 +792,7 @@ def train(
     data: DataBundle | None = None,
     max_steps: int | None = None,
     progress: bool | None = None,
-    log=None,
+    log: Callable[[str], None] | None = None,
     exist_ok: bool = False,
     trainer: type[Trainer] | None = None,
 ) -> TrainResult:
