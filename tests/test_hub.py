@@ -226,3 +226,26 @@ def test_a_fine_tuned_run_round_trips_through_hub_push(tmp_path, capsys):
     cmd = next(line for line in readme.splitlines() if line.startswith("mnv4 train"))
     args = build_parser().parse_args(shlex.split(cmd)[1:])
     assert (args.model, args.epochs, args.input_size, args.lr) == ("mnv4_conv_small_050", 0.1, 16, 0.01)
+
+
+def test_the_card_names_the_base_weights_and_the_hub_dataset_of_a_run(tmp_path):
+    from mnv4.train import resolve_config
+
+    run = tmp_path / "run"
+    run.mkdir()
+    model = _model()
+    mnv4.save_model(model, run / "best.safetensors")
+    cfg = resolve_config("finetune", model="mobilenetv4_conv_small_050", data="cifar10", pretrained="default")
+    (run / "config.yaml").write_text(yaml.safe_dump(json.loads(json.dumps(cfg.to_dict()))))
+    summary = {"dataset": "cifar10", "val_top1": 91.234, "val_top5_final": 99.5, "best_epoch": 3, "epochs": 4}
+    (run / "summary.json").write_text(json.dumps({**summary, "best_checkpoint": str(tmp_path / "moved.safetensors")}))
+    repo = Path(mnv4.push_to_hub(run, "me/c10", local_dir=tmp_path / "repo", license="mit"))
+    readme = (repo / "README.md").read_text()
+    meta = _front_matter(readme)
+    assert meta["base_model"] == "timm/mobilenetv4_conv_small_050.e3000_r224_in1k"
+    assert meta["datasets"] == ["uoft-cs/cifar10"] and meta["license"] == "mit"
+    assert json.loads((repo / "config.json").read_text())["pretrained_cfg"]["license"] == "mit"
+    assert "| val top-1 (best epoch) | 91.23% |" in readme and "| started from | timm weights (default) |" in readme
+    assert "--pretrained" in readme and "epoch 3 of 4" in readme
+    with pytest.raises(MNv4Error, match="holds a training run"):
+        mnv4.push_to_hub(run, "me/c10", local_dir=run)

@@ -77,15 +77,18 @@ def load_source(source: str | os.PathLike | nn.Module) -> Source:
 
 
 def _facts(src: Source, repo_id: str, license: str, dataset: str | None) -> CardFacts:
-    from ..models.registry import MODELS
+    from ..models.registry import get_entry
 
     model = src.model
     timm_arch = timm_architecture(model)
     cfg = src.train_config or {}
     base = None
-    if cfg.get("pretrained") and isinstance(cfg.get("model"), str) and cfg["model"] in MODELS:
+    if cfg.get("pretrained") and isinstance(cfg.get("model"), str):  # the timm weights the run started from
         tag = None if cfg["pretrained"] == "default" else cfg["pretrained"]
-        base = MODELS[cfg["model"]].get_tag(tag).hub_id
+        try:
+            base = get_entry(cfg["model"]).get_tag(tag).hub_id
+        except MNv4Error:  # a tag no longer registered: the card just omits base_model
+            base = None
     data = (src.summary or {}).get("dataset") or cfg.get("data")
     return CardFacts(
         repo_id=repo_id,
