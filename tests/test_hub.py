@@ -249,3 +249,21 @@ def test_the_card_names_the_base_weights_and_the_hub_dataset_of_a_run(tmp_path):
     assert "--pretrained" in readme and "epoch 3 of 4" in readme
     with pytest.raises(MNv4Error, match="holds a training run"):
         mnv4.push_to_hub(run, "me/c10", local_dir=run)
+
+
+def test_a_folder_timm_writes_for_the_hub_loads_in_mnv4(tmp_path):
+    timm = require("timm")
+    from timm.models import save_for_hf
+
+    ref = timm.create_model("mobilenetv4_conv_small_050", num_classes=5).eval()
+    randomize_(ref)
+    recalibrate_batchnorm(ref, torch.randn(8, 3, 64, 64), batch_size=4).eval()
+    save_for_hf(ref, str(tmp_path / "repo"), model_config={"label_names": CLASSES}, safe_serialization=True)
+    model = mnv4.create_model(checkpoint=tmp_path / "repo").eval()
+    assert model.spec.name == "mnv4_conv_small_050" and model.class_names == CLASSES
+    assert model.preprocess.input_size == ref.pretrained_cfg["input_size"][-1]
+    assert model.preprocess.crop_pct == ref.pretrained_cfg["crop_pct"]
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        y = ref(x)
+        assert _rel_err(y[0], y[1]) > 1e-2 and _rel_err(y, model(x)) <= 1e-4

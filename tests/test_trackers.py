@@ -144,3 +144,30 @@ def test_only_rank_zero_opens_a_tracker_under_torchrun(tmp_path, mlflow_store):
     assert proc.returncode == 0, proc.stderr[-3000:]
     runs = mlflow_store.search_runs([mlflow_store.get_experiment_by_name("mnv4-test").experiment_id])
     assert len(runs) == 1 and len(mlflow_store.get_metric_history(runs[0].info.run_id, "val_top1")) == 1
+
+
+def test_tensorboard_gets_every_number_but_the_epoch_at_its_step(tmp_path, monkeypatch):
+    import types
+
+    written: list[tuple[str, float, int]] = []
+
+    class Writer:  # stands in for torch.utils.tensorboard.SummaryWriter (tensorboard need not be installed)
+        def __init__(self, logdir):
+            assert logdir == str(tmp_path / "run" / "tensorboard")
+
+        def add_scalar(self, tag, value, step):
+            written.append((tag, value, step))
+
+        def flush(self):
+            pass
+
+        def close(self):
+            pass
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=Writer))
+    res = train(tiny_cfg(tmp_path, epochs=2, loggers=("tensorboard",)), data=tiny_digits(64, 32), progress=False)
+    rows = read_metrics(res.run_dir / "metrics.csv")
+    got = {(tag, step): value for tag, value, step in written}
+    assert {tag for tag, _ in got} >= {"val_top1", "train_loss", "lr"} and "epoch" not in {t for t, _ in got}
+    for r in rows:
+        assert got[("val_top1", int(r["step"]))] == pytest.approx(float(r["val_top1"]), abs=1e-4)
