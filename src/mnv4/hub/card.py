@@ -158,7 +158,7 @@ def model_card(facts: CardFacts, model: nn.Module) -> str:
         f"# {name}",
         "",
         f"A MobileNetV4 image classifier (`{facts.architecture}`, {model.num_classes} classes, "
-        f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters) trained with "
+        f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters) published with "
         "mnv4, a PyTorch implementation of MobileNetV4 (Qin et al., arXiv 2404.10518).",
         "",
         "## Results",
