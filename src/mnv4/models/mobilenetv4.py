@@ -112,7 +112,11 @@ class MobileNetV4(nn.Module):
                     block_stride = 1
                 else:
                     stride *= block_stride
-                blocks.append(_build_block(b, chs, act, dilation, ls_init, next(rates), bn_kwargs, block_stride))
+                blocks.append(
+                    _build_block(
+                        b, chs, act, dilation, ls_init, next(rates), bn_kwargs, block_stride, spec.downsample
+                    )
+                )
                 chs = chs if isinstance(b, AttentionSpec) else b.out
             stages.append(nn.Sequential(*blocks))
             levels.append(dict(module=f"stages.{si}", num_chs=chs, reduction=stride, stage=si + 1))
@@ -207,12 +211,15 @@ def _build_block(
     drop_path: float,
     bn_kwargs: dict[str, Any],
     stride: int | None = None,
+    downsample: str = "conv",
 ) -> nn.Module:
     stride = b.stride if stride is None else stride
     if isinstance(b, ConvBNSpec):
-        return ConvBN(in_chs, b.out, b.kernel, stride, dilation=dilation, act=act, bn_kwargs=bn_kwargs)
+        return ConvBN(
+            in_chs, b.out, b.kernel, stride, dilation=dilation, act=act, bn_kwargs=bn_kwargs, downsample=downsample
+        )
     if isinstance(b, FusedIBSpec):
-        return FusedIB(in_chs, b.out, b.kernel, stride, b.expand, act, dilation, drop_path, bn_kwargs)
+        return FusedIB(in_chs, b.out, b.kernel, stride, b.expand, act, dilation, drop_path, bn_kwargs, downsample)
     if isinstance(b, UIBSpec):
         return UIB(
             in_chs,
@@ -227,6 +234,7 @@ def _build_block(
             layer_scale_init,
             drop_path,
             bn_kwargs,
+            downsample,
         )
     if isinstance(b, AttentionSpec):
         return AttentionBlock(
