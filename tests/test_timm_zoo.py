@@ -102,3 +102,25 @@ def test_spec_downsample_round_trips_and_is_checked():
     assert spec.downsample == "avg" and mnv4.models.ModelSpec.from_dict(spec.to_dict()) == spec
     with pytest.raises(ValueError, match="unknown downsample"):
         dataclasses.replace(spec, downsample="max")
+
+
+def test_models_verbose_lists_every_timm_tag(capsys):
+    from mnv4.cli import main
+
+    assert main(["models", "-v"]) == 0
+    out = capsys.readouterr().out
+    for name in TIMM_TAGS:
+        assert name.replace("mobilenetv4_", "mnv4_") in out
+    assert "448 @ 0.95" in out and "544 @ 1" in out and "84.67" in out  # conv_aa_large's default tag
+    assert "mnv4_conv_blur_medium (blur)" in out
+
+
+@pytest.mark.parametrize("name", ["mnv4_conv_aa_medium", "mnv4_conv_blur_medium"])
+def test_bn_folding_keeps_the_pooling(name):
+    from mnv4.deploy.fusion import fuse
+
+    model = randomize_(mnv4.create_model(name)).eval()
+    x = torch.randn(1, 3, 67, 93)  # odd sizes: avg pooling rounds down where a strided conv rounds up
+    with torch.no_grad():
+        expected, got = model(x), fuse(model)(x)
+    assert float((expected - got).abs().max() / expected.abs().max()) <= 1e-5

@@ -71,18 +71,24 @@ def _cmd_models(args: argparse.Namespace) -> int:
                 pp = t.preprocess
                 norm = "inception" if pp.mean == (0.5, 0.5, 0.5) else "imagenet"
                 top1 = f"{t.top1:.2f}" if t.top1 is not None else "-"
+                test = f"{pp.test_input_size} @ {pp.test_crop_pct:g}" if pp.test_input_size else "-"
                 tag_rows.append(
                     (
                         f"{e.name}.{t.tag}",
                         str(t.num_classes),
                         f"{pp.input_size} @ {pp.crop_pct:g}",
+                        test,
                         pp.interpolation,
                         norm,
                         top1,
                     )
                 )
         if tag_rows:
-            A.print_table(("weights", "classes", "eval size @ crop", "interp", "mean/std", "top-1"), tag_rows)
+            head = ("weights", "classes", "eval size @ crop", "test size @ crop", "interp", "mean/std", "top-1")
+            A.print_table(head, tag_rows)
+        pooled = [f"{e.name} ({e.downsample})" for e in entries if e.downsample != "conv"]
+        if pooled:
+            print("\nanti-aliased downsampling (docs/architecture.md §7.1): " + ", ".join(pooled))
         print("\ntop-1: ImageNet-1k val at the listed preprocessing (timm results); paper top-1: Tab. 6")
     return 0
 

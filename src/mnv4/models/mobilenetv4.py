@@ -113,9 +113,7 @@ class MobileNetV4(nn.Module):
                 else:
                     stride *= block_stride
                 blocks.append(
-                    _build_block(
-                        b, chs, act, dilation, ls_init, next(rates), bn_kwargs, block_stride, spec.downsample
-                    )
+                    _build_block(b, chs, act, dilation, ls_init, next(rates), bn_kwargs, block_stride, spec.downsample)
                 )
                 chs = chs if isinstance(b, AttentionSpec) else b.out
             stages.append(nn.Sequential(*blocks))
