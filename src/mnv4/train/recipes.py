@@ -227,7 +227,7 @@ RECIPES: dict[str, Recipe] = {
             randaug_layers=2,
             randaug_magnitude=5,
             # Earlier layers hold generic features: train them slower. 0.9 per layer puts Conv-S's stem
-            # (19 layers) at 0.15x and Conv-L's (29 layers) at 0.05x the head's LR. A conservative value
+            # (19 layers) at 0.15x and Conv-L's (30 layers) at 0.05x the head's LR. A conservative value
             # from common fine-tuning practice, not tuned on mnv4 (docs/training.md).
             layer_decay=0.9,
         ),
