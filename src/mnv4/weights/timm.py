@@ -182,9 +182,7 @@ def save_timm(model: nn.Module, path: str | os.PathLike) -> Path:
     if arch is None:
         name = getattr(getattr(model, "spec", None), "name", type(model).__name__)
         raise MNv4Error(f"timm has no architecture for {name}; only registered models convert (`mnv4 models`)")
-    cfg = {"format": "timm", "architecture": arch, "num_classes": model.num_classes}
-    if getattr(model, "preprocess", None) is not None:
-        cfg["preprocess"] = model.preprocess.to_dict()
-    if getattr(model, "class_names", None):
-        cfg["class_names"] = list(model.class_names)
+    from .checkpoint import model_config  # (checkpoint imports this module)
+
+    cfg = {**model_config(model), "format": "timm", "architecture": arch}
     return write_safetensors(path, to_timm(model), cfg)
