@@ -40,6 +40,15 @@ def test_timm_pretrained_file_loading_gives_timms_logits(name, tmp_path):
         assert float((expected - ours(x)).abs().max() / expected.abs().max()) <= 1e-4
 
 
+def test_timm_checkpoint_path_loads_an_mnv4_checkpoint(tmp_path):
+    src = randomize_(mnv4.create_model("mnv4_conv_small", num_classes=4)).eval()
+    mnv4.save_model(src, tmp_path / "run.safetensors")
+    model = timm.create_model("mnv4_conv_small", num_classes=4, checkpoint_path=str(tmp_path / "run.safetensors"))
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(src(x), model.eval()(x))
+
+
 def test_tag_preprocessing_reaches_timms_data_config():
     model = timm.create_model("mnv4_conv_small.e3600_r256_in1k")
     cfg = timm.data.resolve_data_config({}, model=model)
