@@ -107,6 +107,7 @@ _RULES: dict[str, tuple] = {
     "switch_prob": _UNIT,
     "precision": ("fp32", "bf16", "fp16"),
     "max_nonfinite_steps": ("int", 1, None, False, False, False),
+    "layer_decay": ("float", 0.0, 1.0, True, False, False),
     "input_size": ("int", 8, 4096, False, False, True),
     "val_split": ("float", 0.0, 1.0, True, True, False),
     "seed": ("int", 0, 2**63 - 1, False, False, False),

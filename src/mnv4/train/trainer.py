@@ -356,7 +356,9 @@ class Trainer:
             self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
         self.raw = self.model
         self.ema = build_ema(self.raw, cfg.ema_decay)
-        self.optimizer = build_optimizer(self.raw, cfg.scaled_lr(), cfg.weight_decay, tuple(cfg.betas), cfg.eps)
+        self.optimizer = build_optimizer(
+            self.raw, cfg.scaled_lr(), cfg.weight_decay, tuple(cfg.betas), cfg.eps, cfg.layer_decay
+        )
         self.scheduler = build_scheduler(
             self.optimizer, self.plan.warmup_steps, self.plan.total_steps, cfg.min_lr_ratio
         )
