@@ -33,7 +33,7 @@ _FIELD_FLAGS: tuple[tuple[tuple[str, ...], str, Any, str], ...] = (
     (("--grad-clip",), "grad_clip", float, "max gradient norm (0: off)"),
 )
 # What a resumed run may change: where and how it runs, and how long (extending a finished run).
-_RESUME_MAY_CHANGE = ("workers", "device", "save_every_steps", "data_root", "epochs")
+_RESUME_MAY_CHANGE = ("workers", "device", "save_every_steps", "data_root", "epochs", "loggers")
 
 
 def _parse_set(items: list[str]) -> dict[str, Any]:
@@ -67,6 +67,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         workers=args.workers,
         device=args.device,
         pretrained=("default" if args.pretrained is True else args.pretrained),
+        loggers=args.logger,
     )
     if args.spec:
         if overrides["model"]:
@@ -226,6 +227,7 @@ def register(sub) -> None:
     )
     p.add_argument("--mix", default=None, metavar="R1:R2:...", help="shares of the --distill folders per batch")
     p.add_argument("--teacher", default=None, help="online distillation from this live teacher (as distill label)")
+    A.add_loggers(p)
     p.add_argument("--channels-last", action="store_true", help="channels_last memory format")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across processes (CUDA only)")
