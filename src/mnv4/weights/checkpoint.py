@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ..errors import MNv4Error
-from .io import FORMAT, write_safetensors
+from .io import model_config, write_safetensors
 from .timm import is_timm_state_dict, timm_to_mnv4
 
 __all__ = ["load_weights", "save_model", "model_config"]
@@ -86,28 +86,6 @@ def load_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor], sourc
         )
     model.load_state_dict(sd, strict=False)
     return model
-
-
-def model_config(model: nn.Module) -> dict[str, Any]:
-    """The JSON config stored next to the weights; ``create_model(checkpoint=...)`` rebuilds from it."""
-    from ..models.meta import weights_meta
-    from ..models.registry import MODELS
-
-    spec = model.spec
-    cfg: dict[str, Any] = {
-        "format": FORMAT,
-        "version": 1,
-        "architecture": spec.name,
-        "num_classes": model.num_classes,
-        "in_chans": model.stem.conv.in_channels,
-    }
-    if spec.name not in MODELS or MODELS[spec.name].spec != spec:
-        cfg["spec"] = spec.to_dict()
-    meta = weights_meta(model)
-    cfg["preprocess"] = meta.preprocess.to_dict()
-    if meta.class_names:
-        cfg["class_names"] = list(meta.class_names)
-    return cfg
 
 
 def save_model(model: nn.Module, path: str | os.PathLike, extra: Mapping[str, Any] | None = None) -> Path:

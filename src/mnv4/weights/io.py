@@ -14,11 +14,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from ..errors import MNv4Error
 from ..files import atomic_write
 
-__all__ = ["read_checkpoint", "write_safetensors", "clean_state_dict", "CONFIG_KEY", "FORMAT"]
+__all__ = ["read_checkpoint", "write_safetensors", "clean_state_dict", "model_config", "CONFIG_KEY", "FORMAT"]
 
 CONFIG_KEY = "mnv4_config"
 FORMAT = "mnv4"
@@ -130,3 +131,26 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
     if not sd:
         raise MNv4Error(f"{path} contains no tensors")
     return sd, cfg
+
+
+def model_config(model: nn.Module) -> dict[str, Any]:
+    """The JSON config stored next to the weights; ``create_model(checkpoint=...)`` rebuilds from it
+    (mnv4 checkpoints, and the header of :func:`mnv4.weights.timm.save_timm`'s files)."""
+    from ..models.meta import weights_meta
+    from ..models.registry import MODELS
+
+    spec = model.spec
+    cfg: dict[str, Any] = {
+        "format": FORMAT,
+        "version": 1,
+        "architecture": spec.name,
+        "num_classes": model.num_classes,
+        "in_chans": model.stem.conv.in_channels,
+    }
+    if spec.name not in MODELS or MODELS[spec.name].spec != spec:
+        cfg["spec"] = spec.to_dict()
+    meta = weights_meta(model)
+    cfg["preprocess"] = meta.preprocess.to_dict()
+    if meta.class_names:
+        cfg["class_names"] = list(meta.class_names)
+    return cfg

@@ -18,7 +18,7 @@ from torch import nn
 
 from ..errors import MNv4Error
 from ..models.blocks import UIB, AttentionBlock, ConvBN, FusedIB
-from .io import write_safetensors
+from .io import model_config, write_safetensors
 
 __all__ = ["is_timm_state_dict", "timm_to_mnv4", "mnv4_to_timm", "timm_architecture", "to_timm", "save_timm"]
 
@@ -182,7 +182,5 @@ def save_timm(model: nn.Module, path: str | os.PathLike) -> Path:
     if arch is None:
         name = getattr(getattr(model, "spec", None), "name", type(model).__name__)
         raise MNv4Error(f"timm has no architecture for {name}; only registered models convert (`mnv4 models`)")
-    from .checkpoint import model_config  # (checkpoint imports this module)
-
     cfg = {**model_config(model), "format": "timm", "architecture": arch}
     return write_safetensors(path, to_timm(model), cfg)
