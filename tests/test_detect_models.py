@@ -159,3 +159,26 @@ def test_wrong_image_size_is_refused():
     det = create_detector("mnv4_conv_small", num_classes=1, image_size=64).eval()
     with pytest.raises(MNv4Error, match="3x64x64"):
         det([torch.rand(3, 64, 80)])
+
+
+@pytest.mark.parametrize("backbone", ["mnv4_conv_medium", "mnv4_hybrid_medium"])
+def test_paper_detector_matches_tab7_params_and_macs_within_3_percent(backbone):
+    from mnv4.detect.profile import COCO_CLASSES, PAPER_TAB7, paper_counts
+
+    det = create_detector(backbone, num_classes=COCO_CLASSES, image_size=384)
+    counts = paper_counts(det)
+    paper_params, paper_macs = PAPER_TAB7[backbone]
+    assert counts.paper_params / 1e6 == pytest.approx(paper_params, rel=0.03)
+    assert counts.paper_macs / 1e9 == pytest.approx(paper_macs, rel=0.03)
+    # the classification tail is counted from an independent full classifier: 256->960 and 960->1280 convs + BN
+    c5 = det.backbone.feature_info[-1]["num_chs"]
+    assert counts.tail_params == c5 * 960 + 960 * 1280 + 2 * (960 + 1280)
+    # and the detector itself is exactly its parameters
+    assert counts.params == sum(p.numel() for p in det.parameters())
+
+
+def test_dense_fpn_convs_would_miss_tab7():
+    from mnv4.detect.profile import PAPER_TAB7, paper_counts
+
+    det = create_detector("mnv4_conv_medium", num_classes=91, image_size=384, fpn_separable=False)
+    assert paper_counts(det).paper_macs / 1e9 > 1.2 * PAPER_TAB7["mnv4_conv_medium"][1]
