@@ -182,3 +182,66 @@ def test_dense_fpn_convs_would_miss_tab7():
 
     det = create_detector("mnv4_conv_medium", num_classes=91, image_size=384, fpn_separable=False)
     assert paper_counts(det).paper_macs / 1e9 > 1.2 * PAPER_TAB7["mnv4_conv_medium"][1]
+
+
+def test_ssdlite_extras_match_torchvisions_ssdlite320():
+    from torchvision.models.detection import ssdlite320_mobilenet_v3_large
+
+    from mnv4.detect.heads import ssdlite_extras
+
+    ref = ssdlite320_mobilenet_v3_large(weights=None, weights_backbone=None, num_classes=91).backbone.extra
+    ours = ssdlite_extras(480)  # torchvision's reduced-tail MobileNetV3 ends in 480 channels
+    assert [sum(p.numel() for p in b.parameters()) for b in ours] == [
+        sum(p.numel() for p in b.parameters()) for b in ref
+    ]
+    det = create_detector("ssdlite_mnv4_conv_small", num_classes=3, image_size=320)
+    assert det.anchors().shape[0] == 6 * (20 * 20 + 10 * 10 + 5 * 5 + 3 * 3 + 2 * 2 + 1)  # 6 boxes per location
+
+
+def _classifier_file(tmp_path, mean=(0.25, 0.5, 0.75)):
+    from mnv4 import create_model, save_model
+    from mnv4.models.registry import Preprocess
+
+    clf = randomize_(create_model("mnv4_conv_small", num_classes=10), seed=3)
+    clf.preprocess = Preprocess(mean=mean)
+    return clf, save_model(clf, tmp_path / "clf.safetensors")
+
+
+def test_backbone_checkpoint_changes_the_backbone_weights_only(tmp_path):
+    clf, path = _classifier_file(tmp_path)
+    torch.manual_seed(0)
+    loaded = create_detector("mnv4_conv_small", num_classes=2, image_size=64, backbone_checkpoint=path)
+    torch.manual_seed(0)
+    fresh = create_detector("mnv4_conv_small", num_classes=2, image_size=64)
+    own = clf.state_dict()
+    for k, v in loaded.backbone.state_dict().items():
+        assert torch.equal(v, own[k]), k
+    assert not torch.equal(fresh.backbone.stem.conv.weight, clf.stem.conv.weight)
+    rest = {k: v for k, v in loaded.state_dict().items() if not k.startswith("model.backbone.body.")}
+    fresh_sd = fresh.state_dict()
+    assert rest and all(torch.equal(v, fresh_sd[k]) for k, v in rest.items())
+    assert loaded.config["preprocess"]["mean"] == [0.25, 0.5, 0.75]  # the weights' normalisation
+
+
+def test_pretrained_tag_goes_through_the_hub_code(monkeypatch, tmp_path):
+    clf, path = _classifier_file(tmp_path)
+    asked = []
+
+    def fake_download(hub_id, filename="model.safetensors"):
+        asked.append(hub_id)
+        return path
+
+    monkeypatch.setattr("mnv4.factory.download_weights", fake_download)
+    det = create_detector("retinanet_mnv4_conv_small", num_classes=2, image_size=64, pretrained="e1200_r224_in1k")
+    assert asked == ["timm/mobilenetv4_conv_small.e1200_r224_in1k"]
+    assert torch.equal(det.backbone.stem.conv.weight, clf.stem.conv.weight)
+    assert det.config["preprocess"]["mean"] == [0.485, 0.456, 0.406]  # the tag's preprocessing
+    with pytest.raises(MNv4Error, match="not both"):
+        create_detector("mnv4_conv_small", num_classes=2, pretrained=True, backbone_checkpoint=path)
+
+
+def test_backbone_checkpoint_of_another_architecture_is_a_one_line_error(tmp_path):
+    _, path = _classifier_file(tmp_path)
+    with pytest.raises(MNv4Error, match="mnv4_conv_small") as info:
+        create_detector("mnv4_conv_medium", num_classes=2, image_size=64, backbone_checkpoint=path)
+    assert "\n" not in str(info.value)
