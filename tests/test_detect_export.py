@@ -141,3 +141,17 @@ def test_cli_export_detects_a_detector_checkpoint(tiny_hybrid_spec, tmp_path):
     assert out.exists() and (tmp_path / "det.onnx.detector.json").exists()
     r = run_mnv4(["export", "--checkpoint", str(ckpt), "--format", "litert", "--with-nms", "-o", "x.tflite"])
     assert r.returncode != 0 and "cannot hold NMS" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_bench_builds_detectors_like_classifiers():
+    from mnv4.deploy.zoo import build, zoo_entry
+    from mnv4.errors import InvalidValue
+
+    assert zoo_entry("ssdlite_mnv4_conv_small").source == "detector"
+    model, entry = build("ssdlite_mnv4_conv_small", input_size=64)
+    with torch.no_grad():
+        out = model(torch.randn(1, 3, 64, 64))
+    anchors = model.detector.anchors().shape[0]
+    assert out.shape == (1, anchors, 91 + 1 + 4) and model.random_weights
+    with pytest.raises(InvalidValue, match="detector name"):
+        zoo_entry("retinanet_mnv4_conv_smol")

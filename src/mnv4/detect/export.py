@@ -265,12 +265,16 @@ def export_detector(
     _write_nms_graph(module, x[:1], fmt, path)
     report = _nms_parity(module, path, fmt, x, threads)
     report.update(format=fmt, artefact=str(path), inputs=source, weights=weights, min_match_iou=MIN_MATCH_IOU)
+    if not report["detections"]:
+        # an untrained RetinaNet starts every score at its 0.01 prior, under any useful threshold
+        report["note"] = "no detection above score_thresh to compare: pass trained weights or real `images`"
     atomic_write_json(path.with_name(path.name + ".parity.json"), report)
     _sidecar(detector, path, "[N, 6] detections: x1, y1, x2, y2 (pixels), score, label", head=detector.head_kind)
     if verbose:
         print(
             f"{fmt} with NMS: {report['detections']} detections on {len(x)} inputs ({source}), "
             f"min matched IoU {report['min_iou']:.4f}, classes {'equal' if report['same_class'] else 'DIFFER'}"
+            + (f" ({report['note']})" if "note" in report else "")
         )
     if not report["passed"]:
         raise ParityError(f"{path} failed its parity check: {'; '.join(report['failures'])}")
