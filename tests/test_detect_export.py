@@ -155,3 +155,12 @@ def test_bench_builds_detectors_like_classifiers():
     assert out.shape == (1, anchors, 91 + 1 + 4) and model.random_weights
     with pytest.raises(InvalidValue, match="detector name"):
         zoo_entry("retinanet_mnv4_conv_smol")
+
+
+@pytest.mark.slow
+def test_openvino_with_nms_matches_eager(tiny_hybrid_spec, tmp_path):
+    require("openvino")
+    det = _busy(create_detector(tiny_hybrid_spec, num_classes=3, image_size=SIZE, width=32, num_convs=2))
+    export_detector(det, "openvino", tmp_path / "nms.xml", with_nms=True, samples=2, verbose=False)
+    report = json.loads((tmp_path / "nms.xml.parity.json").read_text())
+    assert report["passed"] and report["detections"] > 0 and report["min_iou"] >= 0.99
