@@ -245,3 +245,19 @@ def test_backbone_checkpoint_of_another_architecture_is_a_one_line_error(tmp_pat
     with pytest.raises(MNv4Error, match="mnv4_conv_small") as info:
         create_detector("mnv4_conv_medium", num_classes=2, image_size=64, backbone_checkpoint=path)
     assert "\n" not in str(info.value)
+
+
+def test_cli_profile_counts_detectors_by_name_and_checkpoint(capsys, tmp_path, tiny_hybrid_spec):
+    from mnv4.cli import main
+
+    assert main(["profile", "-m", "retinanet_mnv4_conv_medium"]) == 0
+    out = capsys.readouterr().out
+    det = create_detector("mnv4_conv_medium", num_classes=91, image_size=384)
+    assert (
+        f"retinanet_mnv4_conv_medium @ 384x384, batch 1, float32: {sum(p.numel() for p in det.parameters()):,}" in out
+    )
+    assert "as the paper counts" in out and "9.68M params, 5.07 GMACs" in out
+    path = save_detector(create_detector(tiny_hybrid_spec, num_classes=2, image_size=64), tmp_path / "d.safetensors")
+    assert main(["profile", "--checkpoint", str(path), "--per-layer"]) == 0
+    out = capsys.readouterr().out
+    assert "@ 64x64" in out and "model.head.classification_head" in out

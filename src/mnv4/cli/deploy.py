@@ -23,7 +23,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     if args.fp16 and args.int8:
         raise MNv4Error("choose one of --fp16 and --int8")
     precision = "int8" if args.int8 else "fp16" if args.fp16 else "fp32"
-    from .detect_export import export_detector_cli, is_detector_request
+    from .detect_tools import export_detector_cli, is_detector_request
 
     if is_detector_request(args):
         return export_detector_cli(args, precision, _progress(args))

@@ -1,4 +1,4 @@
-"""``mnv4 export`` on a detector checkpoint: the branch ``mnv4.cli.deploy`` hands over to (docs/detection.md)."""
+"""Detectors in `mnv4 export` and `mnv4 profile`: the branches those commands hand over to (docs/detection.md)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from ..errors import MNv4Error
+from . import args as A
 
 __all__ = ["is_detector_request", "export_detector_cli"]
 
@@ -53,3 +54,32 @@ def export_detector_cli(args: argparse.Namespace, precision: str, progress: bool
     )
     print(f"wrote {path}, {path}.parity.json and {path}.detector.json")
     return 0
+
+
+def detector_profile(args: argparse.Namespace):
+    """``mnv4 profile`` of a detector (a detector name or checkpoint); None when the model is a classifier.
+
+    Detector names are counted with 91 COCO classes at ``input_size`` (default 384, the paper's Tab. 7);
+    the profile's ``note`` adds the totals as the paper counts them (with TF's classification tail).
+    """
+    from ..detect.bench import is_detector_name
+
+    name = A.resolve_model(args)
+    if not (is_detector_request(args) or (isinstance(name, str) and is_detector_name(name))):
+        return None
+    from ..detect.factory import create_detector
+    from ..detect.profile import COCO_CLASSES, paper_counts, profile
+
+    if args.checkpoint:
+        if args.input_size is not None:
+            raise MNv4Error("a saved detector is counted at its own image size; drop `input_size`")
+        detector = create_detector(checkpoint=args.checkpoint)
+    else:
+        detector = create_detector(name, num_classes=COCO_CLASSES, image_size=args.input_size or 384)
+    prof = profile(detector, batch_size=args.batch_size, dtype=args.dtype)
+    counts = paper_counts(detector)
+    prof.note = (
+        f"as the paper counts (with TF's 960/1280 backbone tail, docs/detection.md): "
+        f"{counts.paper_params / 1e6:.2f}M params, {counts.paper_macs / 1e9:.2f} GMACs"
+    )
+    return prof
