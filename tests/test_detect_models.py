@@ -134,9 +134,13 @@ def test_save_load_round_trip_gives_identical_outputs(tmp_path, tiny_hybrid_spec
         (dict(model="retinanet_mnv4_conv_small", head="ssdlite", num_classes=3), "retinanet head"),
         (dict(model="mnv4_conv_small", num_classes=3, widht=8), "unknown retinanet option"),
         (dict(model="mnv4_conv_small", num_classes=2, classes=["a"]), "differs"),
+        (dict(model="TINY", num_classes=2, pretrained=True), "registered backbones only"),
+        (dict(model="mnv4_conv_small", num_classes=2, image_size=16), "image_size"),
     ],
 )
-def test_bad_arguments_are_one_line_errors(kwargs, match):
+def test_bad_arguments_are_one_line_errors(kwargs, match, tiny_hybrid_spec):
+    if kwargs.get("model") == "TINY":
+        kwargs = {**kwargs, "model": tiny_hybrid_spec}
     with pytest.raises(MNv4Error, match=match) as info:
         create_detector(**kwargs)
     assert "\n" not in str(info.value)
@@ -261,3 +265,25 @@ def test_cli_profile_counts_detectors_by_name_and_checkpoint(capsys, tmp_path, t
     assert main(["profile", "--checkpoint", str(path), "--per-layer"]) == 0
     out = capsys.readouterr().out
     assert "@ 64x64" in out and "model.head.classification_head" in out
+
+
+@pytest.mark.parametrize("head", ["retinanet", "ssdlite"])
+def test_a_few_steps_on_one_box_teach_its_place_and_its_zero_based_label(head, tiny_hybrid_spec):
+    from torchvision.ops import box_iou
+
+    torch.manual_seed(0)
+    kw = dict(width=32, num_convs=2) if head == "retinanet" else dict(extra_widths=[32, 16])
+    det = create_detector(tiny_hybrid_spec, head=head, num_classes=3, image_size=64, **kw)
+    img = torch.zeros(3, 64, 64)
+    img[:, 16:48, 8:40] = 1.0
+    target = {"boxes": torch.tensor([[8.0, 16.0, 40.0, 48.0]]), "labels": torch.tensor([2])}
+    opt = torch.optim.Adam(det.parameters(), 3e-3)
+    for _ in range(60):
+        loss = sum(det.train()([img, img.clone()], [target, target]).values())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        top = det.eval()([img])[0]
+    assert int(top["labels"][0]) == 2
+    assert float(box_iou(top["boxes"][:1], target["boxes"])) > 0.5

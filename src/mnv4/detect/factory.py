@@ -76,6 +76,8 @@ def _backbone_model(
 
     if pretrained and backbone_checkpoint is not None:
         raise MNv4Error("pass either `pretrained` or `backbone_checkpoint`, not both")
+    if pretrained and isinstance(model, ModelSpec):
+        raise MNv4Error("published weights exist for registered backbones only; pass a `backbone_checkpoint`")
     if not pretrained and backbone_checkpoint is None:
         spec = model if isinstance(model, ModelSpec) else get_entry(model).spec
         body = _body(spec, head, drop_path_rate)
