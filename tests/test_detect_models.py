@@ -181,6 +181,14 @@ def test_paper_detector_matches_tab7_params_and_macs_within_3_percent(backbone):
     assert counts.params == sum(p.numel() for p in det.parameters())
 
 
+def test_roofline_pixel6_latency_is_near_tab7():
+    from mnv4.detect.profile import PAPER_TAB7_PIXEL6_MS, pixel6_latency_ms
+
+    det = create_detector("mnv4_conv_medium", num_classes=91, image_size=384)
+    # within 10%: a model anchored on classifiers only, so a loose bar; a head 2x heavier would fail it
+    assert pixel6_latency_ms(det) == pytest.approx(PAPER_TAB7_PIXEL6_MS["mnv4_conv_medium"], rel=0.10)
+
+
 def test_dense_fpn_convs_would_miss_tab7():
     from mnv4.detect.profile import PAPER_TAB7, paper_counts
 
