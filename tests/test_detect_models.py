@@ -26,7 +26,15 @@ def _targets() -> list[dict[str, torch.Tensor]]:
     ]
 
 
-@pytest.fixture(params=["retinanet_mnv4_conv_small", "ssdlite_mnv4_conv_small", "tiny-retinanet", "tiny-ssdlite"])
+@pytest.fixture(
+    params=[
+        "retinanet_mnv4_conv_small",
+        "ssdlite_mnv4_conv_small",
+        "retinanet_mnv4_hybrid_medium",
+        "tiny-retinanet",
+        "tiny-ssdlite",
+    ]
+)
 def detector(request, tiny_hybrid_spec):
     name = request.param
     if name.startswith("tiny-"):
@@ -133,6 +141,7 @@ def test_save_load_round_trip_gives_identical_outputs(tmp_path, tiny_hybrid_spec
         (dict(model="mnv4_conv_small", head="yolo", num_classes=3), "head"),
         (dict(model="retinanet_mnv4_conv_small", head="ssdlite", num_classes=3), "retinanet head"),
         (dict(model="mnv4_conv_small", num_classes=3, widht=8), "unknown retinanet option"),
+        (dict(model="mnv4_conv_small", num_classes=3, box_loss="mse"), "box_loss"),
         (dict(model="mnv4_conv_small", num_classes=2, classes=["a"]), "differs"),
         (dict(model="TINY", num_classes=2, pretrained=True), "registered backbones only"),
         (dict(model="mnv4_conv_small", num_classes=2, image_size=16), "image_size"),
@@ -295,3 +304,13 @@ def test_a_few_steps_on_one_box_teach_its_place_and_its_zero_based_label(head, t
         top = det.eval()([img])[0]
     assert int(top["labels"][0]) == 2
     assert float(box_iou(top["boxes"][:1], target["boxes"])) > 0.5
+
+
+def test_box_loss_option_switches_torchvisions_regression_loss():
+    losses = {}
+    for kind in ("l1", "giou"):
+        torch.manual_seed(0)
+        det = create_detector("mnv4_conv_small", num_classes=3, image_size=SIZE, box_loss=kind)
+        losses[kind] = det.train()(_images(), _targets())
+    torch.testing.assert_close(losses["l1"]["classification"], losses["giou"]["classification"])
+    assert not torch.isclose(losses["l1"]["bbox_regression"], losses["giou"]["bbox_regression"])

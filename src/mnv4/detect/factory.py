@@ -10,7 +10,7 @@ from ..models.mobilenetv4 import MobileNetV4
 from ..models.registry import MODELS, get_entry
 from ..models.specs import ModelSpec
 from .io import DETECTOR_FORMAT, load_detector
-from .model import _LEVELS, RETINANET_OPTIONS, SSDLITE_OPTIONS, Detector
+from .model import _LEVELS, BOX_LOSSES, RETINANET_OPTIONS, SSDLITE_OPTIONS, Detector
 from .registry import split_detector_name
 
 __all__ = ["create_detector", "build_from_config"]
@@ -27,6 +27,7 @@ def _check_options(head: str, options: dict[str, Any]) -> dict[str, Any]:
         check_int("width", opts["width"], 8)
         check_int("num_convs", opts["num_convs"], 0)
         check_choice("p6p7_from", opts["p6p7_from"], ("p5", "c5"))
+        check_choice("box_loss", opts["box_loss"], BOX_LOSSES)
         check_float("anchor_scale", opts["anchor_scale"], 0, lo_open=True)
         for key in ("head_separable", "fpn_separable"):
             check_choice(key, opts[key], (True, False))
