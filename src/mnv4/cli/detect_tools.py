@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from ..errors import MNv4Error
 from . import args as A
 
-__all__ = ["is_detector_request", "export_detector_cli"]
+__all__ = ["is_detector_request", "export_detector_cli", "detector_profile"]
 
 
 def is_detector_request(args: argparse.Namespace) -> bool:
-    """Whether ``--checkpoint`` is a saved detector (read from the file's metadata) or ``--with-nms`` was asked."""
-    if getattr(args, "with_nms", False):
+    """Whether the command is about a detector: a detector name (``retinanet_mnv4_conv_small``), a
+    ``--checkpoint`` holding a saved detector (read from the file's metadata), or ``--with-nms``."""
+    from ..detect.bench import is_detector_name
+
+    name = A.resolve_model(args)
+    if getattr(args, "with_nms", False) or (isinstance(name, str) and is_detector_name(name)):
         return True
     path = getattr(args, "checkpoint", None)
     if not path or not Path(path).is_file():
@@ -35,13 +40,8 @@ def is_detector_request(args: argparse.Namespace) -> bool:
 
 def export_detector_cli(args: argparse.Namespace, precision: str, progress: bool | None) -> int:
     from ..detect.export import export_detector
-    from ..detect.io import load_detector
 
-    if not args.checkpoint:
-        raise MNv4Error("`with_nms` exports a detector: pass its `checkpoint` (a saved detector)")
-    if args.input_size is not None:
-        raise MNv4Error("a detector exports at its own image size; drop `input_size`")
-    detector = load_detector(args.checkpoint)
+    detector = _detector(args, "exports", default_size=320)
     path = export_detector(
         detector,
         args.format,
@@ -62,20 +62,11 @@ def detector_profile(args: argparse.Namespace):
     Detector names are counted with 91 COCO classes at ``input_size`` (default 384, the paper's Tab. 7);
     the profile's ``note`` adds the totals as the paper counts them (with TF's classification tail).
     """
-    from ..detect.bench import is_detector_name
-
-    name = A.resolve_model(args)
-    if not (is_detector_request(args) or (isinstance(name, str) and is_detector_name(name))):
+    if not is_detector_request(args):
         return None
-    from ..detect.factory import create_detector
-    from ..detect.profile import COCO_CLASSES, paper_counts, profile
+    from ..detect.profile import paper_counts, profile
 
-    if args.checkpoint:
-        if args.input_size is not None:
-            raise MNv4Error("a saved detector is counted at its own image size; drop `input_size`")
-        detector = create_detector(checkpoint=args.checkpoint)
-    else:
-        detector = create_detector(name, num_classes=COCO_CLASSES, image_size=args.input_size or 384)
+    detector = _detector(args, "is counted", default_size=384)
     prof = profile(detector, batch_size=args.batch_size, dtype=args.dtype)
     counts = paper_counts(detector)
     prof.note = (
@@ -83,3 +74,27 @@ def detector_profile(args: argparse.Namespace):
         f"{counts.paper_params / 1e6:.2f}M params, {counts.paper_macs / 1e9:.2f} GMACs"
     )
     return prof
+
+
+def _detector(args: argparse.Namespace, verb: str, default_size: int):
+    """The saved detector of ``--checkpoint``, or a random-weight one of ``--model`` with 91 COCO classes."""
+    from ..detect.factory import create_detector
+    from ..detect.profile import COCO_CLASSES
+
+    name = A.resolve_model(args)
+    if args.checkpoint:
+        if args.input_size is not None:
+            raise MNv4Error(f"a saved detector {verb} at its own image size; drop `input_size`")
+        if name is not None:
+            raise MNv4Error("a saved detector names its own architecture; drop `model`")
+        return create_detector(checkpoint=args.checkpoint)
+    if name is None:
+        raise MNv4Error("pass a detector `checkpoint` or a detector name as `model` (e.g. retinanet_mnv4_conv_small)")
+    if getattr(args, "pretrained", None):
+        raise MNv4Error("`pretrained` names classifier weights; build the detector in Python with pretrained=...")
+    detector = create_detector(name, num_classes=COCO_CLASSES, image_size=args.input_size or default_size)
+    print(
+        f"mnv4: note: {name} has random weights ({COCO_CLASSES} classes); pass --checkpoint for a trained one",
+        file=sys.stderr,
+    )
+    return detector
