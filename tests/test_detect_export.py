@@ -164,3 +164,16 @@ def test_openvino_with_nms_matches_eager(tiny_hybrid_spec, tmp_path):
     export_detector(det, "openvino", tmp_path / "nms.xml", with_nms=True, samples=2, verbose=False)
     report = json.loads((tmp_path / "nms.xml.parity.json").read_text())
     assert report["passed"] and report["detections"] > 0 and report["min_iou"] >= 0.99
+
+
+@pytest.mark.slow
+def test_onnx_int8_raw_export_goes_through_the_classifier_route(detector, tmp_path):
+    require("onnxruntime")
+    from mnv4.deploy.inputs import random_inputs
+
+    export_detector(
+        detector, "onnx", tmp_path / "q.onnx", precision="int8", calib_data=random_inputs(8, SIZE, seed=2),
+        samples=2, verbose=False,
+    )  # fmt: skip
+    report = json.loads((tmp_path / "q.onnx.parity.json").read_text())
+    assert report["passed"] and report["precision"] == "int8" and report["cosine"] > 0.9
