@@ -10,7 +10,7 @@ from ..models.mobilenetv4 import MobileNetV4
 from ..models.registry import MODELS, get_entry
 from ..models.specs import ModelSpec
 from .io import DETECTOR_FORMAT, load_detector
-from .model import _LEVELS, BOX_LOSSES, RETINANET_OPTIONS, SSDLITE_OPTIONS, Detector
+from .model import BOX_LOSSES, FEATURE_LEVELS, RETINANET_OPTIONS, SSDLITE_OPTIONS, Detector
 from .registry import split_detector_name
 
 __all__ = ["create_detector", "build_from_config"]
@@ -53,7 +53,7 @@ def _classes(num_classes: int | None, classes: list[str] | None) -> list[str]:
 def _body(spec: ModelSpec, head: str, drop_path_rate: float) -> MobileNetV4:
     try:
         return MobileNetV4(
-            spec, num_classes=0, features_only=True, out_indices=_LEVELS[head], drop_path_rate=drop_path_rate
+            spec, num_classes=0, features_only=True, out_indices=FEATURE_LEVELS[head], drop_path_rate=drop_path_rate
         )
     except (TypeError, ValueError) as e:
         raise MNv4Error(f"cannot build a {head} backbone from {spec.name}: {e}") from None
@@ -84,7 +84,7 @@ def _backbone_model(
         body = _body(spec, head, drop_path_rate)
         body.preprocess = None if isinstance(model, ModelSpec) else get_entry(model).default_preprocess
         return body
-    kwargs = dict(features_only=True, out_indices=_LEVELS[head], drop_path_rate=drop_path_rate)
+    kwargs = dict(features_only=True, out_indices=FEATURE_LEVELS[head], drop_path_rate=drop_path_rate)
     return create_model(model, pretrained=pretrained or False, checkpoint=backbone_checkpoint, **kwargs)
 
 

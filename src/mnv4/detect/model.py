@@ -26,7 +26,7 @@ from ..errors import MNv4Error
 from .heads import head_outputs, retinanet_head, ssdlite_extras, ssdlite_head
 from .layers import build_fpn
 
-__all__ = ["Detector", "RETINANET_OPTIONS", "SSDLITE_OPTIONS", "BOX_LOSSES", "feature_sizes"]
+__all__ = ["Detector", "RETINANET_OPTIONS", "SSDLITE_OPTIONS", "BOX_LOSSES", "FEATURE_LEVELS", "feature_sizes"]
 
 # The paper's mobile RetinaNet (docs/detection.md "The paper's detector" explains each choice).
 RETINANET_OPTIONS: dict[str, Any] = dict(
@@ -36,7 +36,7 @@ RETINANET_OPTIONS: dict[str, Any] = dict(
 BOX_LOSSES = ("l1", "smooth_l1", "giou", "diou", "ciou")
 SSDLITE_OPTIONS: dict[str, Any] = dict(extra_widths=[512, 256, 256, 128])
 # Feature levels of MobileNetV4 (features_only out_indices) each neck reads: strides 8/16/32 and 16/32.
-_LEVELS = {"retinanet": (2, 3, 4), "ssdlite": (3, 4)}
+FEATURE_LEVELS = {"retinanet": (2, 3, 4), "ssdlite": (3, 4)}
 
 
 def feature_sizes(image_size: int, first_stride: int, count: int) -> list[int]:
