@@ -80,10 +80,10 @@ def zoo_entry(name: str) -> ZooEntry:
     """The entry of a baseline or of any registered MNv4 variant; unknown names are an error."""
     if name in BASELINES:
         return BASELINES[name]
-    from ..detect.bench import detector_entry, is_detector_name
+    from ..detect.bench import BENCH_SIZE, check_detector_name, is_detector_name
 
     if is_detector_name(name):
-        return detector_entry(name)
+        return ZooEntry(check_detector_name(name), "detector", name, BENCH_SIZE, math.nan, "")
     try:
         return _mnv4_entry(name)
     except MNv4Error:

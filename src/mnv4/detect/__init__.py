@@ -12,15 +12,15 @@ _LAZY = {
     "create_detector": "mnv4.detect.factory",
     "Detector": "mnv4.detect.model",
     "save_detector": "mnv4.detect.io",
-    "load_detector": "mnv4.detect.io",
+    "load_detector": "mnv4.detect.factory",
     "list_detectors": "mnv4.detect.registry",
 }
 
 __all__ = ["create_detector", "Detector", "save_detector", "load_detector", "list_detectors"]
 
 if TYPE_CHECKING:
-    from .factory import create_detector
-    from .io import load_detector, save_detector
+    from .factory import create_detector, load_detector
+    from .io import save_detector
     from .model import Detector
     from .registry import list_detectors
 

@@ -7,7 +7,6 @@ BatchNorm statistics estimated on noise - the same protocol as every classifier 
 
 from __future__ import annotations
 
-import math
 from typing import TYPE_CHECKING
 
 from .registry import HEADS
@@ -15,9 +14,7 @@ from .registry import HEADS
 if TYPE_CHECKING:
     from torch import nn
 
-    from ..deploy.zoo import ZooEntry
-
-__all__ = ["is_detector_name", "detector_entry", "build_detector", "BENCH_SIZE", "BENCH_CLASSES"]
+__all__ = ["is_detector_name", "check_detector_name", "build_detector", "BENCH_SIZE", "BENCH_CLASSES"]
 
 BENCH_SIZE = 320  # the common mobile detection input (torchvision's SSDLite, the issue's tables)
 BENCH_CLASSES = 91  # COCO as TF counts it
@@ -27,15 +24,15 @@ def is_detector_name(name: str) -> bool:
     return any(name.startswith(h + "_") for h in HEADS)
 
 
-def detector_entry(name: str) -> ZooEntry:
-    from ..deploy.zoo import ZooEntry
+def check_detector_name(name: str) -> str:
+    """``name`` if it is a registered detector, else a one-line error naming where the list is."""
     from .registry import list_detectors
 
     if name not in list_detectors():
         from ..errors import InvalidValue
 
         raise InvalidValue("models", name, "a detector name from mnv4.detect.list_detectors()")
-    return ZooEntry(name, "detector", name, BENCH_SIZE, math.nan, "")
+    return name
 
 
 def build_detector(name: str, input_size: int | None = None, realistic: bool = True) -> nn.Module:

@@ -9,11 +9,12 @@ from ..errors import MNv4Error, check_choice, check_float, check_int
 from ..models.mobilenetv4 import MobileNetV4
 from ..models.registry import MODELS, get_entry
 from ..models.specs import ModelSpec
-from .io import DETECTOR_FORMAT, load_detector
+from ..weights.io import read_checkpoint
+from .io import DETECTOR_FORMAT, is_detector_config
 from .model import BOX_LOSSES, FEATURE_LEVELS, RETINANET_OPTIONS, SSDLITE_OPTIONS, Detector
 from .registry import split_detector_name
 
-__all__ = ["create_detector", "build_from_config"]
+__all__ = ["create_detector", "build_from_config", "load_detector"]
 
 _DEFAULTS = {"retinanet": RETINANET_OPTIONS, "ssdlite": SSDLITE_OPTIONS}
 
@@ -160,3 +161,22 @@ def _default_preprocess() -> dict[str, list[float]]:
 
     pre = Preprocess()
     return {"mean": list(pre.mean), "std": list(pre.std)}
+
+
+def load_detector(path: str | os.PathLike) -> Detector:
+    """The detector saved at ``path``, rebuilt from its own config."""
+    sd, cfg = read_checkpoint(path)
+    if not is_detector_config(cfg):
+        raise MNv4Error(
+            f"{path} is not an mnv4 detector checkpoint (no {DETECTOR_FORMAT} metadata); "
+            "for a classifier's weights use `backbone_checkpoint`"
+        )
+    detector = build_from_config(cfg)
+    try:
+        result = detector.load_state_dict(sd, strict=False)
+    except RuntimeError as e:  # shape mismatches
+        raise MNv4Error(f"{path} does not fit its own config ({str(e).splitlines()[-1].strip()[:160]})") from None
+    problems = [*result.missing_keys, *result.unexpected_keys]
+    if problems:
+        raise MNv4Error(f"{path} does not fit its own config ({', '.join(problems[:3])}); the file is damaged")
+    return detector
