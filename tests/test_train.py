@@ -133,6 +133,16 @@ def test_bf16_autocast_and_channels_last_train_on_cpu(tmp_path):
 
 
 @pytest.mark.slow
+def test_three_digits_epochs_evaluate_far_above_chance(tmp_path):
+    # 66 steps: BatchNorm's running variance used to keep ~10x its initial 1.0 in the deep layers (whose
+    # batch variance is ~1e-4), so this run evaluated at 10% (chance) while its training loss fell.
+    cfg = resolve_config("quick", epochs=3, input_size=16, output=str(tmp_path / "run"))
+    result = train(cfg, progress=False, log=lambda msg: None)
+    assert result.summary["steps"] == 66
+    assert result.summary["val_top1_final"] > 50.0  # 77% here; chance is 10%
+
+
+@pytest.mark.slow
 def test_cli_train_eval_plot_predict_on_an_image_folder(tmp_path, capsys):
     # A real folder (PNG files from the digits) with one broken file, driven through the CLI.
     tr, _ = digits_split(0.2, seed=0, size=16)

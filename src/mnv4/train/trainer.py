@@ -45,6 +45,7 @@ from ..data.sampling import GlobalBatchSampler, SeededDataset, sample_seed
 from ..data.transforms import batch_mix, eval_transform, train_transform
 from ..errors import MNv4Error
 from ..files import DirLock, atomic_write_json, atomic_write_text, remove_orphan_temps
+from ..models.batchnorm import debias_running_stats
 from ..models.registry import Preprocess
 from ..models.specs import ModelSpec
 from ..weights.checkpoint import save_model
@@ -350,6 +351,7 @@ class Trainer:
         if cfg.sync_bn and info.distributed:
             self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
         self.raw = self.model
+        debias_running_stats(self.raw)  # or short runs evaluate with BatchNorm's initial (0, 1) statistics
         self.ema = build_ema(self.raw, cfg.ema_decay)
         self.optimizer = build_optimizer(self.raw, cfg.scaled_lr(), cfg.weight_decay, tuple(cfg.betas), cfg.eps)
         self.scheduler = build_scheduler(
