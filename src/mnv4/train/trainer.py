@@ -192,6 +192,7 @@ class Trainer:
         self.last_eval: dict[str, EvalResult] = {}
         self.nonfinite_in_a_row = 0
         self.skipped_steps = 0  # steps without a readable image on any rank, or with a non-finite loss
+        self.lone_images = 0  # readable images left out as their process's only image of a step
         self.stop_reason: str | None = None
         self.lock: DirLock | None = None
         self.metrics: MetricsLog | None = None
@@ -518,8 +519,12 @@ class Trainer:
             self.save_checkpoint()
             return {}
         if self._epoch_readable == 0 and last > first:
+            alone = f" ({self.lone_images} readable image(s) were each alone in a process's share)" * bool(
+                self.lone_images
+            )
             raise MNv4Error(
-                f"no training image of epoch {epoch + 1} could be read; check the files of {self.data.name}"
+                f"no step of epoch {epoch + 1} had two readable training images in one process's share{alone}: "
+                f"too few images of {self.data.name} can be read; fix or remove the skipped files or raise `batch_size`"
             )
         epoch_time = time.perf_counter() - self._epoch_t0
         return {
@@ -532,6 +537,10 @@ class Trainer:
         }
 
     def _fetch_step(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """This rank's readable images of the step. A single one is left out: BatchNorm cannot normalise a
+        batch of one; the same image twice (what was once done) has no variance at any deep layer, so
+        the backward pass divides by sqrt(eps) at each and overflows to NaN; and running statistics
+        would make it train against a different normalisation than every other image."""
         xs, ys = [], []
         for _ in range(self.plan.accumulation):
             x, y, broken = next(self._batches)
@@ -539,6 +548,9 @@ class Trainer:
             if len(y):
                 xs.append(x)
                 ys.append(y)
+        if sum(len(y) for y in ys) == 1:
+            self.lone_images += 1
+            return [], []
         return xs, ys
 
     def train_step(self) -> float | None:
@@ -590,7 +602,8 @@ class Trainer:
                 self._seen += int(round(w.sum().item()))
         loss_sum = all_reduce_sum([loss_sum], info)[0]
         mean_loss = loss_sum / total if total else None
-        if total == 0 or not math.isfinite(mean_loss):
+        finite_grads = total > 0 and math.isfinite(mean_loss) and self._grads_finite()
+        if not finite_grads:
             self._skip_update(total, mean_loss)
         else:
             self.nonfinite_in_a_row = 0
@@ -631,18 +644,28 @@ class Trainer:
         finally:
             self.raw.train()
 
+    def _grads_finite(self) -> bool:
+        """Whether every gradient is finite (after DDP's all-reduce, so all ranks agree); a finite loss can
+        still have overflowing gradients, and one such update would turn every weight into NaN."""
+        if self.scaler.is_enabled():
+            return True  # the GradScaler checks and skips such steps itself
+        grads = [p.grad for p in self.raw.parameters() if p.grad is not None]
+        return not grads or bool(torch.isfinite(nn.utils.get_total_norm(grads)))
+
     def _skip_update(self, total: int, mean_loss: float | None) -> None:
         self.skipped_steps += 1
         if total == 0:
-            self.say(f"step {self.step + 1}: no readable image in the whole global batch; no update")
+            self.say(f"step {self.step + 1}: no process has two readable images in this global batch; no update")
             return
         self.nonfinite_in_a_row += 1
-        self.say(f"step {self.step + 1}: loss is {mean_loss}; the update is skipped")
+        what = f"loss is {mean_loss}" if not math.isfinite(mean_loss) else "the gradients are not finite"
+        self.say(f"step {self.step + 1}: {what}; the update is skipped")
         if self.nonfinite_in_a_row >= self.cfg.max_nonfinite_steps:
             last = self.run_dir / LAST
             kept = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was saved yet"
             raise MNv4Error(
-                f"the loss was not finite for {self.nonfinite_in_a_row} steps in a row (last: {mean_loss}); "
+                f"the loss or its gradients were not finite for {self.nonfinite_in_a_row} steps in a row "
+                f"(last loss: {mean_loss}); "
                 f"training stopped at step {self.step + 1} and {kept}. Lower `lr` or set `grad_clip`"
             )
 
@@ -846,16 +869,13 @@ def _rechunk(
 ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """This rank's readable samples of a step as micro-batches with per-sample weights.
 
-    Unreadable files shrink micro-batches; a micro-batch of one image would make BatchNorm fail on
-    the 1x1 head features, so a lone image joins the previous micro-batch, and a rank whose whole
-    step is one image runs it twice at half weight (same loss and gradient, a valid batch for BN).
+    Unreadable files shrink micro-batches; a lone image joins the previous micro-batch. A rank whose
+    whole step is one image has none to train on (see :meth:`Trainer._fetch_step`).
     """
     if not xs:
         return []
     x, y = torch.cat(xs), torch.cat(ys)
     n = len(x)
-    if n == 1:
-        return [(torch.cat([x, x]), torch.cat([y, y]), torch.full((2,), 0.5))]
     bounds = list(range(0, n, micro)) + [n]
     if bounds[-1] - bounds[-2] == 1 and len(bounds) > 2:
         bounds.pop(-2)
