@@ -32,8 +32,6 @@ _FIELD_FLAGS: tuple[tuple[tuple[str, ...], str, Any, str], ...] = (
     (("--save-every-steps",), "save_every_steps", int, "also checkpoint every N optimizer steps"),
     (("--grad-clip",), "grad_clip", float, "max gradient norm (0: off)"),
 )
-# What a resumed run may change: where and how it runs, and how long (extending a finished run).
-_RESUME_MAY_CHANGE = ("workers", "device", "save_every_steps", "data_root", "epochs")
 
 
 def _parse_set(items: list[str]) -> dict[str, Any]:
@@ -51,12 +49,8 @@ def _parse_set(items: list[str]) -> dict[str, Any]:
     return out
 
 
-def _cmd_train(args: argparse.Namespace) -> int:
-    from ..train.checkpoint import find_resume, load_training_state
-    from ..train.config import TrainConfig, resolve_config
-    from ..train.distributed import teardown
-    from ..train.trainer import train
-
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The config fields given on the command line (None: not given)."""
     overrides: dict[str, Any] = {field: getattr(args, field) for _, field, _, _ in _FIELD_FLAGS}
     overrides.update(
         model=A.resolve_model(args),
@@ -77,26 +71,32 @@ def _cmd_train(args: argparse.Namespace) -> int:
         if getattr(args, flag):
             overrides[flag] = True
     overrides.update(_parse_set(args.set or []))
-    resume = None
-    if args.resume:
-        resume = find_resume(args.resume, args.output)
-        saved = load_training_state(resume)["config"]
-        fixed = sorted(k for k, v in overrides.items() if v is not None and k not in _RESUME_MAY_CHANGE + ("output",))
-        if fixed or args.recipe or args.config:
-            what = ", ".join(f"`{k}`" for k in fixed) or "the recipe"
-            raise MNv4Error(
-                f"a resumed run keeps its recipe and hyper-parameters; {what} cannot change "
-                "(start a new run with another `output` instead)"
-            )
-        saved.update({k: overrides[k] for k in _RESUME_MAY_CHANGE if overrides.get(k) is not None})
-        cfg = TrainConfig.from_dict(saved)
-    else:
-        recipe = args.recipe
-        if recipe is None and (args.distill or args.teacher):  # distilling implies its recipe, unless a file names one
-            from ..train.config import load_config_file
+    return overrides
 
-            recipe = (load_config_file(args.config) if args.config else {}).get("recipe") or "distill"
-        cfg = resolve_config(recipe, args.config, **overrides)
+
+def _config(args: argparse.Namespace, resume: Path | None):
+    """The run's config: a new one (recipe <- --config file <- flags), or the resumed run's with the changes a
+    resume may make (the library's rule, mnv4.train.runs)."""
+    from ..train.config import load_config_file, resolve_config
+    from ..train.runs import resumed_train_config
+
+    overrides = _overrides(args)
+    from_file = load_config_file(args.config) if args.config else {}
+    if resume is not None:
+        return resumed_train_config(resume, {**from_file, **overrides, "recipe": args.recipe})
+    recipe = args.recipe
+    if recipe is None and (args.distill or args.teacher):  # distilling implies its recipe, unless a file names one
+        recipe = from_file.get("recipe") or "distill"
+    return resolve_config(recipe, args.config, **overrides)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from ..train.distributed import teardown
+    from ..train.runs import exit_code, find_resume
+    from ..train.trainer import train
+
+    resume = find_resume(args.resume, args.output) if args.resume else None
+    cfg = _config(args, resume)
     if cfg.distill or cfg.teacher:  # a distillation config, given now or saved with the run being resumed
         from ..distill.student import train_student as train
     try:
@@ -109,9 +109,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         )
     finally:
         teardown()
-    if result.stopped_early:
-        print(f"stopped at step {result.step} ({result.stop_reason}); continue with: {result.resume_command}")
-        return {"SIGINT": 130, "SIGTERM": 143}.get(result.stop_reason or "", 0)
+    if result.stopped_early:  # the trainer said where and why, and how to continue
+        return exit_code(result.stop_reason)
     s = result.summary
     if not s:  # a non-zero rank under torchrun
         return 0

@@ -43,6 +43,7 @@ from ..models.specs import ModelSpec
 from ..train.checkpoint import LAST
 from ..train.config import TrainConfig, resolve_config
 from ..train.distributed import all_reduce_sum
+from ..train.runs import plain, resumed_fields, stop_line
 from ..train.trainer import Trainer
 from ..weights.checkpoint import save_model
 from ..weights.io import write_safetensors
@@ -304,6 +305,8 @@ class SuperNetTrainer(Trainer):
     ``data.train`` is the part of the training data the weights learn from, ``data.val`` the held-out
     part the reward is measured on (the dataset's own validation images are not used)."""
 
+    command = "mnv4 search"
+
     def __init__(self, scfg: SearchConfig, data, cost_model: CostModel, progress=None, log=None) -> None:
         super().__init__(scfg.train_config(), data=data, progress=progress, log=log)
         self.scfg = scfg
@@ -423,7 +426,7 @@ class SuperNetTrainer(Trainer):
 
     def extra_state(self) -> dict[str, Any]:
         return {
-            "search_config": _plain(self.scfg.to_dict()),
+            "search_config": plain(self.scfg.to_dict()),
             "stage_index": self.stage_index,
             "stage_results": json.dumps(self.stage_results),
             "controller": self.controller.state_dict() if self.controller else None,
@@ -434,10 +437,8 @@ class SuperNetTrainer(Trainer):
         saved = state.get("search_config")
         if saved is None:
             raise MNv4Error("this checkpoint is not from a search; resume it with `mnv4 train`")
-        now = _plain(self.scfg.to_dict())
-        diff = sorted(k for k in saved.keys() | now.keys() if k not in RESUME_MAY_CHANGE and saved.get(k) != now.get(k))
-        if diff:
-            raise MNv4Error(f"cannot resume: the search was started with other settings ({', '.join(diff)})")
+        now = self.scfg.to_dict()
+        resumed_fields(saved, now, RESUME_MAY_CHANGE, "search")  # refuses any other change
         self.stage_results = json.loads(state["stage_results"])
         self.history = json.loads(state["history"])
         if state["controller"] is not None:
@@ -542,8 +543,7 @@ class SuperNetTrainer(Trainer):
     def finish(self):
         if self.stop_reason is not None:
             self.say(
-                f"stopped at step {self.step} of {self.plan.total_steps} ({self.stop_reason}); "
-                f"continue with `resume` ({self.run_dir / LAST})"
+                stop_line(self.step, self.plan.total_steps, self.stop_reason, self.run_dir / LAST, self.resume_command)
             )
             return super_finish_stopped(self)
         from .report import write_report
@@ -635,15 +635,6 @@ def _rng(*keys: int):
     from ..data.sampling import sample_seed
 
     return random.Random(sample_seed(*keys))
-
-
-def _plain(v: Any) -> Any:
-    """JSON-like form for comparing configs saved in checkpoints (tuples -> lists)."""
-    if isinstance(v, dict):
-        return {k: _plain(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_plain(x) for x in v]
-    return v
 
 
 def search(

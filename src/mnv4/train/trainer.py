@@ -55,6 +55,7 @@ from .distributed import DistInfo, all_reduce_sum, setup
 from .evaluate import EvalResult, evaluate
 from .metrics import METRICS_FILE, MetricsLog
 from .optim import build_ema, build_optimizer, build_scheduler, l2_penalty
+from .runs import checkpoint_file, default_run_dir, stop_line
 
 __all__ = ["Trainer", "train", "TrainResult", "Plan", "plan_run", "BEST", "LAST_WEIGHTS", "SUMMARY", "RUN_FILES"]
 
@@ -165,6 +166,7 @@ class Trainer:
     """
 
     distills = False  # trains on teacher targets: mnv4.distill.student.DistillTrainer sets it
+    command = "mnv4 train"  # the command whose --resume continues this trainer's runs
 
     def __init__(
         self,
@@ -290,6 +292,10 @@ class Trainer:
             model, device_ids=[device] if device.type == "cuda" else None, broadcast_buffers=False
         )
 
+    @property
+    def resume_command(self) -> str:
+        return f"{self.command} --resume {self.run_dir}"
+
     # ------------------------------------------------------------------ phases
     def say(self, msg: str) -> None:
         if not self.info.is_main:
@@ -303,31 +309,49 @@ class Trainer:
         """Processes, data, model, optimizer and the run directory; restores ``resume`` if given."""
         cfg = self.cfg
         self.t_start = time.perf_counter()
-        self.info = info = setup(cfg.device)
-        if self.data is None:
+        self.info = setup(cfg.device)
+        self.data = self._load_data()
+        state = load_training_state(resume) if resume else None
+        if state is not None and "step" not in state:
+            raise MNv4Error(f"{resume} is not a training checkpoint (it has no step); pass a run's last.pt")
+        self.plan = plan_run(cfg, len(self.data.train), self.info.world_size)
+        torch.manual_seed(cfg.seed)  # identical initial weights on every rank and every run
+        self.model = self.build_model()
+        self.run_dir = self._claim_run_dir(resume)
+        self._build_loaders()
+        self._build_optimization()
+        if state is not None:
+            self.resume(state)
+        self.net = self.wrap_distributed(self.raw) if self.info.distributed else self.raw
+        if cfg.compile:
+            self.net = torch.compile(self.net)
+        if self.info.is_main:
+            atomic_write_text(self.run_dir / CONFIG, _config_yaml(cfg, self.plan, self.info))
+            resume_epoch = self.step // self.plan.steps_per_epoch if state is not None else None
+            self.metrics = MetricsLog(self.run_dir, resume_epoch=resume_epoch)
+            self.say(self._start_line(resumed=state is not None))
+
+    def _load_data(self) -> DataBundle:
+        """The given datasets, else ``cfg.data`` (rank 0 downloads or unpacks first, the others read its cache)."""
+        cfg, info, data = self.cfg, self.info, self.data
+        if data is None:
             if cfg.data is None:
                 raise MNv4Error(
                     f"recipe {cfg.recipe} has no default dataset; pass `data` (a folder, cifar10 or digits)"
                 )
             if info.is_main:
-                self.data = load_data(cfg.data, cfg.data_root, cfg.val_split, cfg.seed)
+                data = load_data(cfg.data, cfg.data_root, cfg.val_split, cfg.seed)
             if info.distributed:
-                dist.barrier()  # rank 0 downloads/unpacks first; the others then read the cache
-            if self.data is None:
-                self.data = load_data(cfg.data, cfg.data_root, cfg.val_split, cfg.seed)
-        data = self.data
+                dist.barrier()
+            if data is None:
+                data = load_data(cfg.data, cfg.data_root, cfg.val_split, cfg.seed)
         if len(data.val) == 0:
             raise MNv4Error(f"the validation set of {data.name} is empty; add images to val/ or raise `val_split`")
         _check_readable(data.train, "training")
+        return data
 
-        state = load_training_state(resume) if resume else None
-        if state is not None and "step" not in state:
-            raise MNv4Error(f"{resume} is not a training checkpoint (it has no step); pass a run's last.pt")
-        self.plan = plan_run(cfg, len(data.train), info.world_size)
-        torch.manual_seed(cfg.seed)  # identical initial weights on every rank and every run
-        self.model = self.build_model()
-        self.run_dir = self._claim_run_dir(resume)
-
+    def _build_loaders(self) -> None:
+        cfg, info = self.cfg, self.info
         self.train_dataset = self.build_train_dataset()
         self.sampler = self.build_train_sampler(self.train_dataset)
         common: dict[str, Any] = dict(
@@ -338,12 +362,14 @@ class Trainer:
         self.train_loader = DataLoader(
             self.train_dataset, batch_size=self.plan.micro_batch, sampler=self.sampler, **common
         )
-        val_ds: Any = SeededDataset(data.val, eval_transform(self.model.preprocess))
+        val_ds: Any = SeededDataset(self.data.val, eval_transform(self.model.preprocess))
         if info.distributed:  # disjoint shards without padding, so summed counts are exact
             val_ds = Subset(val_ds, range(info.rank, len(val_ds), info.world_size))
         self.val_loader = DataLoader(val_ds, batch_size=max(self.plan.micro_batch, 64), shuffle=False, **common)
 
-        device = info.device
+    def _build_optimization(self) -> None:
+        """The model on its device, its EMA, optimizer, LR schedule, precision and batch mixing."""
+        cfg, info, device = self.cfg, self.info, self.info.device
         self.model.to(device)
         if cfg.channels_last:
             self.model.to(memory_format=torch.channels_last)
@@ -360,27 +386,21 @@ class Trainer:
         )
         self.autocast, use_scaler = _precision(cfg, device)
         self.scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
-        self.mix = batch_mix(len(data.class_names), cfg.mix_prob, cfg.mixup_alpha, cfg.cutmix_alpha, cfg.switch_prob)
+        n_classes = len(self.data.class_names)
+        self.mix = batch_mix(n_classes, cfg.mix_prob, cfg.mixup_alpha, cfg.cutmix_alpha, cfg.switch_prob)
         self.bad = BadImageLog(verbose=True)  # every rank names the files it skips
-        if state is not None:
-            self.resume(state)
-        self.net = self.wrap_distributed(self.raw) if info.distributed else self.raw
-        if cfg.compile:
-            self.net = torch.compile(self.net)
-        if info.is_main:
-            atomic_write_text(self.run_dir / CONFIG, _config_yaml(cfg, self.plan, info))
-            resume_epoch = self.step // self.plan.steps_per_epoch if state is not None else None
-            self.metrics = MetricsLog(self.run_dir, resume_epoch=resume_epoch)
-            p = self.plan
-            eff = f"{p.micro_batch} x {p.accumulation} accumulation x {info.world_size} process(es)"
-            self.say(
-                f"training {getattr(self.raw, 'spec', None) and self.raw.spec.name or type(self.raw).__name__} on "
-                f"{data.name} ({len(data.train)} train / {len(data.val)} val images, {len(data.class_names)} "
-                f"classes) at {self.raw.preprocess.input_size} px, recipe {cfg.recipe}: {p.total_steps} steps, "
-                f"batch {cfg.batch_size} = {eff}, peak LR {cfg.scaled_lr():.3g}, device {device}"
-                + (f", resuming at step {self.step}" if state is not None else "")
-                + f"; run directory {self.run_dir}"
-            )
+
+    def _start_line(self, resumed: bool) -> str:
+        cfg, data, p, info = self.cfg, self.data, self.plan, self.info
+        eff = f"{p.micro_batch} x {p.accumulation} accumulation x {info.world_size} process(es)"
+        return (
+            f"training {_model_label(self.raw)} on "
+            f"{data.name} ({len(data.train)} train / {len(data.val)} val images, {len(data.class_names)} "
+            f"classes) at {self.raw.preprocess.input_size} px, recipe {cfg.recipe}: {p.total_steps} steps, "
+            f"batch {cfg.batch_size} = {eff}, peak LR {cfg.scaled_lr():.3g}, device {info.device}"
+            + (f", resuming at step {self.step}" if resumed else "")
+            + f"; run directory {self.run_dir}"
+        )
 
     def resume(self, state: dict[str, Any]) -> None:
         """Restore a ``last.pt`` state (already loaded) into the freshly built objects."""
@@ -425,7 +445,7 @@ class Trainer:
                         "choose another `output`, or replace it with `exist_ok`"
                     )
             else:
-                run_dir = _unused_dir(Path("runs") / f"{_model_label(self.model)}-{self.data.name}")
+                run_dir = default_run_dir(f"{_model_label(self.model)}-{self.data.name}")
             self.lock = DirLock(run_dir, "training run").acquire()
             if not resume and cfg.output and self.exist_ok:
                 replaced = [f for f in RUN_FILES if (run_dir / f).exists()]
@@ -447,8 +467,8 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
     def run(self, resume: str | Path | None = None, max_steps: int | None = None) -> TrainResult:
         """setup -> (train_epoch, evaluate_and_select, checkpoint) per epoch -> finish."""
-        if resume is not None and Path(resume).is_dir():
-            resume = Path(resume) / LAST  # a run folder stands for its last.pt
+        if resume is not None:
+            resume = checkpoint_file(resume)
         try:
             with self._stop:
                 self.setup(resume)
@@ -753,8 +773,7 @@ class Trainer:
         stopped = self.stop_reason is not None
         if stopped:
             self.say(
-                f"stopped at step {self.step} of {self.plan.total_steps} ({self.stop_reason}); "
-                f"checkpoint {self.run_dir / LAST}; continue with: mnv4 train --resume {self.run_dir}"
+                stop_line(self.step, self.plan.total_steps, self.stop_reason, self.run_dir / LAST, self.resume_command)
             )
         elif info.is_main:
             self.save_weights(
@@ -834,16 +853,6 @@ def train(
 def _model_label(model: nn.Module) -> str:
     spec = getattr(model, "spec", None)
     return spec.name if spec is not None else type(model).__name__.lower()
-
-
-def _unused_dir(base: Path) -> Path:
-    """``base``, or ``base-2``, ``base-3``... : the first that does not exist yet."""
-    if not base.exists():
-        return base
-    n = 2
-    while Path(f"{base}-{n}").exists():
-        n += 1
-    return Path(f"{base}-{n}")
 
 
 def _check_readable(dataset: Dataset, what: str, probes: int = 32) -> None:
