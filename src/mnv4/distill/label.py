@@ -28,7 +28,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from ..data.images import BadImage, BadImageLog
+from ..data.images import BadImage, BadImageLog, require_readable
 from ..data.sampling import sample_seed
 from ..errors import MNv4Error, check_choice, check_float, check_int
 from ..files import DirLock, atomic_write_json, file_sha256, remove_orphan_temps
@@ -298,6 +298,7 @@ def label(
     if out.exists() and not out.is_dir():
         raise MNv4Error(f"`out` {out} is a file; give a folder for the shards")
     source = open_source(cfg.data, cfg.data_root)
+    require_readable(source.load, len(source), "source")  # labelling nothing would still "succeed"
     policy = cfg.policy()
     if policy.mixup_alpha > 0 and len(source) < 2:
         raise MNv4Error(f"`aug` {cfg.aug} mixes pairs of images; {cfg.data} holds only {len(source)}")

@@ -151,8 +151,9 @@ class SearchConfig:
             check_int("reward_batch", self.reward_batch, 1)
         if self.distill:
             raise MNv4Error(
-                "`distill` needs the distillation datasets of mnv4.distill, which this build does not include "
-                "yet; search on the labelled data instead (docs/nas.md, 'Distillation')"
+                "searching on soft-label datasets (`distill`) is not implemented yet; search on the labelled "
+                "images (`data`), then distil the spec found with `mnv4 train --spec SPEC --distill DIR` "
+                "(docs/nas.md, 'Distillation')"
             )
         return self
 

@@ -40,7 +40,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 from ..data.datasets import DataBundle, collate_images, load_data
-from ..data.images import BadImage, BadImageLog
+from ..data.images import BadImageLog, require_readable
 from ..data.sampling import GlobalBatchSampler, SeededDataset, sample_seed
 from ..data.transforms import batch_mix, eval_transform, train_transform
 from ..errors import MNv4Error
@@ -347,7 +347,7 @@ class Trainer:
                 data = load_data(cfg.data, cfg.data_root, cfg.val_split, cfg.seed)
         if len(data.val) == 0:
             raise MNv4Error(f"the validation set of {data.name} is empty; add images to val/ or raise `val_split`")
-        _check_readable(data.train, "training")
+        require_readable(lambda i: data.train[i][0], len(data.train), "training")
         return data
 
     def _build_loaders(self) -> None:
@@ -853,24 +853,6 @@ def train(
 def _model_label(model: nn.Module) -> str:
     spec = getattr(model, "spec", None)
     return spec.name if spec is not None else type(model).__name__.lower()
-
-
-def _check_readable(dataset: Dataset, what: str, probes: int = 32) -> None:
-    """Fail before training when none of a spread of sample images can be read."""
-    n = len(dataset)
-    if n == 0:
-        raise MNv4Error(f"the {what} set is empty")
-    idx = list(range(n)) if n <= probes else sorted({round(i * (n - 1) / (probes - 1)) for i in range(probes)})
-    bad = []
-    for i in idx:
-        item = dataset[i][0]
-        if not isinstance(item, BadImage):
-            return
-        bad.append(item)
-    raise MNv4Error(
-        f"none of {len(idx)} {what} images sampled across the set could be read (e.g. {bad[0].path}: "
-        f"{bad[0].reason}); check the files"
-    )
 
 
 def _rechunk(
