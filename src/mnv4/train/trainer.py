@@ -195,6 +195,7 @@ class Trainer:
         self.nonfinite_in_a_row = 0
         self.skipped_steps = 0  # steps without a readable image on any rank, or with a non-finite loss
         self.lone_images = 0  # readable images left out as their process's only image of a step
+        self.epoch_loss = [0.0, 0]  # sum and count of this epoch's finite step losses (kept in last.pt)
         self.stop_reason: str | None = None
         self.lock: DirLock | None = None
         self.metrics: MetricsLog | None = None
@@ -415,6 +416,8 @@ class Trainer:
         self.best_top1, self.best_epoch = float(state["best_top1"]), int(state["best_epoch"])
         self.best_weights, self.wall_before = str(state.get("best_weights", "raw")), float(state["wall_seconds"])
         self.skipped_steps = int(state.get("skipped_steps", 0))
+        loss_sum, loss_n = state.get("epoch_loss", (0.0, 0))
+        self.epoch_loss = [float(loss_sum), int(loss_n)]
         self.load_extra_state(state.get("extra", {}))
         saved_total = int(state.get("total_steps", self.plan.total_steps))
         if self.step >= self.plan.total_steps:
@@ -502,7 +505,9 @@ class Trainer:
         last = min(plan.steps_per_epoch, plan.total_steps - epoch * plan.steps_per_epoch)
         self.sampler.set_epoch(epoch, first)
         self.raw.train()
-        self._epoch_t0, self._seen, loss_sum, loss_n = time.perf_counter(), 0, 0.0, 0
+        self._epoch_t0, self._seen = time.perf_counter(), 0
+        if first == 0:  # else a resumed epoch: the steps before the stop count too (restored by resume)
+            self.epoch_loss = [0.0, 0]
         self._batches = iter(self.train_loader)
         progress = self.progress
         bar = tqdm(
@@ -523,7 +528,7 @@ class Trainer:
             if loss is None and self.stop_reason is not None:
                 break
             if loss is not None and math.isfinite(loss):
-                loss_sum, loss_n = loss_sum + loss, loss_n + 1
+                self.epoch_loss = [self.epoch_loss[0] + loss, self.epoch_loss[1] + 1]
             elapsed = time.perf_counter() - self._epoch_t0
             bar.set_postfix(
                 loss=f"{loss:.3f}" if loss is not None else "-",
@@ -551,7 +556,7 @@ class Trainer:
             "epoch": epoch + 1,
             "step": self.step,
             "lr": self.optimizer.param_groups[0]["lr"],
-            "train_loss": loss_sum / max(loss_n, 1),
+            "train_loss": self.epoch_loss[0] / max(self.epoch_loss[1], 1),
             "images_per_sec": self._seen * self.info.world_size / max(epoch_time, 1e-9),
             "epoch_seconds": epoch_time,
         }
@@ -742,6 +747,7 @@ class Trainer:
             "best_epoch": self.best_epoch,
             "best_weights": self.best_weights,
             "skipped_steps": self.skipped_steps,
+            "epoch_loss": list(self.epoch_loss),
             "wall_seconds": self.wall_before + time.perf_counter() - self.t_start,
             "config": self.cfg.to_dict(),
             "class_names": list(self.data.class_names),
