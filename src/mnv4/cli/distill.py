@@ -55,7 +55,9 @@ def _cmd_label(args: argparse.Namespace) -> int:
     finally:
         teardown()
     if res.stopped_early:
-        print(f"stopped after --max-shards; continue with the same command to finish {res.out}")
+        from ..distill.label import resume_command
+
+        print(f"stopped after --max-shards; continue with: {resume_command(cfg)}")
     elif res.manifest:
         print(
             f"soft-label dataset: {res.out} ({res.manifest['records']} records); train a student with: "

@@ -39,7 +39,7 @@ from .shards import ShardRecord, encode_probs, record_key, shard_name, write_sha
 from .sources import ImageSource, map_classes, open_source, to_uint8
 from .teachers import Teacher, load_teacher
 
-__all__ = ["LabelConfig", "LabelResult", "label", "MANIFEST", "CONFIG", "FORMAT", "truncation_cost"]
+__all__ = ["LabelConfig", "LabelResult", "label", "resume_command", "MANIFEST", "CONFIG", "FORMAT", "truncation_cost"]
 
 FORMAT = "mnv4-softlabels"
 MANIFEST = "manifest.json"
@@ -326,8 +326,28 @@ def label(
     job = _Job(cfg, info, say, out, source, policy, teacher, size, ident, progress, t0)
     try:
         return _label(job, max_shards)
+    except KeyboardInterrupt:
+        say(
+            f"interrupted: {len(job.shards_done())} of {job.n_shards} shards are written in {out}; "
+            f"continue with: {resume_command(cfg)}"
+        )
+        raise
     finally:
         lock.release()
+
+
+def resume_command(cfg: LabelConfig) -> str:
+    """The command that continues labelling into ``cfg.out``: the same settings (those not at their default)."""
+    import shlex
+
+    defaults = LabelConfig(teacher="", data="", out="")
+    parts = ["mnv4", "distill", "label"]
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if f.name in ("teacher", "data", "out") or value != getattr(defaults, f.name):
+            flag = "--output" if f.name == "out" else "--" + f.name.replace("_", "-")
+            parts += [flag, shlex.quote(str(value))]
+    return " ".join(parts)
 
 
 def _claim(out: Path, ident: dict[str, Any], lock: DirLock) -> str | None:
