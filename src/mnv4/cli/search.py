@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any
 
 from ..errors import MNv4Error
@@ -101,13 +102,22 @@ def _cmd_search(args: argparse.Namespace) -> int:
     r = result.report
     if not r:  # a non-zero rank under torchrun
         return 0
+    if not r["within_tolerance"]:
+        print(
+            f"mnv4: error: the architecture found costs {r['cost']:.4g} {r['unit']}, "
+            f"{100 * r['cost_error']:+.1f}% from the target {r['target']:.4g} (--cost-tolerance "
+            f"{cfg.cost_tolerance:g}); its spec and report are in {result.output}. Search again with a stronger "
+            "cost weight (--beta) or more --epochs",
+            file=sys.stderr,
+        )
+        return 3
     print(
         f"cost {r['cost']:.4g} {r['unit']} for target {r['target']:.4g} ({100 * r['cost_error']:+.1f}%), "
         f"measured here {r['measured_here_ms']:.3f} ms; {r['wall_seconds'] / 60:.1f} min"
     )
     print(f"spec: {result.output / 'spec.json'}  (report: {result.output / 'report.md'})")
     print(f"next: mnv4 train --spec {result.output / 'spec.json'} --data {cfg.data}")
-    return 0 if r["within_tolerance"] else 3
+    return 0
 
 
 def register(sub) -> None:

@@ -671,8 +671,41 @@ def search(
     )
     res = cfg.resolution or data.input_size or 224
     cost_model = _cost_model(cfg, res, len(data.class_names), info, progress, log)
+    _check_reachable(cfg, cost_model)
     trainer = SuperNetTrainer(cfg, split, cost_model, progress, log)
     return trainer.run(resume=out / LAST if resume else None, max_steps=max_steps)
+
+
+def cost_range(space: SearchSpace, cost_model: CostModel) -> tuple[float, float]:
+    """About the cheapest and dearest cost of ``space``'s architectures: those with the smallest and the largest
+    choice of every numeric decision (depth, filters, expansion, kernel sizes with 0 = no layer, attention)."""
+
+    def extreme(pick) -> Arch:
+        return space.canonical(
+            {d.name: pick(d.choices) if all(map(_is_number, d.choices)) else d.choices[0] for d in space.decisions}
+        )
+
+    lo, hi = (cost_model.cost(space.to_spec(extreme(pick))) for pick in (min, max))
+    return min(lo, hi), max(lo, hi)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def _check_reachable(cfg: SearchConfig, cost_model: CostModel) -> None:
+    """Refuse a target no architecture of the space can meet, before any training: the search would end
+    hours later with a spec far from it."""
+    target = cfg.resolve_target(cost_model)
+    lo, hi = cost_range(get_space(cfg.space), cost_model)
+    tol = cfg.cost_tolerance
+    if target < lo * (1 - tol) or target > hi * (1 + tol):
+        unit = cost_model.unit
+        raise MNv4Error(
+            f"the target {target:.4g} {unit} is out of reach: space {cfg.space} costs about {lo:.3g} to {hi:.3g} "
+            f"{unit} on {cost_model.describe()}; choose a target in that range, or another `space` or `hardware`, "
+            "or another input size"
+        )
 
 
 def _cost_model(cfg: SearchConfig, resolution: int, num_classes: int, info, progress, log) -> CostModel:
