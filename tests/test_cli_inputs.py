@@ -297,3 +297,37 @@ def test_offline_pretrained_fails_at_once_in_one_full_line(monkeypatch, capsys):
     with pytest.raises(mnv4.MNv4Error, match=r"huggingface.co cannot be reached \(Name or service not known\)"):
         hub.download_weights("timm/x")
     assert len(tries) == 1 and tries[0][1] <= 5  # one short check, no retries
+
+
+def test_a_finetuned_teacher_file_works_with_eval_and_predict(tmp_path, capsys):
+    timm = pytest.importorskip("timm")
+    from mnv4.distill.teachers import save_teacher
+    from mnv4.models import Preprocess
+
+    net = timm.create_model("resnet10t", num_classes=10)  # random weights: only the plumbing is under test
+    digits = [str(i) for i in range(10)]
+    pp = Preprocess(32, 1.0, "bilinear", (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    path = save_teacher(net, tmp_path / "teacher.safetensors", "timm", "resnet10t", pp, digits)
+    Image.new("RGB", (40, 30), (90, 10, 200)).save(tmp_path / "x.png")
+
+    assert main(["predict", str(tmp_path / "x.png"), "--checkpoint", str(path), "--json", "-k", "2"]) == 0
+    row = json.loads(capsys.readouterr().out)
+    assert len(row["top"]) == 2 and {c["class"] for c in row["top"]} <= set(digits)
+
+    # no --data: a model of the digits' classes is evaluated on the digits, and says so
+    argv = ["eval", "--checkpoint", str(path), "--batch-size", "360", "--no-progress", "-o", str(tmp_path / "c.png")]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    assert "timm:resnet10t on digits (360 images)" in captured.out and "no --data" in captured.err
+
+    assert main(["export", "--checkpoint", str(path), "--format", "onnx", "-o", str(tmp_path / "t.onnx")]) == 2
+    assert "is a teacher file of `mnv4 distill finetune` (timm:resnet10t)" in _one_line_error(capsys)
+
+
+def test_eval_without_data_for_other_classes_is_one_line(tmp_path, capsys):
+    ck = tmp_path / "m.safetensors"
+    model = mnv4.create_model("mnv4_conv_small_035", num_classes=3)
+    model.class_names = ["a", "b", "c"]
+    mnv4.save_model(model, ck)
+    assert main(["eval", "--checkpoint", str(ck)]) == 2
+    assert "--data is required: the labelled images to evaluate on" in _one_line_error(capsys)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -130,16 +131,16 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from ..data.datasets import load_data
     from ..train.distributed import pick_device
     from ..train.evaluate import evaluate_on, plot_confusion
-    from .models import announce_weights, load_model
+    from .models import announce_weights, load_model, model_name
 
     device = pick_device(args.device)
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
-    model = load_model(args).eval()
+    model = load_model(args, teachers=True).eval()
     announce_weights(model, "its accuracy will be chance")
-    data = load_data(args.data, args.data_root, args.val_split, args.seed)
+    data = load_data(_eval_data(args, model), args.data_root, args.val_split, args.seed)
     res, bad = evaluate_on(
         model,
         data,
@@ -151,7 +152,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     )
     skipped = f", {len(bad)} unreadable skipped" if bad else ""
     print(
-        f"{model.spec.name} on {data.name} ({res.count} images{skipped}): "
+        f"{model_name(model)} on {data.name} ({res.count} images{skipped}): "
         f"top-1 {res.top1:.2f}%  top-5 {res.top5:.2f}%  loss {res.loss:.4f}"
     )
     if args.output:
@@ -159,7 +160,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     elif args.checkpoint:
         out = Path(Path(args.checkpoint).with_suffix("").as_posix() + "-confusion.png")
     else:
-        out = Path(f"{model.spec.name}-{data.name}-confusion.png")
+        out = Path(f"{model_name(model).replace(':', '-')}-{data.name}-confusion.png")
     names = list(model.class_names or data.class_names)
     plot_confusion(res, names, out)
     print(f"confusion matrix: {out}")
@@ -168,6 +169,21 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             json.dumps({"top1": res.top1, "top5": res.top5, "loss": res.loss, "count": res.count, "skipped": len(bad)})
         )
     return 0
+
+
+def _eval_data(args: argparse.Namespace, model) -> str:
+    """``--data``; without it, the built-in digits only for a model of the digits' classes (else one error)."""
+    if args.data is not None:
+        return args.data
+    from ..data.digits import DigitsDataset
+
+    if list(getattr(model, "class_names", None) or []) == DigitsDataset.classes:
+        print("mnv4: note: no --data: evaluating on the built-in digits (this model's classes)", file=sys.stderr)
+        return "digits"
+    raise MNv4Error(
+        "`data` is required: the labelled images to evaluate on (a folder with one sub-folder per class, or "
+        "val/ inside it; cifar10, fashion-mnist or digits)"
+    )
 
 
 def _cmd_recipes(args: argparse.Namespace) -> int:
@@ -250,7 +266,12 @@ def register(sub) -> None:
     p = sub.add_parser("eval", help="top-1/top-5/loss and a confusion-matrix PNG for weights on labelled images")
     A.add_model(p, help="architecture (default: from the checkpoint)", positional=False)
     A.add_weights(p, checkpoint_help="weights (e.g. a run's best.safetensors)")
-    p.add_argument("--data", default="digits", help="PATH (uses val/ when present) | cifar10 | fashion-mnist | digits")
+    p.add_argument(
+        "--data",
+        default=None,
+        help="PATH (uses val/ when present) | cifar10 | fashion-mnist | digits (required unless the model's classes "
+        "are the digits')",
+    )
     p.add_argument("--data-root", default=None, help="cache folder of cifar10 / fashion-mnist")
     p.add_argument("--val-split", type=float, default=0.2, help="as used in training, for folders without val/")
     p.add_argument("--seed", type=int, default=0, help="split seed, as used in training")
