@@ -391,13 +391,20 @@ class Trainer:
         self.mix = batch_mix(n_classes, cfg.mix_prob, cfg.mixup_alpha, cfg.cutmix_alpha, cfg.switch_prob)
         self.bad = BadImageLog(verbose=True)  # every rank names the files it skips
 
+    def _size_note(self) -> str:
+        folder = self.cfg.data is not None and Path(str(self.cfg.data)).is_dir()
+        if self.cfg.input_size is not None or self.data.input_size is None or not folder:
+            return ""
+        return " (the images' own size; --input-size or the input_size field changes it)"
+
     def _start_line(self, resumed: bool) -> str:
         cfg, data, p, info = self.cfg, self.data, self.plan, self.info
         eff = f"{p.micro_batch} x {p.accumulation} accumulation x {info.world_size} process(es)"
         return (
             f"training {_model_label(self.raw)} on "
             f"{data.name} ({len(data.train)} train / {len(data.val)} val images, {len(data.class_names)} "
-            f"classes) at {self.raw.preprocess.input_size} px, recipe {cfg.recipe}: {p.total_steps} steps, "
+            f"classes) at {self.raw.preprocess.input_size} px{self._size_note()}, recipe {cfg.recipe}: "
+            f"{p.total_steps} steps, "
             f"batch {cfg.batch_size} = {eff}, peak LR {cfg.scaled_lr():.3g}, device {info.device}"
             + (f", resuming at step {self.step}" if resumed else "")
             + f"; run directory {self.run_dir}"
