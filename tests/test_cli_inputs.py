@@ -325,9 +325,7 @@ def test_a_finetuned_teacher_file_works_with_eval_and_predict(tmp_path, capsys):
 
 
 def test_eval_without_data_for_other_classes_is_one_line(tmp_path, capsys):
-    ck = tmp_path / "m.safetensors"
     model = mnv4.create_model("mnv4_conv_small_035", num_classes=3)
     model.class_names = ["a", "b", "c"]
-    mnv4.save_model(model, ck)
-    assert main(["eval", "--checkpoint", str(ck)]) == 2
+    assert main(["eval", "--checkpoint", str(mnv4.save_model(model, tmp_path / "m.safetensors"))]) == 2
     assert "--data is required: the labelled images to evaluate on" in _one_line_error(capsys)
