@@ -37,6 +37,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import Dataset, Subset
 
+from ..data.images import require_readable
 from ..data.transforms import eval_transform
 from ..errors import InvalidValue, MNv4Error, check_float, check_int
 from ..models.specs import ModelSpec
@@ -665,6 +666,7 @@ def search(
             dist.barrier()
         if data is None:
             data = load_data(cfg.data, None, 0.2, cfg.seed)
+    require_readable(lambda i: data.train[i][0], len(data.train), "training")  # before judging the target
     w_idx, r_idx = _split(len(data.train), cfg.reward_split, cfg.seed)
     split = DataBundle(
         data.name, Subset(data.train, w_idx), Subset(data.train, r_idx), list(data.class_names), data.input_size
