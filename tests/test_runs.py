@@ -210,7 +210,8 @@ def test_max_steps_cli_prints_a_resume_command_that_works(tmp_path, capsys, monk
     argv = ["train", "--config", str(conf), "--output", str(out), "--no-progress"]
     monkeypatch.setattr("mnv4.data.digits.DigitsDataset.__len__", lambda self: min(len(self.targets), 96))
     assert main([*argv, "--max-steps", "1"]) == 0
-    assert f"continue with: mnv4 train --resume {out}" in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert f"continue with: mnv4 train --resume {out}" in said and said.count("stopped at step") == 1  # once
     assert main(["train", "--resume", str(out), "--no-progress"]) == 0
     assert json.loads((out / "summary.json").read_text())["steps"] == 3
     assert main(["train", "--resume", str(out), "--lr", "0.1", "--no-progress"]) == 2
