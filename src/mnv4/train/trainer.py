@@ -379,7 +379,8 @@ class Trainer:
         if cfg.sync_bn and info.distributed:
             self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
         self.raw = self.model
-        debias_running_stats(self.raw)  # or short runs evaluate with BatchNorm's initial (0, 1) statistics
+        if not cfg.compile:  # a momentum changing per batch would make torch.compile recompile at every step
+            debias_running_stats(self.raw)  # or short runs evaluate with BatchNorm's initial (0, 1) statistics
         self.ema = build_ema(self.raw, cfg.ema_decay)
         self.optimizer = build_optimizer(self.raw, cfg.scaled_lr(), cfg.weight_decay, tuple(cfg.betas), cfg.eps)
         self.scheduler = build_scheduler(
