@@ -274,14 +274,14 @@ def test_offline_pretrained_fails_at_once_in_one_full_line(monkeypatch, capsys):
 
     from mnv4.weights import hub
 
-    def no_download(**kw):
-        raise AssertionError("no download may start")
+    def cache_only(local_files_only=False, **kw):
+        assert local_files_only, "no download may start"
+        raise FileNotFoundError("not in the cache")
 
-    monkeypatch.setattr("huggingface_hub.hf_hub_download", no_download)
-    monkeypatch.setattr("huggingface_hub.try_to_load_from_cache", lambda **kw: None)
+    monkeypatch.setattr("huggingface_hub.hf_hub_download", cache_only)
     assert main(["predict", ".", "-m", "mnv4_conv_small", "--pretrained"]) == 2
     line = _one_line_error(capsys)
-    assert "HF_HUB_OFFLINE is set and they are not in the local cache" in line
+    assert "HF_HUB_OFFLINE is set and it is not in the local cache" in line
     assert line.endswith("copy that machine's Hugging Face cache (~/.cache/huggingface) here")  # not cut short
     assert "--checkpoint" in line
 

@@ -22,6 +22,7 @@ _LAZY = {
     "load_weights": "mnv4.weights.checkpoint",
     "save_model": "mnv4.weights.checkpoint",
     "predict": "mnv4.inference",
+    "push_to_hub": "mnv4.hub.push",
 }
 
 __all__ = [
@@ -36,10 +37,12 @@ __all__ = [
     "load_weights",
     "save_model",
     "predict",
+    "push_to_hub",
 ]
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time these come from __getattr__
     from .factory import create_model, infer_architecture
+    from .hub.push import push_to_hub
     from .inference import predict
     from .models.mobilenetv4 import MobileNetV4
     from .models.registry import list_models

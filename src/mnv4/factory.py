@@ -12,7 +12,7 @@ from .models.mobilenetv4 import MobileNetV4
 from .models.registry import MODELS, Preprocess, get_entry, split_name
 from .models.specs import ModelSpec
 from .weights.checkpoint import load_weights
-from .weights.hub import download_weights
+from .weights.hub import HUB_PREFIX, download_repo, download_weights
 from .weights.io import read_checkpoint
 from .weights.timm import is_timm_state_dict, timm_to_mnv4
 
@@ -71,14 +71,21 @@ def create_model(
 
     Args:
         name: a registered name (``mnv4_conv_small``, timm's ``mobilenetv4_conv_small``, optionally
-            ``.tag``), a custom :class:`ModelSpec`, or None to take it from ``checkpoint``.
+            ``.tag``), a custom :class:`ModelSpec`, ``hf-hub:OWNER/REPO[@REVISION]`` (a Hugging Face Hub
+            model in timm's layout, as ``mnv4 hub push`` writes), or None to take it from ``checkpoint``.
         num_classes: classifier size; defaults to the checkpoint's or the weights' (else 1000).
         pretrained: True for the default timm weights, or a tag string; fetched from the hub.
-        checkpoint: a local timm- or mnv4-format file (or hub-style folder) to load.
+        checkpoint: a local timm- or mnv4-format file, or a hub-layout folder (``config.json`` +
+            ``model.safetensors``), to load.
         **overrides: MobileNetV4 options: ``in_chans``, ``drop_rate``, ``drop_path_rate``,
             ``drop_path_schedule``, ``output_stride``, ``features_only``, ``out_indices``, ``act``,
             ``bn_eps``, ``bn_momentum``, ``layer_scale_init``.
     """
+    hub_source = None
+    if isinstance(name, str) and name.startswith(HUB_PREFIX):
+        if checkpoint is not None or pretrained:
+            raise MNv4Error(f"{name} names its own weights; pass no `checkpoint` or `pretrained` with it")
+        hub_source, name, checkpoint = name, None, download_repo(name[len(HUB_PREFIX) :])
     if pretrained and checkpoint is not None:
         raise MNv4Error("pass either pretrained=... or checkpoint=..., not both")
     sd = cfg = None
@@ -96,7 +103,7 @@ def create_model(
         source = tag.hub_id
         sd, cfg = read_checkpoint(download_weights(tag.hub_id))
     else:
-        source = str(checkpoint) if checkpoint is not None else None
+        source = hub_source or (str(checkpoint) if checkpoint is not None else None)
 
     if num_classes is None:
         if sd is not None and "classifier.weight" in sd:
@@ -105,8 +112,10 @@ def create_model(
             num_classes = cfg["num_classes"]
         else:
             num_classes = tag.num_classes if tag else 1000
-    if cfg and "in_chans" in cfg and "in_chans" not in overrides and cfg.get("format") == "mnv4":
-        overrides["in_chans"] = cfg["in_chans"]
+    if cfg and cfg.get("format") == "mnv4":
+        for key in ("in_chans", "bn_eps"):  # bn_eps: hub configs record a non-default epsilon
+            if key in cfg and key not in overrides:
+                overrides[key] = cfg[key]
 
     try:
         model = MobileNetV4(spec, num_classes=num_classes, **overrides)

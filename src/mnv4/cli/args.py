@@ -195,6 +195,18 @@ def add_workers(parser: argparse.ArgumentParser, default: int | None = 0) -> Non
     parser.add_argument("-j", "--workers", type=nonneg_int, default=default, metavar="N", help="data-loading processes")
 
 
+def add_loggers(parser: argparse.ArgumentParser) -> None:
+    """``--logger tensorboard,wandb,mlflow``: experiment trackers of a training run (``args.logger``)."""
+    parser.add_argument(
+        "--logger",
+        type=lambda text: tuple(t for t in model_list(text) if t != "none"),
+        default=None,
+        metavar="NAMES",
+        help="experiment trackers, comma-separated: tensorboard, wandb, mlflow, or none "
+        "(default: tensorboard when installed; W&B and MLflow follow their WANDB_* / MLFLOW_* settings)",
+    )
+
+
 def add_progress(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--no-progress", action="store_true", help="no progress bars (they only show on a terminal anyway)"

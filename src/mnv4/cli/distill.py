@@ -80,6 +80,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
             device=args.device,
             seed=args.seed,
             data_root=args.data_root,
+            loggers=args.logger,
         ).items()
         if v is not None
     }
@@ -209,5 +210,6 @@ def register(sub) -> None:
     p.add_argument("--seed", type=A.nonneg_int, default=None)
     p.add_argument("--data-root", default=None, help="cache folder of cifar10 / fashion-mnist")
     p.add_argument("--exist-ok", action="store_true", help="replace a run already in --output")
+    A.add_loggers(p)
     A.add_progress(p)
     p.set_defaults(func=_cmd_finetune)

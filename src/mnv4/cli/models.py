@@ -123,18 +123,24 @@ def _cmd_models(args: argparse.Namespace) -> int:
                 pp = t.preprocess
                 norm = "inception" if pp.mean == (0.5, 0.5, 0.5) else "imagenet"
                 top1 = f"{t.top1:.2f}" if t.top1 is not None else "-"
+                test = f"{pp.test_input_size} @ {pp.test_crop_pct:g}" if pp.test_input_size else "-"
                 tag_rows.append(
                     (
                         f"{e.name}.{t.tag}",
                         str(t.num_classes),
                         f"{pp.input_size} @ {pp.crop_pct:g}",
+                        test,
                         pp.interpolation,
                         norm,
                         top1,
                     )
                 )
         if tag_rows:
-            A.print_table(("weights", "classes", "eval size @ crop", "interp", "mean/std", "top-1"), tag_rows)
+            head = ("weights", "classes", "eval size @ crop", "test size @ crop", "interp", "mean/std", "top-1")
+            A.print_table(head, tag_rows)
+        pooled = [f"{e.name} ({e.downsample})" for e in entries if e.downsample != "conv"]
+        if pooled:
+            print("\nanti-aliased downsampling (docs/architecture.md §7.1): " + ", ".join(pooled))
         print("\ntop-1: ImageNet-1k val at the listed preprocessing (timm results); paper top-1: Tab. 6")
     return 0
 
@@ -169,6 +175,17 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     from ..weights.checkpoint import save_model
 
     model = create_model(A.resolve_model(args), checkpoint=args.src)
+    if args.to == "timm":
+        from ..weights.timm import save_timm, timm_architecture
+
+        dst = save_timm(model, args.dst)
+        n = model.num_classes
+        print(f"wrote {dst} ({timm_architecture(model)}, {n} classes, timm's key layout); in timm:")
+        print(
+            f'  timm.create_model("{timm_architecture(model)}", pretrained=True, num_classes={n}, '
+            f'pretrained_cfg_overlay=dict(file="{dst}", num_classes={n}))'
+        )
+        return 0
     dst = save_model(model, args.dst)
     print(f"wrote {dst} ({model.spec.name}, {model.num_classes} classes)")
     return 0
@@ -245,9 +262,17 @@ def register(sub) -> None:
     p.add_argument("--per-layer", action="store_true", help="print one row per conv / linear / attention op")
     p.set_defaults(func=_cmd_profile)
 
-    p = sub.add_parser("convert", help="convert a timm checkpoint (or any loadable one) to mnv4's format")
-    p.add_argument("src", help="timm .safetensors / .pth / .bin file or hub folder")
+    p = sub.add_parser(
+        "convert", help="convert a timm checkpoint (or any loadable one) to mnv4's format, or (--to timm) back"
+    )
+    p.add_argument("src", help="timm or mnv4 .safetensors / .pth / .bin file or hub folder")
     p.add_argument("dst", help="output .safetensors path")
+    p.add_argument(
+        "--to",
+        choices=("mnv4", "timm"),
+        default="mnv4",
+        help="key layout to write: mnv4's (default) or timm's, which timm.create_model loads (docs/timm.md)",
+    )
     A.add_model(p, help="architecture (default: inferred from the weights)", positional=False)
     p.set_defaults(func=_cmd_convert)
 

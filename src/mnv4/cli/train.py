@@ -62,6 +62,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         workers=args.workers,
         device=args.device,
         pretrained=("default" if args.pretrained is True else args.pretrained),
+        loggers=args.logger,
     )
     if args.spec:
         if overrides["model"]:
@@ -245,6 +246,7 @@ def register(sub) -> None:
     )
     p.add_argument("--mix", default=None, metavar="R1:R2:...", help="shares of the --distill folders per batch")
     p.add_argument("--teacher", default=None, help="online distillation from this live teacher (as distill label)")
+    A.add_loggers(p)
     p.add_argument("--channels-last", action="store_true", help="channels_last memory format")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across processes (CUDA only)")

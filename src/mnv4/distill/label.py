@@ -273,7 +273,7 @@ def _disable(progress: bool | None, info) -> bool | None:
 def label(
     cfg: LabelConfig,
     progress: bool | None = None,
-    log=None,
+    log: Callable[[str], None] | None = None,
     max_shards: int | None = None,
     teacher: Teacher | None = None,
 ) -> LabelResult:

@@ -14,6 +14,9 @@ from torchvision.ops import StochasticDepth
 __all__ = [
     "make_divisible",
     "make_act",
+    "DOWNSAMPLES",
+    "BlurPool",
+    "make_downsample",
     "ConvBN",
     "LayerScale",
     "FusedIB",
@@ -65,12 +68,51 @@ def make_act(name: str | None) -> nn.Module:
         raise ValueError(f"unknown activation {name!r}; choose one of {sorted(_ACTS)}") from None
 
 
+# How a strided conv reduces resolution (docs/architecture.md "Anti-aliased downsampling"): "conv" strides
+# the conv itself; "avg" and "blur" run the conv at stride 1 and reduce after BN and activation with a
+# 2x2 average pool or a 3x3 binomial blur (timm's conv_aa_* and conv_blur_* models).
+DOWNSAMPLES = ("conv", "avg", "blur")
+
+
+class BlurPool(nn.Module):
+    """Low-pass then subsample: a fixed per-channel 3x3 binomial filter ([1, 2, 1] / 4 in each direction)
+    applied at ``stride`` with one pixel of zero padding, so the output has the strided conv's size."""
+
+    def __init__(self, channels: int, stride: int = 2) -> None:
+        super().__init__()
+        self.channels, self.stride = channels, stride
+        taps = torch.tensor([1.0, 2.0, 1.0]) / 4.0
+        kernel = torch.outer(taps, taps).expand(channels, 1, 3, 3).clone()
+        # Not persistent: the filter is fixed, so checkpoints hold the same keys as the plain model.
+        self.register_buffer("kernel", kernel, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, self.kernel.to(x.dtype), stride=self.stride, padding=1, groups=self.channels)
+
+    def extra_repr(self) -> str:
+        return f"{self.channels}, stride={self.stride}"
+
+
+def make_downsample(kind: str, channels: int, stride: int) -> nn.Module:
+    """The pooling that follows a stride-1 conv in place of its stride (``kind`` "avg" or "blur")."""
+    if kind == "avg":
+        return nn.AvgPool2d(stride)
+    if kind == "blur":
+        return BlurPool(channels, stride)
+    raise ValueError(f"unknown downsample {kind!r}; choose one of {DOWNSAMPLES}")
+
+
 def _bn(channels: int, bn_kwargs: dict | None) -> nn.BatchNorm2d:
     return nn.BatchNorm2d(channels, **(bn_kwargs or {}))
 
 
 class ConvBN(nn.Module):
-    """Conv (no bias) -> BatchNorm -> optional activation, with symmetric 'same' padding."""
+    """Conv (no bias) -> BatchNorm -> optional activation, with symmetric 'same' padding.
+
+    With ``downsample`` "avg" or "blur" a strided conv runs at stride 1 and the pooling follows the
+    activation; it sits in ``act`` (a Sequential), so BN folding and export, which keep ``act`` as the
+    op after the conv, carry it without knowing about it.
+    """
 
     def __init__(
         self,
@@ -82,14 +124,20 @@ class ConvBN(nn.Module):
         dilation: int = 1,
         act: str | None = "relu",
         bn_kwargs: dict | None = None,
+        downsample: str = "conv",
     ) -> None:
         super().__init__()
+        if downsample not in DOWNSAMPLES:
+            raise ValueError(f"unknown downsample {downsample!r}; choose one of {DOWNSAMPLES}")
+        pool = stride > 1 and downsample != "conv"
         padding = dilation * (kernel_size - 1) // 2
         self.conv = nn.Conv2d(
-            in_chs, out_chs, kernel_size, stride, padding, dilation=dilation, groups=groups, bias=False
+            in_chs, out_chs, kernel_size, 1 if pool else stride, padding, dilation=dilation, groups=groups, bias=False
         )
         self.bn = _bn(out_chs, bn_kwargs)
         self.act = make_act(act)
+        if pool:
+            self.act = nn.Sequential(self.act, make_downsample(downsample, out_chs, stride))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.act(self.bn(self.conv(x)))
@@ -139,10 +187,13 @@ class FusedIB(_ResidualBlock):
         dilation: int = 1,
         drop_path: float = 0.0,
         bn_kwargs: dict | None = None,
+        downsample: str = "conv",
     ) -> None:
         super().__init__()
         mid = make_divisible(in_chs * expand_ratio)
-        self.expand = ConvBN(in_chs, mid, kernel_size, stride, dilation=dilation, act=act, bn_kwargs=bn_kwargs)
+        self.expand = ConvBN(
+            in_chs, mid, kernel_size, stride, dilation=dilation, act=act, bn_kwargs=bn_kwargs, downsample=downsample
+        )
         self.project = ConvBN(mid, out_chs, 1, act=None, bn_kwargs=bn_kwargs)
         self._init_residual(in_chs, out_chs, stride, drop_path)
 
@@ -172,6 +223,7 @@ class UIB(_ResidualBlock):
         layer_scale_init: float | None = None,
         drop_path: float = 0.0,
         bn_kwargs: dict | None = None,
+        downsample: str = "conv",
     ) -> None:
         super().__init__()
         if stride > 1 and not (start_dw or mid_dw):
@@ -179,12 +231,14 @@ class UIB(_ResidualBlock):
         mid = make_divisible(in_chs * expand_ratio)
         start_stride = 1 if mid_dw else stride
         self.dw_start = (
-            ConvBN(in_chs, in_chs, start_dw, start_stride, in_chs, dilation, None, bn_kwargs)
+            ConvBN(in_chs, in_chs, start_dw, start_stride, in_chs, dilation, None, bn_kwargs, downsample)
             if start_dw
             else nn.Identity()
         )
         self.expand = ConvBN(in_chs, mid, 1, act=act, bn_kwargs=bn_kwargs)
-        self.dw_mid = ConvBN(mid, mid, mid_dw, stride, mid, dilation, act, bn_kwargs) if mid_dw else nn.Identity()
+        self.dw_mid = (
+            ConvBN(mid, mid, mid_dw, stride, mid, dilation, act, bn_kwargs, downsample) if mid_dw else nn.Identity()
+        )
         self.project = ConvBN(mid, out_chs, 1, act=None, bn_kwargs=bn_kwargs)
         self.dw_end = (
             ConvBN(out_chs, out_chs, end_dw, 1, out_chs, dilation, None, bn_kwargs) if end_dw else nn.Identity()

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
+from functools import partial
 from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .blocks import UIB, AttentionBlock, ConvBN, FusedIB, init_weights
 from .specs import AttentionSpec, BlockSpec, ConvBNSpec, FusedIBSpec, ModelSpec, UIBSpec
@@ -94,6 +97,7 @@ class MobileNetV4(nn.Module):
         # Eval on CPU runs the convs in channels_last (oneDNN's native layout): 5-25% faster at batch 1
         # (benchmarks/latency.py), same values to float rounding; outputs are returned in the caller's layout.
         self.cpu_channels_last = True
+        self.grad_checkpointing = False  # set_grad_checkpointing
         act = act or spec.act
         ls_init = spec.layer_scale_init if layer_scale_init == "spec" else layer_scale_init
         bn_kwargs = {k: v for k, v in (("eps", bn_eps), ("momentum", bn_momentum)) if v is not None}
@@ -112,7 +116,9 @@ class MobileNetV4(nn.Module):
                     block_stride = 1
                 else:
                     stride *= block_stride
-                blocks.append(_build_block(b, chs, act, dilation, ls_init, next(rates), bn_kwargs, block_stride))
+                blocks.append(
+                    _build_block(b, chs, act, dilation, ls_init, next(rates), bn_kwargs, block_stride, spec.downsample)
+                )
                 chs = chs if isinstance(b, AttentionSpec) else b.out
             stages.append(nn.Sequential(*blocks))
             levels.append(dict(module=f"stages.{si}", num_chs=chs, reduction=stride, stage=si + 1))
@@ -166,7 +172,7 @@ class MobileNetV4(nn.Module):
             x = x.contiguous(memory_format=torch.channels_last)
         x = self.stem(x)
         for stage in self.stages:
-            x = stage(x)
+            x = self._run_stage(stage, x)
         x = self.final_conv(x) if not self.features_only else x
         return x.contiguous() if restore else x
 
@@ -178,15 +184,66 @@ class MobileNetV4(nn.Module):
 
     def forward_levels(self, x: torch.Tensor) -> list[torch.Tensor]:
         """All five feature levels (stem, then the end of each stage)."""
+        return self.forward_intermediates(x, intermediates_only=True)
+
+    # -- the hooks timm-based training code expects ------------------------------------------------
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Store only each stage block's input in training and recompute the block in backward: less
+        activation memory (benchmarks/grad_checkpointing.py) for about one more forward pass of compute.
+        Gradients are unchanged, and BN running statistics are updated once per step, not again by the
+        recomputation."""
+        self.grad_checkpointing = bool(enable)
+
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        """Parameter groups in timm's format, for layer-wise LR decay (mnv4.train.optim.layer_decay_groups):
+        the stem, then every stage block (``coarse``: every stage), then the 960 conv as its own layer
+        (ordinal (4, 0), where timm's MNv4 has it as ``blocks.4.0``); parameters no pattern matches (the
+        1280 conv and the classifier) form the head, the last group."""
+        blocks = r"^stages\.(\d+)" if coarse else r"^stages\.(\d+)\.(\d+)"
+        return {"stem": r"^stem\.", "blocks": [(blocks, None), (r"^final_conv\.", (4, 0))]}
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | Sequence[int] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+        """timm's interface: the feature levels (``feature_info``: 0 = stem, 1..4 = stage ends) picked by
+        ``indices`` (None: all; an int n: the last n; a sequence: those, negative from the end), in forward
+        order, with ``forward_features``' output unless ``intermediates_only``. ``stop_early`` (only with
+        ``intermediates_only``) skips the stages after the last level asked for. ``norm`` does nothing: MNv4
+        has no final norm. mnv4's level 4 is the last stage (TF endpoint); timm's is the 960 conv after it."""
+        if output_fmt != "NCHW":
+            raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
+        if stop_early and not intermediates_only:
+            raise ValueError("stop_early needs intermediates_only=True")
+        take = _take_indices(len(self._levels), indices)
         restore = self._channels_last_eval(x)
         if restore:
             x = x.contiguous(memory_format=torch.channels_last)
         x = self.stem(x)
-        out = [x]
-        for stage in self.stages:
-            x = stage(x)
-            out.append(x)
-        return [o.contiguous() for o in out] if restore else out
+        out = [x] if 0 in take else []
+        last = max(take) if stop_early else len(self.stages)
+        for level, stage in enumerate(self.stages[:last], start=1):
+            x = self._run_stage(stage, x)
+            if level in take:
+                out.append(x)
+        out = [o.contiguous() for o in out] if restore else out
+        if intermediates_only:
+            return out
+        x = self.final_conv(x) if not self.features_only else x
+        return (x.contiguous() if restore else x), out
+
+    def _run_stage(self, stage: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+        if not (self.grad_checkpointing and torch.is_grad_enabled() and not _tracing()):
+            return stage(x)
+        for block in stage:
+            context = partial(_checkpoint_contexts, block)
+            x = checkpoint(block, x, use_reentrant=False, context_fn=context)
+        return x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
         if self.features_only:
@@ -198,6 +255,44 @@ class MobileNetV4(nn.Module):
         return f"spec={self.spec.name}, num_classes={self.num_classes}"
 
 
+def _take_indices(n: int, indices: int | Sequence[int] | None) -> set[int]:
+    """timm's ``indices`` rule: None = all n levels, an int k = the last k, a sequence = those (negative
+    from the end)."""
+    if indices is None:
+        return set(range(n))
+    if isinstance(indices, int):
+        if not 0 < indices <= n:
+            raise ValueError(f"indices={indices} asks for the last {indices} levels; there are {n}")
+        return set(range(n - indices, n))
+    take = {i + n if i < 0 else i for i in indices}
+    bad = sorted(i for i in take if not 0 <= i < n)
+    if bad or not take:
+        raise ValueError(f"indices {list(indices)} out of range; levels are 0..{n - 1}")
+    return take
+
+
+@contextlib.contextmanager
+def _bn_stats_frozen(module: nn.Module) -> Iterator[None]:
+    """BN layers normalise with batch statistics but leave their running statistics as they were: the
+    recomputation under gradient checkpointing must not count the same batch a second time."""
+    saved = []
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats:
+            saved.append((m, m.momentum, m.num_batches_tracked.clone()))
+            m.momentum = 0.0  # running = (1 - 0) * running + 0 * batch
+    try:
+        yield
+    finally:
+        for m, momentum, count in saved:
+            m.momentum = momentum
+            m.num_batches_tracked.copy_(count)
+
+
+def _checkpoint_contexts(block: nn.Module) -> tuple[contextlib.AbstractContextManager, ...]:
+    # (around the first forward, around the recomputation in backward)
+    return contextlib.nullcontext(), _bn_stats_frozen(block)
+
+
 def _build_block(
     b: BlockSpec,
     in_chs: int,
@@ -207,12 +302,15 @@ def _build_block(
     drop_path: float,
     bn_kwargs: dict[str, Any],
     stride: int | None = None,
+    downsample: str = "conv",
 ) -> nn.Module:
     stride = b.stride if stride is None else stride
     if isinstance(b, ConvBNSpec):
-        return ConvBN(in_chs, b.out, b.kernel, stride, dilation=dilation, act=act, bn_kwargs=bn_kwargs)
+        return ConvBN(
+            in_chs, b.out, b.kernel, stride, dilation=dilation, act=act, bn_kwargs=bn_kwargs, downsample=downsample
+        )
     if isinstance(b, FusedIBSpec):
-        return FusedIB(in_chs, b.out, b.kernel, stride, b.expand, act, dilation, drop_path, bn_kwargs)
+        return FusedIB(in_chs, b.out, b.kernel, stride, b.expand, act, dilation, drop_path, bn_kwargs, downsample)
     if isinstance(b, UIBSpec):
         return UIB(
             in_chs,
@@ -227,6 +325,7 @@ def _build_block(
             layer_scale_init,
             drop_path,
             bn_kwargs,
+            downsample,
         )
     if isinstance(b, AttentionSpec):
         return AttentionBlock(

@@ -87,6 +87,7 @@ class ModelEntry:
     gmacs: float | None = None  # multiply-adds at the native resolution, in units of 1e9 (3 decimals)
     paper_top1: float | None = None  # ImageNet-1k top-1 the paper reports (Tab. 6), %
     endpoints: tuple[int, ...] = ()  # channels at strides 4, 8, 16, 32 (the TF endpoints)
+    downsample: str = "conv"  # ModelSpec.downsample of this architecture (timm's aa / blur variants)
 
     @property
     def resolution(self) -> int:
@@ -108,7 +109,8 @@ class ModelEntry:
 
     @property
     def spec(self) -> ModelSpec:
-        return MODEL_SPECS[self.base].scaled(self.multiplier, name=self.name)
+        spec = MODEL_SPECS[self.base].scaled(self.multiplier, name=self.name)
+        return spec if self.downsample == "conv" else dataclasses.replace(spec, downsample=self.downsample)
 
     @property
     def default_tag(self) -> WeightTag | None:
@@ -134,13 +136,15 @@ def _pp(size: int, crop: float, test: int | None = None, test_crop: float | None
 PAPER_SOURCE = "MNv4 paper Tab. 6"
 
 
-def _entry(name: str, base: str, mult: float, default: Preprocess, facts: dict, *tags: tuple) -> ModelEntry:
+def _entry(
+    name: str, base: str, mult: float, default: Preprocess, facts: dict, *tags: tuple, downsample: str = "conv"
+) -> ModelEntry:
     """``tags``: (tag, preprocess, top1) or (tag, preprocess, top1, num_classes)."""
     timm_name = name.replace("mnv4_", "mobilenetv4_")
     weight_tags = tuple(
         WeightTag(t[0], t[1], t[3] if len(t) > 3 else 1000, f"timm/{timm_name}.{t[0]}", t[2]) for t in tags
     )
-    return ModelEntry(name, base, mult, timm_name, default, weight_tags, **facts)
+    return ModelEntry(name, base, mult, timm_name, default, weight_tags, **facts, downsample=downsample)
 
 
 def _facts(params: int, gmacs: float | None = None, top1: float | None = None, endpoints=()) -> dict:
@@ -186,9 +190,9 @@ _ENTRIES = [
         ("e500_r256_in1k", _pp(256, 0.95, 320, 1.0), 79.916),
         ("e500_r224_in1k", _pp(224, 0.95, 256, 1.0), 79.092),
         ("e250_r384_in12k_ft_in1k", _pp(384, 0.95), 82.776),
-        ("e180_r384_in12k", _pp(384, 0.95), None, 11821),
-        ("e180_ad_r384_in12k", _pp(384, 0.95), None, 11821),
-        ("e250_r384_in12k", _pp(384, 0.95), None, 11821),
+        ("e180_r384_in12k", _pp(384, 1.0), None, 11821),
+        ("e180_ad_r384_in12k", _pp(384, 1.0), None, 11821),
+        ("e250_r384_in12k", _pp(384, 1.0), None, 11821),
     ),
     _entry(
         "mnv4_conv_large",
@@ -209,7 +213,7 @@ _ENTRIES = [
         ("ix_e550_r256_in1k", _pp(256, 0.95, 320, 1.0), 81.478),
         ("ix_e550_r384_in1k", _pp(384, 0.95, 448, 1.0), 82.952),
         ("e500_r224_in1k", _pp(224, 0.95, 256, 1.0), 80.432),
-        ("e200_r256_in12k", _pp(256, 0.95), None, 11821),
+        ("e200_r256_in12k", _pp(256, 0.95, 320, 1.0), None, 11821),
     ),
     _entry(
         "mnv4_hybrid_medium_075",
@@ -233,6 +237,37 @@ _ENTRIES = [
         0.75,
         _pp(384, 0.95, 448, 1.0),
         _facts(22_754_984, 4.768),
+    ),
+    # timm's anti-aliased / blur-pool variants (docs/architecture.md "Anti-aliased downsampling"): the
+    # same parameters and keys as the plain model; GMACs count the stride-1 convs, not the pooling.
+    _entry(
+        "mnv4_conv_aa_medium",
+        "mnv4_conv_medium",
+        1.0,
+        _pp(256, 0.95),
+        _facts(9_715_512, 1.562, None, (48, 80, 160, 256)),
+        downsample="avg",
+    ),
+    _entry(
+        "mnv4_conv_blur_medium",
+        "mnv4_conv_medium",
+        1.0,
+        _pp(224, 0.95, 256, 1.0),
+        _facts(9_715_512, 1.196, None, (48, 80, 160, 256)),
+        ("e500_r224_in1k", _pp(224, 0.95, 256, 1.0), 79.446),
+        downsample="blur",
+    ),
+    _entry(
+        "mnv4_conv_aa_large",
+        "mnv4_conv_large",
+        1.0,
+        _pp(448, 0.95, 544, 1.0),
+        _facts(32_590_864, 9.537, None, (48, 96, 192, 512)),
+        ("e230_r448_in12k_ft_in1k", _pp(448, 0.95, 544, 1.0), 84.668),
+        ("e230_r384_in12k_ft_in1k", _pp(384, 0.95, 480, 1.0), 84.314),
+        ("e600_r384_in1k", _pp(384, 0.95, 480, 1.0), 83.264),
+        ("e230_r384_in12k", _pp(384, 0.95, 448, 1.0), None, 11821),
+        downsample="avg",
     ),
 ]
 

@@ -111,8 +111,15 @@ class ModelSpec:
     layer_scale_init: float | None = None
     num_features: int = 960
     head_hidden_size: int = 1280
+    # How stage blocks reduce resolution: "conv" (strided conv), "avg" or "blur" (stride-1 conv, then a
+    # pool after BN and activation; timm's anti-aliased variants). The stem always strides its conv.
+    downsample: str = "conv"
 
     def __post_init__(self) -> None:
+        from .blocks import DOWNSAMPLES
+
+        if self.downsample not in DOWNSAMPLES:
+            raise ValueError(f"{self.name}: unknown downsample {self.downsample!r}; choose one of {DOWNSAMPLES}")
         if len(self.stages) != 4:
             raise ValueError(f"{self.name}: a ModelSpec needs 4 stages (strides 4/8/16/32), got {len(self.stages)}")
         for i, stage in enumerate(self.stages):
@@ -159,6 +166,7 @@ class ModelSpec:
             "layer_scale_init": self.layer_scale_init,
             "num_features": self.num_features,
             "head_hidden_size": self.head_hidden_size,
+            "downsample": self.downsample,
         }
 
     @classmethod
@@ -178,6 +186,7 @@ class ModelSpec:
             layer_scale_init=d.get("layer_scale_init"),
             num_features=d.get("num_features", 960),
             head_hidden_size=d.get("head_hidden_size", 1280),
+            downsample=d.get("downsample", "conv"),
         )
 
 

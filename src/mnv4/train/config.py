@@ -38,6 +38,8 @@ class TrainConfig(Recipe):
     sync_bn: bool = False
     save_every_steps: int = 0  # 0: checkpoint at epoch ends only
     eval_every: int = 1  # epochs
+    # Experiment trackers (mnv4.train.trackers.LOGGERS); None: TensorBoard when installed; (): none.
+    loggers: tuple[str, ...] | None = None
     # Distillation (docs/distillation.md): soft-label folders mixed by `mix` ("1:1:2"), or a live `teacher`.
     distill: tuple[str, ...] = ()
     mix: str | None = None
@@ -69,7 +71,7 @@ class TrainConfig(Recipe):
         raise MNv4Error(f"lr_scaling must be linear, sqrt or none, got {self.lr_scaling!r}")
 
 
-_TUPLE_FIELDS = ("betas", "crop_scale", "distill")
+_TUPLE_FIELDS = ("betas", "crop_scale", "distill", "loggers")
 
 # Every numeric and enum field with its allowed range: (kind, lo, hi, lo_open, hi_open, nullable) or a
 # tuple of choices. Checked whenever a config is built (recipe + file + overrides, or a saved run).
@@ -105,6 +107,7 @@ _RULES: dict[str, tuple] = {
     "switch_prob": _UNIT,
     "precision": ("fp32", "bf16", "fp16"),
     "max_nonfinite_steps": ("int", 1, None, False, False, False),
+    "layer_decay": ("float", 0.0, 1.0, True, False, False),
     "input_size": ("int", 8, 4096, False, False, True),
     "val_split": ("float", 0.0, 1.0, True, True, False),
     "seed": ("int", 0, 2**63 - 1, False, False, False),
@@ -152,6 +155,14 @@ def validate(cfg: Any) -> None:
             raise InvalidValue("crop_scale", list(scale), "the first value must not exceed the second")
     if hasattr(cfg, "distill"):
         _validate_distill(cfg)
+    loggers = getattr(cfg, "loggers", None)
+    if loggers is not None:
+        from .trackers import LOGGERS
+
+        if not isinstance(loggers, tuple | list):
+            raise InvalidValue("loggers", loggers, f"must be a list of {', '.join(LOGGERS)}")
+        for name in loggers:
+            check_choice("loggers", name, LOGGERS)
     device = getattr(cfg, "device", None)
     if device is not None:
         from .distributed import check_device
@@ -170,6 +181,8 @@ def _build(cls: type, d: dict[str, Any]) -> Any:
         raise MNv4Error(
             f"unknown config field(s): {', '.join(unknown)}{hint}; `mnv4 recipes --show NAME` lists the fields"
         )
+    if isinstance(d.get("loggers"), str):  # "wandb,mlflow" as written on a command line
+        d = {**d, "loggers": tuple(x.strip() for x in d["loggers"].split(",") if x.strip() and x.strip() != "none")}
     d = {k: (tuple(v) if k in _TUPLE_FIELDS and isinstance(v, list | tuple) else v) for k, v in d.items()}
     return cls(**d)
 

@@ -1,4 +1,5 @@
-"""Per-epoch metrics: ``metrics.csv`` in the run directory, TensorBoard when installed, curve plots."""
+"""Per-epoch metrics: ``metrics.csv`` in the run directory, experiment trackers (TensorBoard, W&B, MLflow),
+curve plots."""
 
 from __future__ import annotations
 
@@ -16,20 +17,24 @@ METRICS_FILE = "metrics.csv"
 
 class MetricsLog:
     """Appends one row per epoch. Columns are fixed by the first row written; a resumed run keeps
-    appending to the same file, dropping rows past the resume point so no epoch appears twice."""
+    appending to the same file, dropping rows past the resume point so no epoch appears twice.
+    The numbers of each row also go to the experiment trackers selected by ``loggers``
+    (:mod:`mnv4.train.trackers`; None: TensorBoard when installed)."""
 
-    def __init__(self, run_dir: str | os.PathLike, resume_epoch: int | None = None) -> None:
+    def __init__(
+        self,
+        run_dir: str | os.PathLike,
+        resume_epoch: int | None = None,
+        loggers: tuple[str, ...] | None = None,
+        config: dict[str, Any] | None = None,
+    ) -> None:
+        from .trackers import open_trackers
+
         self.path = Path(run_dir) / METRICS_FILE
-        self.tb = None
         if resume_epoch is not None and self.path.exists():
             rows = [r for r in read_metrics(self.path) if int(r["epoch"]) <= resume_epoch]
             self._rewrite(rows)
-        try:  # optional: only when tensorboard is installed
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
-        except (ImportError, ModuleNotFoundError):
-            self.tb = None
+        self.trackers = open_trackers(run_dir, loggers, config or {}, resume=resume_epoch is not None)
 
     def _rewrite(self, rows: list[dict[str, str]]) -> None:
         if not rows:
@@ -41,6 +46,8 @@ class MetricsLog:
             w.writerows(rows)
 
     def log(self, row: dict[str, Any]) -> None:
+        from .trackers import log_all
+
         new = not self.path.exists()
         if not new:
             with open(self.path, newline="") as f:
@@ -52,16 +59,17 @@ class MetricsLog:
             if new:
                 w.writeheader()
             w.writerow({k: _fmt(row.get(k, "")) for k in fields})
-        if self.tb is not None:
+        if self.trackers:
             step = int(row.get("step", row.get("epoch", 0)))
-            for k, v in row.items():
-                if isinstance(v, int | float) and k not in ("epoch", "step"):
-                    self.tb.add_scalar(k, v, step)
-            self.tb.flush()
+            numbers = {k: v for k, v in row.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+            numbers.pop("step", None)
+            self.trackers = log_all(self.trackers, numbers, step)
 
     def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
+        from .trackers import close_all
+
+        close_all(self.trackers)
+        self.trackers = []
 
 
 def _fmt(v: Any) -> Any:

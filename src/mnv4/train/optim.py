@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from functools import partial
 
 import torch
@@ -10,15 +11,29 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-__all__ = ["param_groups", "build_optimizer", "warmup_cosine", "build_scheduler", "build_ema", "l2_penalty"]
+__all__ = [
+    "param_groups",
+    "layer_ids",
+    "layer_decay_groups",
+    "build_optimizer",
+    "warmup_cosine",
+    "build_scheduler",
+    "build_ema",
+    "l2_penalty",
+]
 
+_MERGE = 99999  # group_matcher ordinal meaning "part of the previous layer" (timm's format)
 _NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)
+
+
+def _no_decay_ids(model: nn.Module) -> set[int]:
+    return {id(p) for m in model.modules() if isinstance(m, _NORM_TYPES) for p in m.parameters(recurse=False)}
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Two AdamW groups: normalisation parameters without weight decay, everything else with it.
     TF excludes exactly 'batch_normalization' variables, so biases and layer-scale are decayed."""
-    no_decay = {id(p) for m in model.modules() if isinstance(m, _NORM_TYPES) for p in m.parameters(recurse=False)}
+    no_decay = _no_decay_ids(model)
     decay, plain = [], []
     for p in model.parameters():
         if p.requires_grad:
@@ -29,11 +44,67 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
+def layer_ids(model: nn.Module) -> dict[str, int]:
+    """Depth of every parameter, from the model's ``group_matcher(coarse=False)`` (timm's format: group
+    name -> regex, or a list of (regex, fixed ordinal or None)). A parameter's ordinal is (position of its
+    group, the integers its regex captures, the fixed ordinal); unmatched parameters (the head) come last.
+    The distinct ordinals, sorted, are the layers 0..L-1."""
+    rules = []
+    for position, spec in enumerate(model.group_matcher(coarse=False).values()):
+        for pattern, fixed in [(spec, None)] if isinstance(spec, str) else spec:
+            rules.append((re.compile(pattern), (position,), tuple(fixed or ())))
+    ordinals: dict[str, tuple[float, ...]] = {}
+    for name, _ in model.named_parameters():
+        ordinals[name] = (math.inf,)
+        for regex, prefix, fixed in rules:
+            match = regex.match(name)
+            if match:
+                ordinals[name] = prefix + tuple(float(g) for g in match.groups() if g is not None) + fixed
+                break
+    rank: dict[tuple[float, ...], int] = {}
+    for o in sorted(set(ordinals.values())):
+        # timm's convention: an ordinal ending in 99999 joins the layer before it
+        rank[o] = len(set(rank.values())) - (1 if rank and o[-1] == _MERGE else 0)
+    return {name: rank[o] for name, o in ordinals.items()}
+
+
+def layer_decay_groups(model: nn.Module, lr: float, weight_decay: float, decay: float) -> list[dict]:
+    """AdamW groups with layer-wise LR decay: layer i of L gets ``lr * decay ** (L - 1 - i)`` (the head
+    keeps ``lr``), split by weight decay as :func:`param_groups` does. Groups are ordered head first,
+    so ``param_groups[0]`` carries the peak LR the trainer logs."""
+    ids = layer_ids(model)
+    top = max(ids.values())
+    no_decay = _no_decay_ids(model)
+    groups: dict[tuple[int, bool], dict] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        layer, decayed = ids[name], id(p) not in no_decay
+        scale = decay ** (top - layer)
+        group = groups.setdefault(
+            (layer, decayed),
+            {"params": [], "weight_decay": weight_decay if decayed else 0.0, "lr": lr * scale, "lr_scale": scale},
+        )
+        group["params"].append(p)
+    return [groups[k] for k in sorted(groups, key=lambda k: (-k[0], not k[1]))]
+
+
 def build_optimizer(
-    model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float], eps: float
+    model: nn.Module,
+    lr: float,
+    weight_decay: float,
+    betas: tuple[float, float],
+    eps: float,
+    layer_decay: float = 1.0,
 ) -> torch.optim.AdamW:
+    """AdamW; ``layer_decay`` < 1 lowers the LR of earlier layers (:func:`layer_decay_groups`), which needs
+    a model with ``group_matcher`` (every MobileNetV4 has one)."""
+    if layer_decay < 1.0 and hasattr(model, "group_matcher"):
+        groups = layer_decay_groups(model, lr, weight_decay, layer_decay)
+    else:
+        groups = param_groups(model, weight_decay)
     # foreach=False keeps the update order-independent of tensor grouping, so resumes are bit-exact.
-    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas, eps=eps, foreach=False)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, foreach=False)
 
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:

@@ -33,7 +33,7 @@ __all__ = [
 
 RUNS_DIR = "runs"  # where runs go without an explicit output folder (relative to the working directory)
 # What a resumed training run may change: where and how it runs, and how long (extending a finished run).
-TRAIN_RESUME_MAY_CHANGE = ("output", "workers", "device", "save_every_steps", "data_root", "epochs")
+TRAIN_RESUME_MAY_CHANGE = ("output", "workers", "device", "save_every_steps", "data_root", "epochs", "loggers")
 
 
 def unused_dir(base: str | os.PathLike) -> Path:

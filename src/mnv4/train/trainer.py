@@ -27,6 +27,7 @@ import shutil
 import signal
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,6 +57,7 @@ from .evaluate import EvalResult, evaluate
 from .metrics import METRICS_FILE, MetricsLog
 from .optim import build_ema, build_optimizer, build_scheduler, l2_penalty
 from .runs import checkpoint_file, default_run_dir, stop_line
+from .trackers import TRACKERS_FILE
 
 __all__ = ["Trainer", "train", "TrainResult", "Plan", "plan_run", "BEST", "LAST_WEIGHTS", "SUMMARY", "RUN_FILES"]
 
@@ -66,6 +68,7 @@ SUMMARY = "summary.json"
 CONFIG = "config.yaml"
 # What a run writes; a folder holding any of these holds a run.
 RUN_FILES = (CONFIG, METRICS_FILE, SUMMARY, LAST, BEST, LAST_WEIGHTS, LAST_EMA, "curves.png", "tensorboard")
+RUN_FILES += ("wandb", TRACKERS_FILE)  # experiment trackers (mnv4.train.trackers)
 
 
 @dataclass
@@ -229,6 +232,8 @@ class Trainer:
             )
         pp: Preprocess = getattr(model, "preprocess", None) or Preprocess()
         size = cfg.input_size or data.input_size or pp.input_size
+        if size != pp.input_size:  # the larger test setting belongs to the published weights at their size
+            pp = dataclasses.replace(pp, test_input_size=None, test_crop_pct=None)
         if data.input_size is not None:
             # Small-image sets (digits, CIFAR): no centre crop, or the border of a 32 px image is lost.
             pp = dataclasses.replace(pp, input_size=size, crop_pct=1.0)
@@ -329,7 +334,7 @@ class Trainer:
         if self.info.is_main:
             atomic_write_text(self.run_dir / CONFIG, _config_yaml(cfg, self.plan, self.info))
             resume_epoch = self.step // self.plan.steps_per_epoch if state is not None else None
-            self.metrics = MetricsLog(self.run_dir, resume_epoch=resume_epoch)
+            self.metrics = MetricsLog(self.run_dir, resume_epoch, loggers=cfg.loggers, config=cfg.to_dict())
             self.say(self._start_line(resumed=state is not None))
 
     def _load_data(self) -> DataBundle:
@@ -382,7 +387,9 @@ class Trainer:
         if not cfg.compile:  # a momentum changing per batch would make torch.compile recompile at every step
             debias_running_stats(self.raw)  # or short runs evaluate with BatchNorm's initial (0, 1) statistics
         self.ema = build_ema(self.raw, cfg.ema_decay)
-        self.optimizer = build_optimizer(self.raw, cfg.scaled_lr(), cfg.weight_decay, tuple(cfg.betas), cfg.eps)
+        self.optimizer = build_optimizer(
+            self.raw, cfg.scaled_lr(), cfg.weight_decay, tuple(cfg.betas), cfg.eps, cfg.layer_decay
+        )
         self.scheduler = build_scheduler(
             self.optimizer, self.plan.warmup_steps, self.plan.total_steps, cfg.min_lr_ratio
         )
@@ -845,7 +852,7 @@ def train(
     data: DataBundle | None = None,
     max_steps: int | None = None,
     progress: bool | None = None,
-    log=None,
+    log: Callable[[str], None] | None = None,
     exist_ok: bool = False,
     trainer: type[Trainer] | None = None,
 ) -> TrainResult:

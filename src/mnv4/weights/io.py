@@ -116,6 +116,11 @@ def _read_dir(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any] | Non
             cfg = json.loads(cfg_file.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise MNv4Error(f"{cfg_file} is not valid JSON ({e}); fix or remove it") from None
+        if isinstance(cfg, dict):
+            from .hub_config import from_hub_config, is_hub_config
+
+            if is_hub_config(cfg):  # timm's / mnv4's hub layout: architecture, labels, preprocessing
+                cfg = from_hub_config(cfg)
     return sd, cfg
 
 

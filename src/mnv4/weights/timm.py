@@ -8,15 +8,19 @@ transpose-free (kv group, dim, head) order, so those weights are permuted, not j
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Mapping
+from pathlib import Path
 
 import torch
 from torch import nn
 
+from ..errors import MNv4Error
 from ..models.blocks import UIB, AttentionBlock, ConvBN, FusedIB
+from .io import write_safetensors
 
-__all__ = ["is_timm_state_dict", "timm_to_mnv4", "mnv4_to_timm"]
+__all__ = ["is_timm_state_dict", "timm_to_mnv4", "mnv4_to_timm", "timm_architecture", "to_timm", "save_timm"]
 
 # (timm leaf prefix, mnv4 leaf prefix) per block type; applied to keys under the block prefix.
 _LEAVES: dict[type, list[tuple[str, str]]] = {
@@ -147,3 +151,38 @@ def mnv4_to_timm(sd: Mapping[str, torch.Tensor], model: nn.Module) -> dict[str, 
     for prefix, block in _attention_blocks(model):
         _permute_attention(sd, prefix, block, to_mnv4=False)
     return _rename_all(sd, model, to_mnv4=False)
+
+
+def timm_architecture(model: nn.Module) -> str | None:
+    """timm's name for ``model``'s architecture (``mobilenetv4_conv_small``), or None when timm has no
+    such model (a custom or searched spec)."""
+    from ..models.registry import MODELS
+
+    spec = getattr(model, "spec", None)
+    entry = MODELS.get(getattr(spec, "name", ""))
+    return entry.timm_name if entry is not None and entry.spec == spec else None
+
+
+def to_timm(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``model``'s weights in timm's key layout (MQA projections permuted to timm's head-major order):
+    the state_dict timm's own build of the same architecture loads with ``strict=True``."""
+    if getattr(model, "features_only", False):
+        raise MNv4Error("convert the classification model, not a features_only view of it")
+    return {k: v.detach().clone() for k, v in mnv4_to_timm(model.state_dict(), model).items()}
+
+
+def save_timm(model: nn.Module, path: str | os.PathLike) -> Path:
+    """Write :func:`to_timm` as a .safetensors file, atomically, for
+    ``timm.create_model(arch, pretrained=True, pretrained_cfg_overlay=dict(file=path))``. The header
+    names the architecture, classes and preprocessing, so mnv4 reads the file back as the same model."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise MNv4Error(f"timm checkpoints are written as .safetensors; got {path.name}")
+    arch = timm_architecture(model)
+    if arch is None:
+        name = getattr(getattr(model, "spec", None), "name", type(model).__name__)
+        raise MNv4Error(f"timm has no architecture for {name}; only registered models convert (`mnv4 models`)")
+    from .checkpoint import model_config  # (checkpoint imports this module)
+
+    cfg = {**model_config(model), "format": "timm", "architecture": arch}
+    return write_safetensors(path, to_timm(model), cfg)
