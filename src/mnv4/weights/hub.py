@@ -49,7 +49,7 @@ def _fetch(hub_id: str, filename: str, revision: str | None = None) -> Path:
 def _not_fetched(hub_id: str, filename: str, why: str) -> str:
     return (
         f"cannot get {filename} of {hub_id} from the Hugging Face hub: {why}. Download it from "
-        f"https://huggingface.co/{hub_id} on a machine with internet and pass it as `checkpoint`, "
+        f"https://huggingface.co/{hub_id} on a machine with internet and pass checkpoint=PATH (--checkpoint), "
         "or copy that machine's Hugging Face cache (~/.cache/huggingface) here"
     )
 

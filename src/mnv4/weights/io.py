@@ -98,7 +98,7 @@ def _unreadable_pickle(path: Path, e: Exception) -> str:
     else:
         why = f"{type(e).__name__}"
     return (
-        f"cannot read {path} safely: {why}; mnv4 loads only plain tensor checkpoints (torch.load "
+        f"cannot read {path} safely: {why}; mnv4 only loads plain tensor checkpoints (torch.load "
         "weights_only=True). If you trust the file, load it in Python and save its state dict as .safetensors"
     )
 
