@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import glob
 import json
+import os
 import struct
 import sys
+import time
 
 import pytest
 
@@ -16,6 +18,7 @@ from mnv4.train import train
 from mnv4.train.metrics import read_metrics
 
 from .cli_run import run_mnv4
+from .conftest import require
 from .test_train import TINY, tiny_cfg, tiny_digits
 
 
@@ -25,7 +28,7 @@ def _csv_column(run_dir, key: str) -> list[float]:
 
 @pytest.fixture
 def mlflow_store(tmp_path, monkeypatch):
-    mlflow = pytest.importorskip("mlflow")
+    mlflow = require("mlflow")
     uri = (tmp_path / "mlruns").as_uri()
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 wants a database unless told otherwise
@@ -35,7 +38,7 @@ def mlflow_store(tmp_path, monkeypatch):
 
 @pytest.fixture
 def wandb_offline(tmp_path, monkeypatch):
-    pytest.importorskip("wandb")
+    require("wandb")
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wb"))
@@ -67,8 +70,21 @@ def _wandb_records(path: str) -> list:
     return out
 
 
+def _wait_for_flush(path: str, limit_s: float = 60.0) -> None:
+    """Some wandb releases (0.21) return from ``finish()`` before their service process has written the
+    offline file: wait until it holds the header and stops growing (a bound, not a timing assertion)."""
+    deadline, last = time.monotonic() + limit_s, -1
+    while time.monotonic() < deadline:
+        size = os.path.getsize(path)
+        if size > 7 and size == last:
+            return
+        last = size
+        time.sleep(0.5)
+
+
 def _wandb_history(wb_dir) -> tuple[str, list[dict]]:
     (path,) = glob.glob(str(wb_dir / "wandb" / "offline-run-*" / "run-*.wandb"))
+    _wait_for_flush(path)
     records = _wandb_records(path)
     run_id = next(r.run.run_id for r in records if r.WhichOneof("record_type") == "run")
     rows = [

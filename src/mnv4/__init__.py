@@ -23,6 +23,7 @@ _LAZY = {
     "save_model": "mnv4.weights.checkpoint",
     "predict": "mnv4.inference",
     "push_to_hub": "mnv4.hub.push",
+    "create_detector": "mnv4.detect.factory",
 }
 
 __all__ = [
@@ -38,9 +39,11 @@ __all__ = [
     "save_model",
     "predict",
     "push_to_hub",
+    "create_detector",
 ]
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time these come from __getattr__
+    from .detect.factory import create_detector
     from .factory import create_model, infer_architecture
     from .hub.push import push_to_hub
     from .inference import predict
