@@ -98,3 +98,25 @@ def test_default_statistics_are_detected_only_when_untouched(tmp_path):
         model(torch.randn(2, 3, 32, 32))  # one training-mode batch
     assert not has_default_bn_stats(model)
     assert not has_default_bn_stats(nn.Sequential(nn.Conv2d(3, 3, 1)))  # no BN at all
+
+
+def test_running_stats_are_an_unbiased_average_from_the_first_batch():
+    from mnv4.models import debias_running_stats
+
+    m = 0.25
+    fresh, seasoned = nn.BatchNorm2d(1, momentum=m), nn.BatchNorm2d(1, momentum=m)
+    seasoned.num_batches_tracked.fill_(100)  # as after pretraining: its own average is kept as it is
+    assert len(debias_running_stats(nn.Sequential(fresh, seasoned))) == 2
+    means = [10.0, 20.0, 60.0, -40.0, 8.0, 4.0]
+    want_fresh = want_seasoned = 0.0
+    for i, mu in enumerate(means):
+        x = torch.tensor([mu - 1.0, mu + 1.0]).view(2, 1, 1, 1)
+        fresh(x), seasoned(x)
+        # fresh: the plain mean of the first 1/m = 4 batches, then the exponential average with momentum m
+        want_fresh = sum(means[: i + 1]) / (i + 1) if i < 4 else (1 - m) * want_fresh + m * mu
+        want_seasoned = (1 - m) * want_seasoned + m * mu
+        assert fresh.running_mean.item() == pytest.approx(want_fresh, rel=1e-6)
+        assert seasoned.running_mean.item() == pytest.approx(want_seasoned, rel=1e-6)
+    assert fresh.running_var.item() == pytest.approx(2.0, rel=1e-6)  # unbiased variance of (mu - 1, mu + 1)
+    fresh.eval()(torch.zeros(2, 1, 1, 1))  # eval forwards leave the statistics alone
+    assert fresh.running_mean.item() == pytest.approx(want_fresh, rel=1e-6)

@@ -171,3 +171,159 @@ def test_readme_model_table_is_generated_from_the_registry():
 
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     assert models_markdown() in readme
+
+
+# ---------------------------------------------------------------------------------- distill, search
+@pytest.fixture
+def bad_input_files(tmp_path):
+    """A teacher file, a readable and an unreadable image folder, unsafe and truncated .pt files."""
+    from .distill_helpers import COLORS, PP, TINY, make_folder
+
+    teacher = mnv4.create_model(TINY, num_classes=3)
+    teacher.class_names, teacher.preprocess = list(COLORS), PP
+    mnv4.save_model(teacher, tmp_path / "teacher.safetensors")
+    make_folder(tmp_path / "photos", per_class=2)
+    for c in ("a", "b"):
+        (tmp_path / "broken" / c).mkdir(parents=True)
+        for i in range(3):
+            (tmp_path / "broken" / c / f"{i}.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+
+    class RunsCode:
+        def __reduce__(self):
+            return (print, ("this runs when unpickled",))
+
+    torch.save({"w": RunsCode()}, tmp_path / "unsafe.pt")
+    torch.save({"w": torch.zeros(3)}, tmp_path / "whole.pt")
+    (tmp_path / "truncated.pt").write_bytes((tmp_path / "whole.pt").read_bytes()[:100])
+    return tmp_path
+
+
+DISTILL_SEARCH_CASES = [
+    # distill label
+    (["distill", "label", "--teacher", "{t}/teacher.safetensors", "--data", "{t}/nothing", "-o", "{t}/o"], "nothing"),
+    (
+        ["distill", "label", "--teacher", "{t}/teacher.safetensors", "--data", "{t}/broken", "-o", "{t}/o"],
+        "none of 6 source images sampled across the set could be read",
+    ),
+    (["distill", "label", "--teacher", "{t}/missing.safetensors", "--data", "{t}/photos", "-o", "{t}/o"], "missing"),
+    (
+        [
+            "distill",
+            "label",
+            "--teacher",
+            "{t}/teacher.safetensors",
+            "--data",
+            "{t}/photos",
+            "-o",
+            "{t}/o",
+            "--jpeg-quality",
+            "101",
+        ],
+        "--jpeg-quality 101 is invalid",
+    ),
+    (
+        ["distill", "label", "--teacher", "{t}/unsafe.pt", "--data", "{t}/photos", "-o", "{t}/o"],
+        "it is a pickle that needs print to load",
+    ),
+    # distill finetune
+    (
+        ["distill", "finetune", "--teacher", "timm:nope", "--data", "{t}/photos", "-o", "{t}/o", "--epochs", "-1"],
+        "--epochs -1.0 is invalid: must be > 0",
+    ),
+    (["distill", "finetune", "--teacher", "timm:nope", "--data", "{t}/photos", "-o", "{t}/o"], "no model of that name"),
+    # the student's options
+    (
+        ["train", "--distill", "a", "--distill", "b", "--mix", "-1:2"],
+        "--mix '-1:2' is invalid: every share must be positive",
+    ),
+    # search
+    (["search", "--data", "{t}/nothing", "--target-macs", "50", "-o", "{t}/o"], "nothing"),
+    (["search", "--data", "{t}/broken", "--target-macs", "50", "-o", "{t}/o"], "could be read"),
+    (["search", "--data", "digits", "--target-macs", "50", "--beta", "1", "-o", "{t}/o"], "--beta"),
+    (["search", "--data", "digits", "--target-ms", "-2", "-o", "{t}/o"], "--target-ms"),
+    (
+        ["search", "--data", "digits", "--target-macs", "50", "--space", "{t}/missing.json", "-o", "{t}/o"],
+        "missing.json",
+    ),
+    (
+        ["search", "--data", "digits", "--target-macs", "50", "--distill", "{t}/d", "-o", "{t}/o"],
+        "searching on soft-label datasets (--distill) is not implemented yet",
+    ),
+    # unsafe or damaged weights, wherever weights are read
+    (["predict", "{t}/photos", "--checkpoint", "{t}/unsafe.pt"], "it is a pickle that needs print to load"),
+    (["eval", "--checkpoint", "{t}/truncated.pt", "--data", "digits"], "it is truncated or not a PyTorch file"),
+]
+
+
+@pytest.mark.parametrize(
+    "argv,message", DISTILL_SEARCH_CASES, ids=[" ".join(c[0][:2] + c[0][-2:]) for c in DISTILL_SEARCH_CASES]
+)
+def test_distill_and_search_reject_bad_input_in_one_line(argv, message, bad_input_files, capsys):
+    t = str(bad_input_files)
+    assert main([a.replace("{t}", t) for a in argv]) == 2
+    line = _one_line_error(capsys)
+    assert line.startswith("mnv4") and message.replace("{t}", t) in line, line
+    assert "\x1b[" not in line  # no terminal colour codes from torch's own messages
+    assert not (bad_input_files / "o").exists() or not any((bad_input_files / "o").glob("shard-*"))
+
+
+def test_offline_pretrained_fails_at_once_in_one_full_line(monkeypatch, capsys):
+    import socket
+
+    from mnv4.weights import hub
+
+    def cache_only(local_files_only=False, **kw):
+        assert local_files_only, "no download may start"
+        raise FileNotFoundError("not in the cache")
+
+    monkeypatch.setattr("huggingface_hub.hf_hub_download", cache_only)
+    assert main(["predict", ".", "-m", "mnv4_conv_small", "--pretrained"]) == 2
+    line = _one_line_error(capsys)
+    assert "HF_HUB_OFFLINE is set and it is not in the local cache" in line
+    assert line.endswith("copy that machine's Hugging Face cache (~/.cache/huggingface) here")  # not cut short
+    assert "--checkpoint" in line
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
+    tries = []
+
+    def unreachable(address, timeout):
+        tries.append((address, timeout))
+        raise socket.gaierror(-2, "Name or service not known")
+
+    monkeypatch.setattr(hub.socket, "create_connection", unreachable)
+    with pytest.raises(mnv4.MNv4Error, match=r"huggingface.co cannot be reached \(Name or service not known\)"):
+        hub.download_weights("timm/x")
+    assert len(tries) == 1 and tries[0][1] <= 5  # one short check, no retries
+
+
+def test_a_finetuned_teacher_file_works_with_eval_and_predict(tmp_path, capsys):
+    timm = pytest.importorskip("timm")
+    from mnv4.distill.teachers import save_teacher
+    from mnv4.models import Preprocess
+
+    net = timm.create_model("resnet10t", num_classes=10)  # random weights: only the plumbing is under test
+    digits = [str(i) for i in range(10)]
+    pp = Preprocess(32, 1.0, "bilinear", (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    path = save_teacher(net, tmp_path / "teacher.safetensors", "timm", "resnet10t", pp, digits)
+    Image.new("RGB", (40, 30), (90, 10, 200)).save(tmp_path / "x.png")
+
+    assert main(["predict", str(tmp_path / "x.png"), "--checkpoint", str(path), "--json", "-k", "2"]) == 0
+    row = json.loads(capsys.readouterr().out)
+    assert len(row["top"]) == 2 and {c["class"] for c in row["top"]} <= set(digits)
+
+    # no --data: a model of the digits' classes is evaluated on the digits, and says so
+    argv = ["eval", "--checkpoint", str(path), "--batch-size", "360", "--no-progress", "-o", str(tmp_path / "c.png")]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    assert "timm:resnet10t on digits (360 images)" in captured.out and "no --data" in captured.err
+
+    assert main(["export", "--checkpoint", str(path), "--format", "onnx", "-o", str(tmp_path / "t.onnx")]) == 2
+    assert "is a teacher file of `mnv4 distill finetune` (timm:resnet10t)" in _one_line_error(capsys)
+
+
+def test_eval_without_data_for_other_classes_is_one_line(tmp_path, capsys):
+    model = mnv4.create_model("mnv4_conv_small_035", num_classes=3)
+    model.class_names = ["a", "b", "c"]
+    assert main(["eval", "--checkpoint", str(mnv4.save_model(model, tmp_path / "m.safetensors"))]) == 2
+    assert "--data is required: the labelled images to evaluate on" in _one_line_error(capsys)

@@ -194,3 +194,21 @@ def test_seeded_dataset_augments_by_sample_not_by_call_order():
     state = torch.get_rng_state()
     ds[(0, 6)]
     assert torch.equal(torch.get_rng_state(), state)  # and loading does not disturb it either
+
+
+def test_a_folder_of_small_photos_trains_at_their_own_size(tmp_path, capsys):
+    from mnv4.cli import main
+
+    for name, size in (("tiny", (32, 30)), ("mixed", (20, 24)), ("big", (300, 200))):
+        for c in ("a", "b"):
+            (tmp_path / name / c).mkdir(parents=True)
+            for i in range(5):
+                Image.new("RGB", size, (40 * i, 0, 0)).save(tmp_path / name / c / f"{i}.png")
+    (tmp_path / "tiny" / "a" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    assert load_data(tmp_path / "tiny").input_size == 32  # the longer side
+    assert load_data(tmp_path / "mixed").input_size == 24
+    assert load_data(tmp_path / "big").input_size is None  # large photos: the model's own size
+
+    argv = ["train", "--data", str(tmp_path / "tiny"), "--batch-size", "4", "--max-steps", "1", "--no-progress"]
+    main([*argv, "-o", str(tmp_path / "run")])
+    assert "at 32 px (the images' own size; --input-size or the input_size field changes it)" in capsys.readouterr().out

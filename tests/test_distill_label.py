@@ -269,3 +269,30 @@ def test_crop_min_bounds_the_crop_area_and_is_recorded(tmp_path):
     assert min(areas) >= 0.45 and max(areas) <= 1.0  # rounding of the box sides
     with pytest.raises(InvalidValue, match="`crop_min` 0.0 is invalid"):
         LabelConfig("t", "d", "o", crop_min=0.0).validate()
+
+
+def test_ctrl_c_keeps_the_written_shards_and_prints_the_command_that_continues(tmp_path):
+    from mnv4.cli import build_parser
+
+    data = make_folder(tmp_path / "img", per_class=5)
+    teacher = color_teacher()
+    real, calls = teacher.probs, []
+
+    def interrupted_on_the_third_batch(x):
+        calls.append(len(x))
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(x)
+
+    teacher.probs = interrupted_on_the_third_batch
+    cfg = _cfg(data, tmp_path / "out", jpeg_quality=90, replicas=2, shard_size=8)
+    said: list[str] = []
+    with pytest.raises(KeyboardInterrupt):
+        label(cfg, progress=False, log=said.append, teacher=teacher)
+    line = said[-1]
+    assert line.startswith(f"interrupted: 1 of 4 shards are written in {tmp_path / 'out'}; continue with: ")
+    argv = line.split("continue with: ")[1].split()
+    assert argv[:3] == ["mnv4", "distill", "label"]
+    args = build_parser().parse_args(argv[1:])  # the printed command is one the CLI takes, with the same settings
+    assert (args.output, args.jpeg_quality, args.replicas, args.shard_size) == (cfg.out, 90, 2, 8)
+    assert (args.teacher, args.data, args.batch_size, args.check_images) == ("colornet", cfg.data, 4, 0)

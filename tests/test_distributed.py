@@ -105,3 +105,54 @@ def test_unreadable_images_concentrated_on_one_rank_neither_hang_nor_crash(tmp_p
     assert s["steps"] == n // batch and s["skipped_images"] == len(rank1) - 1  # counted over both ranks
     weights = load_file(str(tmp_path / "run" / "last.safetensors"))
     assert all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point())
+
+
+def _mostly_broken_folder(root, good: int, broken: int, classes: int = 3):
+    """``classes`` class folders, each with ``good`` readable 32 px digits and ``broken`` unreadable files."""
+    from mnv4.data.digits import digits_split
+
+    tr, _ = digits_split(0.2, seed=0, size=32)
+    kept = {c: 0 for c in range(classes)}
+    for i in range(len(tr)):
+        y = tr.targets[i]
+        if y < classes and kept[y] < good:
+            (root / f"c{y}").mkdir(parents=True, exist_ok=True)
+            tr[i][0].save(root / f"c{y}" / f"good{kept[y]}.png")
+            kept[y] += 1
+    for c in range(classes):
+        (root / f"c{c}").mkdir(parents=True, exist_ok=True)
+        for j in range(broken):
+            (root / f"c{c}" / f"bad{j}.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("processes", [1, 2])
+def test_mostly_unreadable_images_train_to_the_end(tmp_path, processes):
+    """8 good and 40 broken images per class at batch 4: many steps hold a single readable image per
+    process. Such an image used to be doubled to make a BatchNorm batch, which has no variance deep in
+    the network: the gradients overflowed to NaN and the run stopped blaming the learning rate."""
+    _mostly_broken_folder(tmp_path / "data", good=8, broken=40)
+    args = ["train", "--data", str(tmp_path / "data"), "--batch-size", "4", "--input-size", "32", "--epochs", "2"]
+    out = run_mnv4([*args, "--no-progress", "--output", str(tmp_path / "run")], processes=processes, timeout=240)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "not finite" not in out.stdout + out.stderr
+    s = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert s["steps"] == 2 * ((144 - 29) // 4)  # 3 x 48 files, 20% of them for validation
+    assert 90 <= s["skipped_images"] <= 120  # of the 120 broken files, those in the training split
+    weights = load_file(str(tmp_path / "run" / "last.safetensors"))
+    assert all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point())
+
+
+def test_too_few_readable_images_say_so(tmp_path, capsys):
+    """One readable image in the whole set: no step can train; the error says why, not "lower lr"."""
+    from mnv4.cli import main
+    from mnv4.data.digits import digits_split
+
+    _mostly_broken_folder(tmp_path / "data", good=0, broken=10)
+    digits_split(0.2, seed=0, size=16)[0][0][0].save(tmp_path / "data" / "c0" / "good.png")
+    conf = tmp_path / "tiny.json"
+    conf.write_text(json.dumps({"model": TINY.to_dict(), "input_size": 16}))
+    args = ["train", "--config", str(conf), "--data", str(tmp_path / "data"), "--batch-size", "4", "--epochs", "1"]
+    assert main([*args, "--no-progress", "--output", str(tmp_path / "run")]) != 0
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "error:" in last and "too few images of data can be read" in last, last

@@ -178,8 +178,8 @@ def test_rechunk_keeps_batchnorm_batches_above_one():
     y = torch.arange(5)
     sizes = [len(c[0]) for c in _rechunk([x], [y], 2)]
     assert sizes == [2, 3]  # the lone fifth image joins the previous micro-batch
-    ((xx, yy, w),) = _rechunk([x[:1]], [y[:1]], 2)
-    assert len(xx) == 2 and w.tolist() == [0.5, 0.5] and yy.tolist() == [0, 0]
+    ((xx, yy, w),) = _rechunk([x[:1], x[1:3]], [y[:1], y[1:3]], 2)  # micro-batches of 1 and 2 images: one of 3
+    assert xx.flatten().tolist() == [0.0, 1.0, 2.0] and w.tolist() == [1.0] * 3 and yy.tolist() == [0, 1, 2]
     assert _rechunk([], [], 2) == []
 
 
@@ -210,7 +210,8 @@ def test_max_steps_cli_prints_a_resume_command_that_works(tmp_path, capsys, monk
     argv = ["train", "--config", str(conf), "--output", str(out), "--no-progress"]
     monkeypatch.setattr("mnv4.data.digits.DigitsDataset.__len__", lambda self: min(len(self.targets), 96))
     assert main([*argv, "--max-steps", "1"]) == 0
-    assert f"continue with: mnv4 train --resume {out}" in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert f"continue with: mnv4 train --resume {out}" in said and said.count("stopped at step") == 1  # once
     assert main(["train", "--resume", str(out), "--no-progress"]) == 0
     assert json.loads((out / "summary.json").read_text())["steps"] == 3
     assert main(["train", "--resume", str(out), "--lr", "0.1", "--no-progress"]) == 2

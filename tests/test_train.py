@@ -16,6 +16,7 @@ from mnv4.data.digits import digits_split
 from mnv4.errors import MNv4Error
 from mnv4.models.specs import ModelSpec, cn, uib
 from mnv4.train import resolve_config, train
+from mnv4.train.metrics import read_metrics
 from mnv4.train.optim import param_groups, warmup_cosine
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -112,6 +113,9 @@ def test_killed_mid_epoch_then_resumed_matches_uninterrupted_run(tmp_path):
         assert torch.equal(resumed.ema_model.state_dict()[name], ref), name
     rows = (resumed.run_dir / "metrics.csv").read_text().strip().splitlines()
     assert [r.split(",")[0] for r in rows[1:]] == ["1", "2", "3"]
+    # epoch 2 was cut at its 3rd step: its loss averages all 4 steps, not only the one after the resume
+    losses = [[r["train_loss"] for r in read_metrics(run.run_dir / "metrics.csv")] for run in (full, resumed)]
+    assert losses[0] == losses[1]
     assert resumed.summary["val_top1"] == full.summary["val_top1"]
 
 
@@ -130,6 +134,16 @@ def test_bf16_autocast_and_channels_last_train_on_cpu(tmp_path):
     res = train(cfg, data=tiny_digits(n_train=64, n_val=32), progress=False)
     assert all(torch.isfinite(p).all() for p in res.model.parameters())
     assert res.summary["steps"] == 2
+
+
+@pytest.mark.slow
+def test_three_digits_epochs_evaluate_far_above_chance(tmp_path):
+    # 66 steps: BatchNorm's running variance used to keep ~10x its initial 1.0 in the deep layers (whose
+    # batch variance is ~1e-4), so this run evaluated at 10% (chance) while its training loss fell.
+    cfg = resolve_config("quick", epochs=3, input_size=16, output=str(tmp_path / "run"))
+    result = train(cfg, progress=False, log=lambda msg: None)
+    assert result.summary["steps"] == 66
+    assert result.summary["val_top1_final"] > 50.0  # 77% here; chance is 10%
 
 
 @pytest.mark.slow

@@ -13,6 +13,7 @@ import contextlib
 import importlib
 import logging
 import os
+import re
 import sys
 import warnings
 from collections.abc import Iterator, Sequence
@@ -116,6 +117,18 @@ def _rewrite_legacy(argv: list[str]) -> list[str]:
     return argv
 
 
+def _attach_negative_values(argv: list[str]) -> list[str]:
+    """``--flag -1:2`` -> ``--flag=-1:2``: argparse takes a value starting with '-' for an option unless it is a
+    plain number, and would answer "expected one argument" instead of what is wrong with the value."""
+    out: list[str] = []
+    for token in argv:
+        if out and out[-1].startswith("--") and "=" not in out[-1] and re.fullmatch(r"-[\d.][\d.:eE+-]*", token):
+            out[-1] = f"{out[-1]}={token}"
+        else:
+            out.append(token)
+    return out
+
+
 def _one_line_warnings() -> None:
     def show(message, category, filename, lineno, file=None, line=None):
         text = " ".join(str(message).split())
@@ -170,7 +183,7 @@ def process_threads(args: argparse.Namespace) -> Iterator[None]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = _rewrite_legacy(list(sys.argv[1:] if argv is None else argv))
+    argv = _attach_negative_values(_rewrite_legacy(list(sys.argv[1:] if argv is None else argv)))
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

@@ -51,7 +51,9 @@ def _cmd_label(args: argparse.Namespace) -> int:
     finally:
         teardown()
     if res.stopped_early:
-        print(f"stopped after --max-shards; continue with the same command to finish {res.out}")
+        from ..distill.label import resume_command
+
+        print(f"stopped after --max-shards; continue with: {resume_command(cfg)}")
     elif res.manifest:
         print(
             f"soft-label dataset: {res.out} ({res.manifest['records']} records); train a student with: "
@@ -93,7 +95,9 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
         teardown()
     s = res.summary
     if res.stopped_early or not s:
-        return 0 if not res.stopped_early else 130
+        from ..train.runs import exit_code
+
+        return exit_code(res.stop_reason) if res.stopped_early else 0
     print(
         f"teacher {args.teacher} fine-tuned on {s['dataset']}: best val top-1 {s['val_top1']:.2f}% at "
         f"{s['input_size']} px, {s['wall_seconds']:.0f} s"

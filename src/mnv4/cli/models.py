@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 from ..errors import MNv4Error
@@ -11,10 +12,23 @@ from . import args as A
 __all__ = ["register", "load_model", "announce_weights"]
 
 
-def load_model(args: argparse.Namespace, **overrides):
-    """The model a command works on, from ``--model`` / ``--checkpoint`` / ``--pretrained``."""
+def load_model(args: argparse.Namespace, teachers: bool = False, **overrides):
+    """The model a command works on, from ``--model`` / ``--checkpoint`` / ``--pretrained``.
+
+    ``teachers``: also take a teacher file of ``mnv4 distill finetune`` (a non-MobileNetV4 classifier, e.g. a
+    fine-tuned EfficientNet-Lite), with its preprocessing and class names; commands that only work on
+    MobileNetV4s refuse one in one line."""
     from ..factory import create_model
 
+    teacher = _teacher_file(args.checkpoint) if getattr(args, "checkpoint", None) else None
+    if teacher is not None:
+        if not teachers or A.resolve_model(args) is not None:
+            raise MNv4Error(
+                f"{args.checkpoint} is a teacher file of `mnv4 distill finetune` ({teacher}), not a MobileNetV4: "
+                "`mnv4 eval` and `mnv4 predict` take it as `checkpoint` (without `model`), and "
+                "`mnv4 distill label` as `teacher`"
+            )
+        return _load_teacher_file(args.checkpoint)
     name = A.resolve_model(args)
     if getattr(args, "spec", None):
         if name is not None:
@@ -30,6 +44,45 @@ def load_model(args: argparse.Namespace, **overrides):
     return create_model(name, checkpoint=args.checkpoint, pretrained=pretrained, **overrides)
 
 
+def _teacher_file(path: str) -> str | None:
+    """``family:arch`` when ``path`` is a teacher file of ``mnv4 distill finetune``, else None."""
+    from pathlib import Path
+
+    if Path(path).suffix != ".safetensors" or not Path(path).is_file():
+        return None
+    from safetensors import safe_open
+
+    from ..distill.teachers import TEACHER_FORMAT
+    from ..weights.io import CONFIG_KEY
+
+    try:
+        with safe_open(path, "pt") as f:
+            meta = (f.metadata() or {}).get(CONFIG_KEY)
+        cfg = json.loads(meta) if meta else {}
+    except Exception:  # not readable as safetensors: the normal loader says why
+        return None
+    return f"{cfg.get('family')}:{cfg.get('arch')}" if cfg.get("format") == TEACHER_FORMAT else None
+
+
+def _load_teacher_file(path: str):
+    """The teacher's network, carrying what eval and predict read from a model (name, preprocessing, classes)."""
+    from ..distill.teachers import load_teacher
+    from ..models.meta import WeightsMeta, set_weights_meta
+
+    t = load_teacher(path)
+    model = t.model
+    names = tuple(t.class_names) if t.class_names else None
+    set_weights_meta(model, WeightsMeta(preprocess=t.preprocess, class_names=names, source=path))
+    model.num_classes, model.display_name = t.num_classes, f"{t.identity['family']}:{t.identity['arch']}"
+    return model
+
+
+def model_name(model) -> str:
+    """What to call a model in output: its spec's name, or a teacher's ``family:arch``."""
+    spec = getattr(model, "spec", None)
+    return spec.name if spec is not None else getattr(model, "display_name", type(model).__name__)
+
+
 def announce_weights(model, purpose: str = "") -> None:
     """One line when a command runs on random weights, so nobody mistakes its output for a real model's."""
     from ..models.meta import weights_meta
@@ -37,7 +90,8 @@ def announce_weights(model, purpose: str = "") -> None:
     if weights_meta(model).source is None:
         what = f" ({purpose})" if purpose else ""
         print(
-            f"mnv4: note: {model.spec.name} has random weights{what}; pass --checkpoint or --pretrained for real ones",
+            f"mnv4: note: {model_name(model)} has random weights{what}; "
+            "pass --checkpoint or --pretrained for real ones",
             file=sys.stderr,
         )
 
@@ -89,13 +143,14 @@ def _cmd_models(args: argparse.Namespace) -> int:
 
 
 def _cmd_profile(args: argparse.Namespace) -> int:
+    from ..models.meta import weights_meta
     from ..perf import profile
     from .detect_tools import detector_profile
 
     prof = detector_profile(args)  # None unless the model is a detector
     if prof is None:
         model = load_model(args)
-        res = args.input_size or model.preprocess.input_size
+        res = args.input_size or weights_meta(model).preprocess.input_size
         prof = profile(model, resolution=res, dtype=args.dtype, batch_size=args.batch_size)
     if args.per_layer:
         rows = [
@@ -150,7 +205,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     if args.topk < 1:
         raise MNv4Error(f"`topk` {args.topk} is invalid: must be >= 1")
     device = pick_device(args.device)
-    model = load_model(args)
+    model = load_model(args, teachers=True)
     announce_weights(model, "its predictions mean nothing")
     bad = BadImageLog()
     writer = None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any
 
 from ..errors import MNv4Error
@@ -51,7 +52,9 @@ def _config(args: argparse.Namespace):
     if fields["data"] is None:
         raise MNv4Error("`data` is required: an image folder, cifar10 or digits")
     if fields["output"] is None:
-        fields["output"] = _free_dir(f"runs/search-{_label(args.data)}")
+        from ..train.runs import default_run_dir
+
+        fields["output"] = str(default_run_dir(f"search-{_label(args.data)}"))
     return SearchConfig(**fields)
 
 
@@ -61,34 +64,17 @@ def _label(data: str) -> str:
     return Path(str(data).rstrip("/")).name or "data"
 
 
-def _free_dir(base: str) -> str:
-    """``base``, or ``base-2``, ``base-3``... : the first that does not exist yet."""
-    from pathlib import Path
-
-    n, path = 1, Path(base)
-    while path.exists():
-        n += 1
-        path = Path(f"{base}-{n}")
-    return str(path)
-
-
 def _resume_config(args: argparse.Namespace):
-    from pathlib import Path
-
-    from ..nas.search import RESUME_MAY_CHANGE, STATE, SearchConfig
+    from ..nas.search import RESUME_MAY_CHANGE, SearchConfig
     from ..train.checkpoint import load_training_state
+    from ..train.runs import checkpoint_file, resumed_fields
 
-    folder = Path(args.resume)
-    path = folder / STATE if folder.is_dir() else folder
+    path = checkpoint_file(args.resume)
     saved = load_training_state(path).get("extra", {}).get("search_config")
     if saved is None:
         raise MNv4Error(f"{path} is not a search checkpoint; resume training runs with `mnv4 train --resume`")
-    saved["output"] = str(path.parent)
-    for field in RESUME_MAY_CHANGE[1:]:  # output is the folder being resumed
-        value = getattr(args, field, None)
-        if value is not None:
-            saved[field] = value
-    return SearchConfig.from_dict(saved)
+    requested = {field: getattr(args, field, None) for field in RESUME_MAY_CHANGE}
+    return SearchConfig.from_dict({**resumed_fields(saved, requested, RESUME_MAY_CHANGE), "output": str(path.parent)})
 
 
 def _cmd_search(args: argparse.Namespace) -> int:
@@ -99,6 +85,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
         return 0
     from ..nas.search import SearchStopped, search
     from ..train.distributed import teardown
+    from ..train.runs import exit_code
 
     cfg = _resume_config(args) if args.resume else _config(args)
     try:
@@ -110,22 +97,27 @@ def _cmd_search(args: argparse.Namespace) -> int:
         )
     finally:
         teardown()
-    if isinstance(result, SearchStopped):
-        print(
-            f"stopped at step {result.step} of {result.total_steps} ({result.stop_reason}); "
-            f"continue with: mnv4 search --resume {result.output}"
-        )
-        return {"SIGINT": 130, "SIGTERM": 143}.get(result.stop_reason or "", 0)
+    if isinstance(result, SearchStopped):  # the search said where and why it stopped
+        return exit_code(result.stop_reason)
     r = result.report
     if not r:  # a non-zero rank under torchrun
         return 0
+    if not r["within_tolerance"]:
+        print(
+            f"mnv4: error: the architecture found costs {r['cost']:.4g} {r['unit']}, "
+            f"{100 * r['cost_error']:+.1f}% from the target {r['target']:.4g} (--cost-tolerance "
+            f"{cfg.cost_tolerance:g}); its spec and report are in {result.output}. Search again with a stronger "
+            "cost weight (--beta) or more --epochs",
+            file=sys.stderr,
+        )
+        return 3
     print(
         f"cost {r['cost']:.4g} {r['unit']} for target {r['target']:.4g} ({100 * r['cost_error']:+.1f}%), "
         f"measured here {r['measured_here_ms']:.3f} ms; {r['wall_seconds'] / 60:.1f} min"
     )
     print(f"spec: {result.output / 'spec.json'}  (report: {result.output / 'report.md'})")
     print(f"next: mnv4 train --spec {result.output / 'spec.json'} --data {cfg.data}")
-    return 0 if r["within_tolerance"] else 3
+    return 0
 
 
 def register(sub) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +33,6 @@ _FIELD_FLAGS: tuple[tuple[tuple[str, ...], str, Any, str], ...] = (
     (("--save-every-steps",), "save_every_steps", int, "also checkpoint every N optimizer steps"),
     (("--grad-clip",), "grad_clip", float, "max gradient norm (0: off)"),
 )
-# What a resumed run may change: where and how it runs, and how long (extending a finished run).
-_RESUME_MAY_CHANGE = ("workers", "device", "save_every_steps", "data_root", "epochs", "loggers")
 
 
 def _parse_set(items: list[str]) -> dict[str, Any]:
@@ -51,12 +50,8 @@ def _parse_set(items: list[str]) -> dict[str, Any]:
     return out
 
 
-def _cmd_train(args: argparse.Namespace) -> int:
-    from ..train.checkpoint import find_resume, load_training_state
-    from ..train.config import TrainConfig, resolve_config
-    from ..train.distributed import teardown
-    from ..train.trainer import train
-
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The config fields given on the command line (None: not given)."""
     overrides: dict[str, Any] = {field: getattr(args, field) for _, field, _, _ in _FIELD_FLAGS}
     overrides.update(
         model=A.resolve_model(args),
@@ -78,26 +73,32 @@ def _cmd_train(args: argparse.Namespace) -> int:
         if getattr(args, flag):
             overrides[flag] = True
     overrides.update(_parse_set(args.set or []))
-    resume = None
-    if args.resume:
-        resume = find_resume(args.resume, args.output)
-        saved = load_training_state(resume)["config"]
-        fixed = sorted(k for k, v in overrides.items() if v is not None and k not in _RESUME_MAY_CHANGE + ("output",))
-        if fixed or args.recipe or args.config:
-            what = ", ".join(f"`{k}`" for k in fixed) or "the recipe"
-            raise MNv4Error(
-                f"a resumed run keeps its recipe and hyper-parameters; {what} cannot change "
-                "(start a new run with another `output` instead)"
-            )
-        saved.update({k: overrides[k] for k in _RESUME_MAY_CHANGE if overrides.get(k) is not None})
-        cfg = TrainConfig.from_dict(saved)
-    else:
-        recipe = args.recipe
-        if recipe is None and (args.distill or args.teacher):  # distilling implies its recipe, unless a file names one
-            from ..train.config import load_config_file
+    return overrides
 
-            recipe = (load_config_file(args.config) if args.config else {}).get("recipe") or "distill"
-        cfg = resolve_config(recipe, args.config, **overrides)
+
+def _config(args: argparse.Namespace, resume: Path | None):
+    """The run's config: a new one (recipe <- --config file <- flags), or the resumed run's with the changes a
+    resume may make (the library's rule, mnv4.train.runs)."""
+    from ..train.config import load_config_file, resolve_config
+    from ..train.runs import resumed_train_config
+
+    overrides = _overrides(args)
+    from_file = load_config_file(args.config) if args.config else {}
+    if resume is not None:
+        return resumed_train_config(resume, {**from_file, **overrides, "recipe": args.recipe})
+    recipe = args.recipe
+    if recipe is None and (args.distill or args.teacher):  # distilling implies its recipe, unless a file names one
+        recipe = from_file.get("recipe") or "distill"
+    return resolve_config(recipe, args.config, **overrides)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from ..train.distributed import teardown
+    from ..train.runs import exit_code, find_resume
+    from ..train.trainer import train
+
+    resume = find_resume(args.resume, args.output) if args.resume else None
+    cfg = _config(args, resume)
     if cfg.distill or cfg.teacher:  # a distillation config, given now or saved with the run being resumed
         from ..distill.student import train_student as train
     try:
@@ -110,9 +111,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         )
     finally:
         teardown()
-    if result.stopped_early:
-        print(f"stopped at step {result.step} ({result.stop_reason}); continue with: {result.resume_command}")
-        return {"SIGINT": 130, "SIGTERM": 143}.get(result.stop_reason or "", 0)
+    if result.stopped_early:  # the trainer said where and why, and how to continue
+        return exit_code(result.stop_reason)
     s = result.summary
     if not s:  # a non-zero rank under torchrun
         return 0
@@ -132,12 +132,12 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from ..data.datasets import load_data
     from ..train.distributed import pick_device
     from ..train.evaluate import evaluate_on, plot_confusion
-    from .models import announce_weights, load_model
+    from .models import announce_weights, load_model, model_name
 
     device = pick_device(args.device)
-    model = load_model(args).eval()
+    model = load_model(args, teachers=True).eval()
     announce_weights(model, "its accuracy will be chance")
-    data = load_data(args.data, args.data_root, args.val_split, args.seed)
+    data = load_data(_eval_data(args, model), args.data_root, args.val_split, args.seed)
     res, bad = evaluate_on(
         model,
         data,
@@ -149,7 +149,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     )
     skipped = f", {len(bad)} unreadable skipped" if bad else ""
     print(
-        f"{model.spec.name} on {data.name} ({res.count} images{skipped}): "
+        f"{model_name(model)} on {data.name} ({res.count} images{skipped}): "
         f"top-1 {res.top1:.2f}%  top-5 {res.top5:.2f}%  loss {res.loss:.4f}"
     )
     if args.output:
@@ -157,8 +157,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     elif args.checkpoint:
         out = Path(Path(args.checkpoint).with_suffix("").as_posix() + "-confusion.png")
     else:
-        out = Path(f"{model.spec.name}-{data.name}-confusion.png")
-    names = list(model.class_names or data.class_names)
+        out = Path(f"{model_name(model).replace(':', '-')}-{data.name}-confusion.png")
+    from ..models.meta import weights_meta
+
+    names = list(weights_meta(model).class_names or data.class_names)
     plot_confusion(res, names, out)
     print(f"confusion matrix: {out}")
     if args.json:
@@ -166,6 +168,22 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             json.dumps({"top1": res.top1, "top5": res.top5, "loss": res.loss, "count": res.count, "skipped": len(bad)})
         )
     return 0
+
+
+def _eval_data(args: argparse.Namespace, model) -> str:
+    """``--data``; without it, the built-in digits only for a model of the digits' classes (else one error)."""
+    if args.data is not None:
+        return args.data
+    from ..data.digits import DigitsDataset
+    from ..models.meta import weights_meta
+
+    if list(weights_meta(model).class_names or []) == DigitsDataset.classes:
+        print("mnv4: note: no --data: evaluating on the built-in digits (this model's classes)", file=sys.stderr)
+        return "digits"
+    raise MNv4Error(
+        "`data` is required: the labelled images to evaluate on (a folder with one sub-folder per class, or "
+        "val/ inside it; cifar10, fashion-mnist or digits)"
+    )
 
 
 def _cmd_recipes(args: argparse.Namespace) -> int:
@@ -250,7 +268,12 @@ def register(sub) -> None:
     p = sub.add_parser("eval", help="top-1/top-5/loss and a confusion-matrix PNG for weights on labelled images")
     A.add_model(p, help="architecture (default: from the checkpoint)", positional=False)
     A.add_weights(p, checkpoint_help="weights (e.g. a run's best.safetensors)")
-    p.add_argument("--data", default="digits", help="PATH (uses val/ when present) | cifar10 | fashion-mnist | digits")
+    p.add_argument(
+        "--data",
+        default=None,
+        help="PATH (uses val/ when present) | cifar10 | fashion-mnist | digits (required unless the model's classes "
+        "are the digits')",
+    )
     p.add_argument("--data-root", default=None, help="cache folder of cifar10 / fashion-mnist")
     p.add_argument("--val-split", type=float, default=0.2, help="as used in training, for folders without val/")
     p.add_argument("--seed", type=int, default=0, help="split seed, as used in training")

@@ -79,17 +79,42 @@ def _folder(path: Path, val_fraction: float, seed: int) -> DataBundle:
     train_dir = path / "train"
     val_dir = next((path / d for d in _VAL_DIRS if (path / d).is_dir()), None)
     if train_dir.is_dir():
-        if val_dir is None:
-            train = SafeImageFolder(train_dir)
-            tr, va = _split(train, val_fraction, seed)
-            return DataBundle(path.name, tr, va, list(train.classes), None)
         train = SafeImageFolder(train_dir)
+        size = small_image_size(train.samples)
+        if val_dir is None:
+            tr, va = _split(train, val_fraction, seed)
+            return DataBundle(path.name, tr, va, list(train.classes), size)
         val = SafeImageFolder(val_dir, classes=list(train.classes))
-        return DataBundle(path.name, train, val, list(train.classes), None)
+        return DataBundle(path.name, train, val, list(train.classes), size)
     scan_classes(path)  # one clear error for an empty or flat folder before anything else
     full = SafeImageFolder(path)
     tr, va = _split(full, val_fraction, seed)
-    return DataBundle(path.name, tr, va, list(full.classes), None)
+    return DataBundle(path.name, tr, va, list(full.classes), small_image_size(full.samples))
+
+
+SMALL_IMAGES = 64  # px: a folder of images no larger than this trains at their own size, as CIFAR does
+
+
+def small_image_size(samples: list[tuple[str, int]], probes: int = 16) -> int | None:
+    """The natural resolution of a folder of small images (the median longer side of a spread of ``probes``
+    files, rounded up to a multiple of 8), or None when they are larger than :data:`SMALL_IMAGES` px: such
+    images upscaled to a model's 224 px would cost ~50x the compute for no detail (what `--recipe
+    small-photos` is for). Only the file headers are read."""
+    from PIL import Image
+
+    n = len(samples)
+    idx = range(n) if n <= probes else sorted({round(i * (n - 1) / (probes - 1)) for i in range(probes)})
+    sides = []
+    for i in idx:
+        try:
+            with Image.open(samples[i][0]) as im:
+                sides.append(max(im.size))
+        except Exception:  # unreadable files are the loader's business
+            continue
+    if not sides or max(sides) > SMALL_IMAGES:
+        return None
+    median = sorted(sides)[len(sides) // 2]
+    return max(16, -(-median // 8) * 8)
 
 
 def _split(ds: SafeImageFolder, val_fraction: float, seed: int) -> tuple[Subset, Subset]:

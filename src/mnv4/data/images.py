@@ -22,9 +22,10 @@ from __future__ import annotations
 import os
 import sys
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -42,6 +43,7 @@ __all__ = [
     "load_rgb",
     "to_rgb",
     "try_load_rgb",
+    "require_readable",
 ]
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm")
@@ -154,6 +156,26 @@ def try_load_rgb(path: str | os.PathLike, max_pixels: int | None = MAX_PIXELS) -
         return load_rgb(path, max_pixels)
     except ImageReadError as e:
         return BadImage(e.path, e.reason)
+
+
+def require_readable(load: Callable[[int], Any], n: int, what: str, probes: int = 32) -> None:
+    """Fail before any work when none of a spread of ``probes`` images can be read.
+
+    ``load(i)`` gives image ``i`` of ``n`` or a :class:`BadImage` for it; ``what`` names the set in the message.
+    """
+    if n == 0:
+        raise MNv4Error(f"the {what} set is empty")
+    idx = list(range(n)) if n <= probes else sorted({round(i * (n - 1) / (probes - 1)) for i in range(probes)})
+    first_bad = None
+    for i in idx:
+        item = load(i)
+        if not isinstance(item, BadImage):
+            return
+        first_bad = first_bad or item
+    raise MNv4Error(
+        f"none of {len(idx)} {what} images sampled across the set could be read (e.g. {first_bad.path}: "
+        f"{first_bad.reason}); check the files"
+    )
 
 
 class BadImageLog:

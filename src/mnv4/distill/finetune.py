@@ -68,6 +68,7 @@ def finetune_teacher(
     teacher (1.0 for small images whose border matters); ``overrides`` are training config fields."""
     from ..train.config import resolve_config
 
+    resolve_config(recipe, data=data, output=output, **overrides)  # bad options fail before the teacher loads
     t = load_teacher(teacher, teacher_checkpoint, input_size, device="cpu")
     family = t.identity["family"]
     if family == "mnv4":

@@ -28,7 +28,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from ..data.images import BadImage, BadImageLog
+from ..data.images import BadImage, BadImageLog, require_readable
 from ..data.sampling import sample_seed
 from ..errors import MNv4Error, check_choice, check_float, check_int
 from ..files import DirLock, atomic_write_json, file_sha256, remove_orphan_temps
@@ -39,7 +39,7 @@ from .shards import ShardRecord, encode_probs, record_key, shard_name, write_sha
 from .sources import ImageSource, map_classes, open_source, to_uint8
 from .teachers import Teacher, load_teacher
 
-__all__ = ["LabelConfig", "LabelResult", "label", "MANIFEST", "CONFIG", "FORMAT", "truncation_cost"]
+__all__ = ["LabelConfig", "LabelResult", "label", "resume_command", "MANIFEST", "CONFIG", "FORMAT", "truncation_cost"]
 
 FORMAT = "mnv4-softlabels"
 MANIFEST = "manifest.json"
@@ -298,6 +298,7 @@ def label(
     if out.exists() and not out.is_dir():
         raise MNv4Error(f"`out` {out} is a file; give a folder for the shards")
     source = open_source(cfg.data, cfg.data_root)
+    require_readable(source.load, len(source), "source")  # labelling nothing would still "succeed"
     policy = cfg.policy()
     if policy.mixup_alpha > 0 and len(source) < 2:
         raise MNv4Error(f"`aug` {cfg.aug} mixes pairs of images; {cfg.data} holds only {len(source)}")
@@ -322,10 +323,31 @@ def label(
     if problem is not None:
         lock.release()
         raise MNv4Error(problem)
+    job = _Job(cfg, info, say, out, source, policy, teacher, size, ident, progress, t0)
     try:
-        return _label(cfg, info, say, out, source, policy, teacher, size, ident, progress, max_shards, t0)
+        return _label(job, max_shards)
+    except KeyboardInterrupt:
+        say(
+            f"interrupted: {len(job.shards_done())} of {job.n_shards} shards are written in {out}; "
+            f"continue with: {resume_command(cfg)}"
+        )
+        raise
     finally:
         lock.release()
+
+
+def resume_command(cfg: LabelConfig) -> str:
+    """The command that continues labelling into ``cfg.out``: the same settings (those not at their default)."""
+    import shlex
+
+    defaults = LabelConfig(teacher="", data="", out="")
+    parts = ["mnv4", "distill", "label"]
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if f.name in ("teacher", "data", "out") or value != getattr(defaults, f.name):
+            flag = "--output" if f.name == "out" else "--" + f.name.replace("_", "-")
+            parts += [flag, shlex.quote(str(value))]
+    return " ".join(parts)
 
 
 def _claim(out: Path, ident: dict[str, Any], lock: DirLock) -> str | None:
@@ -346,94 +368,130 @@ def _claim(out: Path, ident: dict[str, Any], lock: DirLock) -> str | None:
     return None
 
 
-def _label(cfg, info, say, out, source, policy, teacher, size, ident, progress, max_shards, t0) -> LabelResult:
-    n_images = len(source)
-    total = n_images * cfg.replicas
-    n_shards = math.ceil(total / cfg.shard_size)
-    done = [s for s in range(n_shards) if (out / shard_name(s)).is_file()]
-    pp = teacher.preprocess
-    say(
-        f"teacher {teacher.identity['spec']} ({teacher.num_classes} classes) at {pp.input_size} px "
-        f"(mean {tuple(round(m, 4) for m in pp.mean)}, std {tuple(round(s, 4) for s in pp.std)}, "
-        f"{pp.interpolation}); records {size} px, JPEG quality {cfg.jpeg_quality}, aug {cfg.aug}"
-    )
-    kind = f"labelled, {len(source.class_names)} classes" if source.labelled else "unlabelled"
-    say(f"source {source.location}: {n_images} images ({kind}, {source.kind})")
-    check = _check_teacher(cfg, teacher, source, info, say, progress) if len(done) < n_shards else None
+@dataclass
+class _Job:
+    """What one labelling invocation works with, resolved by :func:`label` before any record is made."""
+
+    cfg: LabelConfig
+    info: Any  # mnv4.train.distributed.DistInfo
+    say: Callable[[str], None]
+    out: Path
+    source: ImageSource
+    policy: AugPolicy
+    teacher: Teacher
+    size: int  # record resolution
+    ident: dict[str, Any]
+    progress: bool | None
+    t0: float
+
+    @property
+    def n_shards(self) -> int:
+        return math.ceil(len(self.source) * self.cfg.replicas / self.cfg.shard_size)
+
+    def shards_done(self) -> list[int]:
+        return [s for s in range(self.n_shards) if (self.out / shard_name(s)).is_file()]
+
+
+def _label(job: _Job, max_shards: int | None) -> LabelResult:
+    cfg, info, out = job.cfg, job.info, job.out
+    done = job.shards_done()
+    _describe(job)
+    check = None
+    if len(done) < job.n_shards:
+        check = _check_teacher(cfg, job.teacher, job.source, info, job.say, job.progress)
     if check is not None and info.is_main:
         atomic_write_json(out / "teacher_check.json", check)
-
-    todo = [s for s in range(n_shards) if s % info.world_size == info.rank and s not in done]
+    todo = [s for s in range(job.n_shards) if s % info.world_size == info.rank and s not in done]
     mine = todo[:max_shards] if max_shards is not None else todo
-    say(
-        f"labelling {cfg.replicas} x {n_images} = {total} records in {n_shards} shards of {cfg.shard_size}"
+    total = len(job.source) * cfg.replicas
+    job.say(
+        f"labelling {cfg.replicas} x {len(job.source)} = {total} records in {job.n_shards} shards of {cfg.shard_size}"
         + (f" ({len(done)} done already)" if done else "")
         + (f" on {info.world_size} processes" if info.distributed else "")
     )
-    batches = _plan_batches(mine, total, cfg.shard_size, cfg.batch_size)
-    maker = _RecordMaker(source, cfg, size)
+    ks = [cfg.top_k] if cfg.top_k else [k for k in (1, 5, 10) if k < job.teacher.num_classes]
+    labelled_now, bad = _write_shards(job, mine, ks)
+    seconds = time.perf_counter() - job.t0
+    stopped = len(mine) < len(todo)
+    if info.distributed:
+        dist.barrier()
+    manifest: dict[str, Any] = {}
+    if info.is_main and not stopped and len(job.shards_done()) == job.n_shards:
+        manifest = _write_manifest(cfg, out, job.n_shards, job.ident, job.teacher, job.source, job.policy, job.size, ks)
+        _report(manifest, job.say, labelled_now, seconds, bad)
+    return LabelResult(out, manifest, labelled_now, seconds, stopped)
+
+
+def _describe(job: _Job) -> None:
+    pp, cfg, source = job.teacher.preprocess, job.cfg, job.source
+    job.say(
+        f"teacher {job.teacher.identity['spec']} ({job.teacher.num_classes} classes) at {pp.input_size} px "
+        f"(mean {tuple(round(m, 4) for m in pp.mean)}, std {tuple(round(s, 4) for s in pp.std)}, "
+        f"{pp.interpolation}); records {job.size} px, JPEG quality {cfg.jpeg_quality}, aug {cfg.aug}"
+    )
+    kind = f"labelled, {len(source.class_names)} classes" if source.labelled else "unlabelled"
+    job.say(f"source {source.location}: {len(source)} images ({kind}, {source.kind})")
+
+
+def _write_shards(job: _Job, mine: list[int], ks: list[int]) -> tuple[int, BadImageLog]:
+    """Label and write this rank's shards ``mine``; (records labelled, the unreadable images met)."""
+    cfg, info, source = job.cfg, job.info, job.source
+    batches = _plan_batches(mine, len(source) * cfg.replicas, cfg.shard_size, cfg.batch_size)
+    maker = _RecordMaker(source, cfg, job.size)
     loader = DataLoader(maker, batch_sampler=[b for _, b, _ in batches], num_workers=cfg.workers, collate_fn=_as_list)
-    ks = [cfg.top_k] if cfg.top_k else [k for k in (1, 5, 10) if k < teacher.num_classes]
     mapping = None
     if source.labelled:
         try:
-            mapping = map_classes(source.class_names, teacher.class_names, teacher.num_classes)[0]
+            mapping = map_classes(source.class_names, job.teacher.class_names, job.teacher.num_classes)[0]
         except MNv4Error:
             mapping = None
     bad = BadImageLog(verbose=info.is_main)
     n_mine = sum(len(b) for _, b, _ in batches)
-    bar = tqdm(total=n_mine, desc=f"labelling {out.name}", unit="img", disable=_disable(progress, info))
+    bar = tqdm(total=n_mine, desc=f"labelling {job.out.name}", unit="img", disable=_disable(job.progress, info))
     records: list[ShardRecord] = []
-    stats = _new_stats(ks)
-    t_shard = time.perf_counter()
-    written = 0
-    labelled_now = 0
+    stats, t_shard, written, labelled_now = _new_stats(ks), time.perf_counter(), 0, 0
     for (shard, _, last), batch in zip(batches, loader):
-        good = [item for item in batch if not isinstance(item[1], BadImage)]
-        for item in batch:
-            if isinstance(item[1], BadImage):
-                bad.add(item[1])
-                stats["skipped"] += 1
-                stats["bad"][item[1].path] = item[1].reason
-        if good:
-            probs = teacher.probs(torch.stack([g[2] for g in good]))
-            for k in ks:
-                kl, same = truncation_cost(probs, k)
-                stats["truncation"][str(k)]["kl_sum"] += float(kl.sum())
-                stats["truncation"][str(k)]["top1_same"] += int(same.sum())
-            kl16, _ = truncation_cost(probs, 0)
-            stats["float16_kl_sum"] += float(kl16.sum())
-            top1 = probs.argmax(1).tolist()
-            for (j, data, _, meta), p, t in zip(good, probs, top1):
-                enc = encode_probs(p, cfg.top_k)
-                records.append(ShardRecord(record_key(j), data, enc, meta))
-                stats["jpeg_bytes"] += len(data)
-                stats["probs_bytes"] += len(enc)
-                if mapping is not None and "label" in meta:
-                    stats["label_agree"] += int(mapping[source.class_names.index(meta["label"])] == t)
-            stats["records"] += len(good)
-            labelled_now += len(good)
+        labelled_now += _add_batch(job, batch, ks, mapping, records, stats, bad)
         bar.update(len(batch))
         if last:
             stats["shard"], stats["seconds"] = shard, round(time.perf_counter() - t_shard, 3)
-            path = out / shard_name(shard)
+            path = job.out / shard_name(shard)
             atomic_write_json(path.with_suffix(".stats.json"), stats)
             write_shard(path, records)  # after the stats: a shard that exists always has its stats
             written += 1
             bar.set_postfix(shards=f"{written}/{len(mine)}")
             records, stats, t_shard = [], _new_stats(ks), time.perf_counter()
     bar.close()
-    seconds = time.perf_counter() - t0
-    stopped = len(mine) < len(todo)
-    if info.distributed:
-        dist.barrier()
-    manifest: dict[str, Any] = {}
-    if info.is_main and not stopped:
-        missing = [s for s in range(n_shards) if not (out / shard_name(s)).is_file()]
-        if not missing:
-            manifest = _write_manifest(cfg, out, n_shards, ident, teacher, source, policy, size, ks)
-            _report(manifest, say, labelled_now, seconds, bad)
-    return LabelResult(out, manifest, labelled_now, seconds, stopped)
+    return labelled_now, bad
+
+
+def _add_batch(job: _Job, batch: list, ks: list[int], mapping, records: list, stats: dict, bad: BadImageLog) -> int:
+    """The teacher's probabilities for a batch's readable records, appended to ``records``; their number."""
+    good = [item for item in batch if not isinstance(item[1], BadImage)]
+    for item in batch:
+        if isinstance(item[1], BadImage):
+            bad.add(item[1])
+            stats["skipped"] += 1
+            stats["bad"][item[1].path] = item[1].reason
+    if not good:
+        return 0
+    probs = job.teacher.probs(torch.stack([g[2] for g in good]))
+    for k in ks:
+        kl, same = truncation_cost(probs, k)
+        stats["truncation"][str(k)]["kl_sum"] += float(kl.sum())
+        stats["truncation"][str(k)]["top1_same"] += int(same.sum())
+    kl16, _ = truncation_cost(probs, 0)
+    stats["float16_kl_sum"] += float(kl16.sum())
+    names = job.source.class_names
+    for (j, data, _, meta), p, t in zip(good, probs, probs.argmax(1).tolist()):
+        enc = encode_probs(p, job.cfg.top_k)
+        records.append(ShardRecord(record_key(j), data, enc, meta))
+        stats["jpeg_bytes"] += len(data)
+        stats["probs_bytes"] += len(enc)
+        if mapping is not None and "label" in meta:
+            stats["label_agree"] += int(mapping[names.index(meta["label"])] == t)
+    stats["records"] += len(good)
+    return len(good)
 
 
 def _new_stats(ks: list[int]) -> dict[str, Any]:

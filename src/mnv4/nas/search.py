@@ -37,11 +37,13 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import Dataset, Subset
 
+from ..data.images import require_readable
 from ..data.transforms import eval_transform
 from ..errors import InvalidValue, MNv4Error, check_float, check_int
 from ..train.checkpoint import LAST
 from ..train.config import TrainConfig, resolve_config
 from ..train.distributed import all_reduce_sum
+from ..train.runs import plain, resumed_fields, stop_line
 from ..train.trainer import Trainer
 from ..weights.checkpoint import save_model
 from ..weights.io import write_safetensors
@@ -148,8 +150,9 @@ class SearchConfig:
             check_int("reward_batch", self.reward_batch, 1)
         if self.distill:
             raise MNv4Error(
-                "`distill` needs the distillation datasets of mnv4.distill, which this build does not include "
-                "yet; search on the labelled data instead (docs/nas.md, 'Distillation')"
+                "searching on soft-label datasets (`distill`) is not implemented yet; search on the labelled "
+                "images (`data`), then distil the spec found with `mnv4 train --spec SPEC --distill DIR` "
+                "(docs/nas.md, 'Distillation')"
             )
         return self
 
@@ -291,6 +294,8 @@ class SuperNetTrainer(Trainer):
     ``data.train`` is the part of the training data the weights learn from, ``data.val`` the held-out
     part the reward is measured on (the dataset's own validation images are not used)."""
 
+    command = "mnv4 search"
+
     def __init__(self, scfg: SearchConfig, data, cost_model: CostModel, progress=None, log=None) -> None:
         super().__init__(scfg.train_config(), data=data, progress=progress, log=log)
         self.scfg = scfg
@@ -410,7 +415,7 @@ class SuperNetTrainer(Trainer):
 
     def extra_state(self) -> dict[str, Any]:
         return {
-            "search_config": _plain(self.scfg.to_dict()),
+            "search_config": plain(self.scfg.to_dict()),
             "stage_index": self.stage_index,
             "stage_results": json.dumps(self.stage_results),
             "controller": self.controller.state_dict() if self.controller else None,
@@ -421,10 +426,8 @@ class SuperNetTrainer(Trainer):
         saved = state.get("search_config")
         if saved is None:
             raise MNv4Error("this checkpoint is not from a search; resume it with `mnv4 train`")
-        now = _plain(self.scfg.to_dict())
-        diff = sorted(k for k in saved.keys() | now.keys() if k not in RESUME_MAY_CHANGE and saved.get(k) != now.get(k))
-        if diff:
-            raise MNv4Error(f"cannot resume: the search was started with other settings ({', '.join(diff)})")
+        now = self.scfg.to_dict()
+        resumed_fields(saved, now, RESUME_MAY_CHANGE, "search")  # refuses any other change
         self.stage_results = json.loads(state["stage_results"])
         self.history = json.loads(state["history"])
         if state["controller"] is not None:
@@ -529,8 +532,7 @@ class SuperNetTrainer(Trainer):
     def finish(self):
         if self.stop_reason is not None:
             self.say(
-                f"stopped at step {self.step} of {self.plan.total_steps} ({self.stop_reason}); "
-                f"continue with `resume` ({self.run_dir / LAST})"
+                stop_line(self.step, self.plan.total_steps, self.stop_reason, self.run_dir / LAST, self.resume_command)
             )
             return super_finish_stopped(self)
         self.stage_results[self.stages[self.stage_index].name] = self.space.canonical(self.controller.argmax())
@@ -622,15 +624,6 @@ def _rng(*keys: int):
     return random.Random(sample_seed(*keys))
 
 
-def _plain(v: Any) -> Any:
-    """JSON-like form for comparing configs saved in checkpoints (tuples -> lists)."""
-    if isinstance(v, dict):
-        return {k: _plain(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_plain(x) for x in v]
-    return v
-
-
 def search(
     cfg: SearchConfig,
     resume: bool = False,
@@ -658,14 +651,48 @@ def search(
             dist.barrier()
         if data is None:
             data = load_data(cfg.data, None, 0.2, cfg.seed)
+    require_readable(lambda i: data.train[i][0], len(data.train), "training")  # before judging the target
     w_idx, r_idx = _split(len(data.train), cfg.reward_split, cfg.seed)
     split = DataBundle(
         data.name, Subset(data.train, w_idx), Subset(data.train, r_idx), list(data.class_names), data.input_size
     )
     res = cfg.resolution or data.input_size or 224
     cost_model = _cost_model(cfg, res, len(data.class_names), info, progress, log)
+    _check_reachable(cfg, cost_model)
     trainer = SuperNetTrainer(cfg, split, cost_model, progress, log)
     return trainer.run(resume=out / LAST if resume else None, max_steps=max_steps)
+
+
+def cost_range(space: SearchSpace, cost_model: CostModel) -> tuple[float, float]:
+    """About the cheapest and dearest cost of ``space``'s architectures: those with the smallest and the largest
+    choice of every numeric decision (depth, filters, expansion, kernel sizes with 0 = no layer, attention)."""
+
+    def extreme(pick) -> Arch:
+        return space.canonical(
+            {d.name: pick(d.choices) if all(map(_is_number, d.choices)) else d.choices[0] for d in space.decisions}
+        )
+
+    lo, hi = (cost_model.cost(space.to_spec(extreme(pick))) for pick in (min, max))
+    return min(lo, hi), max(lo, hi)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def _check_reachable(cfg: SearchConfig, cost_model: CostModel) -> None:
+    """Refuse a target no architecture of the space can meet, before any training: the search would end
+    hours later with a spec far from it."""
+    target = cfg.resolve_target(cost_model)
+    lo, hi = cost_range(get_space(cfg.space), cost_model)
+    tol = cfg.cost_tolerance
+    if target < lo * (1 - tol) or target > hi * (1 + tol):
+        unit = cost_model.unit
+        raise MNv4Error(
+            f"the target {target:.4g} {unit} is out of reach: space {cfg.space} costs about {lo:.3g} to {hi:.3g} "
+            f"{unit} on {cost_model.describe()}; choose a target in that range, or another `space` or `hardware`, "
+            "or another input size"
+        )
 
 
 def _cost_model(cfg: SearchConfig, resolution: int, num_classes: int, info, progress, log) -> CostModel:

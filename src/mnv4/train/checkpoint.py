@@ -15,7 +15,7 @@ import torch
 from ..errors import MNv4Error
 from ..files import atomic_write
 
-__all__ = ["rng_state", "set_rng_state", "save_training_state", "load_training_state", "find_resume"]
+__all__ = ["rng_state", "set_rng_state", "save_training_state", "load_training_state"]
 
 LAST = "last.pt"
 _REQUIRED = ("model", "optimizer", "scheduler", "step", "config", "rng")
@@ -61,16 +61,3 @@ def load_training_state(path: str | os.PathLike) -> dict[str, Any]:
             f"pass a run folder or its {LAST}"
         )
     return state
-
-
-def find_resume(resume: str, output: str | None, runs_dir: str | os.PathLike = "runs") -> Path:
-    """``--resume`` value -> checkpoint file. 'auto' means OUTPUT/last.pt, or the newest run in ./runs."""
-    if resume != "auto":
-        p = Path(resume)
-        return p / LAST if p.is_dir() else p
-    if output:
-        return Path(output) / LAST
-    candidates = sorted(Path(runs_dir).glob(f"*/{LAST}"), key=lambda p: p.stat().st_mtime)
-    if not candidates:
-        raise MNv4Error(f"`resume`: no run with a {LAST} under {runs_dir}/; pass the run folder")
-    return candidates[-1]

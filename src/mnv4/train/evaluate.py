@@ -13,6 +13,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ..data.images import BadImageLog
+from ..models.meta import weights_meta
 from .distributed import DistInfo, all_reduce_sum
 
 __all__ = ["EvalResult", "evaluate", "evaluate_on", "plot_confusion"]
@@ -96,9 +97,9 @@ def evaluate_on(
     from ..data.sampling import SeededDataset
     from ..data.transforms import eval_transform
 
-    val = align_classes(data.val, list(data.class_names), getattr(model, "class_names", None), model.num_classes)
+    val = align_classes(data.val, list(data.class_names), weights_meta(model).class_names, model.num_classes)
     loader = DataLoader(
-        SeededDataset(val, eval_transform(model.preprocess, input_size=input_size)),
+        SeededDataset(val, eval_transform(weights_meta(model).preprocess, input_size=input_size)),
         batch_size=batch_size,
         num_workers=workers,
         collate_fn=collate_images,

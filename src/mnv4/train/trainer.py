@@ -41,11 +41,12 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 from ..data.datasets import DataBundle, collate_images, load_data
-from ..data.images import BadImage, BadImageLog
+from ..data.images import BadImageLog, require_readable
 from ..data.sampling import GlobalBatchSampler, SeededDataset, sample_seed
 from ..data.transforms import batch_mix, eval_transform, train_transform
 from ..errors import MNv4Error
 from ..files import DirLock, atomic_write_json, atomic_write_text, remove_orphan_temps
+from ..models.batchnorm import debias_running_stats
 from ..models.registry import Preprocess
 from ..models.specs import ModelSpec
 from ..weights.checkpoint import save_model
@@ -55,6 +56,7 @@ from .distributed import DistInfo, all_reduce_sum, setup
 from .evaluate import EvalResult, evaluate
 from .metrics import METRICS_FILE, MetricsLog
 from .optim import build_ema, build_optimizer, build_scheduler, l2_penalty
+from .runs import checkpoint_file, default_run_dir, stop_line
 from .trackers import TRACKERS_FILE
 
 __all__ = ["Trainer", "train", "TrainResult", "Plan", "plan_run", "BEST", "LAST_WEIGHTS", "SUMMARY", "RUN_FILES"]
@@ -167,6 +169,7 @@ class Trainer:
     """
 
     distills = False  # trains on teacher targets: mnv4.distill.student.DistillTrainer sets it
+    command = "mnv4 train"  # the command whose --resume continues this trainer's runs
 
     def __init__(
         self,
@@ -194,6 +197,8 @@ class Trainer:
         self.last_eval: dict[str, EvalResult] = {}
         self.nonfinite_in_a_row = 0
         self.skipped_steps = 0  # steps without a readable image on any rank, or with a non-finite loss
+        self.lone_images = 0  # readable images left out as their process's only image of a step
+        self.epoch_loss = [0.0, 0]  # sum and count of this epoch's finite step losses (kept in last.pt)
         self.stop_reason: str | None = None
         self.lock: DirLock | None = None
         self.metrics: MetricsLog | None = None
@@ -293,6 +298,10 @@ class Trainer:
             model, device_ids=[device] if device.type == "cuda" else None, broadcast_buffers=False
         )
 
+    @property
+    def resume_command(self) -> str:
+        return f"{self.command} --resume {self.run_dir}"
+
     # ------------------------------------------------------------------ phases
     def say(self, msg: str) -> None:
         if not self.info.is_main:
@@ -306,31 +315,49 @@ class Trainer:
         """Processes, data, model, optimizer and the run directory; restores ``resume`` if given."""
         cfg = self.cfg
         self.t_start = time.perf_counter()
-        self.info = info = setup(cfg.device)
-        if self.data is None:
+        self.info = setup(cfg.device)
+        self.data = self._load_data()
+        state = load_training_state(resume) if resume else None
+        if state is not None and "step" not in state:
+            raise MNv4Error(f"{resume} is not a training checkpoint (it has no step); pass a run's last.pt")
+        self.plan = plan_run(cfg, len(self.data.train), self.info.world_size)
+        torch.manual_seed(cfg.seed)  # identical initial weights on every rank and every run
+        self.model = self.build_model()
+        self.run_dir = self._claim_run_dir(resume)
+        self._build_loaders()
+        self._build_optimization()
+        if state is not None:
+            self.resume(state)
+        self.net = self.wrap_distributed(self.raw) if self.info.distributed else self.raw
+        if cfg.compile:
+            self.net = torch.compile(self.net)
+        if self.info.is_main:
+            atomic_write_text(self.run_dir / CONFIG, _config_yaml(cfg, self.plan, self.info))
+            resume_epoch = self.step // self.plan.steps_per_epoch if state is not None else None
+            self.metrics = MetricsLog(self.run_dir, resume_epoch, loggers=cfg.loggers, config=cfg.to_dict())
+            self.say(self._start_line(resumed=state is not None))
+
+    def _load_data(self) -> DataBundle:
+        """The given datasets, else ``cfg.data`` (rank 0 downloads or unpacks first, the others read its cache)."""
+        cfg, info, data = self.cfg, self.info, self.data
+        if data is None:
             if cfg.data is None:
                 raise MNv4Error(
                     f"recipe {cfg.recipe} has no default dataset; pass `data` (a folder, cifar10 or digits)"
                 )
             if info.is_main:
-                self.data = load_data(cfg.data, cfg.data_root, cfg.val_split, cfg.seed)
+                data = load_data(cfg.data, cfg.data_root, cfg.val_split, cfg.seed)
             if info.distributed:
-                dist.barrier()  # rank 0 downloads/unpacks first; the others then read the cache
-            if self.data is None:
-                self.data = load_data(cfg.data, cfg.data_root, cfg.val_split, cfg.seed)
-        data = self.data
+                dist.barrier()
+            if data is None:
+                data = load_data(cfg.data, cfg.data_root, cfg.val_split, cfg.seed)
         if len(data.val) == 0:
             raise MNv4Error(f"the validation set of {data.name} is empty; add images to val/ or raise `val_split`")
-        _check_readable(data.train, "training")
+        require_readable(lambda i: data.train[i][0], len(data.train), "training")
+        return data
 
-        state = load_training_state(resume) if resume else None
-        if state is not None and "step" not in state:
-            raise MNv4Error(f"{resume} is not a training checkpoint (it has no step); pass a run's last.pt")
-        self.plan = plan_run(cfg, len(data.train), info.world_size)
-        torch.manual_seed(cfg.seed)  # identical initial weights on every rank and every run
-        self.model = self.build_model()
-        self.run_dir = self._claim_run_dir(resume)
-
+    def _build_loaders(self) -> None:
+        cfg, info = self.cfg, self.info
         self.train_dataset = self.build_train_dataset()
         self.sampler = self.build_train_sampler(self.train_dataset)
         common: dict[str, Any] = dict(
@@ -341,12 +368,14 @@ class Trainer:
         self.train_loader = DataLoader(
             self.train_dataset, batch_size=self.plan.micro_batch, sampler=self.sampler, **common
         )
-        val_ds: Any = SeededDataset(data.val, eval_transform(self.model.preprocess))
+        val_ds: Any = SeededDataset(self.data.val, eval_transform(self.model.preprocess))
         if info.distributed:  # disjoint shards without padding, so summed counts are exact
             val_ds = Subset(val_ds, range(info.rank, len(val_ds), info.world_size))
         self.val_loader = DataLoader(val_ds, batch_size=max(self.plan.micro_batch, 64), shuffle=False, **common)
 
-        device = info.device
+    def _build_optimization(self) -> None:
+        """The model on its device, its EMA, optimizer, LR schedule, precision and batch mixing."""
+        cfg, info, device = self.cfg, self.info, self.info.device
         self.model.to(device)
         if cfg.channels_last:
             self.model.to(memory_format=torch.channels_last)
@@ -355,6 +384,8 @@ class Trainer:
         if cfg.sync_bn and info.distributed:
             self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
         self.raw = self.model
+        if not cfg.compile:  # a momentum changing per batch would make torch.compile recompile at every step
+            debias_running_stats(self.raw)  # or short runs evaluate with BatchNorm's initial (0, 1) statistics
         self.ema = build_ema(self.raw, cfg.ema_decay)
         self.optimizer = build_optimizer(
             self.raw, cfg.scaled_lr(), cfg.weight_decay, tuple(cfg.betas), cfg.eps, cfg.layer_decay
@@ -364,27 +395,28 @@ class Trainer:
         )
         self.autocast, use_scaler = _precision(cfg, device)
         self.scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
-        self.mix = batch_mix(len(data.class_names), cfg.mix_prob, cfg.mixup_alpha, cfg.cutmix_alpha, cfg.switch_prob)
+        n_classes = len(self.data.class_names)
+        self.mix = batch_mix(n_classes, cfg.mix_prob, cfg.mixup_alpha, cfg.cutmix_alpha, cfg.switch_prob)
         self.bad = BadImageLog(verbose=True)  # every rank names the files it skips
-        if state is not None:
-            self.resume(state)
-        self.net = self.wrap_distributed(self.raw) if info.distributed else self.raw
-        if cfg.compile:
-            self.net = torch.compile(self.net)
-        if info.is_main:
-            atomic_write_text(self.run_dir / CONFIG, _config_yaml(cfg, self.plan, info))
-            resume_epoch = self.step // self.plan.steps_per_epoch if state is not None else None
-            self.metrics = MetricsLog(self.run_dir, resume_epoch, loggers=cfg.loggers, config=cfg.to_dict())
-            p = self.plan
-            eff = f"{p.micro_batch} x {p.accumulation} accumulation x {info.world_size} process(es)"
-            self.say(
-                f"training {getattr(self.raw, 'spec', None) and self.raw.spec.name or type(self.raw).__name__} on "
-                f"{data.name} ({len(data.train)} train / {len(data.val)} val images, {len(data.class_names)} "
-                f"classes) at {self.raw.preprocess.input_size} px, recipe {cfg.recipe}: {p.total_steps} steps, "
-                f"batch {cfg.batch_size} = {eff}, peak LR {cfg.scaled_lr():.3g}, device {device}"
-                + (f", resuming at step {self.step}" if state is not None else "")
-                + f"; run directory {self.run_dir}"
-            )
+
+    def _size_note(self) -> str:
+        folder = self.cfg.data is not None and Path(str(self.cfg.data)).is_dir()
+        if self.cfg.input_size is not None or self.data.input_size is None or not folder:
+            return ""
+        return " (the images' own size; --input-size or the input_size field changes it)"
+
+    def _start_line(self, resumed: bool) -> str:
+        cfg, data, p, info = self.cfg, self.data, self.plan, self.info
+        eff = f"{p.micro_batch} x {p.accumulation} accumulation x {info.world_size} process(es)"
+        return (
+            f"training {_model_label(self.raw)} on "
+            f"{data.name} ({len(data.train)} train / {len(data.val)} val images, {len(data.class_names)} "
+            f"classes) at {self.raw.preprocess.input_size} px{self._size_note()}, recipe {cfg.recipe}: "
+            f"{p.total_steps} steps, "
+            f"batch {cfg.batch_size} = {eff}, peak LR {cfg.scaled_lr():.3g}, device {info.device}"
+            + (f", resuming at step {self.step}" if resumed else "")
+            + f"; run directory {self.run_dir}"
+        )
 
     def resume(self, state: dict[str, Any]) -> None:
         """Restore a ``last.pt`` state (already loaded) into the freshly built objects."""
@@ -399,6 +431,8 @@ class Trainer:
         self.best_top1, self.best_epoch = float(state["best_top1"]), int(state["best_epoch"])
         self.best_weights, self.wall_before = str(state.get("best_weights", "raw")), float(state["wall_seconds"])
         self.skipped_steps = int(state.get("skipped_steps", 0))
+        loss_sum, loss_n = state.get("epoch_loss", (0.0, 0))
+        self.epoch_loss = [float(loss_sum), int(loss_n)]
         self.load_extra_state(state.get("extra", {}))
         saved_total = int(state.get("total_steps", self.plan.total_steps))
         if self.step >= self.plan.total_steps:
@@ -429,7 +463,7 @@ class Trainer:
                         "choose another `output`, or replace it with `exist_ok`"
                     )
             else:
-                run_dir = _unused_dir(Path("runs") / f"{_model_label(self.model)}-{self.data.name}")
+                run_dir = default_run_dir(f"{_model_label(self.model)}-{self.data.name}")
             self.lock = DirLock(run_dir, "training run").acquire()
             if not resume and cfg.output and self.exist_ok:
                 replaced = [f for f in RUN_FILES if (run_dir / f).exists()]
@@ -451,8 +485,8 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
     def run(self, resume: str | Path | None = None, max_steps: int | None = None) -> TrainResult:
         """setup -> (train_epoch, evaluate_and_select, checkpoint) per epoch -> finish."""
-        if resume is not None and Path(resume).is_dir():
-            resume = Path(resume) / LAST  # a run folder stands for its last.pt
+        if resume is not None:
+            resume = checkpoint_file(resume)
         try:
             with self._stop:
                 self.setup(resume)
@@ -486,7 +520,9 @@ class Trainer:
         last = min(plan.steps_per_epoch, plan.total_steps - epoch * plan.steps_per_epoch)
         self.sampler.set_epoch(epoch, first)
         self.raw.train()
-        self._epoch_t0, self._seen, loss_sum, loss_n = time.perf_counter(), 0, 0.0, 0
+        self._epoch_t0, self._seen = time.perf_counter(), 0
+        if first == 0:  # else a resumed epoch: the steps before the stop count too (restored by resume)
+            self.epoch_loss = [0.0, 0]
         self._batches = iter(self.train_loader)
         progress = self.progress
         bar = tqdm(
@@ -507,7 +543,7 @@ class Trainer:
             if loss is None and self.stop_reason is not None:
                 break
             if loss is not None and math.isfinite(loss):
-                loss_sum, loss_n = loss_sum + loss, loss_n + 1
+                self.epoch_loss = [self.epoch_loss[0] + loss, self.epoch_loss[1] + 1]
             elapsed = time.perf_counter() - self._epoch_t0
             bar.set_postfix(
                 loss=f"{loss:.3f}" if loss is not None else "-",
@@ -523,20 +559,28 @@ class Trainer:
             self.save_checkpoint()
             return {}
         if self._epoch_readable == 0 and last > first:
+            alone = f" ({self.lone_images} readable image(s) were each alone in a process's share)" * bool(
+                self.lone_images
+            )
             raise MNv4Error(
-                f"no training image of epoch {epoch + 1} could be read; check the files of {self.data.name}"
+                f"no step of epoch {epoch + 1} had two readable training images in one process's share{alone}: "
+                f"too few images of {self.data.name} can be read; fix or remove the skipped files or raise `batch_size`"
             )
         epoch_time = time.perf_counter() - self._epoch_t0
         return {
             "epoch": epoch + 1,
             "step": self.step,
             "lr": self.optimizer.param_groups[0]["lr"],
-            "train_loss": loss_sum / max(loss_n, 1),
+            "train_loss": self.epoch_loss[0] / max(self.epoch_loss[1], 1),
             "images_per_sec": self._seen * self.info.world_size / max(epoch_time, 1e-9),
             "epoch_seconds": epoch_time,
         }
 
     def _fetch_step(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """This rank's readable images of the step. A single one is left out: BatchNorm cannot normalise a
+        batch of one; the same image twice (what was once done) has no variance at any deep layer, so
+        the backward pass divides by sqrt(eps) at each and overflows to NaN; and running statistics
+        would make it train against a different normalisation than every other image."""
         xs, ys = [], []
         for _ in range(self.plan.accumulation):
             x, y, broken = next(self._batches)
@@ -544,6 +588,9 @@ class Trainer:
             if len(y):
                 xs.append(x)
                 ys.append(y)
+        if sum(len(y) for y in ys) == 1:
+            self.lone_images += 1
+            return [], []
         return xs, ys
 
     def train_step(self) -> float | None:
@@ -595,7 +642,8 @@ class Trainer:
                 self._seen += int(round(w.sum().item()))
         loss_sum = all_reduce_sum([loss_sum], info)[0]
         mean_loss = loss_sum / total if total else None
-        if total == 0 or not math.isfinite(mean_loss):
+        finite_grads = total > 0 and math.isfinite(mean_loss) and self._grads_finite()
+        if not finite_grads:
             self._skip_update(total, mean_loss)
         else:
             self.nonfinite_in_a_row = 0
@@ -636,18 +684,28 @@ class Trainer:
         finally:
             self.raw.train()
 
+    def _grads_finite(self) -> bool:
+        """Whether every gradient is finite (after DDP's all-reduce, so all ranks agree); a finite loss can
+        still have overflowing gradients, and one such update would turn every weight into NaN."""
+        if self.scaler.is_enabled():
+            return True  # the GradScaler checks and skips such steps itself
+        grads = [p.grad for p in self.raw.parameters() if p.grad is not None]
+        return not grads or bool(torch.isfinite(nn.utils.get_total_norm(grads)))
+
     def _skip_update(self, total: int, mean_loss: float | None) -> None:
         self.skipped_steps += 1
         if total == 0:
-            self.say(f"step {self.step + 1}: no readable image in the whole global batch; no update")
+            self.say(f"step {self.step + 1}: no process has two readable images in this global batch; no update")
             return
         self.nonfinite_in_a_row += 1
-        self.say(f"step {self.step + 1}: loss is {mean_loss}; the update is skipped")
+        what = f"loss is {mean_loss}" if not math.isfinite(mean_loss) else "the gradients are not finite"
+        self.say(f"step {self.step + 1}: {what}; the update is skipped")
         if self.nonfinite_in_a_row >= self.cfg.max_nonfinite_steps:
             last = self.run_dir / LAST
             kept = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was saved yet"
             raise MNv4Error(
-                f"the loss was not finite for {self.nonfinite_in_a_row} steps in a row (last: {mean_loss}); "
+                f"the loss or its gradients were not finite for {self.nonfinite_in_a_row} steps in a row "
+                f"(last loss: {mean_loss}); "
                 f"training stopped at step {self.step + 1} and {kept}. Lower `lr` or set `grad_clip`"
             )
 
@@ -704,6 +762,7 @@ class Trainer:
             "best_epoch": self.best_epoch,
             "best_weights": self.best_weights,
             "skipped_steps": self.skipped_steps,
+            "epoch_loss": list(self.epoch_loss),
             "wall_seconds": self.wall_before + time.perf_counter() - self.t_start,
             "config": self.cfg.to_dict(),
             "class_names": list(self.data.class_names),
@@ -735,8 +794,7 @@ class Trainer:
         stopped = self.stop_reason is not None
         if stopped:
             self.say(
-                f"stopped at step {self.step} of {self.plan.total_steps} ({self.stop_reason}); "
-                f"checkpoint {self.run_dir / LAST}; continue with: mnv4 train --resume {self.run_dir}"
+                stop_line(self.step, self.plan.total_steps, self.stop_reason, self.run_dir / LAST, self.resume_command)
             )
         elif info.is_main:
             self.save_weights(
@@ -818,49 +876,18 @@ def _model_label(model: nn.Module) -> str:
     return spec.name if spec is not None else type(model).__name__.lower()
 
 
-def _unused_dir(base: Path) -> Path:
-    """``base``, or ``base-2``, ``base-3``... : the first that does not exist yet."""
-    if not base.exists():
-        return base
-    n = 2
-    while Path(f"{base}-{n}").exists():
-        n += 1
-    return Path(f"{base}-{n}")
-
-
-def _check_readable(dataset: Dataset, what: str, probes: int = 32) -> None:
-    """Fail before training when none of a spread of sample images can be read."""
-    n = len(dataset)
-    if n == 0:
-        raise MNv4Error(f"the {what} set is empty")
-    idx = list(range(n)) if n <= probes else sorted({round(i * (n - 1) / (probes - 1)) for i in range(probes)})
-    bad = []
-    for i in idx:
-        item = dataset[i][0]
-        if not isinstance(item, BadImage):
-            return
-        bad.append(item)
-    raise MNv4Error(
-        f"none of {len(idx)} {what} images sampled across the set could be read (e.g. {bad[0].path}: "
-        f"{bad[0].reason}); check the files"
-    )
-
-
 def _rechunk(
     xs: list[torch.Tensor], ys: list[torch.Tensor], micro: int
 ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """This rank's readable samples of a step as micro-batches with per-sample weights.
 
-    Unreadable files shrink micro-batches; a micro-batch of one image would make BatchNorm fail on
-    the 1x1 head features, so a lone image joins the previous micro-batch, and a rank whose whole
-    step is one image runs it twice at half weight (same loss and gradient, a valid batch for BN).
+    Unreadable files shrink micro-batches; a lone image joins the previous micro-batch. A rank whose
+    whole step is one image has none to train on (see :meth:`Trainer._fetch_step`).
     """
     if not xs:
         return []
     x, y = torch.cat(xs), torch.cat(ys)
     n = len(x)
-    if n == 1:
-        return [(torch.cat([x, x]), torch.cat([y, y]), torch.full((2,), 0.5))]
     bounds = list(range(0, n, micro)) + [n]
     if bounds[-1] - bounds[-2] == 1 and len(bounds) > 2:
         bounds.pop(-2)

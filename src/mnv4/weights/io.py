@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -75,11 +76,7 @@ def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises UnpicklingError, RuntimeError or EOFError depending on damage
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise MNv4Error(
-            f"cannot read {path} safely ({first[:160]}); mnv4 only loads plain tensor checkpoints "
-            "(torch.load weights_only=True) - re-save the weights as .safetensors"
-        ) from None
+        raise MNv4Error(_unreadable_pickle(path, e)) from None
     if isinstance(obj, Mapping):
         for key in _WRAPPER_KEYS:
             if isinstance(obj.get(key), Mapping):
@@ -88,6 +85,23 @@ def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
     if not isinstance(obj, Mapping):
         raise MNv4Error(f"{path} does not hold a state dict (found {type(obj).__name__})")
     return dict(obj)
+
+
+def _unreadable_pickle(path: Path, e: Exception) -> str:
+    """One line for a .pt that torch.load(weights_only=True) refuses: what is in the way, in our words, since
+    torch's text runs to many lines with terminal colour codes."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))
+    code = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    if code:
+        why = f"it is a pickle that needs {code.group(1)} to load"
+    elif "zip archive" in text or isinstance(e, EOFError):
+        why = "it is truncated or not a PyTorch file"
+    else:
+        why = f"{type(e).__name__}"
+    return (
+        f"cannot read {path} safely: {why}; mnv4 only loads plain tensor checkpoints (torch.load "
+        "weights_only=True). If you trust the file, load it in Python and save its state dict as .safetensors"
+    )
 
 
 def _read_dir(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:

@@ -1,0 +1,117 @@
+"""Run folders, one set of rules for every command that writes one (train, distill, search).
+
+A run folder holds a run's checkpoint (``last.pt``) and results. What lives here: the default folder
+name when none is given (``runs/LABEL``, then ``-2``, ``-3``...), a run folder or checkpoint path
+given to resume turned into the checkpoint file, which settings a resume may change, and what a
+stopped run says and exits with.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from ..errors import MNv4Error
+from .checkpoint import LAST, load_training_state
+from .config import TrainConfig
+
+__all__ = [
+    "RUNS_DIR",
+    "unused_dir",
+    "default_run_dir",
+    "checkpoint_file",
+    "find_resume",
+    "resumed_fields",
+    "TRAIN_RESUME_MAY_CHANGE",
+    "resumed_train_config",
+    "stop_line",
+    "exit_code",
+    "plain",
+]
+
+RUNS_DIR = "runs"  # where runs go without an explicit output folder (relative to the working directory)
+# What a resumed training run may change: where and how it runs, and how long (extending a finished run).
+TRAIN_RESUME_MAY_CHANGE = ("output", "workers", "device", "save_every_steps", "data_root", "epochs", "loggers")
+
+
+def unused_dir(base: str | os.PathLike) -> Path:
+    """``base``, or ``base-2``, ``base-3``... : the first that does not exist yet."""
+    path, n = Path(base), 1
+    while path.exists():
+        n += 1
+        path = Path(f"{base}-{n}")
+    return path
+
+
+def default_run_dir(label: str) -> Path:
+    """The folder of a run given no output: ``runs/LABEL``, suffixed when taken."""
+    return unused_dir(Path(RUNS_DIR) / label)
+
+
+def checkpoint_file(run: str | os.PathLike) -> Path:
+    """A run folder stands for its ``last.pt``; any other path is the checkpoint itself."""
+    path = Path(run)
+    return path / LAST if path.is_dir() else path
+
+
+def find_resume(resume: str, output: str | None, runs_dir: str | os.PathLike = RUNS_DIR) -> Path:
+    """A ``resume`` value -> checkpoint file. 'auto' means OUTPUT/last.pt, or the newest run under ``runs_dir``."""
+    if resume != "auto":
+        return checkpoint_file(resume)
+    if output:
+        return Path(output) / LAST
+    candidates = sorted(Path(runs_dir).glob(f"*/{LAST}"), key=lambda p: p.stat().st_mtime)
+    if not candidates:
+        raise MNv4Error(f"`resume`: no run with a {LAST} under {runs_dir}/; pass the run folder")
+    return candidates[-1]
+
+
+def resumed_fields(
+    saved: Mapping[str, Any], requested: Mapping[str, Any], may_change: Iterable[str], kind: str = "run"
+) -> dict[str, Any]:
+    """A resumed run's settings: the ``saved`` ones, with the ``requested`` values (None: not requested) of
+    the fields in ``may_change``. Requesting another value for any other field is refused, naming it:
+    a resume continues the same run, so what it trains or searches cannot change."""
+    allowed = set(may_change)
+    fixed = sorted(
+        k for k, v in requested.items() if v is not None and k not in allowed and plain(saved.get(k)) != plain(v)
+    )
+    if fixed:
+        names = ", ".join(f"`{k}`" for k in fixed)
+        raise MNv4Error(
+            f"cannot resume: the {kind} was started with other settings and {names} cannot change "
+            f"(start a new {kind} with another `output`)"
+        )
+    out = dict(saved)
+    out.update({k: v for k, v in requested.items() if k in allowed and v is not None})
+    return out
+
+
+def resumed_train_config(checkpoint: str | os.PathLike, requested: Mapping[str, Any]) -> TrainConfig:
+    """The config of the training run saved in ``checkpoint`` (its ``last.pt``), with the ``requested``
+    changes a resume may make (:data:`TRAIN_RESUME_MAY_CHANGE`; see :func:`resumed_fields`)."""
+    checkpoint = Path(checkpoint)
+    fields = resumed_fields(load_training_state(checkpoint)["config"], requested, TRAIN_RESUME_MAY_CHANGE)
+    fields["output"] = str(checkpoint.parent)  # the run continues where it is
+    return TrainConfig.from_dict(fields)
+
+
+def stop_line(step: int, total_steps: int, reason: str | None, checkpoint: Path, command: str) -> str:
+    """The one line a run stopped before its end prints: where, why, and the command that continues it."""
+    return f"stopped at step {step} of {total_steps} ({reason}); checkpoint {checkpoint}; continue with: {command}"
+
+
+def exit_code(stop_reason: str | None) -> int:
+    """A stopped run's exit status: 128 + the signal number as shells report it, 0 for a planned stop."""
+    return {"SIGINT": 130, "SIGTERM": 143}.get(stop_reason or "", 0)
+
+
+def plain(v: Any) -> Any:
+    """Settings as they come back from a checkpoint compare equal to the ones given now (tuples = lists)."""
+    if isinstance(v, Mapping):
+        return {k: plain(x) for k, x in v.items()}
+    if isinstance(v, list | tuple):
+        return [plain(x) for x in v]
+    return v
