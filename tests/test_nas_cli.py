@@ -52,7 +52,9 @@ def test_search_resume_then_profile_and_train_the_spec(tmp_path, capsys, monkeyp
     code = main(["search", "--resume", str(tmp_path / "s"), "--workers", "1", *common])
     out, err = capsys.readouterr()
     # a tolerance no architecture meets: one error line naming where the result is, and no "next:" hint
-    assert code == 3 and "next:" not in out + err and len(err.strip().splitlines()) == 1
+    # (Python's os.fork() warning appears when another test of this process imported JAX: not ours)
+    err = "\n".join(line for line in err.strip().splitlines() if "os.fork()" not in line)
+    assert code == 3 and "next:" not in out + err and len(err.splitlines()) == 1
     assert err.startswith("mnv4: error: the architecture found costs") and str(tmp_path / "s") in err
     assert main(["profile", "--spec", "s/spec.json", "--input-size", "16"]) == 0
     assert "GMACs" in capsys.readouterr().out
