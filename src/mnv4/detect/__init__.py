@@ -1,0 +1,1 @@
+"""Object detection on MobileNetV4 backbones (docs/detection.md): data, augmentation, metrics, training."""
