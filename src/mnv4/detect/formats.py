@@ -261,16 +261,20 @@ def write_coco_json(
     root: str | os.PathLike | None = None,
     scores: list[np.ndarray] | None = None,
 ) -> Path:
-    """A COCO file of ``records`` (category id = label + 1, file names relative to ``root`` when given)."""
+    """A COCO file of ``records`` (category id = label + 1, file names relative to ``root`` when given); with
+    ``scores`` (one array per record) the annotations are detections, as COCO result files hold them."""
     images, anns = [], []
-    for r in records:
+    ids = [int(r.image_id) for r in records]
+    if len(set(ids)) != len(ids) or 0 in ids:  # records not numbered by a dataset: number them here
+        ids = list(range(1, len(records) + 1))
+    for r, image_id in zip(records, ids):
         name = os.path.relpath(r.path, root) if root is not None else r.path
-        images.append({"id": int(r.image_id), "file_name": name, "width": int(r.width), "height": int(r.height)})
+        images.append({"id": image_id, "file_name": name, "width": int(r.width), "height": int(r.height)})
         for j, ((x1, y1, x2, y2), label) in enumerate(zip(r.boxes.tolist(), r.labels.tolist())):
             w, h = x2 - x1, y2 - y1
             ann = {
                 "id": len(anns) + 1,
-                "image_id": int(r.image_id),
+                "image_id": image_id,
                 "category_id": int(label) + 1,
                 "bbox": [x1, y1, w, h],
                 "area": w * h,
