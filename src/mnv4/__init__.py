@@ -22,6 +22,7 @@ _LAZY = {
     "load_weights": "mnv4.weights.checkpoint",
     "save_model": "mnv4.weights.checkpoint",
     "predict": "mnv4.inference",
+    "create_detector": "mnv4.detect.factory",
 }
 
 __all__ = [
@@ -36,9 +37,11 @@ __all__ = [
     "load_weights",
     "save_model",
     "predict",
+    "create_detector",
 ]
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time these come from __getattr__
+    from .detect.factory import create_detector
     from .factory import create_model, infer_architecture
     from .inference import predict
     from .models.mobilenetv4 import MobileNetV4

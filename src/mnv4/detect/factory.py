@@ -1,0 +1,158 @@
+"""``create_detector``: a detector from a backbone name or spec, a head and the class list."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from ..errors import MNv4Error, check_choice, check_float, check_int
+from ..models.mobilenetv4 import MobileNetV4
+from ..models.registry import MODELS, get_entry
+from ..models.specs import ModelSpec
+from .io import DETECTOR_FORMAT, load_detector
+from .model import _LEVELS, RETINANET_OPTIONS, SSDLITE_OPTIONS, Detector
+from .registry import split_detector_name
+
+__all__ = ["create_detector", "build_from_config"]
+
+_DEFAULTS = {"retinanet": RETINANET_OPTIONS, "ssdlite": SSDLITE_OPTIONS}
+
+
+def _check_options(head: str, options: dict[str, Any]) -> dict[str, Any]:
+    unknown = sorted(set(options) - set(_DEFAULTS[head]))
+    if unknown:
+        raise MNv4Error(f"unknown {head} option(s) {', '.join(unknown)}; known: {', '.join(_DEFAULTS[head])}")
+    opts = {**_DEFAULTS[head], **options}
+    if head == "retinanet":
+        check_int("width", opts["width"], 8)
+        check_int("num_convs", opts["num_convs"], 0)
+        check_choice("p6p7_from", opts["p6p7_from"], ("p5", "c5"))
+        check_float("anchor_scale", opts["anchor_scale"], 0, lo_open=True)
+        for key in ("head_separable", "fpn_separable"):
+            check_choice(key, opts[key], (True, False))
+    else:
+        opts["extra_widths"] = [check_int("extra_widths", w, 2) for w in opts["extra_widths"]]
+    return opts
+
+
+def _classes(num_classes: int | None, classes: list[str] | None) -> list[str]:
+    if classes is not None:
+        classes = [str(c) for c in classes]
+        if num_classes is not None and num_classes != len(classes):
+            raise MNv4Error(f"`num_classes` {num_classes} differs from the {len(classes)} names in `classes`")
+        if not classes:
+            raise MNv4Error("`classes` is empty; a detector needs at least one class")
+        return classes
+    if num_classes is None:
+        raise MNv4Error("pass `num_classes` (or `classes`, the class names)")
+    check_int("num_classes", num_classes, 1)
+    return [str(i) for i in range(num_classes)]
+
+
+def _body(spec: ModelSpec, head: str, drop_path_rate: float) -> MobileNetV4:
+    try:
+        return MobileNetV4(
+            spec, num_classes=0, features_only=True, out_indices=_LEVELS[head], drop_path_rate=drop_path_rate
+        )
+    except (TypeError, ValueError) as e:
+        raise MNv4Error(f"cannot build a {head} backbone from {spec.name}: {e}") from None
+
+
+def build_from_config(cfg: dict[str, Any]) -> Detector:
+    """A detector with fresh weights, rebuilt from a saved config (``Detector.config``)."""
+    try:
+        spec = ModelSpec.from_dict(cfg["spec"]) if "spec" in cfg else get_entry(cfg["backbone"]).spec
+        body = _body(spec, cfg["head"], float(cfg.get("drop_path_rate", 0.0)))
+        return Detector(cfg, body)
+    except (KeyError, TypeError, ValueError) as e:
+        raise MNv4Error(f"the detector config is incomplete or damaged ({type(e).__name__}: {e})") from None
+
+
+def _backbone_model(
+    model: str | ModelSpec, head: str, pretrained, backbone_checkpoint, drop_path_rate: float
+) -> MobileNetV4:
+    """The features_only backbone, with weights from a timm tag, a classifier checkpoint, or none."""
+    from ..factory import create_model
+
+    if pretrained and backbone_checkpoint is not None:
+        raise MNv4Error("pass either `pretrained` or `backbone_checkpoint`, not both")
+    if not pretrained and backbone_checkpoint is None:
+        spec = model if isinstance(model, ModelSpec) else get_entry(model).spec
+        body = _body(spec, head, drop_path_rate)
+        body.preprocess = None if isinstance(model, ModelSpec) else get_entry(model).default_preprocess
+        return body
+    kwargs = dict(features_only=True, out_indices=_LEVELS[head], drop_path_rate=drop_path_rate)
+    return create_model(model, pretrained=pretrained or False, checkpoint=backbone_checkpoint, **kwargs)
+
+
+def create_detector(
+    model: str | ModelSpec = "mnv4_conv_small",
+    *,
+    head: str | None = None,
+    num_classes: int | None = None,
+    classes: list[str] | None = None,
+    image_size: int = 320,
+    backbone_checkpoint: str | os.PathLike | None = None,
+    pretrained: str | bool | None = None,
+    checkpoint: str | os.PathLike | None = None,
+    drop_path_rate: float = 0.0,
+    **head_options: Any,
+) -> Detector:
+    """Build a detector (docs/detection.md).
+
+    Args:
+        model: a backbone name (``mnv4_conv_medium``), a detector name (``retinanet_mnv4_conv_medium``,
+            see ``list_detectors``), or a :class:`ModelSpec` (e.g. from ``mnv4 search``).
+        head: ``"retinanet"`` (default; the paper's) or ``"ssdlite"``; implied by a detector name.
+        num_classes / classes: the number of classes and/or their names; labels are 0..num_classes-1.
+        image_size: the square input side the data pipeline letterboxes to.
+        backbone_checkpoint: an mnv4 or timm classification checkpoint for the backbone (head keys ignored).
+        pretrained: True or a timm weight tag for the backbone, downloaded from the hub.
+        checkpoint: a saved detector (``save_detector``); everything else is read from it.
+        drop_path_rate: the backbone's stochastic depth (the paper: 0.2).
+        **head_options: RETINANET_OPTIONS / SSDLITE_OPTIONS overrides (``width``, ``num_convs``, ...).
+    """
+    if checkpoint is not None:
+        detector = load_detector(checkpoint)
+        if (num_classes is not None and num_classes != detector.num_classes) or (
+            classes is not None and list(classes) != detector.classes
+        ):
+            raise MNv4Error(f"{checkpoint} holds a detector of {detector.num_classes} classes; drop `num_classes`")
+        return detector
+    names = _classes(num_classes, classes)
+    check_int("image_size", image_size, 32)
+    check_float("drop_path_rate", drop_path_rate, 0.0, 1.0, hi_open=True)
+    if isinstance(model, ModelSpec):
+        head = check_choice("head", head or "retinanet", _DEFAULTS)
+        backbone: str | ModelSpec = model
+    elif isinstance(model, str):
+        head, backbone = split_detector_name(model, head)
+        get_entry(backbone)  # unknown names end here, with suggestions
+    else:
+        raise MNv4Error(f"`model` must be a name or a ModelSpec, not {type(model).__name__}")
+    opts = _check_options(head, head_options)
+    body = _backbone_model(backbone, head, pretrained, backbone_checkpoint, drop_path_rate)
+    pre = body.preprocess
+    cfg: dict[str, Any] = {
+        "format": DETECTOR_FORMAT,
+        "version": 1,
+        "head": head,
+        "backbone": body.spec.name,
+        "classes": names,
+        "image_size": image_size,
+        "drop_path_rate": drop_path_rate,
+        "head_options": opts,
+        "preprocess": {"mean": list(pre.mean), "std": list(pre.std)} if pre else _default_preprocess(),
+    }
+    if body.spec.name not in MODELS or MODELS[body.spec.name].spec != body.spec:
+        cfg["spec"] = body.spec.to_dict()
+    detector = Detector(cfg, body)
+    detector.backbone_source = getattr(body, "weights_source", None)
+    return detector
+
+
+def _default_preprocess() -> dict[str, list[float]]:
+    from ..models.registry import Preprocess
+
+    pre = Preprocess()
+    return {"mean": list(pre.mean), "std": list(pre.std)}

@@ -1,0 +1,184 @@
+"""Detectors (mnv4.detect): shapes, label convention, anchors, saving, bad input (docs/detection.md)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mnv4.detect import create_detector, list_detectors, load_detector, save_detector
+from mnv4.detect.model import feature_sizes
+from mnv4.errors import MNv4Error
+
+from .conftest import randomize_
+
+SIZE = 96
+
+
+def _images(n: int = 2, size: int = SIZE) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return [torch.rand(3, size, size, generator=g) for _ in range(n)]
+
+
+def _targets() -> list[dict[str, torch.Tensor]]:
+    return [
+        {"boxes": torch.tensor([[10.0, 12.0, 50.0, 70.0], [60.0, 5.0, 90.0, 30.0]]), "labels": torch.tensor([0, 2])},
+        {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)},  # a valid negative
+    ]
+
+
+@pytest.fixture(params=["retinanet_mnv4_conv_small", "ssdlite_mnv4_conv_small", "tiny-retinanet", "tiny-ssdlite"])
+def detector(request, tiny_hybrid_spec):
+    name = request.param
+    if name.startswith("tiny-"):
+        return create_detector(tiny_hybrid_spec, head=name[5:], num_classes=3, image_size=SIZE)
+    return create_detector(name, num_classes=3, image_size=SIZE)
+
+
+def test_train_mode_returns_the_two_losses_and_every_head_parameter_learns(detector):
+    detector.train()
+    losses = detector(_images(), _targets())
+    assert set(losses) == {"classification", "bbox_regression"}
+    assert all(v.dim() == 0 and torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+    head_params = [p for n, p in detector.model.head.named_parameters()]
+    assert all(p.grad is not None for p in head_params)
+
+
+def test_eval_mode_returns_boxes_scores_labels_in_range(detector):
+    randomize_(detector).eval()
+    with torch.no_grad():
+        out = detector(_images(), None)
+    assert len(out) == 2
+    for det in out:
+        n = det["boxes"].shape[0]
+        assert det["boxes"].shape == (n, 4) and det["scores"].shape == (n,) and det["labels"].dtype == torch.int64
+        if n:
+            assert 0 <= int(det["labels"].min()) and int(det["labels"].max()) < 3
+            assert float(det["boxes"].min()) >= 0 and float(det["boxes"].max()) <= SIZE
+
+
+def test_network_anchors_and_decode_agree_with_forward(detector):
+    randomize_(detector).eval()
+    images = _images()
+    pre = detector.config["preprocess"]
+    mean, std = torch.tensor(pre["mean"]).view(3, 1, 1), torch.tensor(pre["std"]).view(3, 1, 1)
+    batch = torch.stack([(im - mean) / std for im in images])
+    with torch.no_grad():
+        cls, box = detector.network(batch)
+        expected = detector(images)
+    anchors = detector.anchors()
+    assert cls.shape[:2] == box.shape[:2] == (2, anchors.shape[0]) and box.shape[2] == 4
+    assert cls.shape[2] == (3 if detector.head_kind == "retinanet" else 4)  # SSD: + background column
+    m = detector.model
+    got = detector.decode(cls, box, m.score_thresh, m.nms_thresh, m.detections_per_img)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g["boxes"], e["boxes"])
+        assert torch.equal(g["labels"], e["labels"])
+
+
+def test_retinanet_anchor_count_follows_the_pyramid():
+    det = create_detector("mnv4_conv_small", num_classes=1, image_size=100)
+    # P3..P7 at strides 8..128 with ceil-mode halving, 3 scales x 3 ratios per location
+    sides = [13, 7, 4, 2, 1]
+    assert feature_sizes(100, 8, 5) == sides
+    assert det.anchors().shape == (9 * sum(s * s for s in sides), 4)
+    with torch.no_grad():
+        cls, _ = det.eval().network(torch.zeros(1, 3, 100, 100))
+    assert cls.shape[1] == det.anchors().shape[0]
+
+
+@pytest.mark.parametrize("head", ["retinanet", "ssdlite"])
+def test_labels_are_zero_based_whatever_the_head(head):
+    det = create_detector("mnv4_conv_small", head=head, num_classes=3, image_size=64).eval()
+    cls, box = det.network(torch.zeros(1, 3, 64, 64))
+    cls = torch.full_like(cls, -20.0)
+    column = 2 if head == "retinanet" else 3  # class 2; SSD's column 0 is background
+    cls[0, 5, column] = 20.0
+    if head == "ssdlite":
+        cls[0, :, 0] = 0.0  # every other anchor: background
+        cls[0, 5, 0] = -20.0
+    dets = det.decode(cls, torch.zeros_like(box), score_thresh=0.5, nms_thresh=0.5, max_det=10)
+    assert dets[0]["labels"].tolist() == [2]
+    torch.testing.assert_close(dets[0]["boxes"][0], det.anchors()[5].clamp(0, 64))
+
+
+def test_registry_names_cover_both_heads_and_every_backbone():
+    names = list_detectors()
+    assert "retinanet_mnv4_conv_medium" in names and "ssdlite_mnv4_conv_small" in names
+    assert list_detectors("ssdlite_*") == [n for n in names if n.startswith("ssdlite_")]
+    det = create_detector("ssdlite_mobilenetv4_conv_small", num_classes=2, image_size=64)  # timm alias
+    assert det.head_kind == "ssdlite" and det.config["backbone"] == "mnv4_conv_small"
+
+
+def test_save_load_round_trip_gives_identical_outputs(tmp_path, tiny_hybrid_spec):
+    det = create_detector(tiny_hybrid_spec, num_classes=2, classes=["cat", "dog"], image_size=64, width=32)
+    randomize_(det).eval()
+    path = save_detector(det, tmp_path / "det.safetensors")
+    back = load_detector(path).eval()
+    assert back.classes == ["cat", "dog"] and back.image_size == 64 and back.config == det.config
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        for a, b in zip(det.network(x), back.network(x)):
+            assert torch.equal(a, b)
+    again = create_detector(checkpoint=path)
+    assert again.config == det.config
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(model="mnv4_conv_smol", num_classes=3), "unknown model"),
+        (dict(model="mnv4_conv_small", num_classes=0), "num_classes"),
+        (dict(model="mnv4_conv_small"), "num_classes"),
+        (dict(model="mnv4_conv_small", head="yolo", num_classes=3), "head"),
+        (dict(model="retinanet_mnv4_conv_small", head="ssdlite", num_classes=3), "retinanet head"),
+        (dict(model="mnv4_conv_small", num_classes=3, widht=8), "unknown retinanet option"),
+        (dict(model="mnv4_conv_small", num_classes=2, classes=["a"]), "differs"),
+    ],
+)
+def test_bad_arguments_are_one_line_errors(kwargs, match):
+    with pytest.raises(MNv4Error, match=match) as info:
+        create_detector(**kwargs)
+    assert "\n" not in str(info.value)
+
+
+def test_corrupt_or_foreign_files_are_one_line_errors(tmp_path):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
+    with pytest.raises(MNv4Error) as info:
+        load_detector(bad)
+    assert "\n" not in str(info.value)
+    from mnv4.weights.io import write_safetensors
+
+    foreign = write_safetensors(tmp_path / "cls.safetensors", {"w": torch.zeros(2)}, {"format": "mnv4"})
+    with pytest.raises(MNv4Error, match="not an mnv4 detector"):
+        load_detector(foreign)
+
+
+def test_wrong_image_size_is_refused():
+    det = create_detector("mnv4_conv_small", num_classes=1, image_size=64).eval()
+    with pytest.raises(MNv4Error, match="3x64x64"):
+        det([torch.rand(3, 64, 80)])
+
+
+@pytest.mark.parametrize("backbone", ["mnv4_conv_medium", "mnv4_hybrid_medium"])
+def test_paper_detector_matches_tab7_params_and_macs_within_3_percent(backbone):
+    from mnv4.detect.profile import COCO_CLASSES, PAPER_TAB7, paper_counts
+
+    det = create_detector(backbone, num_classes=COCO_CLASSES, image_size=384)
+    counts = paper_counts(det)
+    paper_params, paper_macs = PAPER_TAB7[backbone]
+    assert counts.paper_params / 1e6 == pytest.approx(paper_params, rel=0.03)
+    assert counts.paper_macs / 1e9 == pytest.approx(paper_macs, rel=0.03)
+    # the classification tail is counted from an independent full classifier: 256->960 and 960->1280 convs + BN
+    c5 = det.backbone.feature_info[-1]["num_chs"]
+    assert counts.tail_params == c5 * 960 + 960 * 1280 + 2 * (960 + 1280)
+    # and the detector itself is exactly its parameters
+    assert counts.params == sum(p.numel() for p in det.parameters())
+
+
+def test_dense_fpn_convs_would_miss_tab7():
+    from mnv4.detect.profile import PAPER_TAB7, paper_counts
+
+    det = create_detector("mnv4_conv_medium", num_classes=91, image_size=384, fpn_separable=False)
+    assert paper_counts(det).paper_macs / 1e9 > 1.2 * PAPER_TAB7["mnv4_conv_medium"][1]
