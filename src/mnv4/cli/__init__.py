@@ -20,7 +20,14 @@ from .args import Formatter, render_message
 __all__ = ["main", "build_parser"]
 
 # Command groups, in the order `mnv4 --help` lists them.
-_COMMAND_MODULES = ("mnv4.cli.models", "mnv4.cli.train", "mnv4.cli.distill", "mnv4.cli.search", "mnv4.cli.deploy")
+_COMMAND_MODULES = (
+    "mnv4.cli.models",
+    "mnv4.cli.train",
+    "mnv4.cli.distill",
+    "mnv4.cli.search",
+    "mnv4.cli.deploy",
+    "mnv4.cli.detect",
+)
 
 
 def _version() -> str:

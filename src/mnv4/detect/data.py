@@ -366,7 +366,7 @@ class DetectionDataset(Dataset):
 
             image = pil_to_tensor(im)
             boxes = torch.from_numpy(r.boxes).float().reshape(-1, 4)
-            if (im.width, im.height) != (r.width, r.height):  # the annotation's size was wrong: rescale
+            if len(boxes) and (im.width, im.height) != (r.width, r.height):  # the annotation's size was wrong
                 boxes = boxes * torch.tensor([im.width / r.width, im.height / r.height] * 2)
             with torch.random.fork_rng(devices=[]):
                 torch.default_generator.manual_seed(sample_seed(self.seed, epoch, i, 0xDE7))

@@ -1,7 +1,7 @@
 """The built-in offline detection set: scikit-learn's handwritten digit scans placed on canvases.
 
 Each canvas (``canvas`` px square, grey paper with mild noise) holds 1-4 digits, each an 8x8 scan upscaled
-to 18-48 px, placed without overlap; the box is the digit's tight ink extent and the class its value.
+to 20-44 px, placed without overlap; the box is the digit's tight ink extent and the class its value.
 Training canvases use the scans of a seeded 80 % of the digits, validation canvases the other 20 %, so
 validation digits are writing the model has never seen. Everything is drawn from ``numpy`` generators
 seeded by ``seed``: the same set on every machine.
@@ -25,7 +25,7 @@ from .formats import DetRecord, write_yolo_txt
 __all__ = ["digits_detection", "make_digits_detection", "DIGIT_CLASSES"]
 
 DIGIT_CLASSES = [str(i) for i in range(10)]
-_VERSION = 1  # bump when the generator changes, so old caches are not reused
+_VERSION = 2  # bump when the generator changes, so old caches are not reused
 
 
 def _canvas(
@@ -36,7 +36,7 @@ def _canvas(
     boxes, labels, taken = [], [], np.zeros((size, size), bool)
     for _ in range(int(rng.integers(1, 5))):
         k = int(rng.integers(0, len(scans)))
-        side = int(rng.integers(18, 49))
+        side = int(rng.integers(20, 45))
         for _attempt in range(20):
             x, y = int(rng.integers(0, size - side + 1)), int(rng.integers(0, size - side + 1))
             if not taken[y : y + side, x : x + side].any():
@@ -58,7 +58,7 @@ def _canvas(
 
 
 def make_digits_detection(
-    folder: str | os.PathLike, seed: int = 0, num_train: int = 800, num_val: int = 200, canvas: int = 128
+    folder: str | os.PathLike, seed: int = 0, num_train: int = 800, num_val: int = 200, canvas: int = 96
 ) -> Path:
     """Write the set as a YOLO folder (``data.yaml``, ``{train,valid}/images|labels``) and return it."""
     from sklearn.datasets import load_digits
@@ -104,5 +104,5 @@ def digits_detection(seed: int = 0, root: str | os.PathLike | None = None):
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     data = load_detection_data(folder, seed=seed)
-    data.name, data.input_size = "digits", 128
+    data.name, data.input_size = "digits", 96
     return data
