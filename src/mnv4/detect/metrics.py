@@ -133,7 +133,7 @@ def plot_pr_curve(metrics: DetectionMetrics, classes: list[str], path: str | os.
     ax.set(xlabel="recall", ylabel="precision", xlim=(0, 1), ylim=(0, 1.02))
     ax.set_title(title or f"PR curve at IoU 0.5 - AP {metrics.AP:.3f}, AP50 {metrics.AP50:.3f}")
     ax.grid(alpha=0.3)
-    if len(classes) <= 20:
+    if len(classes) <= 20 and ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=7, loc="lower left")
     fig.tight_layout()
     return save_figure(fig, path)
