@@ -26,7 +26,15 @@ def _targets() -> list[dict[str, torch.Tensor]]:
     ]
 
 
-@pytest.fixture(params=["retinanet_mnv4_conv_small", "ssdlite_mnv4_conv_small", "tiny-retinanet", "tiny-ssdlite"])
+@pytest.fixture(
+    params=[
+        "retinanet_mnv4_conv_small",
+        "ssdlite_mnv4_conv_small",
+        "retinanet_mnv4_hybrid_medium",
+        "tiny-retinanet",
+        "tiny-ssdlite",
+    ]
+)
 def detector(request, tiny_hybrid_spec):
     name = request.param
     if name.startswith("tiny-"):
@@ -133,10 +141,15 @@ def test_save_load_round_trip_gives_identical_outputs(tmp_path, tiny_hybrid_spec
         (dict(model="mnv4_conv_small", head="yolo", num_classes=3), "head"),
         (dict(model="retinanet_mnv4_conv_small", head="ssdlite", num_classes=3), "retinanet head"),
         (dict(model="mnv4_conv_small", num_classes=3, widht=8), "unknown retinanet option"),
+        (dict(model="mnv4_conv_small", num_classes=3, box_loss="mse"), "box_loss"),
         (dict(model="mnv4_conv_small", num_classes=2, classes=["a"]), "differs"),
+        (dict(model="TINY", num_classes=2, pretrained=True), "registered backbones only"),
+        (dict(model="mnv4_conv_small", num_classes=2, image_size=16), "image_size"),
     ],
 )
-def test_bad_arguments_are_one_line_errors(kwargs, match):
+def test_bad_arguments_are_one_line_errors(kwargs, match, tiny_hybrid_spec):
+    if kwargs.get("model") == "TINY":
+        kwargs = {**kwargs, "model": tiny_hybrid_spec}
     with pytest.raises(MNv4Error, match=match) as info:
         create_detector(**kwargs)
     assert "\n" not in str(info.value)
@@ -177,8 +190,127 @@ def test_paper_detector_matches_tab7_params_and_macs_within_3_percent(backbone):
     assert counts.params == sum(p.numel() for p in det.parameters())
 
 
+def test_roofline_pixel6_latency_is_near_tab7():
+    from mnv4.detect.profile import PAPER_TAB7_PIXEL6_MS, pixel6_latency_ms
+
+    det = create_detector("mnv4_conv_medium", num_classes=91, image_size=384)
+    # within 10%: a model anchored on classifiers only, so a loose bar; a head 2x heavier would fail it
+    assert pixel6_latency_ms(det) == pytest.approx(PAPER_TAB7_PIXEL6_MS["mnv4_conv_medium"], rel=0.10)
+
+
 def test_dense_fpn_convs_would_miss_tab7():
     from mnv4.detect.profile import PAPER_TAB7, paper_counts
 
     det = create_detector("mnv4_conv_medium", num_classes=91, image_size=384, fpn_separable=False)
     assert paper_counts(det).paper_macs / 1e9 > 1.2 * PAPER_TAB7["mnv4_conv_medium"][1]
+
+
+def test_ssdlite_extras_match_torchvisions_ssdlite320():
+    from torchvision.models.detection import ssdlite320_mobilenet_v3_large
+
+    from mnv4.detect.heads import ssdlite_extras
+
+    ref = ssdlite320_mobilenet_v3_large(weights=None, weights_backbone=None, num_classes=91).backbone.extra
+    ours = ssdlite_extras(480)  # torchvision's reduced-tail MobileNetV3 ends in 480 channels
+    assert [sum(p.numel() for p in b.parameters()) for b in ours] == [
+        sum(p.numel() for p in b.parameters()) for b in ref
+    ]
+    det = create_detector("ssdlite_mnv4_conv_small", num_classes=3, image_size=320)
+    assert det.anchors().shape[0] == 6 * (20 * 20 + 10 * 10 + 5 * 5 + 3 * 3 + 2 * 2 + 1)  # 6 boxes per location
+
+
+def _classifier_file(tmp_path, mean=(0.25, 0.5, 0.75)):
+    from mnv4 import create_model, save_model
+    from mnv4.models.registry import Preprocess
+
+    clf = randomize_(create_model("mnv4_conv_small", num_classes=10), seed=3)
+    clf.preprocess = Preprocess(mean=mean)
+    return clf, save_model(clf, tmp_path / "clf.safetensors")
+
+
+def test_backbone_checkpoint_changes_the_backbone_weights_only(tmp_path):
+    clf, path = _classifier_file(tmp_path)
+    torch.manual_seed(0)
+    loaded = create_detector("mnv4_conv_small", num_classes=2, image_size=64, backbone_checkpoint=path)
+    torch.manual_seed(0)
+    fresh = create_detector("mnv4_conv_small", num_classes=2, image_size=64)
+    own = clf.state_dict()
+    for k, v in loaded.backbone.state_dict().items():
+        assert torch.equal(v, own[k]), k
+    assert not torch.equal(fresh.backbone.stem.conv.weight, clf.stem.conv.weight)
+    rest = {k: v for k, v in loaded.state_dict().items() if not k.startswith("model.backbone.body.")}
+    fresh_sd = fresh.state_dict()
+    assert rest and all(torch.equal(v, fresh_sd[k]) for k, v in rest.items())
+    assert loaded.config["preprocess"]["mean"] == [0.25, 0.5, 0.75]  # the weights' normalisation
+
+
+def test_pretrained_tag_goes_through_the_hub_code(monkeypatch, tmp_path):
+    clf, path = _classifier_file(tmp_path)
+    asked = []
+
+    def fake_download(hub_id, filename="model.safetensors"):
+        asked.append(hub_id)
+        return path
+
+    monkeypatch.setattr("mnv4.factory.download_weights", fake_download)
+    det = create_detector("retinanet_mnv4_conv_small", num_classes=2, image_size=64, pretrained="e1200_r224_in1k")
+    assert asked == ["timm/mobilenetv4_conv_small.e1200_r224_in1k"]
+    assert torch.equal(det.backbone.stem.conv.weight, clf.stem.conv.weight)
+    assert det.config["preprocess"]["mean"] == [0.485, 0.456, 0.406]  # the tag's preprocessing
+    with pytest.raises(MNv4Error, match="not both"):
+        create_detector("mnv4_conv_small", num_classes=2, pretrained=True, backbone_checkpoint=path)
+
+
+def test_backbone_checkpoint_of_another_architecture_is_a_one_line_error(tmp_path):
+    _, path = _classifier_file(tmp_path)
+    with pytest.raises(MNv4Error, match="mnv4_conv_small") as info:
+        create_detector("mnv4_conv_medium", num_classes=2, image_size=64, backbone_checkpoint=path)
+    assert "\n" not in str(info.value)
+
+
+def test_cli_profile_counts_detectors_by_name_and_checkpoint(capsys, tmp_path, tiny_hybrid_spec):
+    from mnv4.cli import main
+
+    assert main(["profile", "-m", "retinanet_mnv4_conv_medium"]) == 0
+    out = capsys.readouterr().out
+    det = create_detector("mnv4_conv_medium", num_classes=91, image_size=384)
+    assert (
+        f"retinanet_mnv4_conv_medium @ 384x384, batch 1, float32: {sum(p.numel() for p in det.parameters()):,}" in out
+    )
+    assert "as the paper counts" in out and "9.68M params, 5.07 GMACs" in out
+    path = save_detector(create_detector(tiny_hybrid_spec, num_classes=2, image_size=64), tmp_path / "d.safetensors")
+    assert main(["profile", "--checkpoint", str(path), "--per-layer"]) == 0
+    out = capsys.readouterr().out
+    assert "@ 64x64" in out and "model.head.classification_head" in out
+
+
+@pytest.mark.parametrize("head", ["retinanet", "ssdlite"])
+def test_a_few_steps_on_one_box_teach_its_place_and_its_zero_based_label(head, tiny_hybrid_spec):
+    from torchvision.ops import box_iou
+
+    torch.manual_seed(0)
+    kw = dict(width=32, num_convs=2) if head == "retinanet" else dict(extra_widths=[32, 16])
+    det = create_detector(tiny_hybrid_spec, head=head, num_classes=3, image_size=64, **kw)
+    img = torch.zeros(3, 64, 64)
+    img[:, 16:48, 8:40] = 1.0
+    target = {"boxes": torch.tensor([[8.0, 16.0, 40.0, 48.0]]), "labels": torch.tensor([2])}
+    opt = torch.optim.Adam(det.parameters(), 3e-3)
+    for _ in range(60):
+        loss = sum(det.train()([img, img.clone()], [target, target]).values())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        top = det.eval()([img])[0]
+    assert int(top["labels"][0]) == 2
+    assert float(box_iou(top["boxes"][:1], target["boxes"])) > 0.5
+
+
+def test_box_loss_option_switches_torchvisions_regression_loss():
+    losses = {}
+    for kind in ("l1", "giou"):
+        torch.manual_seed(0)
+        det = create_detector("mnv4_conv_small", num_classes=3, image_size=SIZE, box_loss=kind)
+        losses[kind] = det.train()(_images(), _targets())
+    torch.testing.assert_close(losses["l1"]["classification"], losses["giou"]["classification"])
+    assert not torch.isclose(losses["l1"]["bbox_regression"], losses["giou"]["bbox_regression"])

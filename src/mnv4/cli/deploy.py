@@ -23,6 +23,10 @@ def _cmd_export(args: argparse.Namespace) -> int:
     if args.fp16 and args.int8:
         raise MNv4Error("choose one of --fp16 and --int8")
     precision = "int8" if args.int8 else "fp16" if args.fp16 else "fp32"
+    from .detect_tools import export_detector_cli, is_detector_request
+
+    if is_detector_request(args):
+        return export_detector_cli(args, precision, _progress(args))
     model = load_model(args)
     announce_weights(model, "the artefact is only good for latency and parity checks")
     result = export(
@@ -181,6 +185,7 @@ def register(sub) -> None:
     p.add_argument("--samples", type=A.positive_int, default=16, help="inputs used for the parity check")
     p.add_argument("--calib-samples", type=A.positive_int, default=128, help="calibration images for --int8")
     p.add_argument("--min-top1", type=float, default=None, help="also require this top-1 agreement (0-1)")
+    p.add_argument("--with-nms", action="store_true", help="detectors: decoding + NMS in the graph (onnx, openvino)")
     A.add_threads(p)
     A.add_progress(p)
     p.set_defaults(func=_cmd_export)

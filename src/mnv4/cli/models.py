@@ -89,10 +89,13 @@ def _cmd_models(args: argparse.Namespace) -> int:
 
 def _cmd_profile(args: argparse.Namespace) -> int:
     from ..perf import profile
+    from .detect_tools import detector_profile
 
-    model = load_model(args)
-    res = args.input_size or model.preprocess.input_size
-    prof = profile(model, resolution=res, dtype=args.dtype, batch_size=args.batch_size)
+    prof = detector_profile(args)  # None unless the model is a detector
+    if prof is None:
+        model = load_model(args)
+        res = args.input_size or model.preprocess.input_size
+        prof = profile(model, resolution=res, dtype=args.dtype, batch_size=args.batch_size)
     if args.per_layer:
         rows = [
             (
@@ -109,6 +112,8 @@ def _cmd_profile(args: argparse.Namespace) -> int:
         A.print_table(("layer", "op", "output", "MMACs", "params", "MB moved", "MACs/byte"), rows)
         print()
     print(prof.summary())
+    if getattr(prof, "note", None):
+        print(prof.note)
     return 0
 
 

@@ -78,6 +78,10 @@ def zoo_entry(name: str) -> ZooEntry:
     """The entry of a baseline or of any registered MNv4 variant; unknown names are an error."""
     if name in BASELINES:
         return BASELINES[name]
+    from ..detect.bench import detector_entry, is_detector_name
+
+    if is_detector_name(name):
+        return detector_entry(name)
     try:
         return _mnv4_entry(name)
     except MNv4Error:
@@ -129,6 +133,10 @@ def build(
     the model's ``random_weights`` and ``weights_note`` attributes say so.
     """
     entry = zoo_entry(name)
+    if entry.source == "detector":
+        from ..detect.bench import build_detector
+
+        return build_detector(name, input_size, realistic), entry
     if entry.source == "mnv4":
         from ..factory import create_model
 

@@ -10,7 +10,7 @@ from ..models.mobilenetv4 import MobileNetV4
 from ..models.registry import MODELS, get_entry
 from ..models.specs import ModelSpec
 from .io import DETECTOR_FORMAT, load_detector
-from .model import _LEVELS, RETINANET_OPTIONS, SSDLITE_OPTIONS, Detector
+from .model import BOX_LOSSES, FEATURE_LEVELS, RETINANET_OPTIONS, SSDLITE_OPTIONS, Detector
 from .registry import split_detector_name
 
 __all__ = ["create_detector", "build_from_config"]
@@ -27,6 +27,7 @@ def _check_options(head: str, options: dict[str, Any]) -> dict[str, Any]:
         check_int("width", opts["width"], 8)
         check_int("num_convs", opts["num_convs"], 0)
         check_choice("p6p7_from", opts["p6p7_from"], ("p5", "c5"))
+        check_choice("box_loss", opts["box_loss"], BOX_LOSSES)
         check_float("anchor_scale", opts["anchor_scale"], 0, lo_open=True)
         for key in ("head_separable", "fpn_separable"):
             check_choice(key, opts[key], (True, False))
@@ -52,7 +53,7 @@ def _classes(num_classes: int | None, classes: list[str] | None) -> list[str]:
 def _body(spec: ModelSpec, head: str, drop_path_rate: float) -> MobileNetV4:
     try:
         return MobileNetV4(
-            spec, num_classes=0, features_only=True, out_indices=_LEVELS[head], drop_path_rate=drop_path_rate
+            spec, num_classes=0, features_only=True, out_indices=FEATURE_LEVELS[head], drop_path_rate=drop_path_rate
         )
     except (TypeError, ValueError) as e:
         raise MNv4Error(f"cannot build a {head} backbone from {spec.name}: {e}") from None
@@ -76,12 +77,14 @@ def _backbone_model(
 
     if pretrained and backbone_checkpoint is not None:
         raise MNv4Error("pass either `pretrained` or `backbone_checkpoint`, not both")
+    if pretrained and isinstance(model, ModelSpec):
+        raise MNv4Error("published weights exist for registered backbones only; pass a `backbone_checkpoint`")
     if not pretrained and backbone_checkpoint is None:
         spec = model if isinstance(model, ModelSpec) else get_entry(model).spec
         body = _body(spec, head, drop_path_rate)
         body.preprocess = None if isinstance(model, ModelSpec) else get_entry(model).default_preprocess
         return body
-    kwargs = dict(features_only=True, out_indices=_LEVELS[head], drop_path_rate=drop_path_rate)
+    kwargs = dict(features_only=True, out_indices=FEATURE_LEVELS[head], drop_path_rate=drop_path_rate)
     return create_model(model, pretrained=pretrained or False, checkpoint=backbone_checkpoint, **kwargs)
 
 

@@ -65,7 +65,11 @@ class _ExtraBlock(nn.Sequential):
 
     @staticmethod
     def _cbr(i: int, o: int, k: int, s: int, groups: int) -> list[nn.Module]:
-        return [nn.Conv2d(i, o, k, s, k // 2, groups=groups, bias=False), nn.BatchNorm2d(o), nn.ReLU6(inplace=True)]
+        return [
+            nn.Conv2d(i, o, k, s, k // 2, groups=groups, bias=False),
+            nn.BatchNorm2d(o, eps=0.001, momentum=0.03),
+            nn.ReLU6(inplace=True),
+        ]
 
 
 def ssdlite_extras(in_chs: int, widths: tuple[int, ...] = (512, 256, 256, 128)) -> nn.ModuleList:

@@ -30,10 +30,10 @@ def conv3x3(in_chs: int, out_chs: int, separable: bool, stride: int = 1, bias: b
 
 
 def conv_bn_relu(in_chs: int, out_chs: int, separable: bool) -> nn.Sequential:
-    """One tower layer: (separable) 3x3 conv, BatchNorm, ReLU."""
-    return nn.Sequential(
-        conv3x3(in_chs, out_chs, separable, bias=False), nn.BatchNorm2d(out_chs), nn.ReLU(inplace=True)
-    )
+    """One tower layer: (separable) 3x3 conv, BatchNorm, ReLU; flat, so export's BN folding sees conv -> BN."""
+    conv = conv3x3(in_chs, out_chs, separable, bias=False)
+    layers = list(conv) if isinstance(conv, nn.Sequential) else [conv]
+    return nn.Sequential(*layers, nn.BatchNorm2d(out_chs), nn.ReLU(inplace=True))
 
 
 def build_fpn(
@@ -56,6 +56,5 @@ def build_fpn(
     if separable:
         for i, block in enumerate(fpn.layer_blocks):
             # Conv2dNormActivation(conv, norm): keep its norm, swap the dense 3x3 for a separable one.
-            block[0] = separable_conv(width, width, bias=False)
-            fpn.layer_blocks[i] = block
+            fpn.layer_blocks[i] = nn.Sequential(*separable_conv(width, width, bias=False), block[1])
     return fpn

@@ -26,15 +26,17 @@ from ..errors import MNv4Error
 from .heads import head_outputs, retinanet_head, ssdlite_extras, ssdlite_head
 from .layers import build_fpn
 
-__all__ = ["Detector", "RETINANET_OPTIONS", "SSDLITE_OPTIONS", "feature_sizes"]
+__all__ = ["Detector", "RETINANET_OPTIONS", "SSDLITE_OPTIONS", "BOX_LOSSES", "FEATURE_LEVELS", "feature_sizes"]
 
 # The paper's mobile RetinaNet (docs/detection.md "The paper's detector" explains each choice).
 RETINANET_OPTIONS: dict[str, Any] = dict(
-    width=256, num_convs=4, head_separable=True, fpn_separable=True, p6p7_from="p5", anchor_scale=4.0
+    width=256, num_convs=4, head_separable=True, fpn_separable=True, p6p7_from="p5", anchor_scale=4.0, box_loss="l1"
 )
+# torchvision's RetinaNet box losses; "smooth_l1" (beta 1/9) is close to TF's Huber loss with delta 0.1.
+BOX_LOSSES = ("l1", "smooth_l1", "giou", "diou", "ciou")
 SSDLITE_OPTIONS: dict[str, Any] = dict(extra_widths=[512, 256, 256, 128])
 # Feature levels of MobileNetV4 (features_only out_indices) each neck reads: strides 8/16/32 and 16/32.
-_LEVELS = {"retinanet": (2, 3, 4), "ssdlite": (3, 4)}
+FEATURE_LEVELS = {"retinanet": (2, 3, 4), "ssdlite": (3, 4)}
 
 
 def feature_sizes(image_size: int, first_stride: int, count: int) -> list[int]:
@@ -132,6 +134,7 @@ class Detector(nn.Module):
                 opts["num_convs"],
                 opts["head_separable"],
             )
+            head.regression_head._loss_type = opts.get("box_loss", "l1")  # torchvision's switch
             self.model = RetinaNet(neck, num_classes, anchor_generator=anchors, head=head, detections_per_img=100)
             offset = 0
         else:

@@ -21,10 +21,19 @@ from ..perf.counting import Profile
 from ..perf.counting import profile as _count
 from .model import Detector
 
-__all__ = ["DetectorCounts", "profile", "paper_counts", "paper_table", "PAPER_TAB7", "COCO_CLASSES"]
+__all__ = [
+    "DetectorCounts",
+    "profile",
+    "paper_counts",
+    "paper_table",
+    "pixel6_latency_ms",
+    "PAPER_TAB7",
+    "COCO_CLASSES",
+]
 
 # Tab. 7 of the paper: whole detector at 384 px, (params in M, MACs in G).
 PAPER_TAB7 = {"mnv4_conv_medium": (9.79, 5.06), "mnv4_hybrid_medium": (11.15, 5.62)}
+PAPER_TAB7_PIXEL6_MS = {"mnv4_conv_medium": 51.3, "mnv4_hybrid_medium": 60.5}  # Pixel 6 CPU latency
 # TF Model Garden's COCO RetinaNet configs use 91 classes (index 0 unused); 90 changes the totals by 0.02%.
 COCO_CLASSES = 91
 
@@ -76,6 +85,13 @@ def paper_counts(detector: Detector) -> DetectorCounts:
     return DetectorCounts(prof.model, prof.params, prof.macs, tail_params, tail_macs)
 
 
+def pixel6_latency_ms(detector: Detector) -> float:
+    """Roofline-predicted latency on the built-in Pixel 6 CPU profile (int8 bytes; mnv4.perf.roofline)."""
+    from ..perf.roofline import predict_latency
+
+    return predict_latency(profile(detector, dtype="int8"), "pixel6_cpu").latency_ms
+
+
 def paper_table(num_classes: int = COCO_CLASSES, image_size: int = 384) -> list[dict]:
     """One row per Tab. 7 MNv4 detector: mnv4's counts, the paper's, and the residuals."""
     from .factory import create_detector
@@ -84,6 +100,7 @@ def paper_table(num_classes: int = COCO_CLASSES, image_size: int = 384) -> list[
     for backbone, (p_params, p_macs) in PAPER_TAB7.items():
         det = create_detector(backbone, num_classes=num_classes, image_size=image_size)
         c = paper_counts(det)
+        pixel6 = pixel6_latency_ms(det)
         rows.append(
             dict(
                 detector=c.name,
@@ -95,6 +112,8 @@ def paper_table(num_classes: int = COCO_CLASSES, image_size: int = 384) -> list[
                 paper_macs_g=p_macs,
                 params_residual_pct=100 * (c.paper_params / 1e6 / p_params - 1),
                 macs_residual_pct=100 * (c.paper_macs / 1e9 / p_macs - 1),
+                pixel6_roofline_ms=pixel6,
+                paper_pixel6_ms=PAPER_TAB7_PIXEL6_MS[backbone],
             )
         )
     return rows
@@ -103,12 +122,14 @@ def paper_table(num_classes: int = COCO_CLASSES, image_size: int = 384) -> list[
 def _markdown(rows: list[dict]) -> str:
     head = (
         "| detector | params (M) | MACs (G) | + TF tail: params | + TF tail: MACs | paper params | paper MACs "
-        "| params residual | MACs residual |\n|---|---|---|---|---|---|---|---|---|"
+        "| params residual | MACs residual | Pixel 6 CPU roofline ms | paper ms |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|"
     )
     lines = [
         f"| {r['detector']} | {r['params_m']:.2f} | {r['macs_g']:.2f} | {r['counted_params_m']:.2f} "
         f"| {r['counted_macs_g']:.2f} | {r['paper_params_m']:.2f} | {r['paper_macs_g']:.2f} "
-        f"| {r['params_residual_pct']:+.1f}% | {r['macs_residual_pct']:+.1f}% |"
+        f"| {r['params_residual_pct']:+.1f}% | {r['macs_residual_pct']:+.1f}% "
+        f"| {r['pixel6_roofline_ms']:.1f} | {r['paper_pixel6_ms']:.1f} |"
         for r in rows
     ]
     return "\n".join([head, *lines])
