@@ -105,7 +105,8 @@ def test_overfits_a_tiny_set(tmp_path, tiny_hybrid_spec):
     cfg = _cfg(
         tiny_hybrid_spec,
         tmp_path / "run",
-        head_options={"width": 32, "num_convs": 1},
+        head="ssdlite",
+        head_options={"extra_widths": [32, 32]},
         epochs=160,
         batch_size=8,
         lr=5e-3,

@@ -11,8 +11,8 @@ work unchanged) with the detection fields: the ``head``, the augmentation's ``sc
   nor the RandAugment magnitude: 2e-3 at batch 2048 and magnitude 9 are assumptions.
 * ``detect-small``: from scratch on a few hundred images (bccd, aquarium): batch 16, AdamW, 1-epoch
   warm-up, scale jitter 0.5-2.0, light RandAugment, no drop path.
-* ``detect-digits``: the built-in digits set (the default without ``data``), sized to reach AP50 >= 0.9 in
-  a few CPU minutes.
+* ``detect-digits``: the built-in digits set (the default without ``data``) with the light SSDLite head,
+  sized for a few CPU minutes.
 """
 
 from __future__ import annotations
@@ -112,10 +112,10 @@ DETECT_RECIPES: dict[str, dict[str, Any]] = {
     },
     "detect-digits": {
         **_COMMON,
-        "note": "the built-in digits canvases (96 px) with a lighter head (64-d, 2 layers); no flips (digits)",
+        "note": "the built-in digits canvases (96 px) with the SSDLite head; no flips (digits)",
         "data": "digits",
         "input_size": 96,
-        "head_options": {"width": 64, "num_convs": 2},
+        "head": "ssdlite",
         "epochs": 6,
         "batch_size": 16,
         "lr": 2e-3,
