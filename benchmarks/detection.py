@@ -28,7 +28,6 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -42,6 +41,7 @@ from mnv4.detect.evaluate import evaluate_detector  # noqa: E402
 from mnv4.detect.recipes import resolve_detect_config  # noqa: E402
 from mnv4.detect.train import DetectionTrainer  # noqa: E402
 from mnv4.files import atomic_write_json  # noqa: E402
+from mnv4.nas.cost import _cpu_name  # noqa: E402
 
 MODELS = ("retinanet-mnv4-conv-s", "ssdlite-mnv4-conv-s", "tv-ssdlite320-mnv3", "tv-frcnn-mnv3-320-fpn")
 
@@ -233,7 +233,7 @@ def main() -> None:
             c = json.loads(cost_file.read_text())
             mean = {k: statistics.mean(r[k] for r in per_seed) for k in per_seed[0]}
             rows.append((data_name, name, mean, c))
-    print(f"# {args.epochs:g} epochs, batch {args.batch_size}, {args.size} px, seeds {seeds}, CPU: {_cpu()}")
+    print(f"# {args.epochs:g} epochs, batch {args.batch_size}, {args.size} px, seeds {seeds}, CPU: {_cpu_name()}")
     head = "| data | model | AP | AP50 | AP small | params (M) | MACs (G) | eager ms | ONNX RT ms | train s |"
     print(head)
     print("|" + "---|" * (head.count("|") - 1))
@@ -243,16 +243,6 @@ def main() -> None:
             f"| {data_name} | {name} | {m['AP']:.3f} | {m['AP50']:.3f} | {m['AP_small']:.3f} | {c['params_m']:.2f} "
             f"| {c['macs_g']:.2f} | {c['eager_ms']:.1f} | {onnx} | {m['train_s']:.0f} |"
         )
-
-
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return sys.platform
 
 
 if __name__ == "__main__":

@@ -61,20 +61,13 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 def _cmd_train(args: argparse.Namespace) -> int:
     from ..detect.recipes import DetectConfig, resolve_detect_config
     from ..detect.train import train_detector
-    from ..train.checkpoint import find_resume, load_training_state
     from ..train.distributed import teardown
+    from .train import resumed_config
 
     overrides = _overrides(args)
     resume = None
     if args.resume:
-        resume = find_resume(args.resume, args.output)
-        saved = load_training_state(resume)["config"]
-        fixed = sorted(k for k, v in overrides.items() if v is not None and k not in _RESUME_MAY_CHANGE + ("output",))
-        if fixed or args.recipe or args.config:
-            what = ", ".join(f"`{k}`" for k in fixed) or "the recipe"
-            raise MNv4Error(f"a resumed run keeps its recipe and hyper-parameters; {what} cannot change")
-        saved.update({k: overrides[k] for k in _RESUME_MAY_CHANGE if overrides.get(k) is not None})
-        cfg = DetectConfig.from_dict(saved)
+        resume, cfg = resumed_config(args, overrides, _RESUME_MAY_CHANGE, DetectConfig.from_dict)
     else:
         cfg = resolve_detect_config(args.recipe, args.config, **overrides)
     try:
@@ -192,6 +185,8 @@ def _data_flags(p: argparse.ArgumentParser, default: str | None) -> None:
 
 
 def register(sub) -> None:
+    from .train import add_run_control
+
     group = sub.add_group("detect", help="object detection: train, evaluate and run detectors (docs/detection.md)")
 
     p = group.add_parser(
@@ -213,9 +208,7 @@ def register(sub) -> None:
     for flags, field, typ, text in _FIELD_FLAGS:
         p.add_argument(*flags, dest=field, type=typ, default=None, help=text)
     p.add_argument("--set", action="append", metavar="FIELD=VALUE", help="override any config field (repeatable)")
-    p.add_argument("--resume", nargs="?", const="auto", default=None, metavar="RUN_DIR|last.pt", help="continue a run")
-    p.add_argument("--exist-ok", action="store_true", help="start a new run in --output even if it holds one")
-    p.add_argument("--max-steps", type=A.positive_int, default=None, help="stop after N steps, resumable from there")
+    add_run_control(p, "continue a run (no value: --output's, else the newest under runs/)")
     A.add_progress(p)
     p.set_defaults(func=_cmd_train, _field_fallback="--set {}")
 

@@ -51,8 +51,34 @@ def _parse_set(items: list[str]) -> dict[str, Any]:
     return out
 
 
-def _cmd_train(args: argparse.Namespace) -> int:
+def resumed_config(args: argparse.Namespace, overrides: dict[str, Any], may_change: tuple[str, ...], from_dict):
+    """(checkpoint to resume, its saved config with the allowed ``overrides``) for ``--resume``; changing
+    anything else is refused. ``from_dict`` rebuilds the config (TrainConfig's, or a subclass's)."""
     from ..train.checkpoint import find_resume, load_training_state
+
+    resume = find_resume(args.resume, args.output)
+    saved = load_training_state(resume)["config"]
+    fixed = sorted(k for k, v in overrides.items() if v is not None and k not in may_change + ("output",))
+    if fixed or args.recipe or args.config:
+        what = ", ".join(f"`{k}`" for k in fixed) or "the recipe"
+        raise MNv4Error(
+            f"a resumed run keeps its recipe and hyper-parameters; {what} cannot change "
+            "(start a new run with another `output` instead)"
+        )
+    saved.update({k: overrides[k] for k in may_change if overrides.get(k) is not None})
+    return resume, from_dict(saved)
+
+
+def add_run_control(p: argparse.ArgumentParser, resume_help: str) -> None:
+    """``--resume``, ``--exist-ok`` and ``--max-steps``: what every training command takes about its run folder."""
+    p.add_argument("--resume", nargs="?", const="auto", default=None, metavar="RUN_DIR|last.pt", help=resume_help)
+    p.add_argument("--exist-ok", action="store_true", help="start a new run in --output even if it holds one")
+    p.add_argument(
+        "--max-steps", type=A.positive_int, default=None, help="stop after N optimizer steps, resumable from there"
+    )
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
     from ..train.config import TrainConfig, resolve_config
     from ..train.distributed import teardown
     from ..train.trainer import train
@@ -79,17 +105,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     overrides.update(_parse_set(args.set or []))
     resume = None
     if args.resume:
-        resume = find_resume(args.resume, args.output)
-        saved = load_training_state(resume)["config"]
-        fixed = sorted(k for k, v in overrides.items() if v is not None and k not in _RESUME_MAY_CHANGE + ("output",))
-        if fixed or args.recipe or args.config:
-            what = ", ".join(f"`{k}`" for k in fixed) or "the recipe"
-            raise MNv4Error(
-                f"a resumed run keeps its recipe and hyper-parameters; {what} cannot change "
-                "(start a new run with another `output` instead)"
-            )
-        saved.update({k: overrides[k] for k in _RESUME_MAY_CHANGE if overrides.get(k) is not None})
-        cfg = TrainConfig.from_dict(saved)
+        resume, cfg = resumed_config(args, overrides, _RESUME_MAY_CHANGE, TrainConfig.from_dict)
     else:
         recipe = args.recipe
         if recipe is None and (args.distill or args.teacher):  # distilling implies its recipe, unless a file names one
@@ -233,17 +249,8 @@ def register(sub) -> None:
     p.add_argument("--channels-last", action="store_true", help="channels_last memory format")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across processes (CUDA only)")
-    p.add_argument(
-        "--resume",
-        nargs="?",
-        const="auto",
-        default=None,
-        metavar="RUN_DIR|last.pt",
-        help="continue a run (no value: --output's, else the newest under runs/); with a larger --epochs: extend it",
-    )
-    p.add_argument("--exist-ok", action="store_true", help="start a new run in --output even if it holds one")
-    p.add_argument(
-        "--max-steps", type=A.positive_int, default=None, help="stop after N optimizer steps, resumable from there"
+    add_run_control(
+        p, "continue a run (no value: --output's, else the newest under runs/); with a larger --epochs: extend it"
     )
     A.add_progress(p)
     p.set_defaults(func=_cmd_train, _field_fallback="--set {}")
