@@ -231,3 +231,31 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, saved_detector, capsys, argv
     assert code == 2
     assert err[-1].startswith("mnv4: error:") and match in err[-1], err
     assert not any("Traceback" in line for line in err)
+
+
+@pytest.mark.slow
+def test_two_process_torchrun_matches_single_process_with_accumulation(tmp_path, tiny_hybrid_spec):
+    """As tests/test_distributed.py for classification: 2 DDP ranks of 2 images train like 1 process with 2
+    micro-batches of 2 (parameters within 1e-4; BN running statistics are rank 0's under DDP, so not compared)."""
+    from .cli_run import run_mnv4
+
+    data = _shapes_set(tmp_path / "data", n_train=8, n_val=2)
+    conf = tmp_path / "tiny.yaml"
+    conf.write_text(
+        json.dumps(
+            {"model": tiny_hybrid_spec.to_dict(), "head_options": {"width": 16, "num_convs": 1}, "input_size": 64}
+            | {"randaug_prob": 0.5, "lr_scaling": "none", "epochs": 1, "device": "cpu"}
+        )
+    )
+    common = ["detect", "train", "--data", str(data), "--config", str(conf), "--recipe", "detect-small", "-b", "4"]
+    single = run_mnv4([*common, "--micro-batch", "2", "-o", str(tmp_path / "one"), "--no-progress"])
+    assert single.returncode == 0, single.stderr[-2000:]
+    assert "2 x 2 accumulation x 1 process(es)" in single.stdout
+    ddp = run_mnv4([*common, "-o", str(tmp_path / "two"), "--no-progress"], processes=2)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    assert "2 x 1 accumulation x 2 process(es)" in ddp.stdout and "run folder:" in ddp.stdout
+    a, b = load_file(tmp_path / "one" / "last.safetensors"), load_file(tmp_path / "two" / "last.safetensors")
+    params = [k for k in a if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+    assert len(params) > 20
+    for k in params:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-4, msg=k)
