@@ -67,6 +67,8 @@ def unpack_targets(packed: torch.Tensor) -> list[dict[str, torch.Tensor]]:
 class DetectionTrainer(Trainer):
     """Trains a detector (module docstring). ``data``: a DetectionData to use instead of ``cfg.data``."""
 
+    command = "mnv4 detect train"
+
     def __init__(
         self,
         cfg: DetectConfig,

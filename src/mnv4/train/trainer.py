@@ -166,6 +166,7 @@ class Trainer:
     distills = False  # trains on teacher targets: mnv4.distill.student.DistillTrainer sets it
     # Batches (x, y, unreadable files) from dataset items; y must be a tensor (detection packs its boxes into one).
     collate = staticmethod(collate_images)
+    command = "mnv4 train"  # the command that resumes this kind of run (named in the stop message)
 
     def __init__(
         self,
@@ -743,7 +744,7 @@ class Trainer:
         if stopped:
             self.say(
                 f"stopped at step {self.step} of {self.plan.total_steps} ({self.stop_reason}); "
-                f"checkpoint {self.run_dir / LAST}; continue with: mnv4 train --resume {self.run_dir}"
+                f"checkpoint {self.run_dir / LAST}; continue with: {self.command} --resume {self.run_dir}"
             )
         elif info.is_main:
             self.save_weights(
