@@ -8,7 +8,9 @@ import pytest
 from mnv4.detect.formats import DetRecord
 from mnv4.detect.metrics import STAT_NAMES, coco_dicts, coco_metrics, plot_pr_curve
 
-pytest.importorskip("faster_coco_eval")
+from .conftest import require
+
+require("faster_coco_eval")  # the detect extra; CI (MNV4_REQUIRE_RUNTIMES=1) fails instead of skipping
 CLASSES = ["a", "b", "c", "never"]
 
 
@@ -53,7 +55,7 @@ def _pycocotools(gt: dict, dets: list, cat_ids=None) -> np.ndarray:
 
 @pytest.mark.parametrize("seed", [0, 1])
 def test_faster_coco_eval_equals_pycocotools(seed):
-    pytest.importorskip("pycocotools")
+    require("pycocotools")  # the test extra
     records, preds = _fixture(seed)
     m = coco_metrics(records, preds, CLASSES)
     gt, dets = coco_dicts(records, preds, CLASSES)
