@@ -116,7 +116,7 @@ DETECT_RECIPES: dict[str, dict[str, Any]] = {
         "data": "digits",
         "input_size": 96,
         "head": "ssdlite",
-        "epochs": 6,
+        "epochs": 20,
         "batch_size": 16,
         "lr": 2e-3,
         "warmup_epochs": 0.5,
