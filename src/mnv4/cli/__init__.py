@@ -31,6 +31,7 @@ _COMMAND_MODULES = (
     "mnv4.cli.search",
     "mnv4.cli.deploy",
     "mnv4.cli.hub",
+    "mnv4.cli.detect",
 )
 
 

@@ -50,6 +50,15 @@ def _parse_set(items: list[str]) -> dict[str, Any]:
     return out
 
 
+def add_run_control(p: argparse.ArgumentParser, resume_help: str) -> None:
+    """``--resume``, ``--exist-ok`` and ``--max-steps``: what every training command takes about its run folder."""
+    p.add_argument("--resume", nargs="?", const="auto", default=None, metavar="RUN_DIR|last.pt", help=resume_help)
+    p.add_argument("--exist-ok", action="store_true", help="start a new run in --output even if it holds one")
+    p.add_argument(
+        "--max-steps", type=A.positive_int, default=None, help="stop after N optimizer steps, resumable from there"
+    )
+
+
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     """The config fields given on the command line (None: not given)."""
     overrides: dict[str, Any] = {field: getattr(args, field) for _, field, _, _ in _FIELD_FLAGS}
@@ -249,17 +258,8 @@ def register(sub) -> None:
     p.add_argument("--channels-last", action="store_true", help="channels_last memory format")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across processes (CUDA only)")
-    p.add_argument(
-        "--resume",
-        nargs="?",
-        const="auto",
-        default=None,
-        metavar="RUN_DIR|last.pt",
-        help="continue a run (no value: --output's, else the newest under runs/); with a larger --epochs: extend it",
-    )
-    p.add_argument("--exist-ok", action="store_true", help="start a new run in --output even if it holds one")
-    p.add_argument(
-        "--max-steps", type=A.positive_int, default=None, help="stop after N optimizer steps, resumable from there"
+    add_run_control(
+        p, "continue a run (no value: --output's, else the newest under runs/); with a larger --epochs: extend it"
     )
     A.add_threads(p)
     A.add_progress(p)

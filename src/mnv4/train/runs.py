@@ -89,13 +89,19 @@ def resumed_fields(
     return out
 
 
-def resumed_train_config(checkpoint: str | os.PathLike, requested: Mapping[str, Any]) -> TrainConfig:
+def resumed_train_config(
+    checkpoint: str | os.PathLike,
+    requested: Mapping[str, Any],
+    may_change: Iterable[str] = TRAIN_RESUME_MAY_CHANGE,
+    config_cls: type[TrainConfig] = TrainConfig,
+) -> TrainConfig:
     """The config of the training run saved in ``checkpoint`` (its ``last.pt``), with the ``requested``
-    changes a resume may make (:data:`TRAIN_RESUME_MAY_CHANGE`; see :func:`resumed_fields`)."""
+    changes a resume may make (``may_change``, by default :data:`TRAIN_RESUME_MAY_CHANGE`; see
+    :func:`resumed_fields`), rebuilt as ``config_cls`` (a TrainConfig subclass for other trainers)."""
     checkpoint = Path(checkpoint)
-    fields = resumed_fields(load_training_state(checkpoint)["config"], requested, TRAIN_RESUME_MAY_CHANGE)
+    fields = resumed_fields(load_training_state(checkpoint)["config"], requested, may_change)
     fields["output"] = str(checkpoint.parent)  # the run continues where it is
-    return TrainConfig.from_dict(fields)
+    return config_cls.from_dict(fields)
 
 
 def stop_line(step: int, total_steps: int, reason: str | None, checkpoint: Path, command: str) -> str:

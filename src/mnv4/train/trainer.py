@@ -169,7 +169,9 @@ class Trainer:
     """
 
     distills = False  # trains on teacher targets: mnv4.distill.student.DistillTrainer sets it
-    command = "mnv4 train"  # the command whose --resume continues this trainer's runs
+    # Batches (x, y, unreadable files) from dataset items; y must be a tensor (detection packs its boxes into one).
+    collate = staticmethod(collate_images)
+    command = "mnv4 train"  # the command that resumes this kind of run (named in the stop message)
 
     def __init__(
         self,
@@ -263,6 +265,20 @@ class Trainer:
         return GlobalBatchSampler(
             len(dataset), self.cfg.batch_size, info.rank, info.world_size, shuffle=True, seed=self.cfg.seed
         )
+
+    def build_val_dataset(self) -> Dataset:
+        """Validation items ``(image tensor or BadImage, target)``."""
+        return SeededDataset(self.data.val, eval_transform(self.model.preprocess))
+
+    def forward_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Per-sample training loss ``[B]`` of one micro-batch (a detector computes its losses in forward)."""
+        with self.autocast:
+            logits = self.net(x)
+        return self.loss(logits.float(), y)
+
+    def epoch_line(self, row: dict[str, Any], epoch: int, elapsed: float) -> str:
+        """The line printed after each epoch."""
+        return _epoch_line(row, self.plan, epoch, elapsed)
 
     def make_targets(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per micro-batch: Mixup/CutMix as the recipe says (int labels may become soft ones)."""
@@ -361,14 +377,14 @@ class Trainer:
         self.train_dataset = self.build_train_dataset()
         self.sampler = self.build_train_sampler(self.train_dataset)
         common: dict[str, Any] = dict(
-            num_workers=cfg.workers, collate_fn=collate_images, pin_memory=info.device.type == "cuda"
+            num_workers=cfg.workers, collate_fn=self.collate, pin_memory=info.device.type == "cuda"
         )
         if cfg.workers > 0:
             common["persistent_workers"] = True
         self.train_loader = DataLoader(
             self.train_dataset, batch_size=self.plan.micro_batch, sampler=self.sampler, **common
         )
-        val_ds: Any = SeededDataset(self.data.val, eval_transform(self.model.preprocess))
+        val_ds: Any = self.build_val_dataset()
         if info.distributed:  # disjoint shards without padding, so summed counts are exact
             val_ds = Subset(val_ds, range(info.rank, len(val_ds), info.world_size))
         self.val_loader = DataLoader(val_ds, batch_size=max(self.plan.micro_batch, 64), shuffle=False, **common)
@@ -500,7 +516,7 @@ class Trainer:
                     self.evaluate_and_select(epoch, row)
                     if self.info.is_main:
                         self.metrics.log(row)
-                        self.say(_epoch_line(row, self.plan, epoch, time.perf_counter() - self.t_start))
+                        self.say(self.epoch_line(row, epoch, time.perf_counter() - self.t_start))
                     self.save_checkpoint()
                 return self.finish()
         finally:
@@ -629,9 +645,7 @@ class Trainer:
                 if cfg.channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
                 with contextlib.nullcontext() if sync else self._ddp().no_sync():
-                    with self.autocast:
-                        logits = self.net(x)
-                    per_sample = self.loss(logits.float(), y) * w
+                    per_sample = self.forward_loss(x, y) * w
                     loss = per_sample.sum() * scale
                     if i == len(chunks) - 1:
                         reg = l2_penalty(self.raw, cfg.l2)

@@ -1,0 +1,249 @@
+"""MNv4 detectors vs torchvision's mobile detectors on small real datasets, from scratch (docs/detection.md
+"Measured").
+
+Candidates, all at the same input size (320 px letterboxed), trained by the same DetectionTrainer (same
+augmentation, epochs, batch, optimizer, seeds) and scored by the same COCO evaluator on the val split:
+
+* ``retinanet-mnv4-conv-s``: mnv4's RetinaNet (the paper's head) on MNv4-Conv-S;
+* ``ssdlite-mnv4-conv-s``: mnv4's SSDLite head on MNv4-Conv-S;
+* ``tv-ssdlite320-mnv3``: torchvision's ``ssdlite320_mobilenet_v3_large(weights=None, weights_backbone=None)``.
+  Without backbone weights torchvision switches its ``reduced_tail`` on (the last stage at half width,
+  MobileNetV3 paper Tab. 6), so this is the smaller variant;
+* ``tv-frcnn-mnv3-320-fpn``: torchvision's ``fasterrcnn_mobilenet_v3_large_320_fpn(weights=None,
+  weights_backbone=None)`` (two-stage).
+
+Per dataset and model: AP, AP50, AP-small (val), params, MACs (one 320 px image, FlopCounterMode over the
+whole eval forward), eager latency per image (batch 1, median), ONNX Runtime latency of the dense graph
+where it exports (MNv4 and torchvision SSDLite: backbone + head without decoding; Faster R-CNN: "-"), and
+training wall time. Every stage is cached in ``--work`` (a training run folder per model and seed, resumed
+when interrupted; ``eval.json``, ``cost.json``), so rerunning the command continues where it stopped.
+
+    python benchmarks/detection.py --data bccd=../shared/data/bccd --data aquarium=../shared/data/aquarium \\
+        --epochs 30 --work runs/detection-bench
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from mnv4.detect.data import load_detection_data  # noqa: E402
+from mnv4.detect.evaluate import evaluate_detector  # noqa: E402
+from mnv4.detect.recipes import resolve_detect_config  # noqa: E402
+from mnv4.detect.train import DetectionTrainer  # noqa: E402
+from mnv4.files import atomic_write_json  # noqa: E402
+from mnv4.host import cpu_name  # noqa: E402
+
+MODELS = ("retinanet-mnv4-conv-s", "ssdlite-mnv4-conv-s", "tv-ssdlite320-mnv3", "tv-frcnn-mnv3-320-fpn")
+
+
+class ShiftLabels(nn.Module):
+    """A torchvision detector (background = class 0) behind the 0..C-1 label contract of mnv4's detectors."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images, targets=None):
+        if targets is not None:
+            targets = [{**t, "labels": t["labels"] + 1} for t in targets]
+        out = self.model(images, targets)
+        return out if self.training else [{**d, "labels": d["labels"] - 1} for d in out]
+
+
+def build(name: str, classes: list[str], size: int) -> nn.Module:
+    from torchvision.models import detection as tvd
+
+    from mnv4.detect import create_detector
+
+    if name == "retinanet-mnv4-conv-s":
+        return create_detector("mnv4_conv_small", head="retinanet", classes=classes, image_size=size)
+    if name == "ssdlite-mnv4-conv-s":
+        return create_detector("mnv4_conv_small", head="ssdlite", classes=classes, image_size=size)
+    n = len(classes) + 1
+    if name == "tv-ssdlite320-mnv3":
+        return ShiftLabels(tvd.ssdlite320_mobilenet_v3_large(weights=None, weights_backbone=None, num_classes=n))
+    if name == "tv-frcnn-mnv3-320-fpn":
+        m = tvd.fasterrcnn_mobilenet_v3_large_320_fpn(weights=None, weights_backbone=None, num_classes=n)
+        m.transform.min_size, m.transform.max_size = (size,), size  # no resizing: images arrive at `size`
+        return ShiftLabels(m)
+    raise SystemExit(f"unknown model {name}; choose from {', '.join(MODELS)}")
+
+
+class BenchTrainer(DetectionTrainer):
+    """DetectionTrainer for any detector: weights saved as a plain safetensors state dict."""
+
+    def save_weights(self, model: nn.Module, path: Path, extra) -> None:
+        from safetensors.torch import save_file
+
+        from mnv4.files import atomic_write
+
+        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        atomic_write(path, lambda tmp: save_file(state, tmp))
+
+
+def dense_graph(model: nn.Module) -> nn.Module | None:
+    """The graph that exports to ONNX (backbone + head, raw outputs), or None for two-stage detectors."""
+    from mnv4.detect.model import Detector
+
+    class Dense(nn.Module):
+        def __init__(self, fn) -> None:
+            super().__init__()
+            self.inner, self.fn = model, fn
+
+        def forward(self, x):
+            return self.fn(x)
+
+    if isinstance(model, Detector):
+        return Dense(model.network)
+    inner = getattr(model, "model", None)
+    if inner is not None and hasattr(inner, "head") and hasattr(inner.head, "classification_head"):
+        return Dense(lambda x: tuple(inner.head(list(inner.backbone(x).values())).values()))
+    return None
+
+
+def cost(model: nn.Module, size: int, runs: int) -> dict:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model.eval()
+    x = [torch.rand(3, size, size)]
+    with torch.no_grad():
+        with FlopCounterMode(display=False) as counter:
+            model(x)
+        for _ in range(3):
+            model(x)
+        times = []
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            model(x)
+            times.append((time.perf_counter() - t0) * 1e3)
+    out = {
+        "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
+        "macs_g": counter.get_total_flops() / 2e9,
+        "eager_ms": statistics.median(times),
+        "onnx_ms": None,
+    }
+    out["onnx_ms"] = onnx_latency(model, size, runs)
+    return out
+
+
+def onnx_latency(model: nn.Module, size: int, runs: int) -> float | None:
+    import tempfile
+
+    dense = dense_graph(model)
+    if dense is None:
+        return None
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return None
+    x = torch.randn(1, 3, size, size)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "m.onnx")
+        torch.onnx.export(dense.eval(), (x,), path, opset_version=17, dynamo=False)
+        sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+        feed = {sess.get_inputs()[0].name: x.numpy()}
+        for _ in range(3):
+            sess.run(None, feed)
+        times = []
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            sess.run(None, feed)
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def run_one(args, data_name: str, data, name: str, seed: int) -> dict:
+    folder = Path(args.work) / data_name / name / f"seed{seed}"
+    cfg = resolve_detect_config(
+        "detect-small",
+        input_size=args.size,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        seed=seed,
+        output=str(folder),
+        workers=args.workers,
+        device=args.device,
+    )
+    summary = folder / "summary.json"
+    if not summary.is_file():
+        resume = folder / "last.pt" if (folder / "last.pt").is_file() else None
+        model = build(name, data.classes, args.size)
+        BenchTrainer(cfg, data=data, model=model, progress=False, log=lambda m: None).run(resume)
+    wall = json.loads(summary.read_text())["wall_seconds"]
+    evaluated = folder / "eval.json"
+    if not evaluated.is_file():
+        from safetensors.torch import load_file
+
+        model = build(name, data.classes, args.size)
+        model.load_state_dict(load_file(folder / "best.safetensors"))
+        from mnv4.train.distributed import pick_device
+
+        device = pick_device(args.device)
+        m, _ = evaluate_detector(model.to(device), data.split("val"), data.classes, args.size, device=device)
+        atomic_write_json(evaluated, m.as_dict())
+    ev = json.loads(evaluated.read_text())
+    return {"AP": ev["AP"], "AP50": ev["AP50"], "AP_small": ev["AP_small"], "train_s": wall}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", action="append", required=True, metavar="NAME=PATH", help="a dataset (repeatable)")
+    ap.add_argument("--work", default="runs/detection-bench", help="cache folder of every stage")
+    ap.add_argument("--models", default=",".join(MODELS), help="comma-separated subset of " + ", ".join(MODELS))
+    ap.add_argument("--epochs", type=float, default=30)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--size", type=int, default=320)
+    ap.add_argument("--seeds", default="0", help="comma-separated seeds (results are their mean)")
+    ap.add_argument("--latency-runs", type=int, default=20)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--threads", type=int, default=None)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    names = [m.strip() for m in args.models.split(",") if m.strip()]
+    rows = []
+    for item in args.data:
+        data_name, _, path = item.partition("=")
+        if not path:
+            raise SystemExit(f"--data expects NAME=PATH, got {item!r}")
+        data = load_detection_data(path)
+        for name in names:
+            per_seed = [run_one(args, data_name, data, name, s) for s in seeds]
+            cost_file = Path(args.work) / data_name / name / "cost.json"
+            if not cost_file.is_file():  # timed with trained weights: an untrained head's box count is not typical
+                from safetensors.torch import load_file
+
+                model = build(name, data.classes, args.size)
+                model.load_state_dict(
+                    load_file(Path(args.work) / data_name / name / f"seed{seeds[0]}" / "best.safetensors")
+                )
+                atomic_write_json(cost_file, cost(model, args.size, args.latency_runs))
+            c = json.loads(cost_file.read_text())
+            mean = {k: statistics.mean(r[k] for r in per_seed) for k in per_seed[0]}
+            rows.append((data_name, name, mean, c))
+    print(f"# {args.epochs:g} epochs, batch {args.batch_size}, {args.size} px, seeds {seeds}, CPU: {cpu_name()}")
+    head = "| data | model | AP | AP50 | AP small | params (M) | MACs (G) | eager ms | ONNX RT ms | train s |"
+    print(head)
+    print("|" + "---|" * (head.count("|") - 1))
+    for data_name, name, m, c in rows:
+        onnx = f"{c['onnx_ms']:.1f}" if c["onnx_ms"] is not None else "-"
+        print(
+            f"| {data_name} | {name} | {m['AP']:.3f} | {m['AP50']:.3f} | {m['AP_small']:.3f} | {c['params_m']:.2f} "
+            f"| {c['macs_g']:.2f} | {c['eager_ms']:.1f} | {onnx} | {m['train_s']:.0f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,239 @@
+"""``mnv4 detect train | eval | predict``: object detection (docs/detection.md)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from ..errors import MNv4Error
+from . import args as A
+
+__all__ = ["register"]
+
+# Flags that map straight onto DetectConfig fields (range checks live in the config's validation).
+_FIELD_FLAGS: tuple[tuple[tuple[str, ...], str, Any, str], ...] = (
+    (("--epochs",), "epochs", float, "training epochs (with --resume: extend a run to this)"),
+    (("--lr",), "lr", float, "peak LR at the recipe's batch size"),
+    (("--micro-batch",), "micro_batch", int, "per-process batch that fits in memory; the rest is accumulated"),
+    (("--val-split",), "val_split", float, "validation fraction for datasets without a val split"),
+    (("--seed",), "seed", int, "seed for weights, data order and augmentation"),
+    (("--precision",), "precision", str, "fp32 | bf16 (CPU and CUDA) | fp16 (CUDA)"),
+    (("--head",), "head", str, "retinanet (the paper's) | ssdlite"),
+    (("--backbone-checkpoint",), "backbone_checkpoint", str, "classification weights for the backbone"),
+    (("--save-every-steps",), "save_every_steps", int, "also checkpoint every N optimizer steps"),
+)
+_RESUME_MAY_CHANGE = ("output", "workers", "device", "save_every_steps", "data_root", "epochs", "loggers")
+
+
+def _threads(args: argparse.Namespace) -> None:
+    if getattr(args, "threads", None):
+        import torch
+
+        torch.set_num_threads(args.threads)
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    from .train import _parse_set
+
+    out: dict[str, Any] = {field: getattr(args, field) for _, field, _, _ in _FIELD_FLAGS}
+    out.update(
+        data=args.data,
+        model=args.model,
+        batch_size=args.batch_size,
+        input_size=args.input_size,
+        output=args.output,
+        checkpoint=args.checkpoint,
+        workers=args.workers,
+        device=args.device,
+        pretrained=("default" if args.pretrained is True else args.pretrained),
+    )
+    if args.spec:
+        if out["model"]:
+            raise MNv4Error("pass either `model` or `spec`, not both")
+        out["model"] = A.read_spec(args.spec)
+    out.update(_parse_set(args.set or []))
+    return out
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from ..detect.recipes import DetectConfig, resolve_detect_config
+    from ..detect.train import train_detector
+    from ..train.config import load_config_file
+    from ..train.distributed import teardown
+    from ..train.runs import exit_code, find_resume, resumed_train_config
+
+    overrides = _overrides(args)
+    resume = find_resume(args.resume, args.output) if args.resume else None
+    if resume is not None:
+        from_file = load_config_file(args.config) if args.config else {}
+        requested = {**from_file, **overrides, "recipe": args.recipe}
+        cfg = resumed_train_config(resume, requested, _RESUME_MAY_CHANGE, DetectConfig)
+    else:
+        cfg = resolve_detect_config(args.recipe, args.config, **overrides)
+    try:
+        result = train_detector(
+            cfg, resume, max_steps=args.max_steps, progress=False if args.no_progress else None, exist_ok=args.exist_ok
+        )
+    finally:
+        teardown()
+    if result.stopped_early:  # the trainer said where and why, and how to continue
+        return exit_code(result.stop_reason)
+    s = result.summary
+    if not s:  # a non-zero rank under torchrun
+        return 0
+    print(
+        f"{s['head']} {s['model']} on {s['dataset']}: best val AP {s['val_AP']:.3f} AP50 {s['val_AP50']:.3f} "
+        f"(epoch {s['best_epoch']}, {s['best_weights']} weights), {s['wall_seconds']:.0f} s"
+    )
+    print(f"run folder: {result.run_dir}  (best detector: {s['best_checkpoint']})")
+    if s["skipped_images"]:
+        print(f"skipped {s['skipped_images']} unreadable image(s) (listed above)")
+    if cfg.data in (None, "digits"):
+        print("next: train on your own boxes with `mnv4 detect train --data PATH` (a COCO, VOC or YOLO folder)")
+    return 0
+
+
+def _load(args: argparse.Namespace):
+    from ..detect.factory import load_detector
+    from ..train.distributed import pick_device
+
+    device = pick_device(args.device)
+    _threads(args)
+    if not Path(args.checkpoint).is_file():
+        raise MNv4Error(f"`checkpoint` {args.checkpoint}: no such file; pass a detector .safetensors")
+    return load_detector(args.checkpoint).to(device).eval(), device
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from ..data.images import BadImageLog
+    from ..detect.data import load_detection_data
+    from ..detect.evaluate import evaluate_detector
+    from ..detect.metrics import plot_pr_curve
+
+    det, device = _load(args)
+    data = load_detection_data(args.data, classes=det.classes, val_fraction=args.val_split, seed=args.seed)
+    records = data.split(args.split)
+    bad = BadImageLog()
+    metrics, _ = evaluate_detector(
+        det,
+        records,
+        det.classes,
+        det.image_size,
+        device=device,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        bad=bad,
+    )
+    out = Path(args.output) if args.output else Path(Path(args.checkpoint).with_suffix("").as_posix() + "-pr.png")
+    plot_pr_curve(metrics, det.classes, out, title=f"{data.name} {args.split}: AP {metrics.AP:.3f}")
+    human = sys.stderr if args.json else sys.stdout
+    print(
+        f"{data.name} {args.split} ({metrics.num_images} images, {metrics.num_boxes} boxes): AP {metrics.AP:.3f}  "
+        f"AP50 {metrics.AP50:.3f}  AP75 {metrics.AP75:.3f}  AP small {metrics.AP_small:.3f}; PR curve: {out}",
+        file=human,
+    )
+    if bad:
+        print(f"mnv4: {bad.summary()}", file=sys.stderr)
+    if args.json:
+        print(json.dumps({**metrics.as_dict(), "split": args.split, "dataset": data.name, "pr_curve": str(out)}))
+    return 0
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from ..data.images import BadImageLog, find_images
+    from ..detect.evaluate import predict_records
+    from ..detect.predict import draw_predictions, prediction_rows, write_rows
+
+    if not 0.0 <= args.score_threshold <= 1.0:
+        raise MNv4Error(f"`score_threshold` {args.score_threshold} is invalid: must be within 0 and 1")
+    paths = find_images(args.images)
+    if not paths:
+        raise MNv4Error("no image files found in the given folders")
+    det, device = _load(args)
+    records = _records(paths)
+    bad = BadImageLog()
+    preds = predict_records(
+        det, records, det.image_size, device=device, batch_size=args.batch_size, workers=args.workers, bad=bad
+    )
+    rows = prediction_rows(records, preds, det.classes, args.score_threshold)
+    write_rows(rows, args.format, args.output)
+    if args.save_images:
+        saved = draw_predictions(records, preds, det.classes, args.score_threshold, args.save_images)
+        print(f"drew boxes on {saved} image(s) in {args.save_images}", file=sys.stderr)
+    if bad:
+        print(f"mnv4: {bad.summary()}", file=sys.stderr)
+    if all(p is None for p in preds):
+        raise MNv4Error("no image could be read, nothing was predicted")
+    return 0
+
+
+def _records(paths: list[Path]):
+    import numpy as np
+
+    from ..detect.formats import DetRecord
+
+    empty, none = np.zeros((0, 4), np.float32), np.zeros((0,), np.int64)
+    return [DetRecord(str(p), 0, 0, empty, none, image_id=i + 1) for i, p in enumerate(paths)]
+
+
+def _data_flags(p: argparse.ArgumentParser, default: str | None) -> None:
+    p.add_argument("--data", default=default, help="a COCO / VOC / YOLO dataset folder, or digits (the built-in set)")
+
+
+def register(sub) -> None:
+    from .train import add_run_control
+
+    group = sub.add_group("detect", help="object detection: train, evaluate and run detectors (docs/detection.md)")
+
+    p = group.add_parser(
+        "train",
+        help="train a detector; default: the built-in digits set in a few minutes",
+        epilog="Config fields without a flag of their own: --set FIELD=VALUE (e.g. --set head_options='{width: 128}').",
+    )
+    _data_flags(p, None)
+    p.add_argument("--recipe", default=None, help="detect-digits (default) | detect-small | detect-paper")
+    p.add_argument("--config", default=None, help="YAML/JSON file of config fields (applied after the recipe)")
+    A.add_model(p, help="backbone (see `mnv4 models`) or detector name; default: mnv4_conv_small", positional=False)
+    A.add_spec(p)
+    A.add_weights(p, checkpoint_help="a saved detector to continue training from (fine-tuning)")
+    A.add_input_size(p, help="square input side the images are letterboxed to (default: the recipe's)")
+    A.add_batch_size(p, None, help="global effective batch (default: the recipe's)")
+    A.add_output(p, help="run folder (default: runs/detect-HEAD-MODEL-DATA, suffixed when taken)")
+    A.add_device(p, default=None)
+    A.add_workers(p, default=None)
+    for flags, field, typ, text in _FIELD_FLAGS:
+        p.add_argument(*flags, dest=field, type=typ, default=None, help=text)
+    p.add_argument("--set", action="append", metavar="FIELD=VALUE", help="override any config field (repeatable)")
+    add_run_control(p, "continue a run (no value: --output's, else the newest under runs/)")
+    A.add_progress(p)
+    p.set_defaults(func=_cmd_train, _field_fallback="--set {}")
+
+    p = group.add_parser("eval", help="COCO AP, AP50, AP75, AP small/medium/large and a PR-curve PNG")
+    p.add_argument("--checkpoint", required=True, help="a detector .safetensors (a run's best.safetensors)")
+    _data_flags(p, "digits")
+    p.add_argument("--split", default="val", choices=("train", "val", "test"), help="which split to evaluate")
+    p.add_argument("--val-split", type=float, default=0.2, help="as in training, for datasets without a val split")
+    p.add_argument("--seed", type=int, default=0, help="split seed, as in training")
+    A.add_batch_size(p, 16)
+    A.add_workers(p)
+    A.add_device(p)
+    A.add_threads(p)
+    A.add_output(p, help="PR-curve PNG (default: next to the checkpoint)")
+    p.add_argument("--json", action="store_true", help="print the metrics as one JSON object (other lines: stderr)")
+    p.set_defaults(func=_cmd_eval)
+
+    p = group.add_parser("predict", help="boxes for image files or folders, in original-image pixels")
+    p.add_argument("images", nargs="+", help="image files or folders (searched recursively)")
+    p.add_argument("--checkpoint", required=True, help="a detector .safetensors")
+    p.add_argument("--score-threshold", type=float, default=0.3, help="keep boxes scoring at least this")
+    p.add_argument("--format", default="jsonl", choices=("jsonl", "csv"), help="one JSON object per image, or CSV")
+    A.add_output(p, help="write the boxes to this file (default: stdout)")
+    p.add_argument("--save-images", default=None, metavar="DIR", help="also write each image with its boxes drawn")
+    A.add_batch_size(p, 8)
+    A.add_workers(p)
+    A.add_device(p)
+    A.add_threads(p)
+    p.set_defaults(func=_cmd_predict)
