@@ -62,8 +62,46 @@ def _cmd_label(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_frozen(args: argparse.Namespace) -> int:
+    from ..distill.frozen import FrozenConfig, frozen_teacher
+
+    cfg = FrozenConfig(
+        teacher=args.teacher,
+        data=args.data,
+        out=args.output,
+        teacher_checkpoint=args.teacher_checkpoint,
+        input_size=args.input_size,
+        views=args.views,
+        aug=args.aug,
+        crop_min=args.crop_min,
+        weight_decay=args.head_wd,
+        batch_size=args.batch_size or 64,
+        workers=args.workers or 0,
+        seed=args.seed or 0,
+        cache=args.feature_cache,
+        data_root=args.data_root,
+    )
+    res = frozen_teacher(cfg, progress=False if args.no_progress else None)
+    s = res.summary
+    val = s.get("val")
+    quality = (
+        f"val top-1 {val['top1']:.2f}% (mean top probability {val['mean_max_prob']:.3f})"
+        if val
+        else f"train top-1 {s['train']['top1']:.2f}% (no val/ folder)"
+    )
+    print(
+        f"teacher {args.teacher} with a fitted head at {s['input_size']} px: {quality}; features "
+        f"{s['features_seconds']:.0f} s, head {s['fit_seconds']:.1f} s"
+    )
+    print(f"teacher weights: {res.teacher_file}  (use it as --teacher)")
+    return 0
+
+
 def _cmd_finetune(args: argparse.Namespace) -> int:
     from ..distill.finetune import finetune_teacher
+
+    if args.mode == "frozen":
+        return _cmd_frozen(args)
     from ..train.distributed import teardown
 
     overrides = {
@@ -209,6 +247,7 @@ def _add_finetune(g) -> None:
     p.add_argument("--data", required=True, help="labelled folder (train/ and val/, or class folders) or built-in")
     A.add_output(p, help="run folder; its best.safetensors is the teacher", default="runs/teacher")
     A.add_input_size(p, help="resolution to fine-tune and label at (default: the teacher's own)")
+    _add_frozen_options(p)
     p.add_argument("--epochs", type=float, default=None, help="default: the finetune recipe's")
     p.add_argument("--lr", type=float, default=None, help="peak LR (default: the finetune recipe's)")
     A.add_batch_size(p, None, help="batch size (default: the finetune recipe's)")
@@ -221,3 +260,34 @@ def _add_finetune(g) -> None:
     A.add_loggers(p)
     A.add_progress(p)
     p.set_defaults(func=_cmd_finetune)
+
+
+def _add_frozen_options(p) -> None:
+    """``--mode frozen``: a head fitted on the frozen teacher's cached pooled features."""
+    p.add_argument(
+        "--mode",
+        choices=("full", "frozen"),
+        default="full",
+        help="full: train the whole network; frozen: fit a linear head on cached pooled features (minutes)",
+    )
+    p.add_argument(
+        "--views",
+        type=A.nonneg_int,
+        default=2,
+        metavar="K",
+        help="frozen: augmented views per training image besides the un-augmented one",
+    )
+    p.add_argument(
+        "--aug",
+        default="inception-randaug-l2m5",
+        choices=("inception-randaug-l2m9", "inception-randaug-l2m5", "none"),
+        help="frozen: augmentation of the extra views",
+    )
+    p.add_argument("--crop-min", type=A.positive_float, default=None, metavar="F", help="frozen: smallest crop area")
+    p.add_argument("--head-wd", type=float, default=1e-3, metavar="L", help="frozen: L2 penalty of the head")
+    p.add_argument(
+        "--feature-cache",
+        default=None,
+        metavar="DIR",
+        help="frozen: folder of cached teacher features (default OUTPUT/features; reruns reuse them)",
+    )

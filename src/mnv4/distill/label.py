@@ -88,10 +88,7 @@ class LabelConfig:
         return self
 
     def policy(self) -> AugPolicy:
-        policy = get_policy(self.aug)
-        if self.crop_min is not None and policy.crop:
-            policy = dataclasses.replace(policy, crop_scale=(self.crop_min, policy.crop_scale[1]))
-        return policy
+        return get_policy(self.aug, self.crop_min)
 
 
 @dataclass
