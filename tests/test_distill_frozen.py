@@ -11,9 +11,10 @@ from mnv4.cli import main
 from mnv4.distill import frozen
 from mnv4.distill.frozen import FrozenConfig, cached_features, fit_linear_head
 from mnv4.distill.sources import open_source, to_uint8
-from mnv4.distill.teachers import load_teacher
+from mnv4.distill.teachers import load_teacher, save_teacher
+from mnv4.models.registry import Preprocess
 
-from .distill_helpers import make_folder
+from .distill_helpers import COLORS, make_folder
 
 timm = pytest.importorskip("timm")
 
@@ -110,3 +111,28 @@ def test_frozen_teacher_file_labels_evaluates_and_matches_its_summary(tmp_path, 
     assert manifest["records"] == 30 and manifest["teacher"]["arch"] == "test_efficientnet"
     assert manifest["teacher_check"]["top1"] == pytest.approx(summary["train"]["top1"])
     assert main(["eval", "--checkpoint", str(run / "best.safetensors"), "--data", str(photos)]) == 0
+
+
+def test_ensemble_file_averages_its_members_probabilities(tmp_path, capsys):
+    files = []
+    for i, pp in enumerate([Preprocess(32, 1.0, "bicubic"), Preprocess(40, 0.9, "bilinear", (0.5,) * 3, (0.5,) * 3)]):
+        torch.manual_seed(i)
+        net = timm.create_model("test_efficientnet", num_classes=3)
+        with torch.no_grad():
+            net.get_classifier().weight.mul_(40)  # confident, distinct members: averaging is visible
+        files.append(str(save_teacher(net, tmp_path / f"t{i}.safetensors", "timm", "test_efficientnet", pp, COLORS)))
+    assert main(["distill", "finetune", "--ensemble", *files, "-o", str(tmp_path / "ens")]) == 0
+    assert "ensemble of 2 teachers" in capsys.readouterr().out
+    ens = load_teacher(str(tmp_path / "ens" / "best.safetensors"))
+    assert ens.identity["family"] == "ensemble" and ens.class_names == list(COLORS) and ens.input_size == 40
+
+    images = torch.randint(0, 256, (5, 3, 40, 40), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    members = [load_teacher(f) for f in files]
+    want = torch.stack([m.probs(images) for m in members]).mean(0)
+    # a member alone resizes uint8 (rounded), inside the ensemble float: inputs up to a grey level apart,
+    # which these deliberately over-confident members turn into a few 1e-3 of probability
+    torch.testing.assert_close(ens.probs(images), want, atol=6e-3, rtol=0)
+    assert not torch.allclose(members[0].probs(images), members[1].probs(images), atol=0.1)
+
+    assert main(["distill", "finetune", "--ensemble", files[0], "-o", str(tmp_path / "one")]) == 2
+    assert "at least two" in capsys.readouterr().err

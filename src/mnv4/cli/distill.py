@@ -97,9 +97,26 @@ def _cmd_frozen(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_ensemble(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from ..distill.ensemble import save_ensemble
+
+    out = Path(args.output) / "best.safetensors"
+    path = save_ensemble(args.ensemble, out)
+    print(f"ensemble of {len(args.ensemble)} teachers (probabilities averaged): {path}  (use it as --teacher)")
+    return 0
+
+
 def _cmd_finetune(args: argparse.Namespace) -> int:
     from ..distill.finetune import finetune_teacher
 
+    if args.ensemble:
+        return _cmd_ensemble(args)
+    if not args.teacher or not args.data:
+        from ..errors import MNv4Error
+
+        raise MNv4Error("`teacher` and `data` are required (or --ensemble FILE FILE ... to join teacher files)")
     if args.mode == "frozen":
         return _cmd_frozen(args)
     from ..train.distributed import teardown
@@ -242,9 +259,16 @@ def _add_finetune(g) -> None:
         "finetune",
         help="fine-tune a non-MobileNetV4 teacher (EfficientNet-Lite, timm, torchvision) on labelled images",
     )
-    p.add_argument("--teacher", required=True, help="efficientnet-lite0|1|2, timm:NAME or torchvision:NAME")
+    p.add_argument("--teacher", default=None, help="efficientnet-lite0|1|2, timm:NAME or torchvision:NAME")
     p.add_argument("--teacher-checkpoint", default=None, metavar="PATH", help="weights for --teacher")
-    p.add_argument("--data", required=True, help="labelled folder (train/ and val/, or class folders) or built-in")
+    p.add_argument("--data", default=None, help="labelled folder (train/ and val/, or class folders) or built-in")
+    p.add_argument(
+        "--ensemble",
+        nargs="+",
+        default=None,
+        metavar="FILE",
+        help="instead of training: join these teacher files into one teacher (probabilities averaged) in OUTPUT",
+    )
     A.add_output(p, help="run folder; its best.safetensors is the teacher", default="runs/teacher")
     A.add_input_size(p, help="resolution to fine-tune and label at (default: the teacher's own)")
     _add_frozen_options(p)
