@@ -45,6 +45,7 @@ def _cmd_label(args: argparse.Namespace) -> int:
         device=args.device,
         check_images=args.check_images,
         data_root=args.data_root,
+        engine=args.engine,
     )
     try:
         res = label(cfg, progress=False if args.no_progress else None, max_shards=args.max_shards)
@@ -211,6 +212,13 @@ def _add_label(g) -> None:
     A.add_output(p, help="folder for the shards and manifest.json (a killed run continues there)")
     _add_label_storage(p)
     A.add_batch_size(p, 64, help="images per teacher batch")
+    p.add_argument(
+        "--engine",
+        default="auto",
+        choices=("auto", "eager", "onnxruntime", "openvino"),
+        help="where the teacher runs: auto takes the first installed runtime (OpenVINO, ONNX Runtime) whose "
+        "probabilities match eager PyTorch's on a few images, else eager",
+    )
     A.add_workers(p)
     A.add_device(p)
     A.add_threads(p)

@@ -34,6 +34,7 @@ from ..errors import MNv4Error, check_choice, check_float, check_int
 from ..files import DirLock, atomic_write_json, file_sha256, remove_orphan_temps
 from ..threads import sample_threads
 from .augment import POLICIES, AugPolicy, augment, get_policy, mixing_partner
+from .engines import ENGINES, accelerate
 from .jpeg import jpeg_roundtrip
 from .shards import ShardRecord, encode_probs, record_key, shard_name, write_shard
 from .sources import ImageSource, map_classes, open_source, to_uint8
@@ -68,9 +69,11 @@ class LabelConfig:
     device: str = "auto"
     check_images: int = 2000  # teacher top-1 on this many un-augmented labelled images first; 0: skip
     data_root: str | None = None
+    engine: str = "eager"  # auto | eager | onnxruntime | openvino (mnv4.distill.engines); not in the records' identity
 
     def validate(self) -> LabelConfig:
         check_choice("aug", self.aug, POLICIES)
+        check_choice("engine", self.engine, ENGINES)
         if self.crop_min is not None:
             check_float("crop_min", self.crop_min, 0.0, 1.0, lo_open=True)
         check_int("replicas", self.replicas, 1)
@@ -320,6 +323,11 @@ def label(
     if problem is not None:
         lock.release()
         raise MNv4Error(problem)
+    try:
+        teacher = accelerate(teacher, cfg.engine, _engine_sample(source, teacher), say)[0]
+    except BaseException:
+        lock.release()
+        raise
     job = _Job(cfg, info, say, out, source, policy, teacher, size, ident, progress, t0)
     try:
         return _label(job, max_shards)
@@ -331,6 +339,18 @@ def label(
         raise
     finally:
         lock.release()
+
+
+def _engine_sample(source: ImageSource, teacher: Teacher, n: int = 8) -> torch.Tensor:
+    """Up to ``n`` readable images in the teacher's evaluation view: the engine parity check's inputs."""
+    views = []
+    for i in range(min(len(source), 4 * n)):
+        image = source.load(i)
+        if not isinstance(image, BadImage):
+            views.append(teacher.view(to_uint8(image)))
+        if len(views) == n:
+            break
+    return torch.stack(views)
 
 
 def resume_command(cfg: LabelConfig) -> str:
