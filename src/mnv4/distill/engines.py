@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib.util
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -81,6 +82,7 @@ def accelerate(
         raise MNv4Error(f"`engine` {engine}: not installed (pip install 'mnv4[{_EXTRA[engine]}]')")
     want = teacher.probs(sample)
     for name in tries:
+        t0 = time.perf_counter()
         try:
             fast = _converted(teacher, name, teacher.model_input(sample))
             diff = float((fast.probs(sample) - want).abs().max())
@@ -89,7 +91,10 @@ def accelerate(
             problem = f"cannot run this teacher ({type(e).__name__}: {first})"
         else:
             if diff <= tolerance:
-                say(f"teacher runs on {name}: probabilities within {diff:.1e} of eager PyTorch on {len(sample)} images")
+                say(
+                    f"teacher runs on {name}: probabilities within {diff:.1e} of eager PyTorch on {len(sample)} "
+                    f"images (export and check {time.perf_counter() - t0:.0f} s)"
+                )
                 return fast, name
             problem = f"probabilities differ from eager PyTorch by {diff:.1e} (> {tolerance:g})"
         if engine != "auto":

@@ -323,11 +323,14 @@ def label(
     if problem is not None:
         lock.release()
         raise MNv4Error(problem)
+    job_teacher = teacher
     try:
         teacher = accelerate(teacher, cfg.engine, _engine_sample(source, teacher), say)[0]
     except BaseException:
         lock.release()
         raise
+    if teacher is not job_teacher:
+        t0 = time.perf_counter()  # images/s counts labelling, not the one-off export (accelerate reports it)
     job = _Job(cfg, info, say, out, source, policy, teacher, size, ident, progress, t0)
     try:
         return _label(job, max_shards)
