@@ -126,7 +126,7 @@ def teacher_stage(args, root: Path, kind: str) -> dict:
             progress=False,
             epochs=args.teacher_epochs,
             lr=args.teacher_lr,
-            batch_size=64,
+            batch_size=args.teacher_batch,
             warmup_epochs=0.3,
             workers=args.workers,
             seed=0,
@@ -402,6 +402,7 @@ def _parse():
     ap.add_argument("--teacher-size", type=int, default=128, help="the fine-tuned teacher's resolution")
     ap.add_argument("--teacher-epochs", type=float, default=3)
     ap.add_argument("--teacher-lr", type=float, default=5e-4)
+    ap.add_argument("--teacher-batch", type=int, default=64)
     ap.add_argument("--frozen-views", type=int, default=2, help="augmented views of the frozen teacher's features")
     ap.add_argument("--replicas", type=int, default=4, help="passes of D1 and D2 over the labelled images")
     ap.add_argument("--crop-min", type=float, default=0.35, help="smallest Inception-crop area (32 px photos)")
@@ -429,7 +430,8 @@ def _parse():
     args.smoke_images = 0
     if args.smoke:  # 6 images per class, 60 from the pool, a handful of steps
         args.smoke_images = 6
-        args.teacher_epochs, args.replicas, args.frozen_views = 0.3, 1, 1
+        args.teacher_epochs, args.replicas, args.frozen_views = 1, 1, 1
+        args.batch = args.teacher_batch = 8
     return args
 
 

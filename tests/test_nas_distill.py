@@ -14,9 +14,10 @@ from mnv4.distill.label import LabelConfig, label
 from mnv4.distill.teachers import Teacher
 from mnv4.errors import MNv4Error
 from mnv4.models.registry import Preprocess
-from mnv4.nas.search import STATE, SearchConfig, SearchStopped, search
+from mnv4.nas.search import STATE, SearchStopped, search
 
 from .nas_common import tiny_digits, tiny_space
+from .test_nas_search import _cfg as search_cfg
 
 QUIET = dict(progress=False, log=lambda m: None)
 
@@ -42,23 +43,9 @@ def _soft_labels(tmp_path, name: str, scale: float) -> str:
 
 
 def _cfg(tmp_path, name, distill, **kw):
-    base = dict(
-        data="digits",
-        output=str(tmp_path / name),
-        space="tiny",
-        hardware="pixel6_cpu",
-        target_macs=0.15,
-        epochs=0.5,
-        batch_size=32,
-        lr=5e-3,
-        warmup_epochs=0.1,
-        eval_subnets=0,
-        calib_batches=1,
-        save_every_steps=5,
-        distill=tuple(distill),
-    )
-    base.update(kw)
-    return SearchConfig(**base)
+    """The plain search tests' settings, shorter (soft-label epochs are large), on ``distill``."""
+    base = dict(epochs=0.5, warmup_epochs=0.1, eval_subnets=0, distill=tuple(distill))
+    return search_cfg(tmp_path, name, **{**base, **kw})
 
 
 @pytest.mark.slow
