@@ -137,6 +137,7 @@ def teacher_stage(args, root: Path, kind: str) -> dict:
 
         _log(f"[teacher] {root.name}: frozen {args.teacher} features + fitted head, {args.frozen_views} views")
         cfg = FrozenConfig(args.teacher, str(root), str(out), views=args.frozen_views, crop_min=args.crop_min)
+        cfg = dataclasses.replace(cfg, engine=args.engine)
         path = frozen_teacher(dataclasses.replace(cfg, workers=args.workers), progress=False).teacher_file
     top1, confidence = teacher_quality(path, root / "val")
     info = {"kind": kind, "file": str(path), "val_top1": top1, "mean_max_prob": confidence}

@@ -9,7 +9,8 @@ import torch
 
 from mnv4.cli import main
 from mnv4.distill import frozen
-from mnv4.distill.frozen import FrozenConfig, cached_features, fit_linear_head
+from mnv4.distill.engines import parity_sample
+from mnv4.distill.frozen import FrozenConfig, cached_features, feature_extractor, fit_linear_head
 from mnv4.distill.sources import open_source, to_uint8
 from mnv4.distill.teachers import load_teacher, save_teacher
 from mnv4.models.registry import Preprocess
@@ -136,3 +137,20 @@ def test_ensemble_file_averages_its_members_probabilities(tmp_path, capsys):
 
     assert main(["distill", "finetune", "--ensemble", files[0], "-o", str(tmp_path / "one")]) == 2
     assert "at least two" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_features_on_onnxruntime_equal_eager_features_and_share_the_cache(tmp_path, timm_weights):
+    pytest.importorskip("onnxruntime")
+    photos = make_folder(tmp_path / "photos", per_class=3)
+    teacher = load_teacher("timm:test_efficientnet", timm_weights, input_size=32)
+    source = open_source(photos)
+    cfg = FrozenConfig("timm:test_efficientnet", str(photos), str(tmp_path / "run"), batch_size=4)
+    eager, _ = cached_features(teacher, source, None, cfg, tmp_path / "eager", progress=False)
+    said: list[str] = []
+    fast = feature_extractor(teacher, "onnxruntime", parity_sample(source, teacher), said.append)
+    assert fast.identity["engine"] == "onnxruntime" and said[0].startswith("teacher runs on onnxruntime: features")
+    got, _ = cached_features(fast, source, None, cfg, tmp_path / "fast", progress=False)
+    torch.testing.assert_close(got, eager, rtol=1e-4, atol=1e-5)
+    # the cache is keyed by teacher, data and view, not by the route: both runs wrote the same file name
+    assert [p.name for p in (tmp_path / "eager").iterdir()] == [p.name for p in (tmp_path / "fast").iterdir()]

@@ -81,6 +81,7 @@ def _cmd_frozen(args: argparse.Namespace) -> int:
         seed=args.seed or 0,
         cache=args.feature_cache,
         data_root=args.data_root,
+        engine=args.engine,
     )
     res = frozen_teacher(cfg, progress=False if args.no_progress else None)
     s = res.summary
@@ -317,6 +318,12 @@ def _add_frozen_options(p) -> None:
     )
     p.add_argument("--crop-min", type=A.positive_float, default=None, metavar="F", help="frozen: smallest crop area")
     p.add_argument("--head-wd", type=float, default=1e-3, metavar="L", help="frozen: L2 penalty of the head")
+    p.add_argument(
+        "--engine",
+        default="auto",
+        choices=("auto", "eager", "onnxruntime", "openvino"),
+        help="frozen: where the teacher computes its features (as for `distill label`)",
+    )
     p.add_argument(
         "--feature-cache",
         default=None,

@@ -19,15 +19,29 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..data.images import BadImage
 from ..errors import MNv4Error, check_choice
+from .sources import ImageSource, to_uint8
 from .teachers import Teacher
 
-__all__ = ["ENGINES", "accelerate", "available_engines"]
+__all__ = ["ENGINES", "accelerate", "available_engines", "parity_sample"]
 
 ENGINES = ("auto", "eager", "onnxruntime", "openvino")
 # runtime -> (module that must be importable, artefact file name); auto tries them in this order
 _RUNTIMES = {"openvino": ("openvino", "teacher.xml"), "onnxruntime": ("onnxruntime", "teacher.onnx")}
 _EXTRA = {"openvino": "openvino", "onnxruntime": "onnx"}
+
+
+def parity_sample(source: ImageSource, teacher: Teacher, n: int = 8) -> torch.Tensor:
+    """Up to ``n`` readable images of ``source`` in the teacher's evaluation view: the parity check's inputs."""
+    views = []
+    for i in range(min(len(source), 4 * n)):
+        image = source.load(i)
+        if not isinstance(image, BadImage):
+            views.append(teacher.view(to_uint8(image)))
+        if len(views) == n:
+            break
+    return torch.stack(views)
 
 
 def available_engines() -> list[str]:
@@ -67,10 +81,12 @@ def accelerate(
     sample: torch.Tensor,
     say: Callable[[str], None] = print,
     tolerance: float = 1e-4,
+    outputs: str = "probabilities",
 ) -> tuple[Teacher, str]:
     """(the teacher on ``engine``, the engine used): ``auto`` takes the first installed runtime that
     passes the parity check on ``sample`` (uint8 images [N, 3, H, W]); a named runtime that is missing
-    or fails the check is an error, so a user who asked for it knows."""
+    or fails the check is an error, so a user who asked for it knows. ``outputs="features"`` checks raw
+    outputs (a feature extractor's) relative to their largest magnitude instead of probabilities."""
     check_choice("engine", engine, ENGINES)
     if engine == "eager":
         return teacher, "eager"
@@ -80,23 +96,28 @@ def accelerate(
     tries = available_engines() if engine == "auto" else [engine]
     if engine != "auto" and engine not in available_engines():
         raise MNv4Error(f"`engine` {engine}: not installed (pip install 'mnv4[{_EXTRA[engine]}]')")
-    want = teacher.probs(sample)
+
+    def out(t: Teacher) -> torch.Tensor:
+        return t.probs(sample) if outputs == "probabilities" else t.logits(sample).cpu()
+
+    want = out(teacher)
+    scale = 1.0 if outputs == "probabilities" else max(float(want.abs().max()), 1e-12)
     for name in tries:
         t0 = time.perf_counter()
         try:
             fast = _converted(teacher, name, teacher.model_input(sample))
-            diff = float((fast.probs(sample) - want).abs().max())
+            diff = float((out(fast) - want).abs().max()) / scale
         except Exception as e:  # a network the exporter cannot take: eager still can
             first = (str(e).splitlines() or [""])[0][:120]
             problem = f"cannot run this teacher ({type(e).__name__}: {first})"
         else:
             if diff <= tolerance:
                 say(
-                    f"teacher runs on {name}: probabilities within {diff:.1e} of eager PyTorch on {len(sample)} "
+                    f"teacher runs on {name}: {outputs} within {diff:.1e} of eager PyTorch on {len(sample)} "
                     f"images (export and check {time.perf_counter() - t0:.0f} s)"
                 )
                 return fast, name
-            problem = f"probabilities differ from eager PyTorch by {diff:.1e} (> {tolerance:g})"
+            problem = f"{outputs} differ from eager PyTorch by {diff:.1e} (> {tolerance:g})"
         if engine != "auto":
             raise MNv4Error(f"`engine` {name}: {problem}; use --engine eager")
         say(f"teacher engine {name}: {problem}; trying the next")

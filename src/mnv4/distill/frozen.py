@@ -30,11 +30,20 @@ from ..errors import MNv4Error, check_float, check_int
 from ..files import atomic_write_json
 from ..threads import sample_threads
 from .augment import AugPolicy, augment, get_policy
+from .engines import accelerate, parity_sample
 from .finetune import _replace_classifier
 from .sources import ImageSource, open_source, to_uint8
 from .teachers import Teacher, load_teacher, save_teacher
 
-__all__ = ["FrozenConfig", "FrozenResult", "frozen_teacher", "cached_features", "pooled_features", "fit_linear_head"]
+__all__ = [
+    "FrozenConfig",
+    "FrozenResult",
+    "frozen_teacher",
+    "cached_features",
+    "pooled_features",
+    "feature_extractor",
+    "fit_linear_head",
+]
 
 _VIEW_SALT = 0xF0E5  # keeps the views' seeds apart from the labelling records'
 
@@ -57,6 +66,7 @@ class FrozenConfig:
     workers: int = 0
     seed: int = 0
     cache: str | None = None  # feature cache folder; default OUT/features
+    engine: str = "eager"  # where the features are computed: auto | eager | onnxruntime | openvino
     data_root: str | None = None
 
     def validate(self) -> FrozenConfig:
@@ -89,6 +99,8 @@ def _classifier(model: nn.Module) -> nn.Linear:
 @torch.inference_mode()
 def pooled_features(teacher: Teacher, images: torch.Tensor) -> torch.Tensor:
     """uint8 images [B, 3, S, S] at the teacher's resolution -> float32 [B, D]: the classifier's input."""
+    if getattr(teacher, "pooled", False):  # a feature extractor (see feature_extractor): its output
+        return teacher.logits(images).flatten(1).cpu()
     seen: list[torch.Tensor] = []
     hook = _classifier(teacher.model).register_forward_pre_hook(lambda m, args: seen.append(args[0]))
     try:
@@ -96,6 +108,23 @@ def pooled_features(teacher: Teacher, images: torch.Tensor) -> torch.Tensor:
     finally:
         hook.remove()
     return seen[-1].float().flatten(1).cpu()
+
+
+def feature_extractor(teacher: Teacher, engine: str, sample: torch.Tensor, say=print) -> Teacher:
+    """The teacher's network up to its classifier (the classifier made an identity), on the fastest
+    ``engine`` whose features match eager PyTorch's (mnv4.distill.engines); same identity, so the same
+    feature cache."""
+    import copy
+
+    net = copy.deepcopy(teacher.model)
+    name = next(n for n, m in reversed(list(net.named_modules())) if m is _classifier(net))
+    parent = net.get_submodule(name.rpartition(".")[0]) if "." in name else net
+    setattr(parent, name.rpartition(".")[2], nn.Identity())
+    width = _classifier(teacher.model).in_features
+    plain = Teacher(net, teacher.preprocess, None, dict(teacher.identity, num_classes=width))
+    fast = accelerate(plain, engine, sample, say, outputs="features")[0]
+    fast.pooled = True
+    return fast
 
 
 class _Views(Dataset):
@@ -201,6 +230,10 @@ def fit_linear_head(
     return head
 
 
+def _quiet(msg: str) -> None:
+    pass
+
+
 def _val_source(cfg: FrozenConfig) -> ImageSource | None:
     val = Path(cfg.data) / "val"
     return open_source(val) if val.is_dir() else None
@@ -229,9 +262,11 @@ def frozen_teacher(cfg: FrozenConfig, progress: bool | None = None) -> FrozenRes
     out = Path(cfg.out)
     cache = Path(cfg.cache) if cfg.cache else out / "features"
     labels = torch.tensor(train.labels, dtype=torch.int64)
+    say = print if progress is not False else _quiet
+    features = feature_extractor(teacher, cfg.engine, parity_sample(train, teacher), say)
     xs, ys = [], []
     for view in [None, *range(cfg.views)]:
-        x, idx = cached_features(teacher, train, view, cfg, cache, progress)
+        x, idx = cached_features(features, train, view, cfg, cache, progress)
         xs.append(x)
         ys.append(labels[idx])
     t_features = time.perf_counter() - t0
@@ -248,7 +283,7 @@ def frozen_teacher(cfg: FrozenConfig, progress: bool | None = None) -> FrozenRes
     }
     val = _val_source(cfg)
     if val is not None:
-        vx, vidx = cached_features(teacher, val, None, cfg, cache, progress)
+        vx, vidx = cached_features(features, val, None, cfg, cache, progress)
         vlabels = torch.tensor([train.class_names.index(val.class_names[c]) for c in val.labels])
         summary["val"] = _scores(head, vx, vlabels[vidx])
     _install_head(teacher.model, family, head)

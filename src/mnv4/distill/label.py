@@ -34,7 +34,7 @@ from ..errors import MNv4Error, check_choice, check_float, check_int
 from ..files import DirLock, atomic_write_json, file_sha256, remove_orphan_temps
 from ..threads import sample_threads
 from .augment import POLICIES, AugPolicy, augment, get_policy, mixing_partner
-from .engines import ENGINES, accelerate
+from .engines import ENGINES, accelerate, parity_sample
 from .jpeg import jpeg_roundtrip
 from .shards import ShardRecord, encode_probs, record_key, shard_name, write_shard
 from .sources import ImageSource, map_classes, open_source, to_uint8
@@ -325,7 +325,7 @@ def label(
         raise MNv4Error(problem)
     job_teacher = teacher
     try:
-        teacher = accelerate(teacher, cfg.engine, _engine_sample(source, teacher), say)[0]
+        teacher = accelerate(teacher, cfg.engine, parity_sample(source, teacher), say)[0]
     except BaseException:
         lock.release()
         raise
@@ -342,18 +342,6 @@ def label(
         raise
     finally:
         lock.release()
-
-
-def _engine_sample(source: ImageSource, teacher: Teacher, n: int = 8) -> torch.Tensor:
-    """Up to ``n`` readable images in the teacher's evaluation view: the engine parity check's inputs."""
-    views = []
-    for i in range(min(len(source), 4 * n)):
-        image = source.load(i)
-        if not isinstance(image, BadImage):
-            views.append(teacher.view(to_uint8(image)))
-        if len(views) == n:
-            break
-    return torch.stack(views)
 
 
 def resume_command(cfg: LabelConfig) -> str:
