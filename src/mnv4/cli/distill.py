@@ -213,13 +213,7 @@ def _add_label(g) -> None:
     A.add_output(p, help="folder for the shards and manifest.json (a killed run continues there)")
     _add_label_storage(p)
     A.add_batch_size(p, 64, help="images per teacher batch")
-    p.add_argument(
-        "--engine",
-        default="auto",
-        choices=("auto", "eager", "onnxruntime", "openvino"),
-        help="where the teacher runs: auto takes the first installed runtime (OpenVINO, ONNX Runtime) whose "
-        "probabilities match eager PyTorch's on a few images, else eager",
-    )
+    _add_engine(p, "where the teacher runs")
     A.add_workers(p)
     A.add_device(p)
     A.add_threads(p)
@@ -295,6 +289,16 @@ def _add_finetune(g) -> None:
     p.set_defaults(func=_cmd_finetune)
 
 
+def _add_engine(p, what: str) -> None:
+    p.add_argument(
+        "--engine",
+        default="auto",
+        choices=("auto", "eager", "onnxruntime", "openvino"),  # mnv4.distill.engines.ENGINES, not imported here
+        help=f"{what}: auto takes the first installed runtime (OpenVINO, ONNX Runtime) whose outputs match eager "
+        "PyTorch's on a few images, else eager",
+    )
+
+
 def _add_frozen_options(p) -> None:
     """``--mode frozen``: a head fitted on the frozen teacher's cached pooled features."""
     p.add_argument(
@@ -318,12 +322,7 @@ def _add_frozen_options(p) -> None:
     )
     p.add_argument("--crop-min", type=A.positive_float, default=None, metavar="F", help="frozen: smallest crop area")
     p.add_argument("--head-wd", type=float, default=1e-3, metavar="L", help="frozen: L2 penalty of the head")
-    p.add_argument(
-        "--engine",
-        default="auto",
-        choices=("auto", "eager", "onnxruntime", "openvino"),
-        help="frozen: where the teacher computes its features (as for `distill label`)",
-    )
+    _add_engine(p, "frozen: where the teacher computes its features")
     p.add_argument(
         "--feature-cache",
         default=None,

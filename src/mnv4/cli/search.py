@@ -152,13 +152,7 @@ def register(sub) -> None:
     p.add_argument(
         "--fine-expand", action="store_true", help="the fine stage also searches expansions (paper: fixed at 4)"
     )
-    p.add_argument(
-        "--distill",
-        action="append",
-        metavar="DIR",
-        help="soft-label dataset (mnv4 distill label) to train the super-network on; repeat to mix several",
-    )
-    p.add_argument("--mix", default=None, metavar="R1:R2", help="mixing ratio of the --distill datasets (e.g. 1:1:2)")
+    A.add_soft_labels(p, "the super-network")
     A.add_input_size(p, help="search resolution (default: the dataset's own, else 224)")
     A.add_batch_size(p, None, help="super-network batch (default 64)")
     A.add_output(p, help="result folder (default: runs/search-DATA, suffixed -2, -3... when taken)")
