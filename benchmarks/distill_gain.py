@@ -404,7 +404,7 @@ def _parse():
     ap.add_argument("--teacher-epochs", type=float, default=3)
     ap.add_argument("--teacher-lr", type=float, default=5e-4)
     ap.add_argument("--teacher-batch", type=int, default=64)
-    ap.add_argument("--frozen-views", type=int, default=2, help="augmented views of the frozen teacher's features")
+    ap.add_argument("--frozen-views", type=int, default=0, help="augmented views of the frozen teacher's features")
     ap.add_argument("--replicas", type=int, default=4, help="passes of D1 and D2 over the labelled images")
     ap.add_argument("--crop-min", type=float, default=0.35, help="smallest Inception-crop area (32 px photos)")
     ap.add_argument("--engine", default="auto", help="where the labelling teacher runs (distill label --engine)")

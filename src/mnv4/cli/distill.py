@@ -310,7 +310,7 @@ def _add_frozen_options(p) -> None:
     p.add_argument(
         "--views",
         type=A.nonneg_int,
-        default=2,
+        default=0,
         metavar="K",
         help="frozen: augmented views per training image besides the un-augmented one",
     )
@@ -321,7 +321,7 @@ def _add_frozen_options(p) -> None:
         help="frozen: augmentation of the extra views",
     )
     p.add_argument("--crop-min", type=A.positive_float, default=None, metavar="F", help="frozen: smallest crop area")
-    p.add_argument("--head-wd", type=float, default=1e-3, metavar="L", help="frozen: L2 penalty of the head")
+    p.add_argument("--head-wd", type=float, default=0.3, metavar="L", help="frozen: L2 penalty of the head")
     _add_engine(p, "frozen: where the teacher computes its features")
     p.add_argument(
         "--feature-cache",

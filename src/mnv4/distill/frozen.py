@@ -57,10 +57,10 @@ class FrozenConfig:
     out: str
     teacher_checkpoint: str | None = None
     input_size: int | None = None
-    views: int = 2  # augmented views per training image, besides the un-augmented one
+    views: int = 0  # augmented views per training image, besides the un-augmented one
     aug: str = "inception-randaug-l2m5"
     crop_min: float | None = None
-    weight_decay: float = 1e-3
+    weight_decay: float = 0.3  # the best of 1e-3 ... 10 on cifar10-mini, 50 labels per class (docs/distillation.md)
     max_iter: int = 300
     batch_size: int = 64
     workers: int = 0
@@ -162,6 +162,13 @@ def _view_key(teacher: Teacher, source: ImageSource, view: int | None, cfg: Froz
     }
 
 
+def _cache_entry(
+    teacher: Teacher, source: ImageSource, view: int | None, cfg: FrozenConfig, cache: Path
+) -> tuple[dict[str, Any], Path]:
+    key = json.loads(json.dumps(_view_key(teacher, source, view, cfg)))  # as it reads back (tuples -> lists)
+    return key, cache / f"{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]}.safetensors"
+
+
 def cached_features(
     teacher: Teacher,
     source: ImageSource,
@@ -174,8 +181,7 @@ def cached_features(
     an earlier run computed them with the same teacher, data and view, else computed and stored there."""
     from ..weights.io import read_checkpoint, write_safetensors
 
-    key = json.loads(json.dumps(_view_key(teacher, source, view, cfg)))  # as it reads back (tuples -> lists)
-    path = cache / f"{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]}.safetensors"
+    key, path = _cache_entry(teacher, source, view, cfg, cache)
     if path.is_file():
         tensors, meta = read_checkpoint(path)
         if meta == key:
@@ -263,7 +269,11 @@ def frozen_teacher(cfg: FrozenConfig, progress: bool | None = None) -> FrozenRes
     cache = Path(cfg.cache) if cfg.cache else out / "features"
     labels = torch.tensor(train.labels, dtype=torch.int64)
     say = print if progress is not False else _quiet
-    features = feature_extractor(teacher, cfg.engine, parity_sample(train, teacher), say)
+    val = _val_source(cfg)
+    wanted = [(train, v) for v in [None, *range(cfg.views)]] + ([(val, None)] if val is not None else [])
+    cached = all(_cache_entry(teacher, s, v, cfg, cache)[1].is_file() for s, v in wanted)
+    engine = "eager" if cached else cfg.engine  # every feature is cached: no export needed
+    features = feature_extractor(teacher, engine, parity_sample(train, teacher), say)
     xs, ys = [], []
     for view in [None, *range(cfg.views)]:
         x, idx = cached_features(features, train, view, cfg, cache, progress)
@@ -281,7 +291,6 @@ def frozen_teacher(cfg: FrozenConfig, progress: bool | None = None) -> FrozenRes
         "feature_dim": int(x.shape[1]),
         "train": _scores(head, xs[0], ys[0]),
     }
-    val = _val_source(cfg)
     if val is not None:
         vx, vidx = cached_features(features, val, None, cfg, cache, progress)
         vlabels = torch.tensor([train.class_names.index(val.class_names[c]) for c in val.labels])
