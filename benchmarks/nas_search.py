@@ -62,11 +62,17 @@ class Cache:
         atomic_write_json(self.path, self.data)
 
 
-def run_search(args, name: str, one_stage: bool, out: Path, cache: Cache) -> dict:
+def run_search(args, name: str, one_stage: bool, out: Path, cache: Cache, distill: tuple[str, ...] = ()) -> dict:
     key = f"search:{name}"
     if cache.get(key):
         return cache.get(key)
     folder = out / f"search-{name}"
+    epochs = args.search_epochs
+    if distill:  # the same number of steps as the hard-label searches: an epoch is all the soft-label records
+        from mnv4.distill import SoftLabelSet
+
+        records = sum(len(SoftLabelSet(d)) for d in distill)
+        epochs = args.search_epochs * (1 - 0.2) * len(load_data(args.data).train) / records
     cfg = SearchConfig(
         data=args.data,
         output=str(folder),
@@ -74,8 +80,10 @@ def run_search(args, name: str, one_stage: bool, out: Path, cache: Cache) -> dic
         hardware=args.hardware,
         target_like="mnv4_conv_small",
         resolution=args.input_size,
-        epochs=args.search_epochs,
+        epochs=epochs,
         one_stage=one_stage,
+        distill=tuple(distill),
+        mix=args.mix if distill else None,
         batch_size=64,
         lr=2e-3,
         reward_batch=128,
@@ -141,7 +149,7 @@ def supernet_accuracies(search_row: dict, archs: list[str], data, args, space) -
     net.load_state_dict(load_file(str(Path(search_row["folder"]) / "supernet.safetensors")))
     pp = Preprocess(input_size=args.input_size, crop_pct=1.0, interpolation="bilinear")
     tf = eval_transform(pp)
-    calib = HeldOutSet(torch.utils.data.Subset(data.train, range(256)), tf)
+    calib = HeldOutSet(torch.utils.data.Subset(data.train, range(min(256, len(data.train)))), tf)
     val = HeldOutSet(data.val, tf)
     return {c: subnet_accuracy(net, space.from_string(c), calib, val, 64)[0] for c in archs}
 
@@ -187,6 +195,14 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--output", default="runs/nas-bench")
+    ap.add_argument(
+        "--distill",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="soft-label dataset(s) of the data's images (mnv4 distill label): adds a two-stage search on them",
+    )
+    ap.add_argument("--mix", default=None, help="mixing ratio of the --distill datasets (e.g. 1:1:2)")
     args = ap.parse_args()
     args.data = os.path.normpath(args.data)
     torch.set_num_threads(args.threads)
@@ -223,6 +239,8 @@ def main() -> None:
     # 2. searches
     two = run_search(args, "two_stage", False, out, cache)
     one = run_search(args, "one_stage", True, out, cache)
+    soft = run_search(args, "soft_labels", False, out, cache, tuple(args.distill)) if args.distill else None
+    searches = [("two_stage", two), ("one_stage", one)] + ([("soft_labels", soft)] if soft else [])
 
     # 3. random architectures within +-10% of T0
     if not cache.get("random"):
@@ -239,17 +257,18 @@ def main() -> None:
     randoms = cache.get("random")["archs"]
 
     # 4. standalone training
-    print(f"training {2 + len(randoms)} architectures standalone for {args.train_epochs:g} epochs each")
+    found = [row["compact"] for _, row in searches]
+    print(f"training {len(found) + len(randoms)} architectures standalone for {args.train_epochs:g} epochs each")
     acc = {}
-    for c in [two["compact"], one["compact"]] + [r["compact"] for r in randoms]:
+    for c in found + [r["compact"] for r in randoms]:
         acc[c] = train_standalone(args, c, data, out, cache)["val_top1_final"]
 
     # 5. super-network accuracy vs standalone accuracy
-    sampled = [r["compact"] for r in randoms] + [two["compact"], one["compact"]]
+    sampled = list(dict.fromkeys([r["compact"] for r in randoms] + found))
     taus = {}
-    for name, row in (("two_stage", two), ("one_stage", one)):
+    for name, row in searches:
         key = f"supernet_acc:{name}"
-        if not cache.get(key):
+        if not cache.get(key) or set(sampled) - set(cache.get(key)):  # a later run may add the soft-label arm
             cache.put(key, supernet_accuracies(row, sampled, data, args, space))
         sn = cache.get(key)
         taus[name] = kendall([sn[c] for c in sampled], [acc[c] for c in sampled])
@@ -271,6 +290,7 @@ def main() -> None:
     print(f"{'architecture':<100} {'kind':<10} {'cost':>8} {'top-1':>7} {'SN-2st':>7} {'SN-1st':>7}")
     sn2, sn1 = cache.get("supernet_acc:two_stage"), cache.get("supernet_acc:one_stage")
     rows = [("two-stage", two["compact"], two["cost"]), ("one-stage", one["compact"], one["cost"])]
+    rows += [("soft", soft["compact"], soft["cost"])] if soft else []
     rows += [("random", r["compact"], r["cost"]) for r in randoms]
     for kind, c, cost in rows:
         print(f"{c:<100} {kind:<10} {cost:>8.4g} {acc[c]:>7.2f} {sn2[c]:>7.2f} {sn1[c]:>7.2f}")
@@ -315,7 +335,14 @@ def main() -> None:
     print(
         f"Kendall tau (super-network vs standalone accuracy, {len(sampled)} models): two-stage super-network "
         f"{taus['two_stage']:+.2f}, one-stage super-network {taus['one_stage']:+.2f}"
+        + (f", soft-label super-network {taus['soft_labels']:+.2f}" if soft else "")
     )
+    if soft:
+        print(
+            f"soft-label search ({', '.join(args.distill)}, mix {args.mix or 'equal'}): found "
+            f"{acc[soft['compact']]:.2f}% standalone vs two-stage on hard labels {acc[two['compact']]:.2f}%; "
+            f"cost {100 * soft['cost_error']:+.1f}% of T0; {soft['wall_seconds'] / 60:.1f} min"
+        )
     print(
         f"search wall time: two-stage {two['wall_seconds'] / 60:.1f} min, one-stage "
         f"{one['wall_seconds'] / 60:.1f} min; this invocation {(time.perf_counter() - t_all) / 60:.1f} min"

@@ -247,7 +247,7 @@ DISTILL_SEARCH_CASES = [
     ),
     (
         ["search", "--data", "digits", "--target-macs", "50", "--distill", "{t}/d", "-o", "{t}/o"],
-        "searching on soft-label datasets (--distill) is not implemented yet",
+        "no such soft-label dataset folder",
     ),
     # unsafe or damaged weights, wherever weights are read
     (["predict", "{t}/photos", "--checkpoint", "{t}/unsafe.pt"], "it is a pickle that needs print to load"),

@@ -17,7 +17,7 @@ from .nas_common import tiny_space
         (["--data", "digits", "--target-macs", "1", "--space", "xl"], "unknown search space"),
         (["--data", "digits", "--target-macs", "1", "--hardware", "pixel9"], "--hardware"),
         (["--data", "digits", "--target-macs", "1", "--beta", "0.5"], "--beta"),
-        (["--data", "digits", "--target-macs", "1", "--distill", "x"], "--distill"),
+        (["--data", "digits", "--target-macs", "1", "--distill", "x"], "no such soft-label dataset folder: x"),
         # 32 px digits: the space's cheapest to dearest architectures cost about 0.43-1.3 ms on this model
         (["--data", "digits", "--hardware", "pixel6_cpu", "--target-ms", "2.4"], "out of reach: space s costs about"),
         (["--data", "digits", "--target-macs", "1"], "the target 1 MMACs is out of reach"),

@@ -120,7 +120,8 @@ def test_one_stage_search_learns_every_decision_jointly(tmp_path):
         (dict(beta=0.1), "beta"),
         (dict(epochs=0), "epochs"),
         (dict(reward_split=0.95), "reward_split"),
-        (dict(distill=("soft",)), "distill"),
+        (dict(distill=("soft",)), "no such soft-label dataset folder: soft"),
+        (dict(mix="1:2"), "mix"),
     ],
 )
 def test_bad_settings_fail_before_any_work(tmp_path, kw, match):

@@ -220,6 +220,17 @@ def add_loggers(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_soft_labels(parser: argparse.ArgumentParser, trains: str) -> None:
+    """``--distill DIR`` (repeatable) and ``--mix``: soft-label folders that ``trains`` learns from."""
+    parser.add_argument(
+        "--distill",
+        action="append",
+        metavar="DIR",
+        help=f"soft-label folder from `mnv4 distill label` that {trains} learns from (repeat to mix several)",
+    )
+    parser.add_argument("--mix", default=None, metavar="R1:R2:...", help="shares of the --distill folders per batch")
+
+
 def add_progress(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--no-progress", action="store_true", help="no progress bars (they only show on a terminal anyway)"

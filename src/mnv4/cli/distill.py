@@ -45,6 +45,7 @@ def _cmd_label(args: argparse.Namespace) -> int:
         device=args.device,
         check_images=args.check_images,
         data_root=args.data_root,
+        engine=args.engine,
     )
     try:
         res = label(cfg, progress=False if args.no_progress else None, max_shards=args.max_shards)
@@ -62,8 +63,64 @@ def _cmd_label(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_frozen(args: argparse.Namespace) -> int:
+    from ..distill.frozen import FrozenConfig, frozen_teacher
+
+    cfg = FrozenConfig(
+        teacher=args.teacher,
+        data=args.data,
+        out=args.output,
+        teacher_checkpoint=args.teacher_checkpoint,
+        input_size=args.input_size,
+        views=args.views,
+        aug=args.aug,
+        crop_min=args.crop_min,
+        weight_decay=args.head_wd,
+        batch_size=args.batch_size or 64,
+        workers=args.workers or 0,
+        seed=args.seed or 0,
+        cache=args.feature_cache,
+        data_root=args.data_root,
+        engine=args.engine,
+    )
+    res = frozen_teacher(cfg, progress=False if args.no_progress else None)
+    s = res.summary
+    val = s.get("val")
+    quality = (
+        f"val top-1 {val['top1']:.2f}% (mean top probability {val['mean_max_prob']:.3f})"
+        if val
+        else f"train top-1 {s['train']['top1']:.2f}% (no val/ folder)"
+    )
+    print(
+        f"teacher {args.teacher} with a fitted head at {s['input_size']} px: {quality}; features "
+        f"{s['features_seconds']:.0f} s, head {s['fit_seconds']:.1f} s"
+    )
+    print(f"teacher weights: {res.teacher_file}  (use it as --teacher)")
+    return 0
+
+
+def _cmd_ensemble(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from ..distill.ensemble import save_ensemble
+
+    out = Path(args.output) / "best.safetensors"
+    path = save_ensemble(args.ensemble, out)
+    print(f"ensemble of {len(args.ensemble)} teachers (probabilities averaged): {path}  (use it as --teacher)")
+    return 0
+
+
 def _cmd_finetune(args: argparse.Namespace) -> int:
     from ..distill.finetune import finetune_teacher
+
+    if args.ensemble:
+        return _cmd_ensemble(args)
+    if not args.teacher or not args.data:
+        from ..errors import MNv4Error
+
+        raise MNv4Error("`teacher` and `data` are required (or --ensemble FILE FILE ... to join teacher files)")
+    if args.mode == "frozen":
+        return _cmd_frozen(args)
     from ..train.distributed import teardown
 
     overrides = {
@@ -156,6 +213,7 @@ def _add_label(g) -> None:
     A.add_output(p, help="folder for the shards and manifest.json (a killed run continues there)")
     _add_label_storage(p)
     A.add_batch_size(p, 64, help="images per teacher batch")
+    _add_engine(p, "where the teacher runs")
     A.add_workers(p)
     A.add_device(p)
     A.add_threads(p)
@@ -204,11 +262,19 @@ def _add_finetune(g) -> None:
         "finetune",
         help="fine-tune a non-MobileNetV4 teacher (EfficientNet-Lite, timm, torchvision) on labelled images",
     )
-    p.add_argument("--teacher", required=True, help="efficientnet-lite0|1|2, timm:NAME or torchvision:NAME")
+    p.add_argument("--teacher", default=None, help="efficientnet-lite0|1|2, timm:NAME or torchvision:NAME")
     p.add_argument("--teacher-checkpoint", default=None, metavar="PATH", help="weights for --teacher")
-    p.add_argument("--data", required=True, help="labelled folder (train/ and val/, or class folders) or built-in")
+    p.add_argument("--data", default=None, help="labelled folder (train/ and val/, or class folders) or built-in")
+    p.add_argument(
+        "--ensemble",
+        nargs="+",
+        default=None,
+        metavar="FILE",
+        help="instead of training: join these teacher files into one teacher (probabilities averaged) in OUTPUT",
+    )
     A.add_output(p, help="run folder; its best.safetensors is the teacher", default="runs/teacher")
     A.add_input_size(p, help="resolution to fine-tune and label at (default: the teacher's own)")
+    _add_frozen_options(p)
     p.add_argument("--epochs", type=float, default=None, help="default: the finetune recipe's")
     p.add_argument("--lr", type=float, default=None, help="peak LR (default: the finetune recipe's)")
     A.add_batch_size(p, None, help="batch size (default: the finetune recipe's)")
@@ -221,3 +287,45 @@ def _add_finetune(g) -> None:
     A.add_loggers(p)
     A.add_progress(p)
     p.set_defaults(func=_cmd_finetune)
+
+
+def _add_engine(p, what: str) -> None:
+    p.add_argument(
+        "--engine",
+        default="auto",
+        choices=("auto", "eager", "onnxruntime", "openvino"),  # mnv4.distill.engines.ENGINES, not imported here
+        help=f"{what}: auto takes the first installed runtime (OpenVINO, ONNX Runtime) whose outputs match eager "
+        "PyTorch's on a few images, else eager",
+    )
+
+
+def _add_frozen_options(p) -> None:
+    """``--mode frozen``: a head fitted on the frozen teacher's cached pooled features."""
+    p.add_argument(
+        "--mode",
+        choices=("full", "frozen"),
+        default="full",
+        help="full: train the whole network; frozen: fit a linear head on cached pooled features (minutes)",
+    )
+    p.add_argument(
+        "--views",
+        type=A.nonneg_int,
+        default=0,
+        metavar="K",
+        help="frozen: augmented views per training image besides the un-augmented one",
+    )
+    p.add_argument(
+        "--aug",
+        default="inception-randaug-l2m5",
+        choices=("inception-randaug-l2m9", "inception-randaug-l2m5", "none"),
+        help="frozen: augmentation of the extra views",
+    )
+    p.add_argument("--crop-min", type=A.positive_float, default=None, metavar="F", help="frozen: smallest crop area")
+    p.add_argument("--head-wd", type=float, default=0.3, metavar="L", help="frozen: L2 penalty of the head")
+    _add_engine(p, "frozen: where the teacher computes its features")
+    p.add_argument(
+        "--feature-cache",
+        default=None,
+        metavar="DIR",
+        help="frozen: folder of cached teacher features (default OUTPUT/features; reruns reuse them)",
+    )

@@ -45,6 +45,7 @@ def _config(args: argparse.Namespace):
         one_stage=args.one_stage,
         fine_expand=args.fine_expand,
         distill=tuple(args.distill or ()),
+        mix=args.mix,
     )
     for field in ("batch_size", "threads", "workers", "device"):
         if getattr(args, field) is not None:
@@ -151,7 +152,7 @@ def register(sub) -> None:
     p.add_argument(
         "--fine-expand", action="store_true", help="the fine stage also searches expansions (paper: fixed at 4)"
     )
-    p.add_argument("--distill", action="append", metavar="DIR", help="soft-label dataset to train the super-network on")
+    A.add_soft_labels(p, "the super-network")
     A.add_input_size(p, help="search resolution (default: the dataset's own, else 224)")
     A.add_batch_size(p, None, help="super-network batch (default 64)")
     A.add_output(p, help="result folder (default: runs/search-DATA, suffixed -2, -3... when taken)")

@@ -246,13 +246,7 @@ def register(sub) -> None:
     for flags, field, typ, text in _FIELD_FLAGS:
         p.add_argument(*flags, dest=field, type=typ, default=None, help=text)
     p.add_argument("--set", action="append", metavar="FIELD=VALUE", help="override any config field (repeatable)")
-    p.add_argument(
-        "--distill",
-        action="append",
-        metavar="DIR",
-        help="soft-label folder from `mnv4 distill label` (repeat to mix; implies --recipe distill)",
-    )
-    p.add_argument("--mix", default=None, metavar="R1:R2:...", help="shares of the --distill folders per batch")
+    A.add_soft_labels(p, "the student (implies --recipe distill)")
     p.add_argument("--teacher", default=None, help="online distillation from this live teacher (as distill label)")
     A.add_loggers(p)
     p.add_argument("--channels-last", action="store_true", help="channels_last memory format")

@@ -16,6 +16,7 @@ the same whichever worker makes it, in the first run or after a resume.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from dataclasses import dataclass
@@ -71,8 +72,12 @@ POLICIES: dict[str, AugPolicy] = {
 }
 
 
-def get_policy(name: str) -> AugPolicy:
-    return POLICIES[check_choice("aug", name, POLICIES)]
+def get_policy(name: str, crop_min: float | None = None) -> AugPolicy:
+    """The policy ``name``; ``crop_min`` raises its smallest Inception-crop area (small images)."""
+    policy = POLICIES[check_choice("aug", name, POLICIES)]
+    if crop_min is not None and policy.crop:
+        policy = dataclasses.replace(policy, crop_scale=(crop_min, policy.crop_scale[1]))
+    return policy
 
 
 def randaug_bin(level: float) -> int:

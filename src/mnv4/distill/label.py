@@ -34,6 +34,7 @@ from ..errors import MNv4Error, check_choice, check_float, check_int
 from ..files import DirLock, atomic_write_json, file_sha256, remove_orphan_temps
 from ..threads import sample_threads
 from .augment import POLICIES, AugPolicy, augment, get_policy, mixing_partner
+from .engines import ENGINES, accelerate, parity_sample
 from .jpeg import jpeg_roundtrip
 from .shards import ShardRecord, encode_probs, record_key, shard_name, write_shard
 from .sources import ImageSource, map_classes, open_source, to_uint8
@@ -68,9 +69,11 @@ class LabelConfig:
     device: str = "auto"
     check_images: int = 2000  # teacher top-1 on this many un-augmented labelled images first; 0: skip
     data_root: str | None = None
+    engine: str = "eager"  # auto | eager | onnxruntime | openvino (mnv4.distill.engines); not in the records' identity
 
     def validate(self) -> LabelConfig:
         check_choice("aug", self.aug, POLICIES)
+        check_choice("engine", self.engine, ENGINES)
         if self.crop_min is not None:
             check_float("crop_min", self.crop_min, 0.0, 1.0, lo_open=True)
         check_int("replicas", self.replicas, 1)
@@ -88,10 +91,7 @@ class LabelConfig:
         return self
 
     def policy(self) -> AugPolicy:
-        policy = get_policy(self.aug)
-        if self.crop_min is not None and policy.crop:
-            policy = dataclasses.replace(policy, crop_scale=(self.crop_min, policy.crop_scale[1]))
-        return policy
+        return get_policy(self.aug, self.crop_min)
 
 
 @dataclass
@@ -323,6 +323,14 @@ def label(
     if problem is not None:
         lock.release()
         raise MNv4Error(problem)
+    job_teacher = teacher
+    try:
+        teacher = accelerate(teacher, cfg.engine, parity_sample(source, teacher), say)[0]
+    except BaseException:
+        lock.release()
+        raise
+    if teacher is not job_teacher:
+        t0 = time.perf_counter()  # images/s counts labelling, not the one-off export (accelerate reports it)
     job = _Job(cfg, info, say, out, source, policy, teacher, size, ident, progress, t0)
     try:
         return _label(job, max_shards)

@@ -343,10 +343,15 @@ def load_teacher(
         sd, cfg = read_checkpoint(path)
         if cfg and cfg.get("format") == TEACHER_FORMAT:
             family, arch = str(cfg.get("family")), str(cfg.get("arch"))
-            if family not in _FAMILIES:
+            if family == "ensemble":
+                from .ensemble import build_ensemble
+
+                built = build_ensemble(sd, cfg, str(path), input_size)
+            elif family not in _FAMILIES:
                 raise MNv4Error(f"{name}: unknown teacher family {family!r}")
-            pp = Preprocess.from_dict(cfg["preprocess"]) if isinstance(cfg.get("preprocess"), dict) else None
-            built = _FAMILIES[family](arch, sd, str(path), cfg.get("class_names"), input_size, pp=pp)
+            else:
+                pp = Preprocess.from_dict(cfg["preprocess"]) if isinstance(cfg.get("preprocess"), dict) else None
+                built = _FAMILIES[family](arch, sd, str(path), cfg.get("class_names"), input_size, pp=pp)
         else:
             built = _build_mnv4(None, str(path), input_size)
         spec = str(path)

@@ -108,7 +108,8 @@ class SearchConfig:
     device: str = "auto"
     threads: int = 1  # threads of the latency measurements (local table, measured latency)
     latency_table: str | None = None  # where the local table is cached (default ~/.cache/mnv4/latency)
-    distill: tuple[str, ...] = ()
+    distill: tuple[str, ...] = ()  # soft-label datasets the shared weights learn from (mnv4.nas.soft_labels)
+    mix: str | None = None  # their mixing ratio, as for a distilled student (None: equal shares)
     save_every_steps: int = 200
 
     def validated(self) -> SearchConfig:
@@ -148,12 +149,12 @@ class SearchConfig:
             check_int("resolution", self.resolution, 16)
         if self.reward_batch is not None:
             check_int("reward_batch", self.reward_batch, 1)
+        if self.mix is not None and not self.distill:
+            raise InvalidValue("mix", self.mix, "it mixes soft-label datasets; give them with `distill`")
         if self.distill:
-            raise MNv4Error(
-                "searching on soft-label datasets (`distill`) is not implemented yet; search on the labelled "
-                "images (`data`), then distil the spec found with `mnv4 train --spec SPEC --distill DIR` "
-                "(docs/nas.md, 'Distillation')"
-            )
+            from ..data.sampling import parse_mix
+
+            parse_mix(self.mix, len(self.distill))  # a bad ratio fails before any data is read
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -353,7 +354,8 @@ class SuperNetTrainer(Trainer):
         self.resolution = pp.input_size
         self.num_classes = len(self.data.class_names)
         self.reward_set = HeldOutSet(self.data.val, eval_transform(pp))
-        calib = Subset(self.data.train, range(min(len(self.data.train), cfg.calib_batches * cfg.batch_size)))
+        images = self.calib_images()
+        calib = Subset(images, range(min(len(images), cfg.calib_batches * cfg.batch_size)))
         self.calib_set = HeldOutSet(calib, eval_transform(pp))
         total = self.plan.total_steps
         if cfg.one_stage:
@@ -363,6 +365,10 @@ class SuperNetTrainer(Trainer):
             if coarse >= total:
                 raise InvalidValue("epochs", cfg.epochs, f"gives {total} step(s), too few for two stages; raise it")
             self.stages = [StagePlan("coarse", 0, coarse), StagePlan("fine", coarse, total - coarse)]
+
+    def calib_images(self) -> Dataset:
+        """Labelled (PIL image, label) items whose images recalibrate BatchNorm for a sub-network."""
+        return self.data.train
 
     def before_step(self, step: int) -> None:
         self._enter_stage(self.stage_at(step))
@@ -657,9 +663,15 @@ def search(
         data.name, Subset(data.train, w_idx), Subset(data.train, r_idx), list(data.class_names), data.input_size
     )
     res = cfg.resolution or data.input_size or 224
+    trainer_class = SuperNetTrainer
+    if cfg.distill:
+        from .soft_labels import SoftLabelSuperNetTrainer, soft_label_bundle
+
+        trainer_class = SoftLabelSuperNetTrainer
+        data = soft_label_bundle(cfg, split)[0]  # the soft labels' classes set the network's outputs
     cost_model = _cost_model(cfg, res, len(data.class_names), info, progress, log)
     _check_reachable(cfg, cost_model)
-    trainer = SuperNetTrainer(cfg, split, cost_model, progress, log)
+    trainer = trainer_class(cfg, split, cost_model, progress, log)
     return trainer.run(resume=out / LAST if resume else None, max_steps=max_steps)
 
 
