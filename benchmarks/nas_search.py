@@ -43,7 +43,8 @@ from mnv4.host import cpu_name  # noqa: E402
 from mnv4.models.registry import Preprocess, get_entry  # noqa: E402
 from mnv4.nas import get_space, spec_from_string  # noqa: E402
 from mnv4.nas.cost import LatencyTable, get_cost_model  # noqa: E402
-from mnv4.nas.search import HeldOutSet, SearchConfig, SearchStopped, search, subnet_accuracy  # noqa: E402
+from mnv4.nas.run import search  # noqa: E402
+from mnv4.nas.search import HeldOutSet, SearchConfig, SearchStopped, subnet_accuracy  # noqa: E402
 from mnv4.nas.supernet import SuperNet  # noqa: E402
 from mnv4.train import resolve_config  # noqa: E402
 from mnv4.train.trainer import train  # noqa: E402

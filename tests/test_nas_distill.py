@@ -14,7 +14,8 @@ from mnv4.distill.label import LabelConfig, label
 from mnv4.distill.teachers import Teacher
 from mnv4.errors import MNv4Error
 from mnv4.models.registry import Preprocess
-from mnv4.nas.search import STATE, SearchStopped, search
+from mnv4.nas.run import search
+from mnv4.nas.search import STATE, SearchStopped
 
 from .nas_common import tiny_digits, tiny_space
 from .test_nas_search import _cfg as search_cfg

@@ -8,7 +8,8 @@ from mnv4 import create_model
 from mnv4.errors import MNv4Error
 from mnv4.models.specs import ModelSpec, UIBSpec
 from mnv4.nas import spec_from_string
-from mnv4.nas.search import STATE, SearchConfig, SearchStopped, search
+from mnv4.nas.run import search
+from mnv4.nas.search import STATE, SearchConfig, SearchStopped
 
 from .nas_common import tiny_digits, tiny_space
 

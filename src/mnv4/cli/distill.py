@@ -102,10 +102,10 @@ def _cmd_frozen(args: argparse.Namespace) -> int:
 def _cmd_ensemble(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from ..distill.ensemble import save_ensemble
+    from ..distill.teachers import save_ensemble_teacher
 
     out = Path(args.output) / "best.safetensors"
-    path = save_ensemble(args.ensemble, out)
+    path = save_ensemble_teacher(args.ensemble, out)
     print(f"ensemble of {len(args.ensemble)} teachers (probabilities averaged): {path}  (use it as --teacher)")
     return 0
 

@@ -84,7 +84,8 @@ def _cmd_search(args: argparse.Namespace) -> int:
     if args.show_space:
         print(get_space(args.space).describe())
         return 0
-    from ..nas.search import SearchStopped, search
+    from ..nas.run import search
+    from ..nas.search import SearchStopped
     from ..train.distributed import teardown
     from ..train.runs import exit_code
 

@@ -10,6 +10,7 @@ the log of the averaged probabilities, so the softmax that every consumer applie
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,11 +32,11 @@ _RAW = Preprocess(224, 1.0, "bilinear", (0.0, 0.0, 0.0), (1 / 255, 1 / 255, 1 / 
 class EnsembleNet(nn.Module):
     """0-255 float images -> log of the members' mean probabilities."""
 
-    def __init__(self, members: list[nn.Module], preprocess: list[Preprocess]) -> None:
+    def __init__(self, members: list[nn.Module], preprocess: list[Preprocess], num_classes: int) -> None:
         super().__init__()
         self.members = nn.ModuleList(members)
         self.preprocess_of = list(preprocess)
-        self.num_classes = int(_num_classes(members[0], preprocess[0]))
+        self.num_classes = int(num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         probs = []
@@ -50,16 +51,10 @@ class EnsembleNet(nn.Module):
         return torch.stack(probs).mean(0).clamp_min(1e-30).log()
 
 
-def _num_classes(net: nn.Module, pp: Preprocess) -> int:
-    from .teachers import _num_outputs
-
-    return _num_outputs(net, pp)
-
-
-def save_ensemble(files: list[str | os.PathLike], path: str | os.PathLike) -> Path:
-    """Write the teacher files ``files`` (from ``distill finetune``, either mode) as one ensemble teacher file."""
+def save_ensemble(files: list[str | os.PathLike], path: str | os.PathLike, teacher_format: str) -> Path:
+    """Write the teacher files ``files`` (from ``distill finetune``, either mode; metadata ``format`` =
+    ``teacher_format``) as one ensemble teacher file (:func:`mnv4.distill.teachers.save_ensemble_teacher`)."""
     from ..weights.io import read_checkpoint, write_safetensors
-    from .teachers import TEACHER_FORMAT
 
     if len(files) < 2:
         raise MNv4Error("`ensemble` needs at least two teacher files")
@@ -69,7 +64,7 @@ def save_ensemble(files: list[str | os.PathLike], path: str | os.PathLike) -> Pa
         if not Path(f).is_file():
             raise MNv4Error(f"ensemble member {f}: no such file")
         sd, cfg = read_checkpoint(f)
-        if not cfg or cfg.get("format") != TEACHER_FORMAT or cfg.get("family") == "ensemble":
+        if not cfg or cfg.get("format") != teacher_format or cfg.get("family") == "ensemble":
             raise MNv4Error(f"ensemble member {f}: not a teacher file from `mnv4 distill finetune`")
         if members and cfg.get("class_names") != members[0].get("class_names"):
             raise MNv4Error(f"ensemble member {f}: its classes differ from {files[0]}'s; members must share them")
@@ -79,7 +74,7 @@ def save_ensemble(files: list[str | os.PathLike], path: str | os.PathLike) -> Pa
     first = Preprocess.from_dict(members[0]["preprocess"])
     pp = Preprocess(size, first.crop_pct, "bilinear", _RAW.mean, _RAW.std)
     cfg = {
-        "format": TEACHER_FORMAT,
+        "format": teacher_format,
         "version": 1,
         "family": "ensemble",
         "arch": "+".join(str(m["arch"]) for m in members),
@@ -91,25 +86,27 @@ def save_ensemble(files: list[str | os.PathLike], path: str | os.PathLike) -> Pa
     return write_safetensors(path, tensors, cfg)
 
 
-def build_ensemble(sd: dict[str, torch.Tensor], cfg: dict[str, Any], weights: str, input_size: int | None):
-    """The network of an ensemble file (see :func:`save_ensemble`), as the teacher loader's record."""
+def build_ensemble(
+    sd: dict[str, torch.Tensor],
+    cfg: dict[str, Any],
+    weights: str,
+    input_size: int | None,
+    build_member: Callable[[int, dict[str, Any], dict[str, torch.Tensor]], tuple[nn.Module, Preprocess, int]],
+) -> tuple[EnsembleNet, Preprocess]:
+    """The network of an ensemble file (see :func:`save_ensemble`) and its preprocessing; ``build_member(i,
+    record, weights)`` is the teacher loader's builder of one member (its network, preprocessing, classes)."""
     import dataclasses
 
-    from .teachers import _FAMILIES, _Built
-
-    nets, pps = [], []
+    nets, pps, classes = [], [], 0
     for i, m in enumerate(cfg.get("members") or []):
-        family = str(m.get("family"))
-        if family not in _FAMILIES:
-            raise MNv4Error(f"{weights}: member {i} has unknown teacher family {family!r}")
         prefix = f"m{i}."
         part = {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
-        pp = Preprocess.from_dict(m["preprocess"])
-        built = _FAMILIES[family](str(m["arch"]), part, weights, m.get("class_names"), None, pp=pp)
-        nets.append(built.model.eval())
-        pps.append(built.preprocess)
+        net, pp, n = build_member(i, m, part)
+        nets.append(net.eval())
+        pps.append(pp)
+        classes = classes or n
     if len(nets) < 2:
         raise MNv4Error(f"{weights}: an ensemble teacher file without members; write it with save_ensemble")
     pp = Preprocess.from_dict(cfg["preprocess"])
     pp = dataclasses.replace(pp, input_size=input_size or pp.input_size)
-    return _Built(EnsembleNet(nets, pps), pp, cfg.get("class_names"), "ensemble", str(cfg["arch"]), weights)
+    return EnsembleNet(nets, pps, classes), pp

@@ -344,9 +344,7 @@ def load_teacher(
         if cfg and cfg.get("format") == TEACHER_FORMAT:
             family, arch = str(cfg.get("family")), str(cfg.get("arch"))
             if family == "ensemble":
-                from .ensemble import build_ensemble
-
-                built = build_ensemble(sd, cfg, str(path), input_size)
+                built = _build_ensemble(sd, cfg, str(path), input_size)
             elif family not in _FAMILIES:
                 raise MNv4Error(f"{name}: unknown teacher family {family!r}")
             else:
@@ -422,3 +420,26 @@ def save_teacher(
         cfg["class_names"] = list(class_names)
     cfg.update(extra or {})
     return write_safetensors(path, clean_state_dict(model.state_dict()), cfg)
+
+
+def _build_ensemble(sd: dict[str, torch.Tensor], cfg: dict[str, Any], weights: str, input_size: int | None) -> _Built:
+    """An ensemble teacher file's record (mnv4.distill.ensemble), its members built by this module's families."""
+    from .ensemble import build_ensemble
+
+    def member(i: int, m: dict[str, Any], part: dict[str, torch.Tensor]) -> tuple[nn.Module, Preprocess, int]:
+        family = str(m.get("family"))
+        if family not in _FAMILIES:
+            raise MNv4Error(f"{weights}: member {i} has unknown teacher family {family!r}")
+        pp = Preprocess.from_dict(m["preprocess"])
+        built = _FAMILIES[family](str(m["arch"]), part, weights, m.get("class_names"), None, pp=pp)
+        return built.model, built.preprocess, int(_num_outputs(built.model, built.preprocess))
+
+    net, pp = build_ensemble(sd, cfg, weights, input_size, member)
+    return _Built(net, pp, cfg.get("class_names"), "ensemble", str(cfg["arch"]), weights)
+
+
+def save_ensemble_teacher(files: list[str | os.PathLike], path: str | os.PathLike) -> Path:
+    """Write the teacher files ``files`` as one ensemble teacher file (averaged probabilities)."""
+    from .ensemble import save_ensemble
+
+    return save_ensemble(files, path, TEACHER_FORMAT)

@@ -37,7 +37,6 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import Dataset, Subset
 
-from ..data.images import require_readable
 from ..data.transforms import eval_transform
 from ..errors import InvalidValue, MNv4Error, check_float, check_int
 from ..train.checkpoint import LAST
@@ -60,7 +59,6 @@ __all__ = [
     "SuperNetTrainer",
     "HeldOutSet",
     "subnet_accuracy",
-    "search",
     "STATE",
     "SPEC",
 ]
@@ -628,51 +626,6 @@ def _rng(*keys: int):
     from ..data.sampling import sample_seed
 
     return random.Random(sample_seed(*keys))
-
-
-def search(
-    cfg: SearchConfig,
-    resume: bool = False,
-    data=None,
-    max_steps: int | None = None,
-    progress: bool | None = None,
-    log=None,
-) -> SearchResult | SearchStopped:
-    """Run (or, with ``resume``, continue) a search; under torchrun every process calls this with the
-    same ``cfg``. Returns :class:`SearchStopped` when ``max_steps`` or a stop request ended it early
-    (resumable)."""
-    from ..data.datasets import DataBundle, load_data
-    from ..train.distributed import setup
-
-    cfg = cfg.validated()
-    get_space(cfg.space)  # a bad space fails before any data is read
-    out = Path(cfg.output) if cfg.output else None
-    if resume and out is None:
-        raise InvalidValue("output", None, "name the folder of the search to resume")
-    info = setup(cfg.device)
-    if data is None:
-        if info.is_main:
-            data = load_data(cfg.data, None, 0.2, cfg.seed)
-        if info.distributed:
-            dist.barrier()
-        if data is None:
-            data = load_data(cfg.data, None, 0.2, cfg.seed)
-    require_readable(lambda i: data.train[i][0], len(data.train), "training")  # before judging the target
-    w_idx, r_idx = _split(len(data.train), cfg.reward_split, cfg.seed)
-    split = DataBundle(
-        data.name, Subset(data.train, w_idx), Subset(data.train, r_idx), list(data.class_names), data.input_size
-    )
-    res = cfg.resolution or data.input_size or 224
-    trainer_class = SuperNetTrainer
-    if cfg.distill:
-        from .soft_labels import SoftLabelSuperNetTrainer, soft_label_bundle
-
-        trainer_class = SoftLabelSuperNetTrainer
-        data = soft_label_bundle(cfg, split)[0]  # the soft labels' classes set the network's outputs
-    cost_model = _cost_model(cfg, res, len(data.class_names), info, progress, log)
-    _check_reachable(cfg, cost_model)
-    trainer = trainer_class(cfg, split, cost_model, progress, log)
-    return trainer.run(resume=out / LAST if resume else None, max_steps=max_steps)
 
 
 def cost_range(space: SearchSpace, cost_model: CostModel) -> tuple[float, float]:
