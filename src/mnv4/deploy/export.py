@@ -34,6 +34,7 @@ from ..models.meta import weights_meta
 from .formats import Format
 from .fusion import fuse
 from .inputs import load_images, random_inputs
+from .layout import InputFormat
 from .parity import CRITERIA, INT8_MIN_TOP1, Criteria, ParityError, ParityReport, compare, run_batches, save_report
 from .requests import MAX_INPUT_SIZE, MIN_INPUT_SIZE, ExportRequest
 from .runners import RunOptions
@@ -187,15 +188,22 @@ def export(
     )  # fmt: skip
     calib = calib_data.float() if calib_data is not None and int8 else ins.calib
     model, weights, random_weights = _weights_to_export(model, request, input_size, calib)
+    # The artefact is fed raw inputs (layout, dtype); eager gets them converted by the graph's own
+    # arithmetic, so the check covers the conversion too.
+    fmt_in = input_format(request, model)
+    raw = fmt_in.to_raw(ins.x)
+    batch = request.batch_for(info)
     with _converter_output(progress):
-        float_ends = _write(model, info, path, request, ins.x, calib)
+        float_ends = _write(model, info, path, request, raw, None if calib is None else fmt_in.to_raw(calib), batch)
 
     report = _new_report(info, request, path, ins, weights, random_weights, float_ends)
-    reference = _eager(model, ins.x)
+    report.input_shape, report.input_format = list(raw.shape[1:]), fmt_in.describe()
+    reference = _eager(model, fmt_in.to_model(raw))
     if not info.can_run():
-        _check_structure(info, path, ins.x, reference, report)
+        _check_structure(info, path, _rows(raw, batch or 1), reference, report)
     else:
-        _check_numerics(info, path, request, ins, reference, report, _criteria(request, random_weights), progress)
+        criteria = _criteria(request, random_weights)
+        _check_numerics(info, path, request, (raw, ins.labels), batch, reference, report, criteria, progress)
     save_report(report)
     if verbose:
         print(report.summary())
@@ -230,16 +238,37 @@ def _converter_output(progress: bool | None) -> Iterator[None]:
         yield
 
 
+def input_format(request: ExportRequest, model: nn.Module) -> InputFormat:
+    """What the artefact's input is, with the normalisation of the model's weights record."""
+    pp = weights_meta(model).preprocess
+    return InputFormat(request.input_layout, request.input_dtype, tuple(pp.mean), tuple(pp.std))
+
+
+def _rows(x: torch.Tensor, n: int) -> torch.Tensor:
+    """``n`` rows of ``x``, repeating them when ``x`` has fewer."""
+    return x[torch.arange(n) % len(x)]
+
+
 def _write(
-    model: nn.Module, info: Format, path: Path, request: ExportRequest, x: torch.Tensor, calib: torch.Tensor | None
+    model: nn.Module,
+    info: Format,
+    path: Path,
+    request: ExportRequest,
+    x: torch.Tensor,
+    calib: torch.Tensor | None,
+    batch: int | None,
 ) -> bool:
-    """Fuse and write the artefact atomically; returns whether INT8 kept the stem and head in float."""
-    deploy_model = fuse(model)
+    """Fuse and write the artefact atomically (``x``, ``calib``: raw inputs; ``batch``: N, or None for
+    dynamic); returns whether INT8 kept the stem and head in float."""
+    fmt_in = input_format(request, model)
+    deploy_model = fmt_in.wrap(fuse(model), _in_chans(model))
     if request.precision == "fp16" and info.half_model:
         deploy_model = deploy_model.half()
-    example = x[:2].to(next(deploy_model.parameters()).dtype)
+    example = _rows(x, batch or 2)
+    if example.is_floating_point():
+        example = example.to(next(deploy_model.parameters()).dtype)
     float_ends = request.precision == "int8" and info.float_ends and not request.int8_all_layers
-    job = WriteJob(request.precision, calib, float_ends)
+    job = WriteJob(request.precision, calib, float_ends, dynamic_batch=batch is None)
     write_atomically(path, lambda target: info.writer(deploy_model, example, target, job))
     return float_ends
 
@@ -290,19 +319,21 @@ def _check_numerics(
     info: Format,
     path: Path,
     request: ExportRequest,
-    ins: _Inputs,
+    inputs: tuple[torch.Tensor, np.ndarray | None],
+    fixed: int | None,
     reference: np.ndarray,
     report: ParityReport,
     criteria: Criteria,
     progress: bool | None,
 ) -> None:
-    """Run the artefact in its runtime on the check's inputs and compare with eager."""
-    precision, x = request.precision, ins.x
+    """Run the artefact in its runtime on the (raw) check inputs and compare with eager; ``fixed``:
+    the artefact's fixed batch, None for dynamic."""
+    precision, (x, labels) = request.precision, inputs
     run = info.loader(path, RunOptions(request.threads, precision))
-    batch = len(x) if info.dynamic_batch else 1
-    out = run_batches(run, x.numpy(), batch, progress)
-    report.batch_sizes = sorted({1, batch} if info.dynamic_batch else {1})
-    if info.dynamic_batch and len(x) > 1:
+    batch = fixed or len(x)
+    out = run_batches(run, x.numpy(), batch, progress, fixed=fixed is not None)
+    report.batch_sizes = [fixed] if fixed else sorted({1, batch})
+    if fixed is None and len(x) > 1:
         # Dynamic batch must really be dynamic: batch 1 must give the same rows as the big batch.
         single = run_batches(run, x[:1].numpy(), 1)
         # int8 kernels may pick other blockings per batch size, so allow the format's own noise.
@@ -310,7 +341,7 @@ def _check_numerics(
         report.dynamic_batch = bool(np.abs(single - out[:1]).max() <= tol)
         if not report.dynamic_batch:
             report.failures.append("batch-1 and batched outputs differ")
-    compare(reference, out, report, criteria, ins.labels)
+    compare(reference, out, report, criteria, labels)
 
 
 def _check_structure(info: Format, path: Path, x: torch.Tensor, reference: np.ndarray, report: ParityReport) -> None:
@@ -320,7 +351,7 @@ def _check_structure(info: Format, path: Path, x: torch.Tensor, reference: np.nd
     st = report.structure = info.inspect(path)
     report.numerics_checked = False
     report.notes.append(f"numerics not checked: {info.title} cannot run here; IO shapes and ops verified")
-    report.criteria = {"inputs": "match example", "outputs": "[1, num_classes]"}
-    if st["inputs"] != [list(x[:1].shape)] or st["outputs"] != [[1, reference.shape[1]]]:
+    report.criteria = {"inputs": "match example", "outputs": "[batch, num_classes]"}
+    if st["inputs"] != [list(x.shape)] or st["outputs"] != [[len(x), reference.shape[1]]]:
         report.failures.append(f"unexpected IO shapes {st['inputs']} -> {st['outputs']}")
     report.passed = not report.failures

@@ -33,10 +33,19 @@ __all__ = [
     "litert_quantizer",
     "xnnpack_quantizer",
     "float_end_ops",
+    "calib_batches",
 ]
 
 _POOLS = {"GlobalAveragePool", "ReduceMean", "AveragePool", "AvgPool"}
 _COMPUTE = {"Conv", "Gemm", "MatMul", "Convolution", "GroupConvolution"}
+
+
+def calib_batches(calib: torch.Tensor, batch: int) -> list:
+    """The calibration set as numpy chunks of exactly ``batch`` rows (a fixed-batch artefact takes no
+    other), the last one padded with the set's first rows."""
+    n = -(-len(calib) // batch) * batch
+    padded = calib[torch.arange(n) % len(calib)]
+    return [padded[i : i + batch].numpy() for i in range(0, n, batch)]
 
 
 def float_end_ops(ops: list[tuple[str, str]]) -> list[str]:
@@ -53,7 +62,11 @@ def float_end_ops(ops: list[tuple[str, str]]) -> list[str]:
 
 
 def quantize_onnx(
-    fp32_path: str | os.PathLike, out_path: str | os.PathLike, calib: torch.Tensor, float_ends: bool = True
+    fp32_path: str | os.PathLike,
+    out_path: str | os.PathLike,
+    calib: torch.Tensor,
+    float_ends: bool = True,
+    batch: int = 1,
 ) -> None:
     """Static QDQ INT8 of an fp32 ONNX model (``float_ends``: see the module docstring)."""
     try:
@@ -67,7 +80,7 @@ def quantize_onnx(
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
-            self.items = iter(calib[i : i + 1].numpy() for i in range(len(calib)))
+            self.items = iter(calib_batches(calib, batch))
 
         def get_next(self):
             x = next(self.items, None)
@@ -92,18 +105,19 @@ def quantize_onnx(
         )
 
 
-def quantize_openvino(ov_model, calib: torch.Tensor, float_ends: bool = True):
+def quantize_openvino(ov_model, calib: torch.Tensor, float_ends: bool = True, batch: int = 1):
     """NNCF post-training INT8 of an ``openvino.Model`` (``float_ends``: see the module docstring)."""
     try:
         import nncf
     except ImportError:
         raise missing_extra("nncf", "openvino") from None
-    dataset = nncf.Dataset([calib[i : i + 1].numpy() for i in range(len(calib))])
+    chunks = calib_batches(calib, batch)
+    dataset = nncf.Dataset(chunks)
     kw = {}
     if float_ends:
         ops = [(op.get_friendly_name(), op.get_type_name()) for op in ov_model.get_ordered_ops()]
         kw["ignored_scope"] = nncf.IgnoredScope(names=float_end_ops(ops))
-    return nncf.quantize(ov_model, dataset, subset_size=len(calib), **kw)
+    return nncf.quantize(ov_model, dataset, subset_size=len(chunks), **kw)
 
 
 def litert_quantizer():
@@ -141,6 +155,6 @@ def pt2e_quantize(model: nn.Module, example: torch.Tensor, calib: torch.Tensor, 
     graph = torch.export.export(model.eval(), (example,)).module()
     prepared = prepare_pt2e(graph, quantizer)
     with torch.no_grad():
-        for i in range(len(calib)):
-            prepared(calib[i : i + 1])
+        for chunk in calib_batches(calib, len(example)):  # the graph's batch is the example's
+            prepared(torch.from_numpy(chunk))
     return convert_pt2e(prepared, fold_quantize=fold_quantize)

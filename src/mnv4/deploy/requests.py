@@ -16,6 +16,7 @@ from ..errors import InvalidValue, MNv4Error, check_float, check_int
 from ..perf.latency import LatencyProtocol
 from ..requests import option
 from .formats import FORMATS, PRECISIONS, Format, get_format
+from .layout import INPUT_DTYPES, LAYOUTS, parse_batch
 
 __all__ = [
     "ExportRequest",
@@ -81,12 +82,56 @@ class ExportRequest:
         kind=bool,
     )
 
+    input_layout: str = option("nchw", "the artefact's input layout (nhwc: what cameras hand over)", choices=LAYOUTS)
+    input_dtype: str = option(
+        "float32",
+        "the artefact's input: normalised float32, or uint8 pixels 0-255 with the weights' normalisation in the graph",
+        choices=INPUT_DTYPES,
+    )
+    batch: str | None = option(
+        None,
+        "N (fixed batch) or dynamic (default: dynamic where the format can hold it, else 1)",
+        kind=str,
+        metavar="N|dynamic",
+    )
+
+    @property
+    def fixed_batch(self) -> int | None:
+        """The fixed batch asked for, None for a dynamic one (call after :meth:`validated`)."""
+        return parse_batch(self.batch)
+
+    def batch_for(self, info: Format) -> int | None:
+        """The artefact's batch: N, or None for dynamic (the format's default when not asked)."""
+        if self.batch is None:
+            return None if info.dynamic_batch else 1
+        return self.fixed_batch
+
+    def _check_inputs(self, info: Format) -> None:
+        """The mobile-input fields, against what the format can hold (its record says)."""
+        if self.input_layout not in LAYOUTS:
+            raise InvalidValue("input_layout", self.input_layout, f"choose one of {', '.join(LAYOUTS)}")
+        if self.input_dtype not in INPUT_DTYPES:
+            raise InvalidValue("input_dtype", self.input_dtype, f"choose one of {', '.join(INPUT_DTYPES)}")
+        if self.input_dtype == "uint8" and not info.uint8_input:
+            others = ", ".join(f.name for f in FORMATS.values() if f.uint8_input)
+            raise MNv4Error(f"{info.name} cannot take uint8 pixels in mnv4 (`input_dtype`); formats that can: {others}")
+        try:
+            n = parse_batch(self.batch)
+        except (TypeError, ValueError):
+            raise InvalidValue("batch", self.batch, "give a whole number >= 1 or 'dynamic'") from None
+        if n is None and self.batch is not None and not info.dynamic_batch:
+            others = ", ".join(f.name for f in FORMATS.values() if f.dynamic_batch)
+            raise MNv4Error(f"{info.name} artefacts have a fixed batch (`batch`); dynamic batch: {others}")
+        if n is not None and not info.fixed_batch:
+            raise MNv4Error(f"{info.name} artefacts always take any batch; leave `batch` out")
+
     def validated(self, has_calib_data: bool = False) -> Format:
         """Check the request in one place, before any work; returns the format's record."""
         info = get_format(self.format)
         if self.precision not in PRECISIONS:
             raise InvalidValue("precision", self.precision, f"choose one of {', '.join(PRECISIONS)}")
         info.require(self.precision)
+        self._check_inputs(info)
         if self.input_size is not None:
             check_int("input_size", self.input_size, MIN_INPUT_SIZE, MAX_INPUT_SIZE)
         check_int("samples", self.samples, 1)
