@@ -193,17 +193,23 @@ def export(
     fmt_in = input_format(request, model)
     raw = fmt_in.to_raw(ins.x)
     batch = request.batch_for(info)
+    kept = _float_layers(model, request, calib, progress)
+    raw_calib = None if calib is None else fmt_in.to_raw(calib)
     with _converter_output(progress):
-        float_ends = _write(model, info, path, request, raw, None if calib is None else fmt_in.to_raw(calib), batch)
+        float_ends = _write(model, info, path, request, raw, raw_calib, batch, kept)
 
     report = _new_report(info, request, path, ins, weights, random_weights, float_ends)
     report.input_shape, report.input_format = list(raw.shape[1:]), fmt_in.describe()
+    report.float_layers = list(kept)
     reference = _eager(model, fmt_in.to_model(raw))
     if not info.can_run():
         _check_structure(info, path, _rows(raw, batch or 1), reference, report)
     else:
         criteria = _criteria(request, random_weights)
         _check_numerics(info, path, request, (raw, ins.labels), batch, reference, report, criteria, progress)
+        if kept:
+            with _converter_output(progress):
+                _keep_float_cost(model, info, path, request, (raw, raw_calib, batch), reference, report)
     save_report(report)
     if verbose:
         print(report.summary())
@@ -257,6 +263,7 @@ def _write(
     x: torch.Tensor,
     calib: torch.Tensor | None,
     batch: int | None,
+    keep_float: tuple[str, ...] = (),
 ) -> bool:
     """Fuse and write the artefact atomically (``x``, ``calib``: raw inputs; ``batch``: N, or None for
     dynamic); returns whether INT8 kept the stem and head in float."""
@@ -268,9 +275,61 @@ def _write(
     if example.is_floating_point():
         example = example.to(next(deploy_model.parameters()).dtype)
     float_ends = request.precision == "int8" and info.float_ends and not request.int8_all_layers
-    job = WriteJob(request.precision, calib, float_ends, dynamic_batch=batch is None)
+    job = WriteJob(request.precision, calib, float_ends, dynamic_batch=batch is None, keep_float=keep_float)
     write_atomically(path, lambda target: info.writer(deploy_model, example, target, job))
     return float_ends
+
+
+def _float_layers(
+    model: nn.Module, request: ExportRequest, calib: torch.Tensor | None, progress: bool | None
+) -> tuple[str, ...]:
+    """The layers INT8 leaves float on request: those named, then the ``keep_float`` most sensitive
+    others (mnv4.deploy.sensitivity on the calibration images)."""
+    kept = list(dict.fromkeys(request.keep_float_layers))
+    if request.keep_float and calib is not None:
+        from .sensitivity import analyze
+
+        ranked = [n for n in analyze(model, calib, progress=progress).worst(10**6) if n not in kept]
+        kept += ranked[: request.keep_float]
+    return tuple(kept)
+
+
+def _keep_float_cost(
+    model: nn.Module,
+    info: Format,
+    path: Path,
+    request: ExportRequest,
+    data: tuple[torch.Tensor, torch.Tensor | None, int | None],
+    reference: np.ndarray,
+    report: ParityReport,
+) -> None:
+    """What keeping layers float bought and cost: the same export without them, its top-1 agreement,
+    and both artefacts' batch-1 latency timed in alternating rounds on this CPU."""
+    import tempfile
+
+    from ..perf.latency import alternating_medians
+
+    raw, raw_calib, batch = data
+    with tempfile.TemporaryDirectory() as tmp:
+        plain = Path(tmp) / path.name
+        _write(model, info, plain, request, raw, raw_calib, batch)
+        runs = {k: info.loader(p, RunOptions(request.threads, "int8")) for k, p in (("with", path), ("without", plain))}
+        out = run_batches(runs["without"], raw.numpy(), batch or len(raw), fixed=batch is not None)
+        one = np.ascontiguousarray(_rows(raw, batch or 1).numpy())
+        ms = alternating_medians(runs, one, rounds=5, iters=10)
+    agreement = float((out.argmax(1) == reference.argmax(1)).mean())
+    report.keep_float_cost = {
+        "top1_agreement_without": agreement,
+        "latency_ms_with": ms["with"],
+        "latency_ms_without": ms["without"],
+        "latency_cost": ms["with"] / ms["without"] - 1.0,
+        "threads": request.threads,
+    }
+    report.notes.append(
+        f"kept float: {len(report.float_layers)} layer(s); top-1 agreement {report.top1_agreement:.2%} vs "
+        f"{agreement:.2%} without; batch-1 latency {ms['with']:.3g} ms vs {ms['without']:.3g} ms "
+        f"({ms['with'] / ms['without'] - 1:+.1%}) on this CPU"
+    )
 
 
 def _criteria(request: ExportRequest, random_weights: bool) -> Criteria:

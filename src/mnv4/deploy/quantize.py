@@ -34,6 +34,8 @@ __all__ = [
     "xnnpack_quantizer",
     "float_end_ops",
     "calib_batches",
+    "onnx_layer_nodes",
+    "openvino_layer_ops",
 ]
 
 _POOLS = {"GlobalAveragePool", "ReduceMean", "AveragePool", "AvgPool"}
@@ -46,6 +48,58 @@ def calib_batches(calib: torch.Tensor, batch: int) -> list:
     n = -(-len(calib) // batch) * batch
     padded = calib[torch.arange(n) % len(calib)]
     return [padded[i : i + batch].numpy() for i in range(0, n, batch)]
+
+
+def _is_layer(path: str, name: str) -> bool:
+    # a model behind mnv4.deploy.layout's input conversion sits under "model."
+    return path in (name, f"model.{name}")
+
+
+def onnx_layer_nodes(model_proto, layers: tuple[str, ...]) -> list[str]:
+    """The ONNX nodes computing the given module paths (torch's exporter records each node's module
+    path in its ``namespace`` metadata: ``.../stages.1.0.conv: torch.nn.modules.conv.Conv2d/conv2d_3: ...``)."""
+    found: dict[str, list[str]] = {name: [] for name in layers}
+    for node in model_proto.graph.node:
+        if node.op_type not in _COMPUTE:
+            continue
+        scopes = next((p.value for p in node.metadata_props if p.key == "namespace"), "").split("/")
+        module = scopes[-2].split(":")[0] if len(scopes) >= 2 else ""
+        for name in layers:
+            if _is_layer(module, name):
+                found[name].append(node.name)
+    _require_found(found)
+    return [n for names in found.values() for n in names]
+
+
+def openvino_layer_ops(program, ov_model, layers: tuple[str, ...]) -> list[str]:
+    """The OpenVINO ops computing the given module paths: ``program`` (the ExportedProgram converted)
+    maps module paths to its fx nodes, whose names OpenVINO keeps as its ops' name prefix (with
+    ``conv2d`` spelled ``convolution``)."""
+    fx: dict[str, str] = {}
+    for node in program.graph.nodes:
+        stack = node.meta.get("nn_module_stack") if node.op == "call_function" else None
+        if stack and any(t in str(node.target) for t in ("conv2d", "convolution", "linear")):
+            fx[node.name] = list(stack.values())[-1][0]
+    prefixes = {name: {f for f, path in fx.items() if _is_layer(path, name)} for name in layers}
+    prefixes = {k: v | {f.replace("conv2d", "convolution") for f in v} for k, v in prefixes.items()}
+    found: dict[str, list[str]] = {name: [] for name in layers}
+    for op in ov_model.get_ordered_ops():
+        if op.get_type_name() in _COMPUTE:
+            head = op.get_friendly_name().split("/")[0]
+            for name, heads in prefixes.items():
+                if head in heads:
+                    found[name].append(op.get_friendly_name())
+    _require_found(found)
+    return [n for names in found.values() for n in names]
+
+
+def _require_found(found: dict[str, list[str]]) -> None:
+    missing = [name for name, nodes in found.items() if not nodes]
+    if missing:
+        raise MNv4Error(
+            f"no conv/linear layer named {', '.join(missing)} in the exported graph (`keep_float_layers`; "
+            "`mnv4 quantize analyze` lists the layers)"
+        )
 
 
 def float_end_ops(ops: list[tuple[str, str]]) -> list[str]:
@@ -67,6 +121,7 @@ def quantize_onnx(
     calib: torch.Tensor,
     float_ends: bool = True,
     batch: int = 1,
+    keep_float: tuple[str, ...] = (),
 ) -> None:
     """Static QDQ INT8 of an fp32 ONNX model (``float_ends``: see the module docstring)."""
     try:
@@ -86,13 +141,14 @@ def quantize_onnx(
             x = next(self.items, None)
             return None if x is None else {input_name: x}
 
+    kept = onnx_layer_nodes(onnx.load(str(fp32_path), load_external_data=False), keep_float) if keep_float else []
     with tempfile.TemporaryDirectory() as tmp:
         pre = Path(tmp) / "pre.onnx"
         quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=True)
-        exclude = []
+        exclude = list(kept)
         if float_ends:
             nodes = onnx.load(str(pre), load_external_data=False).graph.node
-            exclude = [n for n in float_end_ops([(n.name, n.op_type) for n in nodes]) if n]
+            exclude += [n for n in float_end_ops([(n.name, n.op_type) for n in nodes]) if n]
         quantize_static(
             str(pre),
             str(out_path),
@@ -105,8 +161,11 @@ def quantize_onnx(
         )
 
 
-def quantize_openvino(ov_model, calib: torch.Tensor, float_ends: bool = True, batch: int = 1):
-    """NNCF post-training INT8 of an ``openvino.Model`` (``float_ends``: see the module docstring)."""
+def quantize_openvino(
+    ov_model, calib: torch.Tensor, float_ends: bool = True, batch: int = 1, keep_float_ops: list[str] | None = None
+):
+    """NNCF post-training INT8 of an ``openvino.Model`` (``float_ends``: see the module docstring;
+    ``keep_float_ops``: further op names left float)."""
     try:
         import nncf
     except ImportError:
@@ -114,9 +173,12 @@ def quantize_openvino(ov_model, calib: torch.Tensor, float_ends: bool = True, ba
     chunks = calib_batches(calib, batch)
     dataset = nncf.Dataset(chunks)
     kw = {}
+    ignored = list(keep_float_ops or [])
     if float_ends:
         ops = [(op.get_friendly_name(), op.get_type_name()) for op in ov_model.get_ordered_ops()]
-        kw["ignored_scope"] = nncf.IgnoredScope(names=float_end_ops(ops))
+        ignored += float_end_ops(ops)
+    if ignored:
+        kw["ignored_scope"] = nncf.IgnoredScope(names=ignored)
     return nncf.quantize(ov_model, dataset, subset_size=len(chunks), **kw)
 
 

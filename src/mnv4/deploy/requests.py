@@ -95,6 +95,16 @@ class ExportRequest:
         metavar="N|dynamic",
     )
 
+    keep_float: int = option(
+        0,
+        "int8: keep the N layers most sensitive to INT8 float, ranked on the calibration images as `mnv4 quantize "
+        f"analyze` does ({', '.join(f.name for f in FORMATS.values() if f.float_ends)}); the report gives the "
+        "agreement and the latency cost",
+    )
+    keep_float_layers: tuple[str, ...] = option(
+        (), "int8: comma list of layers (module paths, see `mnv4 quantize analyze`) kept float", kind=tuple
+    )
+
     @property
     def fixed_batch(self) -> int | None:
         """The fixed batch asked for, None for a dynamic one (call after :meth:`validated`)."""
@@ -141,6 +151,10 @@ class ExportRequest:
         if self.threads is not None:
             check_int("threads", self.threads, 1)
         _check_folders(("calib_dir", self.calib_dir, "calibration"), ("eval_dir", self.eval_dir, "evaluation"))
+        check_int("keep_float", self.keep_float, 0)
+        if (self.keep_float or self.keep_float_layers) and not (self.precision == "int8" and info.float_ends):
+            can = ", ".join(f.name for f in FORMATS.values() if f.float_ends)
+            raise MNv4Error(f"`keep_float`/`keep_float_layers` apply to int8 on {can} only (format {info.name})")
         if self.precision == "int8" and self.calib_dir is None and not has_calib_data:
             raise MNv4Error("INT8 export needs calibration images: pass an image folder as `calib_dir`")
         return info

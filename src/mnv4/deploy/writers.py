@@ -49,6 +49,7 @@ class WriteJob:
     calib: torch.Tensor | None = None  # preprocessed calibration batch [N, C, R, R] for int8
     float_ends: bool = False  # int8: keep the stem conv and the post-pool head in float
     dynamic_batch: bool = True  # False: the example's batch is the artefact's (fixed) batch
+    keep_float: tuple[str, ...] = ()  # int8: module paths (in the fused model) left float
 
 
 def export_program(model: nn.Module, example: torch.Tensor, dynamic_batch: bool = True) -> torch.export.ExportedProgram:
@@ -114,7 +115,8 @@ def write_onnx(model: nn.Module, example: torch.Tensor, target: Path, job: Write
     with tempfile.TemporaryDirectory() as tmp:
         fp32 = Path(tmp) / "fp32.onnx"
         _onnx_program(model, example, fp32, job)
-        quantize_onnx(fp32, target, job.calib, float_ends=job.float_ends, batch=_calib_batch(example, job))
+        batch = _calib_batch(example, job)
+        quantize_onnx(fp32, target, job.calib, float_ends=job.float_ends, batch=batch, keep_float=job.keep_float)
 
 
 def write_openvino(model: nn.Module, example: torch.Tensor, target: Path, job: WriteJob) -> None:
@@ -122,11 +124,14 @@ def write_openvino(model: nn.Module, example: torch.Tensor, target: Path, job: W
         import openvino as ov
     except ImportError:
         raise missing_extra("openvino", "openvino") from None
-    ov_model = ov.convert_model(export_program(model, example, job.dynamic_batch))
+    program = export_program(model, example, job.dynamic_batch)
+    ov_model = ov.convert_model(program)
     if job.precision == "int8":
-        from .quantize import quantize_openvino
+        from .quantize import openvino_layer_ops, quantize_openvino
 
-        ov_model = quantize_openvino(ov_model, job.calib, float_ends=job.float_ends, batch=_calib_batch(example, job))
+        kept = openvino_layer_ops(program, ov_model, job.keep_float) if job.keep_float else []
+        batch = _calib_batch(example, job)
+        ov_model = quantize_openvino(ov_model, job.calib, job.float_ends, batch, kept)
     # save_model compresses weights to fp16 by default; keep fp32 weights unless fp16 was asked for.
     ov.save_model(ov_model, str(target), compress_to_fp16=job.precision == "fp16")
 
