@@ -196,11 +196,12 @@ def export(
     kept = _float_layers(model, request, calib, progress)
     raw_calib = None if calib is None else fmt_in.to_raw(calib)
     with _converter_output(progress):
-        float_ends = _write(model, info, path, request, raw, raw_calib, batch, kept)
+        float_ends = _write(model, info, path, request, raw, raw_calib, batch, kept, ins.labels)
 
     report = _new_report(info, request, path, ins, weights, random_weights, float_ends)
     report.input_shape, report.input_format = list(raw.shape[1:]), fmt_in.describe()
     report.float_layers = list(kept)
+    report.ptq = request.ptq().chosen() if int8 else {}
     reference = _eager(model, fmt_in.to_model(raw))
     if not info.can_run():
         _check_structure(info, path, _rows(raw, batch or 1), reference, report)
@@ -264,6 +265,7 @@ def _write(
     calib: torch.Tensor | None,
     batch: int | None,
     keep_float: tuple[str, ...] = (),
+    labels: np.ndarray | None = None,
 ) -> bool:
     """Fuse and write the artefact atomically (``x``, ``calib``: raw inputs; ``batch``: N, or None for
     dynamic); returns whether INT8 kept the stem and head in float."""
@@ -275,9 +277,20 @@ def _write(
     if example.is_floating_point():
         example = example.to(next(deploy_model.parameters()).dtype)
     float_ends = request.precision == "int8" and info.float_ends and not request.int8_all_layers
-    job = WriteJob(request.precision, calib, float_ends, dynamic_batch=batch is None, keep_float=keep_float)
+    job = WriteJob(
+        request.precision, calib, float_ends, batch is None, keep_float, request.ptq(), _validation(request, x, labels)
+    )
     write_atomically(path, lambda target: info.writer(deploy_model, example, target, job))
     return float_ends
+
+
+def _validation(request: ExportRequest, x: torch.Tensor, labels: np.ndarray | None) -> tuple | None:
+    """Accuracy-controlled INT8's validation set: the labelled evaluation images, raw."""
+    if request.max_accuracy_drop is None:
+        return None
+    if labels is None:
+        raise MNv4Error("`max_accuracy_drop` needs evaluation images whose classes are the model's (`eval_dir`)")
+    return x, labels
 
 
 def _float_layers(

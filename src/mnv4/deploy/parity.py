@@ -65,6 +65,7 @@ class ParityReport:
     input_format: str = "NCHW normalised float32"  # what the artefact takes (mnv4.deploy.layout)
     float_layers: list[str] = field(default_factory=list)  # int8: layers kept float on request (keep_float)
     keep_float_cost: dict = field(default_factory=dict)  # agreement and latency with vs without them
+    ptq: dict = field(default_factory=dict)  # int8: the PTQ settings chosen (mnv4.deploy.ptq; empty: defaults)
     max_abs_diff: float | None = None
     max_rel_diff: float | None = None
     cosine: float | None = None

@@ -21,10 +21,12 @@ import os
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
 from ..errors import MNv4Error, missing_extra
+from .ptq import DEFAULT_PTQ, PTQSettings
 
 __all__ = [
     "quantize_onnx",
@@ -122,10 +124,18 @@ def quantize_onnx(
     float_ends: bool = True,
     batch: int = 1,
     keep_float: tuple[str, ...] = (),
+    settings: PTQSettings = DEFAULT_PTQ,
 ) -> None:
-    """Static QDQ INT8 of an fp32 ONNX model (``float_ends``: see the module docstring)."""
+    """Static QDQ INT8 of an fp32 ONNX model (``float_ends``: see the module docstring; ``keep_float``:
+    module paths left float; ``settings``: calibration method and weight granularity)."""
     try:
-        from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+        from onnxruntime.quantization import (
+            CalibrationDataReader,
+            CalibrationMethod,
+            QuantFormat,
+            QuantType,
+            quantize_static,
+        )
         from onnxruntime.quantization.shape_inference import quant_pre_process
     except ImportError:
         raise missing_extra("onnxruntime", "onnx") from None
@@ -156,16 +166,62 @@ def quantize_onnx(
             quant_format=QuantFormat.QDQ,
             activation_type=QuantType.QUInt8,
             weight_type=QuantType.QInt8,
-            per_channel=True,
+            per_channel=settings.per_channel,
             nodes_to_exclude=exclude,
+            calibrate_method=_ORT_CALIBRATION[settings.calibration or "minmax"](CalibrationMethod),
+            extra_options={"CalibPercentile": PERCENTILE} if settings.calibration == "percentile" else {},
         )
 
 
+PERCENTILE = 99.999  # ORT's own default for its percentile calibrator
+_ORT_CALIBRATION = {
+    "minmax": lambda m: m.MinMax,
+    "percentile": lambda m: m.Percentile,
+    "entropy": lambda m: m.Entropy,
+}
+
+
+def _nncf_options(nncf, settings: PTQSettings) -> dict:
+    """nncf.quantize keyword arguments for ``settings`` (only what differs from NNCF's defaults)."""
+    from nncf.quantization.advanced_parameters import (
+        AdvancedQuantizationParameters,
+        QuantizationParameters,
+    )
+    from nncf.quantization.range_estimator import RangeEstimatorParametersSet
+
+    kw: dict = {}
+    if settings.nncf_preset:
+        kw["preset"] = {"performance": nncf.QuantizationPreset.PERFORMANCE, "mixed": nncf.QuantizationPreset.MIXED}[
+            settings.nncf_preset
+        ]
+    if settings.bias_correction == "full":
+        kw["fast_bias_correction"] = False
+    advanced: dict = {}
+    if settings.bias_correction == "none":
+        advanced["disable_bias_correction"] = True
+    if settings.weight_granularity == "per-tensor":
+        advanced["weights_quantization_params"] = QuantizationParameters(per_channel=False)
+    if settings.calibration:
+        ranges = {"minmax": "MINMAX", "percentile": "MEAN_QUANTILE"}[settings.calibration]
+        advanced["activations_range_estimator_params"] = getattr(RangeEstimatorParametersSet, ranges)
+    if advanced:
+        kw["advanced_parameters"] = AdvancedQuantizationParameters(**advanced)
+    return kw
+
+
 def quantize_openvino(
-    ov_model, calib: torch.Tensor, float_ends: bool = True, batch: int = 1, keep_float_ops: list[str] | None = None
+    ov_model,
+    calib: torch.Tensor,
+    float_ends: bool = True,
+    batch: int = 1,
+    keep_float_ops: list[str] | None = None,
+    settings: PTQSettings = DEFAULT_PTQ,
+    validation: tuple | None = None,
 ):
     """NNCF post-training INT8 of an ``openvino.Model`` (``float_ends``: see the module docstring;
-    ``keep_float_ops``: further op names left float)."""
+    ``keep_float_ops``: further op names left float; ``settings``: mnv4.deploy.ptq). With
+    ``settings.max_accuracy_drop`` and ``validation`` (raw inputs, labels), NNCF's accuracy-controlled
+    quantization reverts the layers that cost most to float until top-1 drops by at most that much."""
     try:
         import nncf
     except ImportError:
@@ -179,20 +235,35 @@ def quantize_openvino(
         ignored += float_end_ops(ops)
     if ignored:
         kw["ignored_scope"] = nncf.IgnoredScope(names=ignored)
-    return nncf.quantize(ov_model, dataset, subset_size=len(chunks), **kw)
+    kw.update(_nncf_options(nncf, settings))
+    if settings.max_accuracy_drop is None:
+        return nncf.quantize(ov_model, dataset, subset_size=len(chunks), **kw)
+    x, labels = validation
+    items = [(x[i : i + batch].numpy(), labels[i : i + batch]) for i in range(0, len(x) - batch + 1, batch)]
+
+    def top1(compiled, data) -> float:
+        hits = [(np.asarray(compiled(inp)[0]).argmax(1) == y) for inp, y in data]
+        return float(np.concatenate(hits).mean())
+
+    if "advanced_parameters" in kw:
+        kw["advanced_quantization_parameters"] = kw.pop("advanced_parameters")
+    return nncf.quantize_with_accuracy_control(
+        ov_model, dataset, nncf.Dataset(items, lambda item: item[0]), top1,
+        max_drop=settings.max_accuracy_drop, subset_size=len(chunks), **kw,
+    )  # fmt: skip
 
 
-def litert_quantizer():
-    """litert-torch's PT2EQuantizer, symmetric per-channel INT8 (what LiteRT's converter folds)."""
+def litert_quantizer(per_channel: bool = True):
+    """litert-torch's PT2EQuantizer, symmetric INT8, per-channel weights by default (what LiteRT's converter folds)."""
     try:
         from litert_torch.quantize.pt2e_quantizer import PT2EQuantizer, get_symmetric_quantization_config
     except ImportError:
         raise missing_extra("litert-torch", "litert") from None
-    return PT2EQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
+    return PT2EQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=per_channel))
 
 
-def xnnpack_quantizer():
-    """ExecuTorch's XNNPACKQuantizer, symmetric per-channel INT8."""
+def xnnpack_quantizer(per_channel: bool = True):
+    """ExecuTorch's XNNPACKQuantizer, symmetric INT8, per-channel weights by default."""
     try:
         from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
             XNNPACKQuantizer,
@@ -200,7 +271,7 @@ def xnnpack_quantizer():
         )
     except ImportError:
         raise missing_extra("executorch", "executorch") from None
-    return XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
+    return XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=per_channel))
 
 
 def pt2e_quantize(model: nn.Module, example: torch.Tensor, calib: torch.Tensor, quantizer, fold_quantize: bool = True):

@@ -17,6 +17,7 @@ from ..perf.latency import LatencyProtocol
 from ..requests import option
 from .formats import FORMATS, PRECISIONS, Format, get_format
 from .layout import INPUT_DTYPES, LAYOUTS, parse_batch
+from .ptq import BIAS_CORRECTIONS, CALIBRATIONS, GRANULARITIES, NNCF_PRESETS, ROUTE_SETTINGS, PTQSettings
 
 __all__ = [
     "ExportRequest",
@@ -105,6 +106,32 @@ class ExportRequest:
         (), "int8: comma list of layers (module paths, see `mnv4 quantize analyze`) kept float", kind=tuple
     )
 
+    # PTQ settings (mnv4.deploy.ptq): None = the route's default; docs/deploy.md says how to choose.
+    calibration: str | None = option(
+        None, "int8 activation ranges: minmax, percentile, entropy (onnx: all; openvino: minmax, percentile)",
+        kind=str, choices=CALIBRATIONS,
+    )  # fmt: skip
+    weight_granularity: str | None = option(
+        None, "int8 weight scales per-channel or per-tensor (default: per-channel)", kind=str, choices=GRANULARITIES
+    )
+    nncf_preset: str | None = option(
+        None, "openvino int8: NNCF preset, performance (symmetric) or mixed (asymmetric activations)",
+        kind=str, choices=NNCF_PRESETS,
+    )  # fmt: skip
+    bias_correction: str | None = option(
+        None, "openvino int8: NNCF bias correction, fast (NNCF's default), full or none", kind=str,
+        choices=BIAS_CORRECTIONS,
+    )  # fmt: skip
+    max_accuracy_drop: float | None = option(
+        None, "openvino int8: NNCF accuracy-controlled quantization on the labelled --eval images, keeping "
+        "the top-1 drop under this (e.g. 0.01) by reverting layers to float", kind=float,
+    )  # fmt: skip
+
+    def ptq(self) -> PTQSettings:
+        return PTQSettings(
+            self.calibration, self.weight_granularity, self.nncf_preset, self.bias_correction, self.max_accuracy_drop
+        )
+
     @property
     def fixed_batch(self) -> int | None:
         """The fixed batch asked for, None for a dynamic one (call after :meth:`validated`)."""
@@ -135,6 +162,21 @@ class ExportRequest:
         if n is not None and not info.fixed_batch:
             raise MNv4Error(f"{info.name} artefacts always take any batch; leave `batch` out")
 
+    def _check_ptq(self, info: Format) -> None:
+        settings = self.ptq()
+        if not settings.chosen():
+            return
+        if self.precision != "int8":
+            raise MNv4Error(f"{', '.join(settings.chosen())} apply to int8 exports only (`precision`)")
+        bad = settings.unsupported(info.name)
+        if bad:
+            offered = ", ".join(f"{f}: {', '.join(s) or 'none'}" for f, s in ROUTE_SETTINGS.items())
+            raise MNv4Error(f"{info.name} int8 cannot honour {', '.join(bad)} (settings per route: {offered})")
+        if self.max_accuracy_drop is not None:
+            check_float("max_accuracy_drop", self.max_accuracy_drop, 0.0, 1.0)
+            if self.eval_dir is None:
+                raise MNv4Error("`max_accuracy_drop` needs labelled evaluation images (`eval_dir`)")
+
     def validated(self, has_calib_data: bool = False) -> Format:
         """Check the request in one place, before any work; returns the format's record."""
         info = get_format(self.format)
@@ -155,6 +197,7 @@ class ExportRequest:
         if (self.keep_float or self.keep_float_layers) and not (self.precision == "int8" and info.float_ends):
             can = ", ".join(f.name for f in FORMATS.values() if f.float_ends)
             raise MNv4Error(f"`keep_float`/`keep_float_layers` apply to int8 on {can} only (format {info.name})")
+        self._check_ptq(info)
         if self.precision == "int8" and self.calib_dir is None and not has_calib_data:
             raise MNv4Error("INT8 export needs calibration images: pass an image folder as `calib_dir`")
         return info

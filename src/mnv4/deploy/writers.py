@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import MNv4Error, missing_extra
+from .ptq import DEFAULT_PTQ, PTQSettings
 
 if TYPE_CHECKING:
     import torch
@@ -50,6 +51,8 @@ class WriteJob:
     float_ends: bool = False  # int8: keep the stem conv and the post-pool head in float
     dynamic_batch: bool = True  # False: the example's batch is the artefact's (fixed) batch
     keep_float: tuple[str, ...] = ()  # int8: module paths (in the fused model) left float
+    ptq: PTQSettings = DEFAULT_PTQ  # int8: calibration method, granularity, NNCF options
+    validation: tuple | None = None  # int8 accuracy control: (raw inputs, labels)
 
 
 def export_program(model: nn.Module, example: torch.Tensor, dynamic_batch: bool = True) -> torch.export.ExportedProgram:
@@ -116,7 +119,7 @@ def write_onnx(model: nn.Module, example: torch.Tensor, target: Path, job: Write
         fp32 = Path(tmp) / "fp32.onnx"
         _onnx_program(model, example, fp32, job)
         batch = _calib_batch(example, job)
-        quantize_onnx(fp32, target, job.calib, float_ends=job.float_ends, batch=batch, keep_float=job.keep_float)
+        quantize_onnx(fp32, target, job.calib, job.float_ends, batch, job.keep_float, job.ptq)
 
 
 def write_openvino(model: nn.Module, example: torch.Tensor, target: Path, job: WriteJob) -> None:
@@ -131,7 +134,7 @@ def write_openvino(model: nn.Module, example: torch.Tensor, target: Path, job: W
 
         kept = openvino_layer_ops(program, ov_model, job.keep_float) if job.keep_float else []
         batch = _calib_batch(example, job)
-        ov_model = quantize_openvino(ov_model, job.calib, job.float_ends, batch, kept)
+        ov_model = quantize_openvino(ov_model, job.calib, job.float_ends, batch, kept, job.ptq, job.validation)
     # save_model compresses weights to fp16 by default; keep fp32 weights unless fp16 was asked for.
     ov.save_model(ov_model, str(target), compress_to_fp16=job.precision == "fp16")
 
@@ -147,7 +150,7 @@ def write_litert(model: nn.Module, example: torch.Tensor, target: Path, job: Wri
 
         from .quantize import litert_quantizer, pt2e_quantize
 
-        quantizer = litert_quantizer()
+        quantizer = litert_quantizer(job.ptq.per_channel)
         qmodel = pt2e_quantize(model, x, job.calib, quantizer, fold_quantize=False)
         edge = litert_torch.convert(qmodel, (x,), quant_config=QuantConfig(pt2e_quantizer=quantizer))
     else:
@@ -167,7 +170,7 @@ def write_executorch(model: nn.Module, example: torch.Tensor, target: Path, job:
     if job.precision == "int8":
         from .quantize import pt2e_quantize, xnnpack_quantizer
 
-        model = pt2e_quantize(model, x, job.calib, xnnpack_quantizer())
+        model = pt2e_quantize(model, x, job.calib, xnnpack_quantizer(job.ptq.per_channel))
     ep = torch.export.export(model, (x,))
     # Always lower to XNNPACK: a portable-kernel-only .pte is correct but ~300x slower.
     program = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()]).to_executorch()
