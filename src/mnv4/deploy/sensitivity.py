@@ -1,13 +1,14 @@
 """Per-layer INT8 sensitivity: what quantizing each conv / linear layer *alone* costs.
 
-The mechanism is torch fake quantization of one layer at a time on the fused model (the graph every
-INT8 route quantizes): its weights per output channel, symmetric int8 (absmax / 127), and its input
-per tensor, asymmetric uint8 over the calibration set's min-max range widened to hold 0. That is the
-scheme of the ONNX Runtime and NNCF routes (``mnv4.deploy.quantize``: S8 per-channel weights, U8
-activations), so a layer that ranks high here is one those routes lose accuracy on. Every other layer
-stays float, so the loss is the layer's own, not an interaction. Each layer costs one forward pass
-over the calibration images; outputs are compared with the float model's: output SNR in dB (the
-logits' power over the error's), top-1 agreement and, with labels, accuracy.
+The mechanism is torch fake quantization (mnv4.models.fake_quant) of one layer at a time on the
+fused model (the graph every INT8 route quantizes): its weights per output channel, symmetric int8
+(absmax / 127), and its input per tensor, asymmetric uint8 over the calibration set's min-max
+range widened to hold 0. That is the scheme of the ONNX Runtime and NNCF routes
+(``mnv4.deploy.quantize``: S8 per-channel weights, U8 activations), so a layer that ranks high here
+is one those routes lose accuracy on. Every other layer stays float, so the loss is the layer's
+own, not an interaction. Each layer costs one forward pass over the calibration images; outputs
+are compared with the float model's: output SNR in dB (the logits' power over the error's), top-1
+agreement and, with labels, accuracy.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch
 from torch import nn
 
 from ..errors import MNv4Error
+from ..models.fake_quant import fake_quant_input, fake_quant_weight
 from .fusion import fuse, is_fused
 
 __all__ = [
@@ -82,12 +84,6 @@ def _kind(m: nn.Module) -> str:
     return "depthwise conv" if m.groups > 1 and m.groups == m.in_channels else "conv"
 
 
-def _fq_weight(w: torch.Tensor) -> torch.Tensor:
-    scale = w.abs().flatten(1).amax(1).clamp_min(1e-12) / 127.0
-    zero = torch.zeros(len(w), dtype=torch.int32)
-    return torch.fake_quantize_per_channel_affine(w, scale, zero, 0, -127, 127)
-
-
 def _input_ranges(model: nn.Module, layers: dict[str, nn.Module], x: torch.Tensor) -> dict[str, tuple]:
     """Each layer's input min and max over the calibration set (0 included, as the runtimes do)."""
     ranges: dict[str, list[float]] = {n: [0.0, 0.0] for n in layers}
@@ -114,14 +110,11 @@ def _logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def _with_layer_quantized(model: nn.Module, layer: nn.Module, lo: float, hi: float, x: torch.Tensor) -> torch.Tensor:
-    scale = max(hi - lo, 1e-12) / 255.0
-    zero = int(min(255, max(0, round(-lo / scale))))
-
     def quantize_input(_m, args):
-        return (torch.fake_quantize_per_tensor_affine(args[0], scale, zero, 0, 255), *args[1:])
+        return (fake_quant_input(args[0], lo, hi), *args[1:])
 
     original = layer.weight.data
-    layer.weight.data = _fq_weight(original)
+    layer.weight.data = fake_quant_weight(original)
     handle = layer.register_forward_pre_hook(quantize_input)
     try:
         return _logits(model, x)
