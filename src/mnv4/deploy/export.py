@@ -273,6 +273,8 @@ def _write(
     deploy_model = fmt_in.wrap(fuse(model), _in_chans(model))
     if request.precision == "fp16" and info.half_model:
         deploy_model = deploy_model.half()
+    elif request.precision == "bf16" and info.bf16 and info.half_model:
+        deploy_model = deploy_model.to(torch.bfloat16)
     example = _rows(x, batch or 2)
     if example.is_floating_point():
         example = example.to(next(deploy_model.parameters()).dtype)
@@ -384,6 +386,10 @@ def _new_report(
         report.notes.append("recalibrate_bn: the artefact's BatchNorm statistics were re-estimated, not the input's")
     if float_ends:
         report.notes.append("int8: stem conv and head (after the global pool) kept in float")
+    if precision == "bf16":
+        from .cpu import bf16_support
+
+        report.notes.append(bf16_support()[1])
     return report
 
 
@@ -409,7 +415,7 @@ def _check_numerics(
         # Dynamic batch must really be dynamic: batch 1 must give the same rows as the big batch.
         single = run_batches(run, x[:1].numpy(), 1)
         # int8 kernels may pick other blockings per batch size, so allow the format's own noise.
-        tol = {"fp32": 1e-4, "fp16": 1e-2, "int8": 5e-2}[precision] * float(np.abs(out).max())
+        tol = {"fp32": 1e-4, "fp16": 1e-2, "bf16": 5e-2, "int8": 5e-2}[precision] * float(np.abs(out).max())
         report.dynamic_batch = bool(np.abs(single - out[:1]).max() <= tol)
         if not report.dynamic_batch:
             report.failures.append("batch-1 and batched outputs differ")

@@ -60,7 +60,7 @@ class ExportRequest:
     format: str = option(help="artefact format / runtime", choices=tuple(FORMATS))
     output: str | os.PathLike | None = None  # a file, or a folder for the default name (CLI: -o)
     input_size: int | None = None  # default: the model's (CLI: --input-size)
-    precision: str = option("fp32", "fp32, fp16 or post-training int8 (int8 needs --calib)", choices=PRECISIONS)
+    precision: str = option("fp32", "fp32, fp16, bf16 or post-training int8 (int8 needs --calib)", choices=PRECISIONS)
     calib_dir: str | os.PathLike | None = _folder(
         "--calib", "calibration image folder for int8 (flat or one folder per class)"
     )

@@ -95,7 +95,7 @@ def load_openvino(path: Path, options: RunOptions) -> Runner:
         raise missing_extra("openvino", "openvino") from None
     # OpenVINO's CPU plugin defaults to bf16 on CPUs that have it (1.9e-3 diff): pin the precision.
     config = {
-        "INFERENCE_PRECISION_HINT": "f16" if options.precision == "fp16" else "f32",
+        "INFERENCE_PRECISION_HINT": {"fp16": "f16", "bf16": "bf16"}.get(options.precision, "f32"),
         "CPU_DENORMALS_OPTIMIZATION": options.flush_denormals,
     }
     if options.threads:
@@ -200,7 +200,8 @@ def load_torchscript(path: Path, options: RunOptions) -> Runner:
 
     extra = {TORCHSCRIPT_META: ""}
     module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra).eval()
-    dtype = torch.float16 if "float16" in str(extra[TORCHSCRIPT_META]) else torch.float32
+    recorded = str(extra[TORCHSCRIPT_META])
+    dtype = torch.bfloat16 if "bfloat16" in recorded else torch.float16 if "float16" in recorded else torch.float32
     return _torch_module_runner(module, options, dtype)
 
 
