@@ -118,7 +118,7 @@ def test_int8_onnx_takes_uint8_pixels(tmp_path):
     """INT8 calibrates on raw pixels too: the quantized graph given pixels agrees with the float model."""
     from .test_export import DIGITS, _labelled_images  # noqa: F401  (the digits fixture's helpers)
 
-    pytest.importorskip("onnxruntime")
+    require("onnxruntime")
 
     from mnv4.data.datasets import DataBundle
     from mnv4.data.digits import digits_split

@@ -13,6 +13,7 @@ import mnv4
 from mnv4.models.fake_quant import attach_fake_quant, detach_fake_quant, has_fake_quant
 from mnv4.train import resolve_config, train
 
+from .conftest import require
 from .test_train import TINY, tiny_digits
 
 
@@ -67,7 +68,7 @@ def test_qat_run_resumes_bit_exactly(tmp_path):
 def test_qat_beats_default_ptq_on_a_trained_fixture(tmp_path):
     """A tiny model trained on digits at 16 px, quantized fully (every layer INT8 on ONNX Runtime), loses
     accuracy to default PTQ; a short QAT fine-tune of it, quantized the same way, recovers more."""
-    pytest.importorskip("onnxruntime")
+    require("onnxruntime")
     from mnv4.data.transforms import eval_transform
     from mnv4.deploy.export import export
     from mnv4.deploy.formats import load_runner
