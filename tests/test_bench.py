@@ -63,7 +63,7 @@ def no_subprocess(monkeypatch):
         (dict(models=[]), MNv4Error, "no models to benchmark"),
         (dict(runtimes=["tflite"]), InvalidValue, "`runtimes` 'tflite' is invalid: choose from torch, torch-fused"),
         (dict(runtimes=[]), MNv4Error, "no runtimes to benchmark"),
-        (dict(precisions=["fp64"]), InvalidValue, "`precisions` 'fp64' is invalid: choose from fp32, fp16, int8"),
+        (dict(precisions=["fp64"]), InvalidValue, "`precisions` 'fp64' is invalid: choose from fp32, fp16, bf16, int8"),
         (dict(precisions=[]), MNv4Error, "no precisions to benchmark"),
         (dict(runs=0), InvalidValue, "`runs` 0 is invalid: must be >= 1"),
         (dict(repeats=0), InvalidValue, "`repeats` 0 is invalid: must be >= 1"),
@@ -103,11 +103,15 @@ def test_request_expands_to_the_supported_combinations():
     todo = check_bench_request(BenchRequest(("mnv4_conv_small", "mobilenet_v2"), ("torch", "pt2"), PRECISIONS))
     assert [(m.model_name, m.runtime, m.precision) for m in todo] == [
         ("mnv4_conv_small", "torch", "fp32"),
+        ("mnv4_conv_small", "torch", "bf16"),
         ("mnv4_conv_small", "pt2", "fp32"),
         ("mnv4_conv_small", "pt2", "fp16"),
+        ("mnv4_conv_small", "pt2", "bf16"),
         ("mobilenet_v2", "torch", "fp32"),
+        ("mobilenet_v2", "torch", "bf16"),
         ("mobilenet_v2", "pt2", "fp32"),
         ("mobilenet_v2", "pt2", "fp16"),
+        ("mobilenet_v2", "pt2", "bf16"),
     ]
 
 

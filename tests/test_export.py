@@ -151,7 +151,7 @@ def test_format_records_are_consistent():
     for name, f in FORMATS.items():
         assert f.name == name and callable(f.writer) and callable(f.loader)
         assert format_of(f"dir/model{f.suffix.upper()}") is f
-        assert f.precisions[0] == "fp32" and set(f.precisions) <= {"fp32", "fp16", "int8"}
+        assert f.precisions[0] == "fp32" and set(f.precisions) <= {"fp32", "fp16", "bf16", "int8"}
         assert f.float_ends <= bool(f.int8)  # float ends only exist for an INT8 route
         assert f.denormals
     assert get_format("onnx").precisions == ("fp32", "fp16", "int8")
@@ -522,7 +522,7 @@ def test_all_images_unreadable_is_one_clear_error(tiny, tmp_path):
     "kwargs, error, message",
     [
         (dict(fmt="tflite"), InvalidValue, "`format` 'tflite' is invalid: choose one of onnx"),
-        (dict(precision="fp64"), InvalidValue, "`precision` 'fp64' is invalid: choose one of fp32, fp16, int8"),
+        (dict(precision="fp64"), InvalidValue, "`precision` 'fp64' is invalid: choose one of fp32, fp16, bf16, int8"),
         (dict(fmt="litert", precision="fp16"), MNv4Error, "litert has no fp16 route in mnv4; it offers fp32, int8"),
         (dict(fmt="torchscript", precision="int8"), MNv4Error, "torchscript has no int8 route"),
         (dict(precision="int8"), MNv4Error, "INT8 export needs calibration images"),

@@ -30,6 +30,7 @@ _COMMAND_MODULES = (
     "mnv4.cli.distill",
     "mnv4.cli.search",
     "mnv4.cli.deploy",
+    "mnv4.cli.quantize",
     "mnv4.cli.hub",
     "mnv4.cli.detect",
 )

@@ -154,6 +154,7 @@ def _add_export(sub) -> None:
     A.add_spec(p)
     A.add_weights(p, checkpoint_help="weights to export, as given (default: random init, announced)")
     A.add_request_flags(p, ExportRequest)
+    A.add_hidden_alias(p, "--eval-data", dest="eval_dir")
     short = p.add_mutually_exclusive_group()
     short.add_argument(
         "--fp16", dest="precision", action="store_const", const="fp16", help=f"--precision fp16 ({having('fp16')})"

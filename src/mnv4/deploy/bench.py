@@ -76,7 +76,9 @@ def all_runtimes() -> list[str]:
 
 def runtime_precisions(runtime: str) -> tuple[str, ...]:
     fmt = format_for_runtime(runtime)
-    return fmt.precisions if fmt is not None else ("fp32",)
+    if fmt is not None:
+        return fmt.precisions
+    return ("fp32", "bf16") if runtime == "torch" else ("fp32",)  # eager torch runs bf16 (oneDNN where the CPU has it)
 
 
 def _runtime_format(runtime: str) -> Format | None:
@@ -173,6 +175,8 @@ def run_one(m: Measurement) -> BenchRow:
     x = torch.randn(1, 3, res, res, generator=torch.Generator().manual_seed(0))
     parity = ""
     if fmt is None:
+        if m.precision == "bf16":
+            model, x = model.to(torch.bfloat16), x.to(torch.bfloat16)
         fn = _torch_fn(model, m.runtime, x)
     else:
         from .export import export

@@ -18,7 +18,7 @@ from torch import nn
 
 from .fusion import ConvAct, FusedAttention, FusedChain, fuse
 
-__all__ = ["optimize_for_cpu", "PackedConv", "mkldnn_available"]
+__all__ = ["optimize_for_cpu", "PackedConv", "mkldnn_available", "bf16_support"]
 
 # nn activation -> (oneDNN post-op attr, algorithm); others stay separate eager ops.
 _ATTRS: dict[type, tuple[str, str | None]] = {nn.ReLU: ("relu", None), nn.Hardswish: ("hardswish", None)}
@@ -30,6 +30,20 @@ def _act_attr(act: nn.Module | None) -> tuple[str, str | None] | None:
     if isinstance(act, nn.GELU):
         return ("gelu", act.approximate)
     return _ATTRS.get(type(act))
+
+
+def bf16_support() -> tuple[bool | None, str]:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX; Linux's /proc/cpuinfo flags) and
+    one line saying so: without it OpenVINO runs a bf16 hint in fp32 and torch emulates bf16 (slower)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = set(next((line for line in f if line.startswith("flags")), "").split())
+    except OSError:
+        return None, "bf16: cannot tell whether this CPU has AVX512-BF16/AMX (no /proc/cpuinfo)"
+    have = sorted(flags & {"avx512_bf16", "amx_bf16"})
+    if have:
+        return True, f"bf16: this CPU computes it natively ({', '.join(have)})"
+    return False, "bf16: this CPU has no AVX512-BF16/AMX: OpenVINO runs bf16 as fp32 and torch emulates it (slower)"
 
 
 def mkldnn_available() -> bool:

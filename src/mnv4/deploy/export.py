@@ -34,6 +34,7 @@ from ..models.meta import weights_meta
 from .formats import Format
 from .fusion import fuse
 from .inputs import load_images, random_inputs
+from .layout import InputFormat
 from .parity import CRITERIA, INT8_MIN_TOP1, Criteria, ParityError, ParityReport, compare, run_batches, save_report
 from .requests import MAX_INPUT_SIZE, MIN_INPUT_SIZE, ExportRequest
 from .runners import RunOptions
@@ -187,15 +188,29 @@ def export(
     )  # fmt: skip
     calib = calib_data.float() if calib_data is not None and int8 else ins.calib
     model, weights, random_weights = _weights_to_export(model, request, input_size, calib)
+    # The artefact is fed raw inputs (layout, dtype); eager gets them converted by the graph's own
+    # arithmetic, so the check covers the conversion too.
+    fmt_in = input_format(request, model)
+    raw = fmt_in.to_raw(ins.x)
+    batch = request.batch_for(info)
+    kept = _float_layers(model, request, calib, progress)
+    raw_calib = None if calib is None else fmt_in.to_raw(calib)
     with _converter_output(progress):
-        float_ends = _write(model, info, path, request, ins.x, calib)
+        float_ends = _write(model, info, path, request, raw, raw_calib, batch, kept, ins.labels)
 
     report = _new_report(info, request, path, ins, weights, random_weights, float_ends)
-    reference = _eager(model, ins.x)
+    report.input_shape, report.input_format = list(raw.shape[1:]), fmt_in.describe()
+    report.float_layers = list(kept)
+    report.ptq = request.ptq().chosen() if int8 else {}
+    reference = _eager(model, fmt_in.to_model(raw))
     if not info.can_run():
-        _check_structure(info, path, ins.x, reference, report)
+        _check_structure(info, path, _rows(raw, batch or 1), reference, report)
     else:
-        _check_numerics(info, path, request, ins, reference, report, _criteria(request, random_weights), progress)
+        criteria = _criteria(request, random_weights)
+        _check_numerics(info, path, request, (raw, ins.labels), batch, reference, report, criteria, progress)
+        if kept:
+            with _converter_output(progress):
+                _keep_float_cost(model, info, path, request, (raw, raw_calib, batch), reference, report)
     save_report(report)
     if verbose:
         print(report.summary())
@@ -230,18 +245,106 @@ def _converter_output(progress: bool | None) -> Iterator[None]:
         yield
 
 
+def input_format(request: ExportRequest, model: nn.Module) -> InputFormat:
+    """What the artefact's input is, with the normalisation of the model's weights record."""
+    pp = weights_meta(model).preprocess
+    return InputFormat(request.input_layout, request.input_dtype, tuple(pp.mean), tuple(pp.std))
+
+
+def _rows(x: torch.Tensor, n: int) -> torch.Tensor:
+    """``n`` rows of ``x``, repeating them when ``x`` has fewer."""
+    return x[torch.arange(n) % len(x)]
+
+
 def _write(
-    model: nn.Module, info: Format, path: Path, request: ExportRequest, x: torch.Tensor, calib: torch.Tensor | None
+    model: nn.Module,
+    info: Format,
+    path: Path,
+    request: ExportRequest,
+    x: torch.Tensor,
+    calib: torch.Tensor | None,
+    batch: int | None,
+    keep_float: tuple[str, ...] = (),
+    labels: np.ndarray | None = None,
 ) -> bool:
-    """Fuse and write the artefact atomically; returns whether INT8 kept the stem and head in float."""
-    deploy_model = fuse(model)
+    """Fuse and write the artefact atomically (``x``, ``calib``: raw inputs; ``batch``: N, or None for
+    dynamic); returns whether INT8 kept the stem and head in float."""
+    fmt_in = input_format(request, model)
+    deploy_model = fmt_in.wrap(fuse(model), _in_chans(model))
     if request.precision == "fp16" and info.half_model:
         deploy_model = deploy_model.half()
-    example = x[:2].to(next(deploy_model.parameters()).dtype)
+    elif request.precision == "bf16" and info.bf16 and info.half_model:
+        deploy_model = deploy_model.to(torch.bfloat16)
+    example = _rows(x, batch or 2)
+    if example.is_floating_point():
+        example = example.to(next(deploy_model.parameters()).dtype)
     float_ends = request.precision == "int8" and info.float_ends and not request.int8_all_layers
-    job = WriteJob(request.precision, calib, float_ends)
+    job = WriteJob(
+        request.precision, calib, float_ends, batch is None, keep_float, request.ptq(), _validation(request, x, labels)
+    )
     write_atomically(path, lambda target: info.writer(deploy_model, example, target, job))
     return float_ends
+
+
+def _validation(request: ExportRequest, x: torch.Tensor, labels: np.ndarray | None) -> tuple | None:
+    """Accuracy-controlled INT8's validation set: the labelled evaluation images, raw."""
+    if request.max_accuracy_drop is None:
+        return None
+    if labels is None:
+        raise MNv4Error("`max_accuracy_drop` needs evaluation images whose classes are the model's (`eval_dir`)")
+    return x, labels
+
+
+def _float_layers(
+    model: nn.Module, request: ExportRequest, calib: torch.Tensor | None, progress: bool | None
+) -> tuple[str, ...]:
+    """The layers INT8 leaves float on request: those named, then the ``keep_float`` most sensitive
+    others (mnv4.deploy.sensitivity on the calibration images)."""
+    kept = list(dict.fromkeys(request.keep_float_layers))
+    if request.keep_float and calib is not None:
+        from .sensitivity import analyze
+
+        ranked = [n for n in analyze(model, calib, progress=progress).worst(10**6) if n not in kept]
+        kept += ranked[: request.keep_float]
+    return tuple(kept)
+
+
+def _keep_float_cost(
+    model: nn.Module,
+    info: Format,
+    path: Path,
+    request: ExportRequest,
+    data: tuple[torch.Tensor, torch.Tensor | None, int | None],
+    reference: np.ndarray,
+    report: ParityReport,
+) -> None:
+    """What keeping layers float bought and cost: the same export without them, its top-1 agreement,
+    and both artefacts' batch-1 latency timed in alternating rounds on this CPU."""
+    import tempfile
+
+    from ..perf.latency import alternating_medians
+
+    raw, raw_calib, batch = data
+    with tempfile.TemporaryDirectory() as tmp:
+        plain = Path(tmp) / path.name
+        _write(model, info, plain, request, raw, raw_calib, batch)
+        runs = {k: info.loader(p, RunOptions(request.threads, "int8")) for k, p in (("with", path), ("without", plain))}
+        out = run_batches(runs["without"], raw.numpy(), batch or len(raw), fixed=batch is not None)
+        one = np.ascontiguousarray(_rows(raw, batch or 1).numpy())
+        ms = alternating_medians(runs, one, rounds=5, iters=10)
+    agreement = float((out.argmax(1) == reference.argmax(1)).mean())
+    report.keep_float_cost = {
+        "top1_agreement_without": agreement,
+        "latency_ms_with": ms["with"],
+        "latency_ms_without": ms["without"],
+        "latency_cost": ms["with"] / ms["without"] - 1.0,
+        "threads": request.threads,
+    }
+    report.notes.append(
+        f"kept float: {len(report.float_layers)} layer(s); top-1 agreement {report.top1_agreement:.2%} vs "
+        f"{agreement:.2%} without; batch-1 latency {ms['with']:.3g} ms vs {ms['without']:.3g} ms "
+        f"({ms['with'] / ms['without'] - 1:+.1%}) on this CPU"
+    )
 
 
 def _criteria(request: ExportRequest, random_weights: bool) -> Criteria:
@@ -283,6 +386,10 @@ def _new_report(
         report.notes.append("recalibrate_bn: the artefact's BatchNorm statistics were re-estimated, not the input's")
     if float_ends:
         report.notes.append("int8: stem conv and head (after the global pool) kept in float")
+    if precision == "bf16":
+        from .cpu import bf16_support
+
+        report.notes.append(bf16_support()[1])
     return report
 
 
@@ -290,27 +397,29 @@ def _check_numerics(
     info: Format,
     path: Path,
     request: ExportRequest,
-    ins: _Inputs,
+    inputs: tuple[torch.Tensor, np.ndarray | None],
+    fixed: int | None,
     reference: np.ndarray,
     report: ParityReport,
     criteria: Criteria,
     progress: bool | None,
 ) -> None:
-    """Run the artefact in its runtime on the check's inputs and compare with eager."""
-    precision, x = request.precision, ins.x
+    """Run the artefact in its runtime on the (raw) check inputs and compare with eager; ``fixed``:
+    the artefact's fixed batch, None for dynamic."""
+    precision, (x, labels) = request.precision, inputs
     run = info.loader(path, RunOptions(request.threads, precision))
-    batch = len(x) if info.dynamic_batch else 1
-    out = run_batches(run, x.numpy(), batch, progress)
-    report.batch_sizes = sorted({1, batch} if info.dynamic_batch else {1})
-    if info.dynamic_batch and len(x) > 1:
+    batch = fixed or len(x)
+    out = run_batches(run, x.numpy(), batch, progress, fixed=fixed is not None)
+    report.batch_sizes = [fixed] if fixed else sorted({1, batch})
+    if fixed is None and len(x) > 1:
         # Dynamic batch must really be dynamic: batch 1 must give the same rows as the big batch.
         single = run_batches(run, x[:1].numpy(), 1)
         # int8 kernels may pick other blockings per batch size, so allow the format's own noise.
-        tol = {"fp32": 1e-4, "fp16": 1e-2, "int8": 5e-2}[precision] * float(np.abs(out).max())
+        tol = {"fp32": 1e-4, "fp16": 1e-2, "bf16": 5e-2, "int8": 5e-2}[precision] * float(np.abs(out).max())
         report.dynamic_batch = bool(np.abs(single - out[:1]).max() <= tol)
         if not report.dynamic_batch:
             report.failures.append("batch-1 and batched outputs differ")
-    compare(reference, out, report, criteria, ins.labels)
+    compare(reference, out, report, criteria, labels)
 
 
 def _check_structure(info: Format, path: Path, x: torch.Tensor, reference: np.ndarray, report: ParityReport) -> None:
@@ -320,7 +429,7 @@ def _check_structure(info: Format, path: Path, x: torch.Tensor, reference: np.nd
     st = report.structure = info.inspect(path)
     report.numerics_checked = False
     report.notes.append(f"numerics not checked: {info.title} cannot run here; IO shapes and ops verified")
-    report.criteria = {"inputs": "match example", "outputs": "[1, num_classes]"}
-    if st["inputs"] != [list(x[:1].shape)] or st["outputs"] != [[1, reference.shape[1]]]:
+    report.criteria = {"inputs": "match example", "outputs": "[batch, num_classes]"}
+    if st["inputs"] != [list(x.shape)] or st["outputs"] != [[len(x), reference.shape[1]]]:
         report.failures.append(f"unexpected IO shapes {st['inputs']} -> {st['outputs']}")
     report.passed = not report.failures

@@ -33,7 +33,7 @@ __all__ = [
     "load_runner",
 ]
 
-PRECISIONS = ("fp32", "fp16", "int8")
+PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 
 
 @dataclass(frozen=True)
@@ -57,10 +57,14 @@ class Format:
     predicts_on: tuple[str, ...] = ()  # sys.platform values where its runtime can run; () = anywhere
     inspect: Callable[[Path], dict] | None = None  # structure check where the runtime cannot run
     bench_default: bool = False  # in mnv4 bench's default runtime list
+    uint8_input: bool = True  # can take uint8 pixels with the normalisation in the graph (mnv4.deploy.layout)
+    fixed_batch: bool = True  # can be exported for a fixed batch N
+    bf16: str | None = None  # how bf16 runs, None where there is no bf16 route (needs a CPU with it: cpu.bf16_support)
 
     @property
     def precisions(self) -> tuple[str, ...]:
-        return ("fp32",) + (("fp16",) if self.fp16 else ()) + (("int8",) if self.int8 else ())
+        half = (("fp16",) if self.fp16 else ()) + (("bf16",) if self.bf16 else ())
+        return ("fp32",) + half + (("int8",) if self.int8 else ())
 
     def missing(self, precision: str = "fp32") -> list[str]:
         """The modules this route needs that are not installed."""
@@ -141,6 +145,7 @@ FORMATS: dict[str, Format] = {
             float_ends=True,
             denormals="compile property `CPU_DENORMALS_OPTIMIZATION=True`",
             bench_default=True,
+            bf16="fp32 IR, `INFERENCE_PRECISION_HINT=bf16`",
         ),
         Format(
             name="litert",
@@ -193,6 +198,7 @@ FORMATS: dict[str, Format] = {
             other_suffixes=(".mlmodel",),
             predicts_on=("darwin",),
             inspect=runners.inspect_coreml,
+            uint8_input=False,  # an ML Program takes fp16/fp32/int32 arrays; pixels would go through an ImageType
         ),
         Format(
             name="torchscript",
@@ -209,7 +215,9 @@ FORMATS: dict[str, Format] = {
             float_ends=False,
             denormals="`torch.set_flush_denormal(True)` (mnv4.perf.latency.flush_denormals)",
             half_model=True,
+            bf16="model cast to bfloat16",
             other_suffixes=(".ts",),
+            fixed_batch=False,  # a trace keeps the batch symbolic
         ),
         Format(
             name="pt2",
@@ -226,6 +234,7 @@ FORMATS: dict[str, Format] = {
             float_ends=False,
             denormals="`torch.set_flush_denormal(True)` (mnv4.perf.latency.flush_denormals)",
             half_model=True,
+            bf16="model cast to bfloat16",
         ),
     )
 }
@@ -254,13 +263,20 @@ def format_for_runtime(runtime: str) -> Format | None:
 
 def format_table() -> str:
     """The per-format Markdown table of docs/deploy.md, generated from the records."""
-    head = "| format | suffix | install | bench runtime | dynamic batch | fp16 | INT8 route | INT8 float ends |"
+    head = (
+        "| format | suffix | install | bench runtime | batch (`--batch`) | uint8 input | fp16 | bf16 | INT8 route "
+        "| INT8 float ends |"
+    )
     lines = [head, "|---" * (head.count("|") - 1) + "|"]
     for f in FORMATS.values():
         install = f"`mnv4[{f.extra}]`" if f.extra else "(torch)"
+        if f.dynamic_batch:
+            batch = "dynamic (default) or fixed N" if f.fixed_batch else "dynamic only"
+        else:
+            batch = "fixed N (default 1)"
         lines.append(
-            f"| `{f.name}` | `{f.suffix}` | {install} | `{f.runtime}` | {'yes' if f.dynamic_batch else 'no (batch 1)'} "
-            f"| {f.fp16 or 'no'} | {f.int8 or 'none'} | {'yes' if f.float_ends else 'no'} |"
+            f"| `{f.name}` | `{f.suffix}` | {install} | `{f.runtime}` | {batch} | {'yes' if f.uint8_input else 'no'} "
+            f"| {f.fp16 or 'no'} | {f.bf16 or 'no'} | {f.int8 or 'none'} | {'yes' if f.float_ends else 'no'} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -51,6 +51,8 @@ INT8_MIN_TOP1 = 0.9
 CRITERIA = {
     "fp32": Criteria(max_rel=1e-4, min_cosine=0.99999, min_top1=None),
     "fp16": Criteria(max_rel=3e-2, min_cosine=0.999, min_top1=None),
+    # bf16 keeps 8 bits of mantissa (~2-3 digits): judged by cosine; its top-1 agreement is reported
+    "bf16": Criteria(max_rel=None, min_cosine=0.99, min_top1=None),
     "int8": Criteria(max_rel=None, min_cosine=0.95, min_top1=INT8_MIN_TOP1),
 }
 
@@ -62,6 +64,10 @@ class ParityReport:
     artefact: str
     samples: int
     input_shape: list[int]
+    input_format: str = "NCHW normalised float32"  # what the artefact takes (mnv4.deploy.layout)
+    float_layers: list[str] = field(default_factory=list)  # int8: layers kept float on request (keep_float)
+    keep_float_cost: dict = field(default_factory=dict)  # agreement and latency with vs without them
+    ptq: dict = field(default_factory=dict)  # int8: the PTQ settings chosen (mnv4.deploy.ptq; empty: defaults)
     max_abs_diff: float | None = None
     max_rel_diff: float | None = None
     cosine: float | None = None
@@ -169,12 +175,22 @@ def save_report(report: ParityReport) -> Path:
 
 
 def run_batches(
-    run: Callable[[np.ndarray], np.ndarray], x: np.ndarray, batch: int, progress: bool | None = False
+    run: Callable[[np.ndarray], np.ndarray],
+    x: np.ndarray,
+    batch: int,
+    progress: bool | None = False,
+    fixed: bool = False,
 ) -> np.ndarray:
-    """Run ``x`` through ``run`` in chunks of ``batch`` (1 for formats with a fixed batch)."""
+    """Run ``x`` through ``run`` in chunks of ``batch``; ``fixed``: the artefact takes exactly
+    ``batch`` rows, so a short last chunk is padded with its first row and the padding dropped."""
     from tqdm import tqdm
+
+    def one(chunk: np.ndarray) -> np.ndarray:
+        n = len(chunk)
+        if fixed and n < batch:
+            chunk = np.concatenate([chunk, np.repeat(chunk[:1], batch - n, 0)], 0)
+        return np.asarray(run(np.ascontiguousarray(chunk)))[:n]
 
     starts = range(0, len(x), batch)
     disable = None if progress is None else not progress
-    outs = [np.asarray(run(np.ascontiguousarray(x[i : i + batch]))) for i in tqdm(starts, "parity", disable=disable)]
-    return np.concatenate(outs, 0)
+    return np.concatenate([one(x[i : i + batch]) for i in tqdm(starts, "parity", disable=disable)], 0)

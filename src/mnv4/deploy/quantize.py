@@ -21,10 +21,12 @@ import os
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
 from ..errors import MNv4Error, missing_extra
+from .ptq import DEFAULT_PTQ, PTQSettings
 
 __all__ = [
     "quantize_onnx",
@@ -33,10 +35,73 @@ __all__ = [
     "litert_quantizer",
     "xnnpack_quantizer",
     "float_end_ops",
+    "calib_batches",
+    "onnx_layer_nodes",
+    "openvino_layer_ops",
 ]
 
 _POOLS = {"GlobalAveragePool", "ReduceMean", "AveragePool", "AvgPool"}
 _COMPUTE = {"Conv", "Gemm", "MatMul", "Convolution", "GroupConvolution"}
+
+
+def calib_batches(calib: torch.Tensor, batch: int) -> list:
+    """The calibration set as numpy chunks of exactly ``batch`` rows (a fixed-batch artefact takes no
+    other), the last one padded with the set's first rows."""
+    n = -(-len(calib) // batch) * batch
+    padded = calib[torch.arange(n) % len(calib)]
+    return [padded[i : i + batch].numpy() for i in range(0, n, batch)]
+
+
+def _is_layer(path: str, name: str) -> bool:
+    # a model behind mnv4.deploy.layout's input conversion sits under "model."
+    return path in (name, f"model.{name}")
+
+
+def onnx_layer_nodes(model_proto, layers: tuple[str, ...]) -> list[str]:
+    """The ONNX nodes computing the given module paths (torch's exporter records each node's module
+    path in its ``namespace`` metadata: ``.../stages.1.0.conv: torch.nn.modules.conv.Conv2d/conv2d_3: ...``)."""
+    found: dict[str, list[str]] = {name: [] for name in layers}
+    for node in model_proto.graph.node:
+        if node.op_type not in _COMPUTE:
+            continue
+        scopes = next((p.value for p in node.metadata_props if p.key == "namespace"), "").split("/")
+        module = scopes[-2].split(":")[0] if len(scopes) >= 2 else ""
+        for name in layers:
+            if _is_layer(module, name):
+                found[name].append(node.name)
+    _require_found(found)
+    return [n for names in found.values() for n in names]
+
+
+def openvino_layer_ops(program, ov_model, layers: tuple[str, ...]) -> list[str]:
+    """The OpenVINO ops computing the given module paths: ``program`` (the ExportedProgram converted)
+    maps module paths to its fx nodes, whose names OpenVINO keeps as its ops' name prefix (with
+    ``conv2d`` spelled ``convolution``)."""
+    fx: dict[str, str] = {}
+    for node in program.graph.nodes:
+        stack = node.meta.get("nn_module_stack") if node.op == "call_function" else None
+        if stack and any(t in str(node.target) for t in ("conv2d", "convolution", "linear")):
+            fx[node.name] = list(stack.values())[-1][0]
+    prefixes = {name: {f for f, path in fx.items() if _is_layer(path, name)} for name in layers}
+    prefixes = {k: v | {f.replace("conv2d", "convolution") for f in v} for k, v in prefixes.items()}
+    found: dict[str, list[str]] = {name: [] for name in layers}
+    for op in ov_model.get_ordered_ops():
+        if op.get_type_name() in _COMPUTE:
+            head = op.get_friendly_name().split("/")[0]
+            for name, heads in prefixes.items():
+                if head in heads:
+                    found[name].append(op.get_friendly_name())
+    _require_found(found)
+    return [n for names in found.values() for n in names]
+
+
+def _require_found(found: dict[str, list[str]]) -> None:
+    missing = [name for name, nodes in found.items() if not nodes]
+    if missing:
+        raise MNv4Error(
+            f"no conv/linear layer named {', '.join(missing)} in the exported graph (`keep_float_layers`; "
+            "`mnv4 quantize analyze` lists the layers)"
+        )
 
 
 def float_end_ops(ops: list[tuple[str, str]]) -> list[str]:
@@ -53,11 +118,24 @@ def float_end_ops(ops: list[tuple[str, str]]) -> list[str]:
 
 
 def quantize_onnx(
-    fp32_path: str | os.PathLike, out_path: str | os.PathLike, calib: torch.Tensor, float_ends: bool = True
+    fp32_path: str | os.PathLike,
+    out_path: str | os.PathLike,
+    calib: torch.Tensor,
+    float_ends: bool = True,
+    batch: int = 1,
+    keep_float: tuple[str, ...] = (),
+    settings: PTQSettings = DEFAULT_PTQ,
 ) -> None:
-    """Static QDQ INT8 of an fp32 ONNX model (``float_ends``: see the module docstring)."""
+    """Static QDQ INT8 of an fp32 ONNX model (``float_ends``: see the module docstring; ``keep_float``:
+    module paths left float; ``settings``: calibration method and weight granularity)."""
     try:
-        from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+        from onnxruntime.quantization import (
+            CalibrationDataReader,
+            CalibrationMethod,
+            QuantFormat,
+            QuantType,
+            quantize_static,
+        )
         from onnxruntime.quantization.shape_inference import quant_pre_process
     except ImportError:
         raise missing_extra("onnxruntime", "onnx") from None
@@ -67,19 +145,20 @@ def quantize_onnx(
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
-            self.items = iter(calib[i : i + 1].numpy() for i in range(len(calib)))
+            self.items = iter(calib_batches(calib, batch))
 
         def get_next(self):
             x = next(self.items, None)
             return None if x is None else {input_name: x}
 
+    kept = onnx_layer_nodes(onnx.load(str(fp32_path), load_external_data=False), keep_float) if keep_float else []
     with tempfile.TemporaryDirectory() as tmp:
         pre = Path(tmp) / "pre.onnx"
         quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=True)
-        exclude = []
+        exclude = list(kept)
         if float_ends:
             nodes = onnx.load(str(pre), load_external_data=False).graph.node
-            exclude = [n for n in float_end_ops([(n.name, n.op_type) for n in nodes]) if n]
+            exclude += [n for n in float_end_ops([(n.name, n.op_type) for n in nodes]) if n]
         quantize_static(
             str(pre),
             str(out_path),
@@ -87,36 +166,104 @@ def quantize_onnx(
             quant_format=QuantFormat.QDQ,
             activation_type=QuantType.QUInt8,
             weight_type=QuantType.QInt8,
-            per_channel=True,
+            per_channel=settings.per_channel,
             nodes_to_exclude=exclude,
+            calibrate_method=_ORT_CALIBRATION[settings.calibration or "minmax"](CalibrationMethod),
+            extra_options={"CalibPercentile": PERCENTILE} if settings.calibration == "percentile" else {},
         )
 
 
-def quantize_openvino(ov_model, calib: torch.Tensor, float_ends: bool = True):
-    """NNCF post-training INT8 of an ``openvino.Model`` (``float_ends``: see the module docstring)."""
+PERCENTILE = 99.999  # ORT's own default for its percentile calibrator
+_ORT_CALIBRATION = {
+    "minmax": lambda m: m.MinMax,
+    "percentile": lambda m: m.Percentile,
+    "entropy": lambda m: m.Entropy,
+}
+
+
+def _nncf_options(nncf, settings: PTQSettings) -> dict:
+    """nncf.quantize keyword arguments for ``settings`` (only what differs from NNCF's defaults)."""
+    from nncf.quantization.advanced_parameters import (
+        AdvancedQuantizationParameters,
+        QuantizationParameters,
+    )
+    from nncf.quantization.range_estimator import RangeEstimatorParametersSet
+
+    kw: dict = {}
+    if settings.nncf_preset:
+        kw["preset"] = {"performance": nncf.QuantizationPreset.PERFORMANCE, "mixed": nncf.QuantizationPreset.MIXED}[
+            settings.nncf_preset
+        ]
+    if settings.bias_correction == "full":
+        kw["fast_bias_correction"] = False
+    advanced: dict = {}
+    if settings.bias_correction == "none":
+        advanced["disable_bias_correction"] = True
+    if settings.weight_granularity == "per-tensor":
+        advanced["weights_quantization_params"] = QuantizationParameters(per_channel=False)
+    if settings.calibration:
+        ranges = {"minmax": "MINMAX", "percentile": "MEAN_QUANTILE"}[settings.calibration]
+        advanced["activations_range_estimator_params"] = getattr(RangeEstimatorParametersSet, ranges)
+    if advanced:
+        kw["advanced_parameters"] = AdvancedQuantizationParameters(**advanced)
+    return kw
+
+
+def quantize_openvino(
+    ov_model,
+    calib: torch.Tensor,
+    float_ends: bool = True,
+    batch: int = 1,
+    keep_float_ops: list[str] | None = None,
+    settings: PTQSettings = DEFAULT_PTQ,
+    validation: tuple | None = None,
+):
+    """NNCF post-training INT8 of an ``openvino.Model`` (``float_ends``: see the module docstring;
+    ``keep_float_ops``: further op names left float; ``settings``: mnv4.deploy.ptq). With
+    ``settings.max_accuracy_drop`` and ``validation`` (raw inputs, labels), NNCF's accuracy-controlled
+    quantization reverts the layers that cost most to float until top-1 drops by at most that much."""
     try:
         import nncf
     except ImportError:
         raise missing_extra("nncf", "openvino") from None
-    dataset = nncf.Dataset([calib[i : i + 1].numpy() for i in range(len(calib))])
+    chunks = calib_batches(calib, batch)
+    dataset = nncf.Dataset(chunks)
     kw = {}
+    ignored = list(keep_float_ops or [])
     if float_ends:
         ops = [(op.get_friendly_name(), op.get_type_name()) for op in ov_model.get_ordered_ops()]
-        kw["ignored_scope"] = nncf.IgnoredScope(names=float_end_ops(ops))
-    return nncf.quantize(ov_model, dataset, subset_size=len(calib), **kw)
+        ignored += float_end_ops(ops)
+    if ignored:
+        kw["ignored_scope"] = nncf.IgnoredScope(names=ignored)
+    kw.update(_nncf_options(nncf, settings))
+    if settings.max_accuracy_drop is None:
+        return nncf.quantize(ov_model, dataset, subset_size=len(chunks), **kw)
+    x, labels = validation
+    items = [(x[i : i + batch].numpy(), labels[i : i + batch]) for i in range(0, len(x) - batch + 1, batch)]
+
+    def top1(compiled, data) -> float:
+        hits = [(np.asarray(compiled(inp)[0]).argmax(1) == y) for inp, y in data]
+        return float(np.concatenate(hits).mean())
+
+    if "advanced_parameters" in kw:
+        kw["advanced_quantization_parameters"] = kw.pop("advanced_parameters")
+    return nncf.quantize_with_accuracy_control(
+        ov_model, dataset, nncf.Dataset(items, lambda item: item[0]), top1,
+        max_drop=settings.max_accuracy_drop, subset_size=len(chunks), **kw,
+    )  # fmt: skip
 
 
-def litert_quantizer():
-    """litert-torch's PT2EQuantizer, symmetric per-channel INT8 (what LiteRT's converter folds)."""
+def litert_quantizer(per_channel: bool = True):
+    """litert-torch's PT2EQuantizer, symmetric INT8, per-channel weights by default (what LiteRT's converter folds)."""
     try:
         from litert_torch.quantize.pt2e_quantizer import PT2EQuantizer, get_symmetric_quantization_config
     except ImportError:
         raise missing_extra("litert-torch", "litert") from None
-    return PT2EQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
+    return PT2EQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=per_channel))
 
 
-def xnnpack_quantizer():
-    """ExecuTorch's XNNPACKQuantizer, symmetric per-channel INT8."""
+def xnnpack_quantizer(per_channel: bool = True):
+    """ExecuTorch's XNNPACKQuantizer, symmetric INT8, per-channel weights by default."""
     try:
         from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
             XNNPACKQuantizer,
@@ -124,7 +271,7 @@ def xnnpack_quantizer():
         )
     except ImportError:
         raise missing_extra("executorch", "executorch") from None
-    return XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
+    return XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=per_channel))
 
 
 def pt2e_quantize(model: nn.Module, example: torch.Tensor, calib: torch.Tensor, quantizer, fold_quantize: bool = True):
@@ -141,6 +288,6 @@ def pt2e_quantize(model: nn.Module, example: torch.Tensor, calib: torch.Tensor, 
     graph = torch.export.export(model.eval(), (example,)).module()
     prepared = prepare_pt2e(graph, quantizer)
     with torch.no_grad():
-        for i in range(len(calib)):
-            prepared(calib[i : i + 1])
+        for chunk in calib_batches(calib, len(example)):  # the graph's batch is the example's
+            prepared(torch.from_numpy(chunk))
     return convert_pt2e(prepared, fold_quantize=fold_quantize)

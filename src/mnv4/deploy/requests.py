@@ -16,6 +16,8 @@ from ..errors import InvalidValue, MNv4Error, check_float, check_int
 from ..perf.latency import LatencyProtocol
 from ..requests import option
 from .formats import FORMATS, PRECISIONS, Format, get_format
+from .layout import INPUT_DTYPES, LAYOUTS, parse_batch
+from .ptq import BIAS_CORRECTIONS, CALIBRATIONS, GRANULARITIES, NNCF_PRESETS, ROUTE_SETTINGS, PTQSettings
 
 __all__ = [
     "ExportRequest",
@@ -58,7 +60,7 @@ class ExportRequest:
     format: str = option(help="artefact format / runtime", choices=tuple(FORMATS))
     output: str | os.PathLike | None = None  # a file, or a folder for the default name (CLI: -o)
     input_size: int | None = None  # default: the model's (CLI: --input-size)
-    precision: str = option("fp32", "fp32, fp16 or post-training int8 (int8 needs --calib)", choices=PRECISIONS)
+    precision: str = option("fp32", "fp32, fp16, bf16 or post-training int8 (int8 needs --calib)", choices=PRECISIONS)
     calib_dir: str | os.PathLike | None = _folder(
         "--calib", "calibration image folder for int8 (flat or one folder per class)"
     )
@@ -81,12 +83,107 @@ class ExportRequest:
         kind=bool,
     )
 
+    input_layout: str = option("nchw", "the artefact's input layout (nhwc: what cameras hand over)", choices=LAYOUTS)
+    input_dtype: str = option(
+        "float32",
+        "the artefact's input: normalised float32, or uint8 pixels 0-255 with the weights' normalisation in the graph",
+        choices=INPUT_DTYPES,
+    )
+    batch: str | None = option(
+        None,
+        "N (fixed batch) or dynamic (default: dynamic where the format can hold it, else 1)",
+        kind=str,
+        metavar="N|dynamic",
+    )
+
+    keep_float: int = option(
+        0,
+        "int8: keep the N layers most sensitive to INT8 float, ranked on the calibration images as `mnv4 quantize "
+        f"analyze` does ({', '.join(f.name for f in FORMATS.values() if f.float_ends)}); the report gives the "
+        "agreement and the latency cost",
+    )
+    keep_float_layers: tuple[str, ...] = option(
+        (), "int8: comma list of layers (module paths, see `mnv4 quantize analyze`) kept float", kind=tuple
+    )
+
+    # PTQ settings (mnv4.deploy.ptq): None = the route's default; docs/deploy.md says how to choose.
+    calibration: str | None = option(
+        None, "int8 activation ranges: minmax, percentile, entropy (onnx: all; openvino: minmax, percentile)",
+        kind=str, choices=CALIBRATIONS,
+    )  # fmt: skip
+    weight_granularity: str | None = option(
+        None, "int8 weight scales per-channel or per-tensor (default: per-channel)", kind=str, choices=GRANULARITIES
+    )
+    nncf_preset: str | None = option(
+        None, "openvino int8: NNCF preset, performance (symmetric) or mixed (asymmetric activations)",
+        kind=str, choices=NNCF_PRESETS,
+    )  # fmt: skip
+    bias_correction: str | None = option(
+        None, "openvino int8: NNCF bias correction, fast (NNCF's default), full or none", kind=str,
+        choices=BIAS_CORRECTIONS,
+    )  # fmt: skip
+    max_accuracy_drop: float | None = option(
+        None, "openvino int8: NNCF accuracy-controlled quantization on the labelled --eval images, keeping "
+        "the top-1 drop under this (e.g. 0.01) by reverting layers to float", kind=float,
+    )  # fmt: skip
+
+    def ptq(self) -> PTQSettings:
+        return PTQSettings(
+            self.calibration, self.weight_granularity, self.nncf_preset, self.bias_correction, self.max_accuracy_drop
+        )
+
+    @property
+    def fixed_batch(self) -> int | None:
+        """The fixed batch asked for, None for a dynamic one (call after :meth:`validated`)."""
+        return parse_batch(self.batch)
+
+    def batch_for(self, info: Format) -> int | None:
+        """The artefact's batch: N, or None for dynamic (the format's default when not asked)."""
+        if self.batch is None:
+            return None if info.dynamic_batch else 1
+        return self.fixed_batch
+
+    def _check_inputs(self, info: Format) -> None:
+        """The mobile-input fields, against what the format can hold (its record says)."""
+        if self.input_layout not in LAYOUTS:
+            raise InvalidValue("input_layout", self.input_layout, f"choose one of {', '.join(LAYOUTS)}")
+        if self.input_dtype not in INPUT_DTYPES:
+            raise InvalidValue("input_dtype", self.input_dtype, f"choose one of {', '.join(INPUT_DTYPES)}")
+        if self.input_dtype == "uint8" and not info.uint8_input:
+            others = ", ".join(f.name for f in FORMATS.values() if f.uint8_input)
+            raise MNv4Error(f"{info.name} cannot take uint8 pixels in mnv4 (`input_dtype`); formats that can: {others}")
+        try:
+            n = parse_batch(self.batch)
+        except (TypeError, ValueError):
+            raise InvalidValue("batch", self.batch, "give a whole number >= 1 or 'dynamic'") from None
+        if n is None and self.batch is not None and not info.dynamic_batch:
+            others = ", ".join(f.name for f in FORMATS.values() if f.dynamic_batch)
+            raise MNv4Error(f"{info.name} artefacts have a fixed batch (`batch`); dynamic batch: {others}")
+        if n is not None and not info.fixed_batch:
+            raise MNv4Error(f"{info.name} artefacts always take any batch; leave `batch` out")
+
+    def _check_ptq(self, info: Format) -> None:
+        settings = self.ptq()
+        if not settings.chosen():
+            return
+        if self.precision != "int8":
+            raise MNv4Error(f"{', '.join(settings.chosen())} apply to int8 exports only (`precision`)")
+        bad = settings.unsupported(info.name)
+        if bad:
+            offered = ", ".join(f"{f}: {', '.join(s) or 'none'}" for f, s in ROUTE_SETTINGS.items())
+            raise MNv4Error(f"{info.name} int8 cannot honour {', '.join(bad)} (settings per route: {offered})")
+        if self.max_accuracy_drop is not None:
+            check_float("max_accuracy_drop", self.max_accuracy_drop, 0.0, 1.0)
+            if self.eval_dir is None:
+                raise MNv4Error("`max_accuracy_drop` needs labelled evaluation images (`eval_dir`)")
+
     def validated(self, has_calib_data: bool = False) -> Format:
         """Check the request in one place, before any work; returns the format's record."""
         info = get_format(self.format)
         if self.precision not in PRECISIONS:
             raise InvalidValue("precision", self.precision, f"choose one of {', '.join(PRECISIONS)}")
         info.require(self.precision)
+        self._check_inputs(info)
         if self.input_size is not None:
             check_int("input_size", self.input_size, MIN_INPUT_SIZE, MAX_INPUT_SIZE)
         check_int("samples", self.samples, 1)
@@ -96,6 +193,11 @@ class ExportRequest:
         if self.threads is not None:
             check_int("threads", self.threads, 1)
         _check_folders(("calib_dir", self.calib_dir, "calibration"), ("eval_dir", self.eval_dir, "evaluation"))
+        check_int("keep_float", self.keep_float, 0)
+        if (self.keep_float or self.keep_float_layers) and not (self.precision == "int8" and info.float_ends):
+            can = ", ".join(f.name for f in FORMATS.values() if f.float_ends)
+            raise MNv4Error(f"`keep_float`/`keep_float_layers` apply to int8 on {can} only (format {info.name})")
+        self._check_ptq(info)
         if self.precision == "int8" and self.calib_dir is None and not has_calib_data:
             raise MNv4Error("INT8 export needs calibration images: pass an image folder as `calib_dir`")
         return info

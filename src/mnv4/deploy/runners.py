@@ -37,6 +37,11 @@ __all__ = [
 Runner = Callable[[np.ndarray], np.ndarray]
 
 
+def _as_input(x: np.ndarray, float_dtype) -> np.ndarray:
+    """Float inputs in the artefact's float type; uint8 pixels (mnv4.deploy.layout) as they are."""
+    return x if x.dtype == np.uint8 else x.astype(float_dtype, copy=False)
+
+
 @dataclass(frozen=True)
 class RunOptions:
     threads: int | None = None  # intra-op threads (None: the runtime's default)
@@ -78,7 +83,7 @@ def load_onnx(path: Path, options: RunOptions) -> Runner:
     dtype = np.float16 if "float16" in inp.type else np.float32
 
     def run(x: np.ndarray) -> np.ndarray:
-        return sess.run(None, {inp.name: x.astype(dtype, copy=False)})[0].astype(np.float32)
+        return sess.run(None, {inp.name: _as_input(x, dtype)})[0].astype(np.float32)
 
     return run
 
@@ -90,7 +95,7 @@ def load_openvino(path: Path, options: RunOptions) -> Runner:
         raise missing_extra("openvino", "openvino") from None
     # OpenVINO's CPU plugin defaults to bf16 on CPUs that have it (1.9e-3 diff): pin the precision.
     config = {
-        "INFERENCE_PRECISION_HINT": "f16" if options.precision == "fp16" else "f32",
+        "INFERENCE_PRECISION_HINT": {"fp16": "f16", "bf16": "bf16"}.get(options.precision, "f32"),
         "CPU_DENORMALS_OPTIMIZATION": options.flush_denormals,
     }
     if options.threads:
@@ -116,16 +121,16 @@ def load_openvino(path: Path, options: RunOptions) -> Runner:
 
 
 def _quantize_io(x: np.ndarray, detail: dict) -> np.ndarray:
-    if detail["dtype"] in (np.int8, np.uint8):  # static-int8 models take int8 inputs
-        scale, zero = detail["quantization"]
+    scale, zero = detail["quantization"]
+    if detail["dtype"] in (np.int8, np.uint8) and scale:  # static-int8 models take int8 inputs
         info = np.iinfo(detail["dtype"])
         return np.clip(np.round(x / scale + zero), info.min, info.max).astype(detail["dtype"])
     return x.astype(detail["dtype"], copy=False)
 
 
 def _dequantize_io(y: np.ndarray, detail: dict) -> np.ndarray:
-    if detail["dtype"] in (np.int8, np.uint8):
-        scale, zero = detail["quantization"]
+    scale, zero = detail["quantization"]
+    if detail["dtype"] in (np.int8, np.uint8) and scale:
         return (y.astype(np.float32) - zero) * scale
     return y.astype(np.float32)
 
@@ -178,8 +183,9 @@ def _torch_module_runner(module, options: RunOptions, dtype=None) -> Runner:
     dtype = dtype or next((p.dtype for p in module.parameters()), torch.float32)
 
     def run(x: np.ndarray) -> np.ndarray:
-        with torch.inference_mode():
-            return module(torch.from_numpy(x).to(dtype)).float().numpy()
+        t = torch.from_numpy(x)
+        with torch.inference_mode():  # uint8 pixels (mnv4.deploy.layout) go in as they are
+            return module(t.to(dtype) if t.is_floating_point() else t).float().numpy()
 
     return run
 
@@ -194,7 +200,8 @@ def load_torchscript(path: Path, options: RunOptions) -> Runner:
 
     extra = {TORCHSCRIPT_META: ""}
     module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra).eval()
-    dtype = torch.float16 if "float16" in str(extra[TORCHSCRIPT_META]) else torch.float32
+    recorded = str(extra[TORCHSCRIPT_META])
+    dtype = torch.bfloat16 if "bfloat16" in recorded else torch.float16 if "float16" in recorded else torch.float32
     return _torch_module_runner(module, options, dtype)
 
 

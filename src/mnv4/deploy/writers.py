@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import MNv4Error, missing_extra
+from .ptq import DEFAULT_PTQ, PTQSettings
 
 if TYPE_CHECKING:
     import torch
@@ -48,10 +49,14 @@ class WriteJob:
     precision: str  # fp32 | fp16 | int8
     calib: torch.Tensor | None = None  # preprocessed calibration batch [N, C, R, R] for int8
     float_ends: bool = False  # int8: keep the stem conv and the post-pool head in float
+    dynamic_batch: bool = True  # False: the example's batch is the artefact's (fixed) batch
+    keep_float: tuple[str, ...] = ()  # int8: module paths (in the fused model) left float
+    ptq: PTQSettings = DEFAULT_PTQ  # int8: calibration method, granularity, NNCF options
+    validation: tuple | None = None  # int8 accuracy control: (raw inputs, labels)
 
 
 def export_program(model: nn.Module, example: torch.Tensor, dynamic_batch: bool = True) -> torch.export.ExportedProgram:
-    """``torch.export`` with a dynamic batch dimension.
+    """``torch.export`` with a dynamic batch dimension, or with the example's batch fixed.
 
     A batch-1 example would let export specialise the batch to the constant 1, so the example is
     repeated to batch 2 and the batch dim marked ``Dim.AUTO``.
@@ -59,7 +64,7 @@ def export_program(model: nn.Module, example: torch.Tensor, dynamic_batch: bool 
     import torch
 
     if not dynamic_batch:
-        return torch.export.export(model, (example[:1],))
+        return torch.export.export(model, (example,))
     x = example[:1].expand(2, *example.shape[1:]).contiguous()
     return torch.export.export(model, (x,), dynamic_shapes=({0: torch.export.Dim.AUTO},))
 
@@ -84,7 +89,7 @@ def write_atomically(path: Path, write: Callable[[Path], None]) -> Path:
     return path
 
 
-def _onnx_program(model: nn.Module, example: torch.Tensor, target: Path) -> None:
+def _onnx_program(model: nn.Module, example: torch.Tensor, target: Path, job: WriteJob) -> None:
     import torch
 
     try:
@@ -92,23 +97,29 @@ def _onnx_program(model: nn.Module, example: torch.Tensor, target: Path) -> None
         import onnxscript  # noqa: F401
     except ImportError:
         raise missing_extra("onnx and onnxscript", "onnx") from None
-    ep = export_program(model, example)
+    ep = export_program(model, example, job.dynamic_batch)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(ep, (example,), dynamo=True, external_data=False, optimize=True, verbose=False)
     program.save(str(target))
 
 
+def _calib_batch(example: torch.Tensor, job: WriteJob) -> int:
+    """Calibration chunks: single images for a dynamic batch, else the artefact's fixed batch."""
+    return 1 if job.dynamic_batch else len(example)
+
+
 def write_onnx(model: nn.Module, example: torch.Tensor, target: Path, job: WriteJob) -> None:
     if job.precision != "int8":
-        _onnx_program(model, example, target)
+        _onnx_program(model, example, target, job)
         return
     from .quantize import quantize_onnx
 
     with tempfile.TemporaryDirectory() as tmp:
         fp32 = Path(tmp) / "fp32.onnx"
-        _onnx_program(model, example, fp32)
-        quantize_onnx(fp32, target, job.calib, float_ends=job.float_ends)
+        _onnx_program(model, example, fp32, job)
+        batch = _calib_batch(example, job)
+        quantize_onnx(fp32, target, job.calib, job.float_ends, batch, job.keep_float, job.ptq)
 
 
 def write_openvino(model: nn.Module, example: torch.Tensor, target: Path, job: WriteJob) -> None:
@@ -116,11 +127,14 @@ def write_openvino(model: nn.Module, example: torch.Tensor, target: Path, job: W
         import openvino as ov
     except ImportError:
         raise missing_extra("openvino", "openvino") from None
-    ov_model = ov.convert_model(export_program(model, example))
+    program = export_program(model, example, job.dynamic_batch)
+    ov_model = ov.convert_model(program)
     if job.precision == "int8":
-        from .quantize import quantize_openvino
+        from .quantize import openvino_layer_ops, quantize_openvino
 
-        ov_model = quantize_openvino(ov_model, job.calib, float_ends=job.float_ends)
+        kept = openvino_layer_ops(program, ov_model, job.keep_float) if job.keep_float else []
+        batch = _calib_batch(example, job)
+        ov_model = quantize_openvino(ov_model, job.calib, job.float_ends, batch, kept, job.ptq, job.validation)
     # save_model compresses weights to fp16 by default; keep fp32 weights unless fp16 was asked for.
     ov.save_model(ov_model, str(target), compress_to_fp16=job.precision == "fp16")
 
@@ -130,13 +144,13 @@ def write_litert(model: nn.Module, example: torch.Tensor, target: Path, job: Wri
         import litert_torch
     except ImportError:
         raise missing_extra("litert-torch", "litert") from None
-    x = example[:1]
+    x = example  # the artefact's fixed batch
     if job.precision == "int8":
         from litert_torch.quantize.quant_config import QuantConfig
 
         from .quantize import litert_quantizer, pt2e_quantize
 
-        quantizer = litert_quantizer()
+        quantizer = litert_quantizer(job.ptq.per_channel)
         qmodel = pt2e_quantize(model, x, job.calib, quantizer, fold_quantize=False)
         edge = litert_torch.convert(qmodel, (x,), quant_config=QuantConfig(pt2e_quantizer=quantizer))
     else:
@@ -152,11 +166,11 @@ def write_executorch(model: nn.Module, example: torch.Tensor, target: Path, job:
         from executorch.exir import to_edge_transform_and_lower
     except ImportError:
         raise missing_extra("executorch", "executorch") from None
-    x = example[:1]
+    x = example  # the artefact's fixed batch
     if job.precision == "int8":
         from .quantize import pt2e_quantize, xnnpack_quantizer
 
-        model = pt2e_quantize(model, x, job.calib, xnnpack_quantizer())
+        model = pt2e_quantize(model, x, job.calib, xnnpack_quantizer(job.ptq.per_channel))
     ep = torch.export.export(model, (x,))
     # Always lower to XNNPACK: a portable-kernel-only .pte is correct but ~300x slower.
     program = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()]).to_executorch()
@@ -170,7 +184,7 @@ def write_coreml(model: nn.Module, example: torch.Tensor, target: Path, job: Wri
         import coremltools as ct
     except ImportError:
         raise missing_extra("coremltools", "coreml") from None
-    x = example[:1]
+    x = example  # the artefact's fixed batch
     # Only the torch.export frontend works with numpy 2 (the TorchScript one crashes).
     ep = torch.export.export(model, (x,)).run_decompositions({})
     with warnings.catch_warnings():
@@ -198,4 +212,4 @@ def write_torchscript(model: nn.Module, example: torch.Tensor, target: Path, job
 def write_pt2(model: nn.Module, example: torch.Tensor, target: Path, job: WriteJob) -> None:
     import torch
 
-    torch.export.save(export_program(model, example), str(target))
+    torch.export.save(export_program(model, example, job.dynamic_batch), str(target))

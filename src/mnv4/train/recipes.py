@@ -65,6 +65,8 @@ class Recipe:
     max_nonfinite_steps: int = 5  # stop after this many consecutive steps with a NaN/inf loss
     # Layer-wise LR decay: layer i of L (model.group_matcher) trains at lr * layer_decay ** (L - 1 - i); 1 = off.
     layer_decay: float = 1.0
+    # Quantization-aware training: every conv/linear fake-quantizes as INT8 (mnv4.models.fake_quant).
+    fake_quant: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -256,6 +258,31 @@ RECIPES: dict[str, Recipe] = {
             mix_prob=0.0,
             ema_decay=0.9995,
             ema_start_epochs=1,
+        ),
+        Recipe(
+            name="qat",
+            model=None,
+            note=(
+                "Quantization-aware fine-tuning of a trained checkpoint (`checkpoint`): every conv and linear layer "
+                "trains through INT8 fake quantization (per-channel int8 weights, per-tensor uint8 inputs: the "
+                "ONNX Runtime / NNCF scheme), so the weights settle where rounding costs least; then export with "
+                "`--int8` as usual (the routes calibrate the activation ranges). Short, at ~1/20 of a from-scratch "
+                "LR, light augmentation, no weight decay or stochastic depth (the weights should move little). "
+                "The simulation quantizes the unfused conv weights; BatchNorm is folded only at export "
+                "(docs/deploy.md, QAT)."
+            ),
+            epochs=3,
+            batch_size=64,
+            lr=1e-4,
+            warmup_epochs=0.0,
+            weight_decay=0.0,
+            label_smoothing=0.1,
+            dropout=0.0,
+            drop_path=0.0,
+            crop_scale=(0.6, 1.0),
+            hflip=0.5,
+            randaug_prob=0.0,
+            fake_quant=True,
         ),
         Recipe(
             name="quick",

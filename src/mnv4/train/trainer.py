@@ -245,6 +245,10 @@ class Trainer:
             pp = dataclasses.replace(pp, input_size=size)
         model.preprocess = pp
         model.class_names = list(data.class_names)
+        if cfg.fake_quant:  # QAT: the state dict stays the plain model's (mnv4.models.fake_quant)
+            from ..models.fake_quant import attach_fake_quant
+
+            attach_fake_quant(model)
         return model
 
     def build_train_dataset(self) -> Dataset:
