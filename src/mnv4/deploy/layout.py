@@ -17,20 +17,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .requests import INPUT_DTYPES, LAYOUTS, parse_batch  # torch-free: the CLI builds its flags from them
+
 __all__ = ["LAYOUTS", "INPUT_DTYPES", "InputFormat", "RawInputModel", "parse_batch"]
-
-LAYOUTS = ("nchw", "nhwc")
-INPUT_DTYPES = ("float32", "uint8")
-
-
-def parse_batch(value: str | int | None) -> int | None:
-    """``--batch``: None or ``"dynamic"`` -> None (dynamic), ``N`` -> N; anything else -> ValueError."""
-    if value is None or value == "dynamic":
-        return None
-    n = int(value)  # "abc" raises ValueError, which the request turns into a clear message
-    if n < 1:
-        raise ValueError(n)
-    return n
 
 
 @dataclass(frozen=True)
@@ -83,7 +72,7 @@ class RawInputModel(nn.Module):
         scale, shift = fmt._affine(channels)
         self.register_buffer("scale", scale)
         self.register_buffer("shift", shift)
-        for attr in ("spec", "preprocess", "class_names"):  # what the exporters name the artefact by
+        for attr in ("spec", "weights_meta"):  # what the exporters name the artefact by and read its weights from
             if hasattr(model, attr):
                 setattr(self, attr, getattr(model, attr))
 

@@ -16,7 +16,6 @@ from ..errors import InvalidValue, MNv4Error, check_float, check_int
 from ..perf.latency import LatencyProtocol
 from ..requests import option
 from .formats import FORMATS, PRECISIONS, Format, get_format
-from .layout import INPUT_DTYPES, LAYOUTS, parse_batch
 from .ptq import BIAS_CORRECTIONS, CALIBRATIONS, GRANULARITIES, NNCF_PRESETS, ROUTE_SETTINGS, PTQSettings
 
 __all__ = [
@@ -40,6 +39,19 @@ TORCH_RUNTIMES: dict[str, str] = {
 }
 ALL_RUNTIMES = (*TORCH_RUNTIMES, *(f.runtime for f in FORMATS.values()))
 DEFAULT_BENCH_THREADS = 2  # the protocol fixes threads; bench warns when it had to pick them on a busy machine
+
+LAYOUTS = ("nchw", "nhwc")
+INPUT_DTYPES = ("float32", "uint8")
+
+
+def parse_batch(value: str | int | None) -> int | None:
+    """``--batch``: None or ``"dynamic"`` -> None (dynamic), ``N`` -> N; anything else -> ValueError."""
+    if value is None or value == "dynamic":
+        return None
+    n = int(value)  # "abc" raises ValueError, which the request turns into a clear message
+    if n < 1:
+        raise ValueError(n)
+    return n
 
 
 def _check_folders(*folders: tuple[str, str | os.PathLike | None, str]) -> None:
