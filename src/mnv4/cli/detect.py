@@ -184,7 +184,7 @@ def _data_flags(p: argparse.ArgumentParser, default: str | None) -> None:
 
 
 def register(sub) -> None:
-    from .train import add_run_control
+    from .train import add_config_flags, add_run_control
 
     group = sub.add_group("detect", help="object detection: train, evaluate and run detectors (docs/detection.md)")
 
@@ -194,19 +194,16 @@ def register(sub) -> None:
         epilog="Config fields without a flag of their own: --set FIELD=VALUE (e.g. --set head_options='{width: 128}').",
     )
     _data_flags(p, None)
-    p.add_argument("--recipe", default=None, help="detect-digits (default) | detect-small | detect-paper")
-    p.add_argument("--config", default=None, help="YAML/JSON file of config fields (applied after the recipe)")
-    A.add_model(p, help="backbone (see `mnv4 models`) or detector name; default: mnv4_conv_small", positional=False)
-    A.add_spec(p)
-    A.add_weights(p, checkpoint_help="a saved detector to continue training from (fine-tuning)")
-    A.add_input_size(p, help="square input side the images are letterboxed to (default: the recipe's)")
-    A.add_batch_size(p, None, help="global effective batch (default: the recipe's)")
-    A.add_output(p, help="run folder (default: runs/detect-HEAD-MODEL-DATA, suffixed when taken)")
-    A.add_device(p, default=None)
-    A.add_workers(p, default=None)
-    for flags, field, typ, text in _FIELD_FLAGS:
-        p.add_argument(*flags, dest=field, type=typ, default=None, help=text)
-    p.add_argument("--set", action="append", metavar="FIELD=VALUE", help="override any config field (repeatable)")
+    add_config_flags(
+        p,
+        _FIELD_FLAGS,
+        recipe="detect-digits (default) | detect-small | detect-paper",
+        model="backbone (see `mnv4 models`) or detector name; default: mnv4_conv_small",
+        weights="a saved detector to continue training from (fine-tuning)",
+        input_size="square input side the images are letterboxed to (default: the recipe's)",
+        batch="global effective batch (default: the recipe's)",
+        output="run folder (default: runs/detect-HEAD-MODEL-DATA, suffixed when taken)",
+    )
     add_run_control(p, "continue a run (no value: --output's, else the newest under runs/)")
     A.add_progress(p)
     p.set_defaults(func=_cmd_train, _field_fallback="--set {}")

@@ -50,6 +50,34 @@ def _parse_set(items: list[str]) -> dict[str, Any]:
     return out
 
 
+def add_config_flags(
+    p: argparse.ArgumentParser,
+    field_flags: tuple,
+    *,
+    recipe: str,
+    model: str,
+    weights: str,
+    input_size: str,
+    batch: str,
+    output: str,
+) -> None:
+    """The flags every training command builds its config from: recipe <- --config file <- flags
+    (``field_flags``: (flags, config field, type, help) rows) <- --set; the helps say each command's defaults."""
+    p.add_argument("--recipe", default=None, help=recipe)
+    p.add_argument("--config", default=None, help="YAML/JSON file of config fields (applied after the recipe)")
+    A.add_model(p, help=model, positional=False)
+    A.add_spec(p)
+    A.add_weights(p, checkpoint_help=weights)
+    A.add_input_size(p, help=input_size)
+    A.add_batch_size(p, None, help=batch)
+    A.add_output(p, help=output)
+    A.add_device(p, default=None)
+    A.add_workers(p, default=None)
+    for flags, field, typ, text in field_flags:
+        p.add_argument(*flags, dest=field, type=typ, default=None, help=text)
+    p.add_argument("--set", action="append", metavar="FIELD=VALUE", help="override any config field (repeatable)")
+
+
 def add_run_control(p: argparse.ArgumentParser, resume_help: str) -> None:
     """``--resume``, ``--exist-ok`` and ``--max-steps``: what every training command takes about its run folder."""
     p.add_argument("--resume", nargs="?", const="auto", default=None, metavar="RUN_DIR|last.pt", help=resume_help)
@@ -233,19 +261,16 @@ def register(sub) -> None:
         help="train or fine-tune (also under torchrun); default: digits in about a minute",
         epilog="Config fields without a flag of their own: --set FIELD=VALUE (`mnv4 recipes --show NAME` lists them).",
     )
-    p.add_argument("--recipe", default=None, help="named recipe (see `mnv4 recipes`); default: quick")
-    p.add_argument("--config", default=None, help="YAML/JSON file of config fields (applied after the recipe)")
-    A.add_model(p, help="architecture (see `mnv4 models`); default: the recipe's", positional=False)
-    A.add_spec(p)
-    A.add_weights(p, checkpoint_help="weights to start from (fine-tuning; the architecture comes from them)")
-    A.add_input_size(p, help="training/eval resolution (default: the dataset's or model's)")
-    A.add_batch_size(p, None, help="global effective batch; the LR scales with it (default: the recipe's)")
-    A.add_output(p, help="run folder (default: runs/MODEL-DATA, suffixed -2, -3... when taken)")
-    A.add_device(p, default=None)
-    A.add_workers(p, default=None)
-    for flags, field, typ, text in _FIELD_FLAGS:
-        p.add_argument(*flags, dest=field, type=typ, default=None, help=text)
-    p.add_argument("--set", action="append", metavar="FIELD=VALUE", help="override any config field (repeatable)")
+    add_config_flags(
+        p,
+        _FIELD_FLAGS,
+        recipe="named recipe (see `mnv4 recipes`); default: quick",
+        model="architecture (see `mnv4 models`); default: the recipe's",
+        weights="weights to start from (fine-tuning; the architecture comes from them)",
+        input_size="training/eval resolution (default: the dataset's or model's)",
+        batch="global effective batch; the LR scales with it (default: the recipe's)",
+        output="run folder (default: runs/MODEL-DATA, suffixed -2, -3... when taken)",
+    )
     A.add_soft_labels(p, "the student (implies --recipe distill)")
     p.add_argument("--teacher", default=None, help="online distillation from this live teacher (as distill label)")
     A.add_loggers(p)

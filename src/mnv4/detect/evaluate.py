@@ -52,18 +52,11 @@ def predict_records(
 
 
 def evaluate_detector(
-    model: nn.Module,
-    records: list[DetRecord],
-    classes: list[str],
-    size: int,
-    mode: str = "letterbox",
-    device: torch.device | str = "cpu",
-    batch_size: int = 16,
-    workers: int = 0,
-    bad: BadImageLog | None = None,
+    model: nn.Module, records: list[DetRecord], classes: list[str], size: int, **predict_options: Any
 ) -> tuple[DetectionMetrics, list[dict[str, Any] | None]]:
-    """COCO metrics of ``model`` on ``records`` (unreadable images left out of both sides), and the predictions."""
-    preds = predict_records(model, records, size, mode, device, batch_size, workers, bad)
+    """COCO metrics of ``model`` on ``records`` (unreadable images left out of both sides), and the predictions;
+    ``predict_options`` are :func:`predict_records`' (``mode``, ``device``, ``batch_size``, ``workers``, ``bad``)."""
+    preds = predict_records(model, records, size, **predict_options)
     kept = [(r, p) for r, p in zip(records, preds) if p is not None]
     metrics = coco_metrics([r for r, _ in kept], [p for _, p in kept], classes)
     return metrics, preds

@@ -187,11 +187,11 @@ class DetectionTrainer(Trainer):
             self.det_data.split("val"),
             self.det_data.classes,
             self.size,
-            cfg.resize,
-            self.info.device,
-            batch,
-            cfg.workers,
-            self.bad,
+            mode=cfg.resize,
+            device=self.info.device,
+            batch_size=batch,
+            workers=cfg.workers,
+            bad=self.bad,
         )
         return m
 
