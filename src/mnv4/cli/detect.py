@@ -62,8 +62,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from ..detect.recipes import DetectConfig, resolve_detect_config
     from ..detect.train import train_detector
     from ..train.config import load_config_file
-    from ..train.distributed import teardown
-    from ..train.runs import exit_code, find_resume, resumed_train_config
+    from ..train.runs import find_resume, resumed_train_config
+    from .train import run_training
 
     overrides = _overrides(args)
     resume = find_resume(args.resume, args.output) if args.resume else None
@@ -73,17 +73,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
         cfg = resumed_train_config(resume, requested, _RESUME_MAY_CHANGE, DetectConfig)
     else:
         cfg = resolve_detect_config(args.recipe, args.config, **overrides)
-    try:
-        result = train_detector(
-            cfg, resume, max_steps=args.max_steps, progress=False if args.no_progress else None, exist_ok=args.exist_ok
-        )
-    finally:
-        teardown()
-    if result.stopped_early:  # the trainer said where and why, and how to continue
-        return exit_code(result.stop_reason)
+    code, result = run_training(train_detector, cfg, resume, args)
+    if code is not None:
+        return code
     s = result.summary
-    if not s:  # a non-zero rank under torchrun
-        return 0
     print(
         f"{s['head']} {s['model']} on {s['dataset']}: best val AP {s['val_AP']:.3f} AP50 {s['val_AP50']:.3f} "
         f"(epoch {s['best_epoch']}, {s['best_weights']} weights), {s['wall_seconds']:.0f} s"

@@ -129,17 +129,14 @@ def _config(args: argparse.Namespace, resume: Path | None):
     return resolve_config(recipe, args.config, **overrides)
 
 
-def _cmd_train(args: argparse.Namespace) -> int:
+def run_training(train_fn, cfg, resume, args: argparse.Namespace):
+    """``train_fn(cfg, ...)`` with the command's run flags, the process group torn down after it; returns
+    (exit code, result), the code None when this process should report the finished run (rank 0)."""
     from ..train.distributed import teardown
-    from ..train.runs import exit_code, find_resume
-    from ..train.trainer import train
+    from ..train.runs import exit_code
 
-    resume = find_resume(args.resume, args.output) if args.resume else None
-    cfg = _config(args, resume)
-    if cfg.distill or cfg.teacher:  # a distillation config, given now or saved with the run being resumed
-        from ..distill.student import train_student as train
     try:
-        result = train(
+        result = train_fn(
             cfg,
             resume=resume,
             max_steps=args.max_steps,
@@ -149,10 +146,22 @@ def _cmd_train(args: argparse.Namespace) -> int:
     finally:
         teardown()
     if result.stopped_early:  # the trainer said where and why, and how to continue
-        return exit_code(result.stop_reason)
+        return exit_code(result.stop_reason), result
+    return (None if result.summary else 0), result  # no summary: a non-zero rank under torchrun
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from ..train.runs import find_resume
+    from ..train.trainer import train
+
+    resume = find_resume(args.resume, args.output) if args.resume else None
+    cfg = _config(args, resume)
+    if cfg.distill or cfg.teacher:  # a distillation config, given now or saved with the run being resumed
+        from ..distill.student import train_student as train
+    code, result = run_training(train, cfg, resume, args)
+    if code is not None:
+        return code
     s = result.summary
-    if not s:  # a non-zero rank under torchrun
-        return 0
     print(
         f"{s['model']} on {s['dataset']}: best val top-1 {s['val_top1']:.2f}% (epoch {s['best_epoch']}, "
         f"{s['best_weights']} weights), final {s['val_top1_final']:.2f}%, {s['wall_seconds']:.0f} s"
