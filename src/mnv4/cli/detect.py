@@ -28,34 +28,10 @@ _FIELD_FLAGS: tuple[tuple[tuple[str, ...], str, Any, str], ...] = (
 _RESUME_MAY_CHANGE = ("output", "workers", "device", "save_every_steps", "data_root", "epochs", "loggers")
 
 
-def _threads(args: argparse.Namespace) -> None:
-    if getattr(args, "threads", None):
-        import torch
-
-        torch.set_num_threads(args.threads)
-
-
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
-    from .train import _parse_set
+    from .train import config_overrides
 
-    out: dict[str, Any] = {field: getattr(args, field) for _, field, _, _ in _FIELD_FLAGS}
-    out.update(
-        data=args.data,
-        model=args.model,
-        batch_size=args.batch_size,
-        input_size=args.input_size,
-        output=args.output,
-        checkpoint=args.checkpoint,
-        workers=args.workers,
-        device=args.device,
-        pretrained=("default" if args.pretrained is True else args.pretrained),
-    )
-    if args.spec:
-        if out["model"]:
-            raise MNv4Error("pass either `model` or `spec`, not both")
-        out["model"] = A.read_spec(args.spec)
-    out.update(_parse_set(args.set or []))
-    return out
+    return config_overrides(args, _FIELD_FLAGS, data=args.data)
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -94,7 +70,6 @@ def _load(args: argparse.Namespace):
     from ..train.distributed import pick_device
 
     device = pick_device(args.device)
-    _threads(args)
     if not Path(args.checkpoint).is_file():
         raise MNv4Error(f"`checkpoint` {args.checkpoint}: no such file; pass a detector .safetensors")
     return load_detector(args.checkpoint).to(device).eval(), device

@@ -87,9 +87,10 @@ def add_run_control(p: argparse.ArgumentParser, resume_help: str) -> None:
     )
 
 
-def _overrides(args: argparse.Namespace) -> dict[str, Any]:
-    """The config fields given on the command line (None: not given)."""
-    overrides: dict[str, Any] = {field: getattr(args, field) for _, field, _, _ in _FIELD_FLAGS}
+def config_overrides(args: argparse.Namespace, field_flags: tuple, **extra: Any) -> dict[str, Any]:
+    """The config fields a training command was given (None: not given): those of :func:`add_config_flags`
+    (``field_flags`` rows included), the command's ``extra`` fields, then ``--set``."""
+    overrides: dict[str, Any] = {field: getattr(args, field) for _, field, _, _ in field_flags}
     overrides.update(
         model=A.resolve_model(args),
         batch_size=args.batch_size,
@@ -99,18 +100,23 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         workers=args.workers,
         device=args.device,
         pretrained=("default" if args.pretrained is True else args.pretrained),
-        loggers=args.logger,
+        **extra,
     )
     if args.spec:
         if overrides["model"]:
             raise MNv4Error("pass either `model` or `spec`, not both")
         overrides["model"] = A.read_spec(args.spec)
-    overrides.update(distill=tuple(args.distill) if args.distill else None, mix=args.mix, teacher=args.teacher)
-    for flag in ("channels_last", "compile", "sync_bn"):
-        if getattr(args, flag):
-            overrides[flag] = True
     overrides.update(_parse_set(args.set or []))
     return overrides
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """``mnv4 train``'s config fields given on the command line (None: not given)."""
+    extra: dict[str, Any] = dict(
+        loggers=args.logger, distill=tuple(args.distill) if args.distill else None, mix=args.mix, teacher=args.teacher
+    )
+    extra.update({flag: True for flag in ("channels_last", "compile", "sync_bn") if getattr(args, flag)})
+    return config_overrides(args, _FIELD_FLAGS, **extra)
 
 
 def _config(args: argparse.Namespace, resume: Path | None):
