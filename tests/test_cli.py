@@ -81,3 +81,28 @@ def test_console_script_prints_no_traceback(tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and proc.stderr.startswith("mnv4: error:")
+
+
+def test_every_command_that_runs_a_model_takes_threads():
+    """docs/cli.md's flag table: every command that runs a network takes ``--threads`` (the ones that only read
+    tables or move files are listed here by name, so a new command must decide)."""
+    import argparse
+
+    from mnv4.cli import build_parser
+
+    no_compute = {"models", "recipes", "roofline predict", "roofline sweep", "hub push"}
+
+    def leaves(parser, path=()):
+        subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        if not subs:
+            yield " ".join(path), parser
+        for action in subs:
+            for name, child in action.choices.items():
+                yield from leaves(child, (*path, name))
+
+    missing = [
+        name
+        for name, parser in leaves(build_parser())
+        if name not in no_compute and not any("--threads" in a.option_strings for a in parser._actions)
+    ]
+    assert not missing

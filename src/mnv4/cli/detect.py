@@ -173,6 +173,7 @@ def register(sub) -> None:
         output="run folder (default: runs/detect-HEAD-MODEL-DATA, suffixed when taken)",
     )
     add_run_control(p, "continue a run (no value: --output's, else the newest under runs/)")
+    A.add_threads(p)
     A.add_progress(p)
     p.set_defaults(func=_cmd_train, _field_fallback="--set {}")
 
