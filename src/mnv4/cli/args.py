@@ -304,7 +304,7 @@ def add_request_flags(
         flag = meta["flag"] or "--" + f.name.replace("_", "-")
         kw: dict[str, Any] = {"dest": f.name, "help": meta["help"]}
         kind = meta["kind"] or type(default)
-        if default is dataclasses.MISSING:
+        if f.default is dataclasses.MISSING:  # required whatever ``defaults`` holds in its place
             kw["required"] = True
             kind = meta["kind"] or str
         else:
