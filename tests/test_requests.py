@@ -191,3 +191,26 @@ def test_distill_package_names_resolve_lazily():
     # the CLI reads the requests at start-up: they must not pull torch in
     code = "import sys, mnv4.distill.requests; print('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
+
+
+def test_search_flags_are_the_search_config_fields(tmp_path):
+    from mnv4.cli.search import _config
+    from mnv4.nas import SPACES
+    from mnv4.nas.requests import SearchConfig
+
+    actions = _flag_actions(["search"])
+    flagged = [f for f in dataclasses.fields(SearchConfig) if "help" in f.metadata]
+    assert len(flagged) >= 20
+    for f in flagged:  # left out = None (a resume changes only what was given); the help names the default
+        assert actions[f.name].default is None, f.name
+        if f.default not in (None, False):
+            assert actions[f.name].help.endswith(f"(default: {f.default})"), f.name
+    # no flags: the config's own defaults
+    args = _subcommand(["search", "--data", "digits", "--target-macs", "50", "-o", str(tmp_path)])
+    assert _config(args) == SearchConfig("digits", output=str(tmp_path), target_macs=50.0)
+    args = _subcommand(["search", "--data", "d", "--target-ms", "2", "--epochs", "3", "--one-stage", "--lr", "0.1"])
+    cfg = _config(args)
+    assert (cfg.epochs, cfg.one_stage, cfg.lr, cfg.target_ms, cfg.space) == (3.0, True, 0.1, 2.0, SearchConfig.space)
+    # the presets are a data table under torch; the help's list must name exactly them
+    listed = actions["space"].help.split("a preset, ")[1].split(" (")[0]
+    assert listed.split(" | ") == list(SPACES)
