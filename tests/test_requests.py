@@ -188,8 +188,8 @@ def test_distill_package_names_resolve_lazily():
     import mnv4.distill as d
 
     assert all(getattr(d, name) is not None for name in d.__all__)
-    # the CLI reads the requests at start-up: they must not pull torch in
-    code = "import sys, mnv4.distill.requests; print('torch' in sys.modules)"
+    # the CLI reads the requests (distill and search) at start-up: they must not pull torch in
+    code = "import sys, mnv4.distill.requests, mnv4.nas.requests; print('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
 
 
