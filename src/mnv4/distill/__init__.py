@@ -10,8 +10,9 @@ builds its flags from them at start-up); the names below load their module on fi
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from ..lazy import lazy_names
 
 if TYPE_CHECKING:
     from .dataset import MixedSoftLabels, MixingSampler, SoftLabelSet, StudentView, check_compatible, parse_mix
@@ -24,15 +25,15 @@ if TYPE_CHECKING:
 
 # name -> the module (in this package) that holds it
 _HOMES = {
-    **dict.fromkeys(("POLICIES", "AugPolicy", "get_policy"), "policies"),
-    "LabelConfig": "requests",
-    **dict.fromkeys(("LabelResult", "label"), "label"),
+    **dict.fromkeys(("POLICIES", "AugPolicy", "get_policy"), ".policies"),
+    "LabelConfig": ".requests",
+    **dict.fromkeys(("LabelResult", "label"), ".label"),
     **dict.fromkeys(
-        ("SoftLabelSet", "MixingSampler", "MixedSoftLabels", "StudentView", "check_compatible", "parse_mix"), "dataset"
+        ("SoftLabelSet", "MixingSampler", "MixedSoftLabels", "StudentView", "check_compatible", "parse_mix"), ".dataset"
     ),
-    **dict.fromkeys(("sharpen", "soft_cross_entropy"), "loss"),
-    **dict.fromkeys(("DistillTrainer", "train_student"), "student"),
-    **dict.fromkeys(("Teacher", "load_teacher", "save_teacher"), "teachers"),
+    **dict.fromkeys(("sharpen", "soft_cross_entropy"), ".loss"),
+    **dict.fromkeys(("DistillTrainer", "train_student"), ".student"),
+    **dict.fromkeys(("Teacher", "load_teacher", "save_teacher"), ".teachers"),
 }
 __all__ = [
     "POLICIES",
@@ -56,8 +57,4 @@ __all__ = [
     "save_teacher",
 ]
 
-
-def __getattr__(name: str) -> Any:
-    if name in _HOMES:
-        return getattr(importlib.import_module(f".{_HOMES[name]}", __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__, __dir__ = lazy_names(__name__, _HOMES)

@@ -7,8 +7,9 @@ their module on first use.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from ..lazy import lazy_names
 
 if TYPE_CHECKING:
     from .compact import spec_from_string, spec_to_string
@@ -25,9 +26,4 @@ __all__ = [
     "spec_to_string",
 ]
 _COMPACT = ("spec_from_string", "spec_to_string")
-
-
-def __getattr__(name: str) -> Any:
-    if name in __all__:
-        return getattr(importlib.import_module(".compact" if name in _COMPACT else ".space", __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__, __dir__ = lazy_names(__name__, {n: ".compact" if n in _COMPACT else ".space" for n in __all__})
