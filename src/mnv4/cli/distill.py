@@ -85,20 +85,9 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
         return _cmd_frozen(args)
     from ..train.distributed import teardown
 
-    overrides = {
-        k: v
-        for k, v in dict(
-            epochs=args.epochs,
-            lr=args.lr,
-            batch_size=args.batch_size,
-            workers=args.workers,
-            device=args.device,
-            seed=args.seed,
-            data_root=args.data_root,
-            loggers=args.logger,
-        ).items()
-        if v is not None
-    }
+    fields = ("epochs", "lr", "batch_size", "workers", "device", "seed", "data_root")
+    given = {**{k: getattr(args, k) for k in fields}, "loggers": args.logger}
+    overrides = {k: v for k, v in given.items() if v is not None}  # the rest: the finetune recipe's
     try:
         res = finetune_teacher(
             args.teacher,

@@ -24,6 +24,11 @@ __all__ = ["SearchConfig", "HARDWARE_CHOICES", "RESUME_MAY_CHANGE"]
 HARDWARE_CHOICES = ("macs", "local", *BUILTIN_PROFILES)
 # What a resumed search may change: where and how it runs, not what it searches.
 RESUME_MAY_CHANGE = ("output", "workers", "device", "save_every_steps")
+# The fields the super-network's training run (a TrainConfig) takes from the search as they are.
+_TRAIN_FIELDS = (
+    "data", "output", "epochs", "batch_size", "micro_batch", "lr", "warmup_epochs", "weight_decay", "label_smoothing",
+    "crop_scale", "hflip", "seed", "workers", "device", "save_every_steps",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -149,28 +154,8 @@ class SearchConfig:
         """The super-network's training run: the `quick` recipe with this search's settings."""
         from ..train.config import resolve_config
 
-        return resolve_config(
-            "quick",
-            model=None,
-            data=self.data,
-            output=self.output,
-            epochs=self.epochs,
-            batch_size=self.batch_size,
-            micro_batch=self.micro_batch,
-            lr=self.lr,
-            lr_scaling="none",
-            warmup_epochs=self.warmup_epochs,
-            weight_decay=self.weight_decay,
-            label_smoothing=self.label_smoothing,
-            dropout=0.0,
-            crop_scale=self.crop_scale,
-            hflip=self.hflip,
-            input_size=self.resolution,
-            seed=self.seed,
-            workers=self.workers,
-            device=self.device,
-            save_every_steps=self.save_every_steps,
-        )
+        shared = {name: getattr(self, name) for name in _TRAIN_FIELDS}
+        return resolve_config("quick", model=None, lr_scaling="none", dropout=0.0, input_size=self.resolution, **shared)
 
     @property
     def target_kind(self) -> str:
