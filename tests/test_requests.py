@@ -126,3 +126,91 @@ def test_threads_apply_to_the_command_and_are_restored(monkeypatch, capsys):
     assert seen == [target] and torch.get_num_threads() == before
     # export hands its --threads to the runtime instead: this process's pool is left alone
     assert _subcommand(["export", "-m", "x", "--format", "onnx", "--threads", "3"])._process_threads is False
+
+
+def _flag_actions(argv: list[str]) -> dict[str, argparse.Action]:
+    """The actions of the sub-command ``argv`` names, by destination."""
+    from mnv4.cli import build_parser
+
+    parser = build_parser()
+    for name in argv:
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        parser = sub.choices[name]
+    return {a.dest: a for a in reversed(parser._actions)}  # the first of a destination, not its hidden aliases
+
+
+def test_distill_label_flags_are_the_label_config_fields():
+    from mnv4.distill import augment, engines
+    from mnv4.distill.policies import POLICIES
+    from mnv4.distill.requests import ENGINES, LABEL_COMMAND, LabelConfig
+
+    actions = _flag_actions(["distill", "label"])
+    flagged = [f for f in dataclasses.fields(LabelConfig) if "help" in f.metadata]
+    assert len(flagged) >= 14
+    for f in flagged:  # the command's default is the config's (the command's record: engine differs, below)
+        required = f.default is dataclasses.MISSING
+        assert actions[f.name].required == required, f.name
+        assert required or actions[f.name].default == getattr(LABEL_COMMAND, f.name), f.name
+        assert actions[f.name].help == f.metadata["help"], f.name
+    for name in ("batch_size", "workers", "device"):  # the shared -b / -j / --device flags take the config's too
+        assert actions[name].default == getattr(LabelConfig, name), name
+    assert {f.name for f in flagged if f.default is dataclasses.MISSING} == {"teacher", "data"}
+    # the library labels eagerly unless asked; the command takes the fastest route that passes the parity gate
+    assert dataclasses.replace(LABEL_COMMAND, engine="eager") == LabelConfig("", "", "")
+    assert LABEL_COMMAND.engine == "auto"
+    # one table each: the choices are the policy table's names and the engines the runner knows
+    assert actions["aug"].choices == tuple(POLICIES) == tuple(augment.POLICIES)
+    assert augment.POLICIES is POLICIES and engines.ENGINES is ENGINES and actions["engine"].choices == ENGINES
+    argv = ["--teacher", "t", "--data", "d", "-o", "o", "--aug", "none", "--top-k", "5"]
+    args = _subcommand(["distill", "label", *argv])
+    cfg = A.request_from_args(LabelConfig, args, out=args.output)
+    assert cfg == dataclasses.replace(LABEL_COMMAND, teacher="t", data="d", out="o", aug="none", top_k=5)
+
+
+def test_distill_finetune_frozen_flags_are_the_frozen_config_fields():
+    from mnv4.distill.policies import POLICIES
+    from mnv4.distill.requests import FROZEN_COMMAND, FrozenConfig
+
+    actions = _flag_actions(["distill", "finetune"])
+    flagged = [f for f in dataclasses.fields(FrozenConfig) if "help" in f.metadata]
+    assert {f.name for f in flagged} == {"views", "aug", "crop_min", "weight_decay", "cache", "engine"}
+    for f in flagged:
+        assert actions[f.name].default == getattr(FROZEN_COMMAND, f.name), f.name
+    assert "--head-wd" in actions["weight_decay"].option_strings
+    # extra views are fitted to their image's own label: every policy but the one that mixes two images
+    assert set(actions["aug"].choices) == set(POLICIES) - {"inception-extreme-mixup"}
+
+
+def test_distill_package_names_resolve_lazily():
+    import subprocess
+    import sys
+
+    import mnv4.distill as d
+
+    assert all(getattr(d, name) is not None for name in d.__all__)
+    # the CLI reads the requests (distill and search) at start-up: they must not pull torch in
+    code = "import sys, mnv4.distill.requests, mnv4.nas.requests; print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
+
+
+def test_search_flags_are_the_search_config_fields(tmp_path):
+    from mnv4.cli.search import _config
+    from mnv4.nas import SPACES
+    from mnv4.nas.requests import SearchConfig
+
+    actions = _flag_actions(["search"])
+    flagged = [f for f in dataclasses.fields(SearchConfig) if "help" in f.metadata]
+    assert len(flagged) >= 20
+    for f in flagged:  # left out = None (a resume changes only what was given); the help names the default
+        assert actions[f.name].default is None, f.name
+        if f.default not in (None, False):
+            assert actions[f.name].help.endswith(f"(default: {f.default})"), f.name
+    # no flags: the config's own defaults
+    args = _subcommand(["search", "--data", "digits", "--target-macs", "50", "-o", str(tmp_path)])
+    assert _config(args) == SearchConfig("digits", output=str(tmp_path), target_macs=50.0)
+    args = _subcommand(["search", "--data", "d", "--target-ms", "2", "--epochs", "3", "--one-stage", "--lr", "0.1"])
+    cfg = _config(args)
+    assert (cfg.epochs, cfg.one_stage, cfg.lr, cfg.target_ms, cfg.space) == (3.0, True, 0.1, 2.0, SearchConfig.space)
+    # the presets are a data table under torch; the help's list must name exactly them
+    listed = actions["space"].help.split("a preset, ")[1].split(" (")[0]
+    assert listed.split(" | ") == list(SPACES)

@@ -186,7 +186,9 @@ def test_ridge_sweep(tiny_profiles):
         ([1, 2, 3, 4, 5], [10, 20, 30, 40, 50], 1.0),
         ([1, 2, 3, 4, 5], [5, 4, 3, 2, 1], -1.0),
         ([1, 2, 3, 4], [1, 2, 1e6, 1e7], 1.0),  # ranks, not values
-        ([1, 2, 2, 3], [1, 2, 3, 4], 0.9486832980505138),  # ties share their average rank
+        # ties share their average rank: Pearson of ranks [1, 2.5, 2.5, 4] and [1, 2, 3, 4] is
+        # 4.5 / sqrt(4.5 * 5) (deviations [-1.5, 0, 0, 1.5] and [-1.5, -0.5, 0.5, 1.5])
+        ([1, 2, 2, 3], [1, 2, 3, 4], math.sqrt(0.9)),
         ([1, 1, 1], [1, 2, 3], 0.0),  # no variation
     ],
 )

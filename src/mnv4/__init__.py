@@ -6,10 +6,10 @@ for torch until a model is actually built.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from .errors import InvalidValue, MNv4Error
+from .lazy import lazy_names
 
 __version__ = "0.2.0"
 
@@ -52,14 +52,4 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time these come from __g
     from .models.specs import ModelSpec
     from .weights.checkpoint import load_weights, save_model
 
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'mnv4' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = lazy_names(__name__, _LAZY)

@@ -19,9 +19,9 @@ import socket
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from .errors import MNv4Error
 
@@ -33,6 +33,9 @@ __all__ = [
     "FolderLocked",
     "remove_orphan_temps",
     "TEMP_SUFFIX",
+    "read_mapping",
+    "read_record",
+    "preset_or_file",
 ]
 
 TEMP_SUFFIX = ".tmp"
@@ -106,6 +109,33 @@ def read_mapping(path: str | os.PathLike, what: str, holds: str) -> dict[str, An
     if not isinstance(data, dict):
         raise MNv4Error(f"{path} must hold a mapping ({holds})")
     return data
+
+
+_T = TypeVar("_T")
+_RECORD_SUFFIXES = (".yaml", ".yml", ".json")
+
+
+def read_record(path: str | os.PathLike, cls: type[_T], what: str, holds: str) -> _T:
+    """The record ``cls.from_dict`` makes of a YAML/JSON file (:func:`read_mapping`), its ``name``
+    defaulting to the file's stem. ``what`` names the record ("hardware profile")."""
+    data = read_mapping(path, f"{what} file", holds)
+    data.setdefault("name", Path(path).stem)
+    return cls.from_dict(data)  # type: ignore[attr-defined]
+
+
+def preset_or_file(
+    value: str | os.PathLike | _T, cls: type[_T], presets: Mapping[str, _T], what: str, holds: str
+) -> _T:
+    """``value`` itself when it is a ``cls`` already, the preset of that name, or the record of a
+    .yaml/.yml/.json file (:func:`read_record`); anything else is one MNv4Error listing the presets."""
+    if isinstance(value, cls):
+        return value
+    key = str(value)
+    if key in presets:
+        return presets[key]
+    if Path(key).suffix.lower() not in _RECORD_SUFFIXES:
+        raise MNv4Error(f"unknown {what} {key!r}; built in: {', '.join(presets)} (or a .yaml/.json file)")
+    return read_record(key, cls, what, holds)
 
 
 def _pid_alive(pid: int) -> bool:

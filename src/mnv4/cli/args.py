@@ -289,13 +289,18 @@ def add_request_flags(
     request: type,
     only: Iterable[str] | None = None,
     defaults: Any = None,
+    given_only: bool = False,
 ) -> None:
     """One flag per field of the ``request`` dataclass declared with :func:`mnv4.requests.option`, its
     spelling, type, default, choices and help read from the field (so the CLI restates none of them).
 
     ``only`` limits the flags to those fields; ``defaults`` (an instance of ``request``) takes the
     defaults from it instead of from the class (``mnv4 roofline calibrate`` times with fewer runs).
+    ``given_only``: every flag defaults to None and its help names the field's default, for a command
+    that must tell a flag given from one left out (``mnv4 search --resume`` changes only what was given;
+    build the request with ``request_from_args(..., given_only=True)``).
     """
+    only = None if only is None else set(only)
     for f in dataclasses.fields(request):
         meta = f.metadata
         if "help" not in meta or (only is not None and f.name not in only):
@@ -304,9 +309,13 @@ def add_request_flags(
         flag = meta["flag"] or "--" + f.name.replace("_", "-")
         kw: dict[str, Any] = {"dest": f.name, "help": meta["help"]}
         kind = meta["kind"] or type(default)
-        if default is dataclasses.MISSING:
-            kw["required"] = True
+        if f.default is dataclasses.MISSING:  # required whatever ``defaults`` holds in its place
+            kw["required"] = not given_only
             kind = meta["kind"] or str
+        elif given_only:
+            kw["default"] = None
+            if default not in (None, False):
+                kw["help"] += f" (default: {','.join(default) if isinstance(default, tuple) else default})"
         else:
             kw["default"] = default
         if kind is bool:
@@ -321,9 +330,12 @@ def add_request_flags(
         parser.add_argument(flag, **kw)
 
 
-def request_from_args(request: type[_R], args: argparse.Namespace, **given: Any) -> _R:
-    """The ``request`` made of the parsed flags that share its fields' names, plus ``given``."""
+def request_from_args(request: type[_R], args: argparse.Namespace, given_only: bool = False, **given: Any) -> _R:
+    """The ``request`` made of the parsed flags that share its fields' names, plus ``given``.
+    ``given_only``: flags left out (None) are left out, so the request's defaults apply."""
     names = {f.name for f in dataclasses.fields(request)}  # type: ignore[arg-type]
     fields = {n: getattr(args, n) for n in names if hasattr(args, n)}
+    if given_only:
+        fields = {n: v for n, v in fields.items() if v is not None}
     fields.update(given)
     return request(**fields)

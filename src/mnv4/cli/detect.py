@@ -10,20 +10,18 @@ from typing import Any
 
 from ..errors import MNv4Error
 from . import args as A
+from .train import SHARED_FIELD_FLAGS, FieldFlags
 
 __all__ = ["register"]
 
 # Flags that map straight onto DetectConfig fields (range checks live in the config's validation).
-_FIELD_FLAGS: tuple[tuple[tuple[str, ...], str, Any, str], ...] = (
+_FIELD_FLAGS: FieldFlags = (
     (("--epochs",), "epochs", float, "training epochs (with --resume: extend a run to this)"),
     (("--lr",), "lr", float, "peak LR at the recipe's batch size"),
-    (("--micro-batch",), "micro_batch", int, "per-process batch that fits in memory; the rest is accumulated"),
     (("--val-split",), "val_split", float, "validation fraction for datasets without a val split"),
-    (("--seed",), "seed", int, "seed for weights, data order and augmentation"),
-    (("--precision",), "precision", str, "fp32 | bf16 (CPU and CUDA) | fp16 (CUDA)"),
     (("--head",), "head", str, "retinanet (the paper's) | ssdlite"),
     (("--backbone-checkpoint",), "backbone_checkpoint", str, "classification weights for the backbone"),
-    (("--save-every-steps",), "save_every_steps", int, "also checkpoint every N optimizer steps"),
+    *SHARED_FIELD_FLAGS,
 )
 _RESUME_MAY_CHANGE = ("output", "workers", "device", "save_every_steps", "data_root", "epochs", "loggers")
 

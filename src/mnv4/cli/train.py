@@ -20,18 +20,23 @@ OWN_IMAGES_HINT = (
 )
 
 # Flags that map straight onto TrainConfig fields: (flags, field, type, help). Range checks live in
-# one place, mnv4.train.config.validate, so these only parse.
-_FIELD_FLAGS: tuple[tuple[tuple[str, ...], str, Any, str], ...] = (
-    (("--data",), "data", str, "PATH to an image folder, or cifar10 | fashion-mnist | digits (default: the recipe's)"),
-    (("--epochs",), "epochs", float, "training epochs (fractions allowed; with --resume: extend a run to this)"),
+# one place, mnv4.train.config.validate, so these only parse. The shared rows mean the same in every
+# training command (mnv4 detect train takes them too).
+FieldFlags = tuple[tuple[tuple[str, ...], str, Any, str], ...]
+SHARED_FIELD_FLAGS: FieldFlags = (
     (("--micro-batch",), "micro_batch", int, "per-process batch that fits in memory; the rest is accumulated"),
-    (("--lr",), "lr", float, "peak LR at lr_ref_batch (the recipe's batch), scaled to --batch-size by lr_scaling"),
-    (("--data-root",), "data_root", str, "cache folder for cifar10 / fashion-mnist (default: ~/.cache/mnv4/data)"),
-    (("--val-split",), "val_split", float, "validation fraction for folders without val/ (and digits)"),
     (("--precision",), "precision", str, "fp32 | bf16 (CPU and CUDA) | fp16 (CUDA)"),
     (("--seed",), "seed", int, "seed for weights, data order and augmentation"),
     (("--save-every-steps",), "save_every_steps", int, "also checkpoint every N optimizer steps"),
+)
+_FIELD_FLAGS: FieldFlags = (
+    (("--data",), "data", str, "PATH to an image folder, or cifar10 | fashion-mnist | digits (default: the recipe's)"),
+    (("--epochs",), "epochs", float, "training epochs (fractions allowed; with --resume: extend a run to this)"),
+    (("--lr",), "lr", float, "peak LR at lr_ref_batch (the recipe's batch), scaled to --batch-size by lr_scaling"),
+    (("--data-root",), "data_root", str, "cache folder for cifar10 / fashion-mnist (default: ~/.cache/mnv4/data)"),
+    (("--val-split",), "val_split", float, "validation fraction for folders without val/ (and digits)"),
     (("--grad-clip",), "grad_clip", float, "max gradient norm (0: off)"),
+    *SHARED_FIELD_FLAGS,
 )
 
 
@@ -91,16 +96,10 @@ def config_overrides(args: argparse.Namespace, field_flags: tuple, **extra: Any)
     """The config fields a training command was given (None: not given): those of :func:`add_config_flags`
     (``field_flags`` rows included), the command's ``extra`` fields, then ``--set``."""
     overrides: dict[str, Any] = {field: getattr(args, field) for _, field, _, _ in field_flags}
+    shared = ("batch_size", "input_size", "output", "checkpoint", "workers", "device")  # the shared flags' fields
+    overrides.update({name: getattr(args, name) for name in shared})
     overrides.update(
-        model=A.resolve_model(args),
-        batch_size=args.batch_size,
-        input_size=args.input_size,
-        output=args.output,
-        checkpoint=args.checkpoint,
-        workers=args.workers,
-        device=args.device,
-        pretrained=("default" if args.pretrained is True else args.pretrained),
-        **extra,
+        model=A.resolve_model(args), pretrained=("default" if args.pretrained is True else args.pretrained), **extra
     )
     if args.spec:
         if overrides["model"]:

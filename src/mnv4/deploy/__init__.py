@@ -8,17 +8,13 @@ route imports its runtime inside the function that needs it. :func:`fuse` and :f
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from ..lazy import lazy_names
 
 if TYPE_CHECKING:
     from .fusion import fuse, is_fused
 
 __all__ = ["fuse", "is_fused"]
 
-
-def __getattr__(name: str) -> Any:
-    if name in __all__:
-        from . import fusion
-
-        return getattr(fusion, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__, __dir__ = lazy_names(__name__, dict.fromkeys(__all__, ".fusion"))

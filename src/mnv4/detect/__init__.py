@@ -5,8 +5,9 @@ Built on torchvision's detection components; names are imported on first use.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from ..lazy import lazy_names
 
 _LAZY = {
     "create_detector": "mnv4.detect.factory",
@@ -24,10 +25,4 @@ if TYPE_CHECKING:
     from .model import Detector
     from .registry import list_detectors
 
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'mnv4.detect' has no attribute {name!r}")
+__getattr__, __dir__ = lazy_names(__name__, _LAZY)

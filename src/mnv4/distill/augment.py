@@ -1,12 +1,7 @@
-"""The augmentation policies of the paper's teacher datasets (docs/distillation.md, "Datasets").
+"""The augmentation policies of the paper's teacher datasets applied (docs/distillation.md, "Datasets").
 
-A policy turns a source image into the image that one record holds, at the record resolution:
-
-* ``inception-randaug-l2m9`` (D1): Inception crop, then RandAugment with 2 ops at level 9;
-* ``inception-extreme-mixup`` (D2): two Inception crops (the image and a seeded partner) mixed with a
-  weight drawn from Beta(1, 1), on every record (the mixing partner and the weight are recorded);
-* ``inception-randaug-l2m5`` (D3): Inception crop, then RandAugment with 2 ops at level 5 (weak);
-* ``none``: the whole image, resized (shorter side to the record size, centre crop).
+A policy (the table in :mod:`mnv4.distill.policies`) turns a source image into the image that one
+record holds, at the record resolution.
 
 No flip: the student flips, and the teacher's label holds for the flipped image as well.
 
@@ -16,10 +11,8 @@ the same whichever worker makes it, in the first run or after a resume.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -28,56 +21,9 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2 as T
 from torchvision.transforms.v2 import functional as TF
 
-from ..errors import check_choice
+from .policies import POLICIES, RANDAUG_FILL, AugPolicy, get_policy
 
 __all__ = ["AugPolicy", "POLICIES", "get_policy", "inception_crop_box", "augment", "mixing_partner", "randaug_bin"]
-
-# TF's RandAugment fills the area uncovered by rotate / shear / translate with grey 128.
-_FILL = 128
-
-
-@dataclass(frozen=True)
-class AugPolicy:
-    name: str
-    crop: bool = True  # Inception crop; False: resize the whole image
-    crop_scale: tuple[float, float] = (0.08, 1.0)
-    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    randaug_layers: int = 0
-    randaug_magnitude: float = 0.0  # TF's 0-10 level scale
-    mixup_alpha: float = 0.0  # > 0: mix every record with a partner, weight ~ Beta(alpha, alpha)
-    note: str = ""
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "crop": "inception" if self.crop else "resize",
-            "crop_scale": list(self.crop_scale),
-            "crop_ratio": [round(r, 6) for r in self.crop_ratio],
-            "randaug_layers": self.randaug_layers,
-            "randaug_magnitude": self.randaug_magnitude,
-            "randaug_fill": _FILL,
-            "mixup_alpha": self.mixup_alpha,
-            "flip": False,
-        }
-
-
-POLICIES: dict[str, AugPolicy] = {
-    p.name: p
-    for p in (
-        AugPolicy("inception-randaug-l2m9", randaug_layers=2, randaug_magnitude=9, note="D1"),
-        AugPolicy("inception-extreme-mixup", mixup_alpha=1.0, note="D2 (Patient Teacher's function matching)"),
-        AugPolicy("inception-randaug-l2m5", randaug_layers=2, randaug_magnitude=5, note="D3 (weak)"),
-        AugPolicy("none", crop=False, note="un-augmented"),
-    )
-}
-
-
-def get_policy(name: str, crop_min: float | None = None) -> AugPolicy:
-    """The policy ``name``; ``crop_min`` raises its smallest Inception-crop area (small images)."""
-    policy = POLICIES[check_choice("aug", name, POLICIES)]
-    if crop_min is not None and policy.crop:
-        policy = dataclasses.replace(policy, crop_scale=(crop_min, policy.crop_scale[1]))
-    return policy
 
 
 def randaug_bin(level: float) -> int:
@@ -167,7 +113,7 @@ def augment(
 @functools.cache
 def _randaugment(layers: int, magnitude_bin: int) -> T.RandAugment:
     """One RandAugment per setting (it holds no state between calls), not one per record."""
-    return T.RandAugment(layers, magnitude_bin, fill=_FILL)
+    return T.RandAugment(layers, magnitude_bin, fill=RANDAUG_FILL)
 
 
 def mixing_partner(index: int, num_images: int, seed: int) -> int:

@@ -21,12 +21,12 @@ from torch import nn
 
 from ..data.images import BadImage
 from ..errors import MNv4Error, check_choice
+from .requests import ENGINES
 from .sources import ImageSource, to_uint8
 from .teachers import Teacher
 
 __all__ = ["ENGINES", "accelerate", "available_engines", "parity_sample"]
 
-ENGINES = ("auto", "eager", "onnxruntime", "openvino")
 # runtime -> (module that must be importable, artefact file name); auto tries them in this order
 _RUNTIMES = {"openvino": ("openvino", "teacher.xml"), "onnxruntime": ("onnxruntime", "teacher.onnx")}
 _EXTRA = {"openvino": "openvino", "onnxruntime": "onnx"}

@@ -26,12 +26,13 @@ from tqdm import tqdm
 
 from ..data.images import BadImage
 from ..data.sampling import sample_seed
-from ..errors import MNv4Error, check_float, check_int
+from ..errors import MNv4Error
 from ..files import atomic_write_json
 from ..threads import sample_threads
-from .augment import AugPolicy, augment, get_policy
+from .augment import augment
 from .engines import accelerate, parity_sample
 from .finetune import _replace_classifier
+from .requests import FrozenConfig
 from .sources import ImageSource, open_source, to_uint8
 from .teachers import Teacher, load_teacher, save_teacher
 
@@ -46,40 +47,6 @@ __all__ = [
 ]
 
 _VIEW_SALT = 0xF0E5  # keeps the views' seeds apart from the labelling records'
-
-
-@dataclass
-class FrozenConfig:
-    """``mnv4 distill finetune --mode frozen``: what to run the teacher on and how to fit its head."""
-
-    teacher: str
-    data: str
-    out: str
-    teacher_checkpoint: str | None = None
-    input_size: int | None = None
-    views: int = 0  # augmented views per training image, besides the un-augmented one
-    aug: str = "inception-randaug-l2m5"
-    crop_min: float | None = None
-    weight_decay: float = 0.3  # the best of 1e-3 ... 10 on cifar10-mini, 50 labels per class (docs/distillation.md)
-    max_iter: int = 300
-    batch_size: int = 64
-    workers: int = 0
-    seed: int = 0
-    cache: str | None = None  # feature cache folder; default OUT/features
-    engine: str = "eager"  # where the features are computed: auto | eager | onnxruntime | openvino
-    data_root: str | None = None
-
-    def validate(self) -> FrozenConfig:
-        check_int("views", self.views, 0)
-        check_int("max_iter", self.max_iter, 1)
-        check_int("batch_size", self.batch_size, 1)
-        check_int("workers", self.workers, 0, 256)
-        check_float("weight_decay", self.weight_decay, 0.0)
-        self.policy()
-        return self
-
-    def policy(self) -> AugPolicy:
-        return get_policy(self.aug, self.crop_min)
 
 
 @dataclass

@@ -30,12 +30,14 @@ from tqdm import tqdm
 
 from ..data.images import BadImage, BadImageLog, require_readable
 from ..data.sampling import sample_seed
-from ..errors import MNv4Error, check_choice, check_float, check_int
+from ..errors import MNv4Error
 from ..files import DirLock, atomic_write_json, file_sha256, remove_orphan_temps
 from ..threads import sample_threads
-from .augment import POLICIES, AugPolicy, augment, get_policy, mixing_partner
-from .engines import ENGINES, accelerate, parity_sample
+from .augment import augment, mixing_partner
+from .engines import accelerate, parity_sample
 from .jpeg import jpeg_roundtrip
+from .policies import AugPolicy
+from .requests import LABEL_COMMAND, LabelConfig
 from .shards import ShardRecord, encode_probs, record_key, shard_name, write_shard
 from .sources import ImageSource, map_classes, open_source, to_uint8
 from .teachers import Teacher, load_teacher
@@ -47,51 +49,6 @@ MANIFEST = "manifest.json"
 CONFIG = "config.json"
 # Fields that decide what the records hold: a resumed run must agree on all of them.
 _IDENTITY = ("aug", "crop_min", "replicas", "record_size", "jpeg_quality", "top_k", "shard_size", "seed")
-
-
-@dataclass(frozen=True)
-class LabelConfig:
-    teacher: str
-    data: str
-    out: str
-    aug: str = "inception-randaug-l2m9"
-    crop_min: float | None = None  # smallest Inception-crop area fraction; None: the policy's 0.08
-    replicas: int = 1
-    teacher_checkpoint: str | None = None
-    teacher_size: int | None = None  # teacher resolution; None: the teacher's own
-    record_size: int | None = None  # resolution of the stored images; None: the teacher's
-    jpeg_quality: int = 95
-    top_k: int = 0  # 0: all probabilities in float16
-    shard_size: int = 1000
-    batch_size: int = 64
-    workers: int = 0
-    seed: int = 0
-    device: str = "auto"
-    check_images: int = 2000  # teacher top-1 on this many un-augmented labelled images first; 0: skip
-    data_root: str | None = None
-    engine: str = "eager"  # auto | eager | onnxruntime | openvino (mnv4.distill.engines); not in the records' identity
-
-    def validate(self) -> LabelConfig:
-        check_choice("aug", self.aug, POLICIES)
-        check_choice("engine", self.engine, ENGINES)
-        if self.crop_min is not None:
-            check_float("crop_min", self.crop_min, 0.0, 1.0, lo_open=True)
-        check_int("replicas", self.replicas, 1)
-        if self.teacher_size is not None:
-            check_int("teacher_size", self.teacher_size, 8, 4096)
-        if self.record_size is not None:
-            check_int("record_size", self.record_size, 8, 4096)
-        check_int("jpeg_quality", self.jpeg_quality, 1, 100)
-        check_int("top_k", self.top_k, 0)
-        check_int("shard_size", self.shard_size, 1)
-        check_int("batch_size", self.batch_size, 1)
-        check_int("workers", self.workers, 0, 256)
-        check_int("seed", self.seed, 0)
-        check_int("check_images", self.check_images, 0)
-        return self
-
-    def policy(self) -> AugPolicy:
-        return get_policy(self.aug, self.crop_min)
 
 
 @dataclass
@@ -345,10 +302,11 @@ def label(
 
 
 def resume_command(cfg: LabelConfig) -> str:
-    """The command that continues labelling into ``cfg.out``: the same settings (those not at their default)."""
+    """The command that continues labelling into ``cfg.out``: the same settings (those not at the command's
+    default, which for ``engine`` is not the library's)."""
     import shlex
 
-    defaults = LabelConfig(teacher="", data="", out="")
+    defaults = LABEL_COMMAND
     parts = ["mnv4", "distill", "label"]
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)

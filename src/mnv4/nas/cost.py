@@ -33,9 +33,9 @@ from ..host import cpu_name
 from ..models.blocks import ConvBN, init_weights
 from ..models.mobilenetv4 import _build_block
 from ..models.specs import AttentionSpec, BlockSpec, ModelSpec, UIBSpec, cn, fib, uib
-from ..perf.hardware import BUILTIN_PROFILES
 from ..threads import torch_threads
 from .compact import block_token
+from .requests import HARDWARE_CHOICES
 from .space import SearchSpace
 
 __all__ = [
@@ -50,9 +50,6 @@ __all__ = [
     "time_ms",
     "HARDWARE_CHOICES",
 ]
-
-# A MAC count, a latency table measured here, or a built-in roofline profile (mnv4.perf.hardware).
-HARDWARE_CHOICES = ("macs", "local", *BUILTIN_PROFILES)
 
 
 def _down(n: int) -> int:

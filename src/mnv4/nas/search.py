@@ -24,7 +24,6 @@ architectures and the reward's correct counts are summed over processes, so all 
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
 from collections.abc import Callable
@@ -38,17 +37,17 @@ from torch import nn
 from torch.utils.data import Dataset, Subset
 
 from ..data.transforms import eval_transform
-from ..errors import InvalidValue, MNv4Error, check_float, check_int
+from ..errors import InvalidValue, MNv4Error
 from ..train.checkpoint import LAST
-from ..train.config import TrainConfig, resolve_config
 from ..train.distributed import all_reduce_sum
 from ..train.runs import plain, resumed_fields, stop_line
 from ..train.trainer import Trainer
 from ..weights.checkpoint import save_model
 from ..weights.io import write_safetensors
 from .controller import Controller, absolute_reward
-from .cost import HARDWARE_CHOICES, CostModel, LatencyTable, get_cost_model
+from .cost import CostModel, LatencyTable, get_cost_model
 from .report import SPEC, SearchResult, write_report
+from .requests import RESUME_MAY_CHANGE, SearchConfig
 from .space import Arch, SearchSpace, get_space
 from .supernet import SuperNet
 
@@ -68,144 +67,6 @@ SUBNET = "subnet.safetensors"
 SUPERNET = "supernet.safetensors"
 
 
-@dataclass(frozen=True)
-class SearchConfig:
-    """Everything a search needs; the CLI maps its flags onto these fields."""
-
-    data: str
-    output: str | None = None
-    space: str = "s"
-    hardware: str = "pixel8_edgetpu"  # macs | local | a built-in roofline profile | a .yaml/.json profile
-    target_ms: float | None = None
-    target_macs: float | None = None  # millions of MACs
-    target_like: str | None = None  # the cost of this registered model on the cost model (e.g. mnv4_conv_small)
-    resolution: int | None = None  # None: the dataset's natural size (32 for CIFAR), else 224
-    epochs: float = 10.0  # super-network epochs over the training split, both stages together
-    one_stage: bool = False
-    fine_expand: bool = False  # the fine stage also searches expansion ratios (the paper keeps 4)
-    coarse_fraction: float = 0.5  # share of the steps the coarse stage gets
-    batch_size: int = 64
-    micro_batch: int | None = None  # per-process micro-batch (gradient accumulation); None = the whole share
-    lr: float = 2e-3
-    weight_decay: float = 0.05
-    warmup_epochs: float = 1.0  # LR warm-up of the shared weights
-    label_smoothing: float = 0.1
-    crop_scale: tuple[float, float] = (0.35, 1.0)
-    hflip: float = 0.5
-    rl_warmup: float = 0.25  # fraction of each stage before the controller learns
-    beta: float = -0.10
-    controller_lr: float | None = None  # None: 15 / (RL updates of the stage), within [1e-3, 0.1]
-    baseline_momentum: float = 0.95
-    reward_split: float = 0.2  # held-out fraction of the training data for the reward
-    reward_batch: int | None = None  # None: batch_size
-    cost_tolerance: float = 0.10
-    eval_subnets: int = 12  # sampled sub-networks evaluated for the accuracy-vs-cost scatter
-    calib_batches: int = 4
-    seed: int = 0
-    workers: int = 0
-    device: str = "auto"
-    threads: int = 1  # threads of the latency measurements (local table, measured latency)
-    latency_table: str | None = None  # where the local table is cached (default ~/.cache/mnv4/latency)
-    distill: tuple[str, ...] = ()  # soft-label datasets the shared weights learn from (mnv4.nas.soft_labels)
-    mix: str | None = None  # their mixing ratio, as for a distilled student (None: equal shares)
-    save_every_steps: int = 200
-
-    def validated(self) -> SearchConfig:
-        given = [t for t in (self.target_ms, self.target_macs, self.target_like) if t is not None]
-        if len(given) != 1:
-            raise MNv4Error("give exactly one target: `target_ms`, `target_macs` or `target_like`")
-        if self.target_like is not None:
-            from ..models.registry import get_entry
-
-            get_entry(self.target_like)  # an unknown name fails here, with the list of models
-        if self.target_ms is not None:
-            check_float("target_ms", self.target_ms, 0.0, lo_open=True)
-            if self.hardware == "macs":
-                raise InvalidValue("hardware", "macs", "a MAC count has no milliseconds; use `target_macs`")
-        if self.target_macs is not None:
-            check_float("target_macs", self.target_macs, 0.0, lo_open=True)
-        if self.hardware not in HARDWARE_CHOICES and not self.hardware.lower().endswith((".yaml", ".yml", ".json")):
-            raise InvalidValue("hardware", self.hardware, f"choose {', '.join(HARDWARE_CHOICES)} or a .yaml/.json file")
-        check_float("epochs", self.epochs, 0.0, lo_open=True)
-        check_float("coarse_fraction", self.coarse_fraction, 0.0, 1.0, lo_open=True, hi_open=True)
-        check_int("batch_size", self.batch_size, 2)
-        check_float("lr", self.lr, 0.0, lo_open=True)
-        check_float("weight_decay", self.weight_decay, 0.0)
-        check_float("rl_warmup", self.rl_warmup, 0.0, 1.0, hi_open=True)
-        check_float("beta", self.beta, hi=0.0)
-        if self.controller_lr is not None:
-            check_float("controller_lr", self.controller_lr, 0.0, lo_open=True)
-        check_float("baseline_momentum", self.baseline_momentum, 0.0, 1.0, hi_open=True)
-        check_float("reward_split", self.reward_split, 0.0, 0.9, lo_open=True)
-        check_float("cost_tolerance", self.cost_tolerance, 0.0, lo_open=True)
-        check_int("eval_subnets", self.eval_subnets, 0)
-        check_int("calib_batches", self.calib_batches, 1)
-        check_int("workers", self.workers, 0)
-        check_int("threads", self.threads, 1)
-        check_int("save_every_steps", self.save_every_steps, 0)
-        if self.resolution is not None:
-            check_int("resolution", self.resolution, 16)
-        if self.reward_batch is not None:
-            check_int("reward_batch", self.reward_batch, 1)
-        if self.mix is not None and not self.distill:
-            raise InvalidValue("mix", self.mix, "it mixes soft-label datasets; give them with `distill`")
-        if self.distill:
-            from ..data.sampling import parse_mix
-
-            parse_mix(self.mix, len(self.distill))  # a bad ratio fails before any data is read
-        return self
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> SearchConfig:
-        d = dict(d)
-        for key in ("crop_scale", "distill"):
-            if key in d and d[key] is not None:
-                d[key] = tuple(d[key])
-        return cls(**d)
-
-    def train_config(self) -> TrainConfig:
-        """The super-network's training run: the `quick` recipe with this search's settings."""
-        return resolve_config(
-            "quick",
-            model=None,
-            data=self.data,
-            output=self.output,
-            epochs=self.epochs,
-            batch_size=self.batch_size,
-            micro_batch=self.micro_batch,
-            lr=self.lr,
-            lr_scaling="none",
-            warmup_epochs=self.warmup_epochs,
-            weight_decay=self.weight_decay,
-            label_smoothing=self.label_smoothing,
-            dropout=0.0,
-            crop_scale=self.crop_scale,
-            hflip=self.hflip,
-            input_size=self.resolution,
-            seed=self.seed,
-            workers=self.workers,
-            device=self.device,
-            save_every_steps=self.save_every_steps,
-        )
-
-    @property
-    def target_kind(self) -> str:
-        if self.target_like is not None:
-            return "macs" if self.hardware == "macs" else "ms"
-        return "macs" if self.target_macs is not None else "ms"
-
-    def resolve_target(self, cost_model: CostModel) -> float:
-        """T0 in the cost model's unit: the given number, or the cost of ``target_like`` on it."""
-        if self.target_like is not None:
-            from ..models.registry import get_entry
-
-            return float(cost_model.cost(get_entry(self.target_like).spec))
-        return float(self.target_macs if self.target_macs is not None else self.target_ms)
-
-
 @dataclass
 class StagePlan:
     name: str  # coarse | fine | joint
@@ -218,10 +79,6 @@ class StagePlan:
 
     def rl_start(self, warmup: float) -> int:
         return self.start + int(round(warmup * self.steps))
-
-
-# What a resumed search may change: where and how it runs, not what it searches.
-RESUME_MAY_CHANGE = ("output", "workers", "device", "save_every_steps")
 
 
 @dataclass

@@ -31,11 +31,10 @@ import os
 import random
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from ..errors import MNv4Error
-from ..files import read_mapping
+from ..files import preset_or_file
 from ..models.blocks import make_divisible
 from ..models.specs import AttentionSpec, BlockSpec, ConvBNSpec, FusedIBSpec, ModelSpec, UIBSpec, cn, fib, mqa, uib
 from .compact import spec_from_string, spec_to_string
@@ -564,14 +563,4 @@ SPACES["extended"] = SearchSpace(
 
 def get_space(name_or_path: str | os.PathLike | SearchSpace) -> SearchSpace:
     """A preset by name (``s``, ``m``, ``l``, ``m_hybrid``, ``extended``) or a space from a JSON/YAML file."""
-    if isinstance(name_or_path, SearchSpace):
-        return name_or_path
-    key = str(name_or_path)
-    if key in SPACES:
-        return SPACES[key]
-    path = Path(key)
-    if path.suffix.lower() not in (".json", ".yaml", ".yml"):
-        raise MNv4Error(f"unknown search space {key!r}; presets: {', '.join(SPACES)} (or a .json/.yaml file)")
-    data = read_mapping(path, "search space file", "name, stem, stages, ...")
-    data.setdefault("name", path.stem)
-    return SearchSpace.from_dict(data)
+    return preset_or_file(name_or_path, SearchSpace, SPACES, "search space", "name, stem, stages, ...")

@@ -6,8 +6,9 @@ Only :mod:`mnv4.perf.counting` needs torch, and it loads on first use of ``profi
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from ..lazy import lazy_names
 from .dtypes import DTYPE_BYTES
 
 if TYPE_CHECKING:
@@ -15,10 +16,4 @@ if TYPE_CHECKING:
 
 __all__ = ["DTYPE_BYTES", "LayerStats", "Profile", "profile"]
 
-
-def __getattr__(name: str) -> Any:
-    if name in ("LayerStats", "Profile", "profile"):
-        from . import counting
-
-        return getattr(counting, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__, __dir__ = lazy_names(__name__, dict.fromkeys(("LayerStats", "Profile", "profile"), ".counting"))

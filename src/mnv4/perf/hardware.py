@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..errors import MNv4Error
-from ..files import read_mapping
+from ..files import preset_or_file, read_record
 from .dtypes import DTYPE_BYTES
 
 __all__ = [
@@ -147,21 +147,13 @@ BUILTIN_PROFILES: dict[str, HardwareProfile] = {
 }
 
 
+_HOLDS = "peak_macs, bandwidth, ..."
+
+
 def load_profile(path: str | os.PathLike) -> HardwareProfile:
-    data = read_mapping(path, "hardware profile file", "peak_macs, bandwidth, ...")
-    data.setdefault("name", Path(path).stem)
-    return HardwareProfile.from_dict(data)
+    return read_record(path, HardwareProfile, "hardware profile", _HOLDS)
 
 
 def get_profile(name_or_path: str | os.PathLike | HardwareProfile) -> HardwareProfile:
     """A built-in profile by name, or a user profile from a .yaml/.json file."""
-    if isinstance(name_or_path, HardwareProfile):
-        return name_or_path
-    key = str(name_or_path)
-    if key in BUILTIN_PROFILES:
-        return BUILTIN_PROFILES[key]
-    if Path(key).suffix.lower() in (".yaml", ".yml", ".json"):
-        return load_profile(key)
-    raise MNv4Error(
-        f"unknown hardware profile {key!r}; built in: {', '.join(BUILTIN_PROFILES)} (or a .yaml/.json file)"
-    )
+    return preset_or_file(name_or_path, HardwareProfile, BUILTIN_PROFILES, "hardware profile", _HOLDS)
