@@ -176,7 +176,7 @@ def teacher_quality(path: Path, val: Path) -> tuple[float, float]:
 
 # ----------------------------------------------------------------------------------------------- labels
 def label_stage(args, root: Path, teacher: dict) -> dict[str, Path]:
-    from mnv4.distill.label import MANIFEST, LabelConfig, label
+    from mnv4.distill.labelling import MANIFEST, LabelConfig, label
 
     plans = {
         "D1": (root, "inception-randaug-l2m9", args.replicas),

@@ -261,3 +261,15 @@ def test_two_process_torchrun_matches_single_process_with_accumulation(tmp_path,
     assert len(params) > 20
     for k in params:
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-4, msg=k)
+
+
+def test_digits_recipe_options_follow_the_head_asked_for():
+    """The digits recipe's head options belong to its RetinaNet head: asking for SSDLite (by --head or by a
+    detector name) drops them instead of failing on unknown options; explicit options are kept."""
+    default = resolve_detect_config()
+    assert default.head == "retinanet" and default.head_options["anchor_scale"] == 2.0
+    for cfg in (resolve_detect_config(head="ssdlite"), resolve_detect_config(model="ssdlite_mnv4_conv_small")):
+        assert cfg.head == "ssdlite" and cfg.head_options is None
+    mine = resolve_detect_config(head="ssdlite", head_options={"extra_widths": [8, 8]})
+    assert mine.head_options == {"extra_widths": [8, 8]}
+    assert resolve_detect_config(model="retinanet_mnv4_conv_small").head_options == default.head_options

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 import mnv4
-from mnv4.distill.label import LabelConfig, label
+from mnv4.distill.labelling import LabelConfig, label
 
 from .cli_run import run_mnv4
 from .distill_helpers import TINY, color_teacher, make_folder

@@ -11,7 +11,7 @@ import torch
 import mnv4
 from mnv4.distill import engines
 from mnv4.distill.engines import accelerate
-from mnv4.distill.label import LabelConfig, label
+from mnv4.distill.labelling import LabelConfig, label
 from mnv4.distill.shards import ShardIndex, decode_probs
 from mnv4.distill.teachers import Teacher, load_teacher
 from mnv4.errors import MNv4Error

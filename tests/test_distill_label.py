@@ -14,7 +14,7 @@ import torch
 import mnv4
 from mnv4.distill.augment import POLICIES, augment, get_policy, inception_crop_box
 from mnv4.distill.dataset import MixedSoftLabels, SoftLabelSet, StudentView
-from mnv4.distill.label import LabelConfig, label, truncation_cost
+from mnv4.distill.labelling import LabelConfig, label, truncation_cost
 from mnv4.distill.shards import decode_probs, encode_probs
 from mnv4.distill.sources import map_classes, open_source
 from mnv4.distill.teachers import load_teacher

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mnv4.distill.dataset import MixedSoftLabels, MixingSampler, SoftLabelSet, StudentView, parse_mix
-from mnv4.distill.label import LabelConfig, label
+from mnv4.distill.labelling import LabelConfig, label
 from mnv4.distill.loss import sharpen, soft_cross_entropy
 from mnv4.errors import InvalidValue, MNv4Error
 

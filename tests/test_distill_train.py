@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import mnv4
-from mnv4.distill.label import LabelConfig, label
+from mnv4.distill.labelling import LabelConfig, label
 from mnv4.distill.student import DistillTrainer, train_student
 from mnv4.errors import InvalidValue, MNv4Error
 from mnv4.train import resolve_config, train

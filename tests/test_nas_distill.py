@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import mnv4.nas.space as space_module
-from mnv4.distill.label import LabelConfig, label
+from mnv4.distill.labelling import LabelConfig, label
 from mnv4.distill.teachers import Teacher
 from mnv4.errors import MNv4Error
 from mnv4.models.registry import Preprocess

@@ -191,6 +191,13 @@ def test_distill_package_names_resolve_lazily():
     # the CLI reads the requests (distill and search) at start-up: they must not pull torch in
     code = "import sys, mnv4.distill.requests, mnv4.nas.requests; print('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
+    # no package name is also a submodule name: importing the submodule first would rebind the package's
+    # attribute to the module (mnv4.distill.label must stay the function whatever was imported before)
+    for package in ("mnv4.distill", "mnv4.nas", "mnv4.detect", "mnv4.deploy", "mnv4.perf", "mnv4"):
+        modules = "{m.name for m in pkgutil.iter_modules(p.__path__)}"
+        code = f"import pkgutil, {package} as p; print(sorted(set(p.__all__) & {modules}))"
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        assert out.stdout.strip() == "[]", (package, out.stdout, out.stderr[-300:])
 
 
 def test_search_flags_are_the_search_config_fields(tmp_path):

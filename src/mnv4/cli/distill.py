@@ -15,7 +15,7 @@ __all__ = ["register"]
 
 
 def _cmd_label(args: argparse.Namespace) -> int:
-    from ..distill.label import label
+    from ..distill.labelling import label
     from ..train.distributed import teardown
 
     if not args.output:
@@ -28,7 +28,7 @@ def _cmd_label(args: argparse.Namespace) -> int:
     finally:
         teardown()
     if res.stopped_early:
-        from ..distill.label import resume_command
+        from ..distill.labelling import resume_command
 
         print(f"stopped after --max-shards; continue with: {resume_command(cfg)}")
     elif res.manifest:

@@ -117,7 +117,7 @@ DETECT_RECIPES: dict[str, dict[str, Any]] = {
         "input_size": 96,
         "head": "retinanet",
         # 128-d, 2-layer head; anchors 16-32 px at P3 (anchor_scale 2: the digits' ink boxes are 12-44 px);
-        # GIoU box loss. docs/detection.md "The built-in digits set" shows the runs that chose these.
+        # GIoU box loss. docs/detection.md "Training" shows the runs that chose these.
         "head_options": {"width": 128, "num_convs": 2, "anchor_scale": 2.0, "box_loss": "giou"},
         "epochs": 30,
         "batch_size": 16,

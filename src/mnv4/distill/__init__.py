@@ -16,7 +16,7 @@ from ..lazy import lazy_names
 
 if TYPE_CHECKING:
     from .dataset import MixedSoftLabels, MixingSampler, SoftLabelSet, StudentView, check_compatible, parse_mix
-    from .label import LabelResult, label
+    from .labelling import LabelResult, label
     from .loss import sharpen, soft_cross_entropy
     from .policies import POLICIES, AugPolicy, get_policy
     from .requests import LabelConfig
@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 _HOMES = {
     **dict.fromkeys(("POLICIES", "AugPolicy", "get_policy"), ".policies"),
     "LabelConfig": ".requests",
-    **dict.fromkeys(("LabelResult", "label"), ".label"),
+    **dict.fromkeys(("LabelResult", "label"), ".labelling"),
     **dict.fromkeys(
         ("SoftLabelSet", "MixingSampler", "MixedSoftLabels", "StudentView", "check_compatible", "parse_mix"), ".dataset"
     ),

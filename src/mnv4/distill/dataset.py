@@ -29,7 +29,7 @@ from ..data.sampling import GlobalBatchKeys, parse_mix, sample_seed
 from ..errors import MNv4Error
 from ..files import file_sha256
 from .jpeg import decode_jpeg
-from .label import CONFIG, FORMAT, MANIFEST
+from .labelling import CONFIG, FORMAT, MANIFEST
 from .shards import ShardIndex, decode_probs
 from .teachers import normalize, resize_uint8
 

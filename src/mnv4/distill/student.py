@@ -38,7 +38,7 @@ from ..train.config import TrainConfig
 from ..train.trainer import Trainer, TrainResult, train
 from .augment import POLICIES, augment, get_policy, mixing_partner
 from .dataset import MixedSoftLabels, MixingSampler, SoftLabelSet, StudentView, check_compatible, parse_mix
-from .label import MANIFEST
+from .labelling import MANIFEST
 from .loss import sharpen, soft_cross_entropy
 from .sources import map_classes, to_uint8
 from .teachers import Teacher, load_teacher

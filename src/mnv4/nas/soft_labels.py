@@ -19,7 +19,7 @@ from torch.utils.data import Dataset
 
 from ..data.datasets import DataBundle, Relabelled
 from ..distill.dataset import MixedSoftLabels, MixingSampler, SoftLabelSet, StudentView, check_compatible, parse_mix
-from ..distill.label import MANIFEST
+from ..distill.labelling import MANIFEST
 from ..distill.loss import soft_cross_entropy
 from ..distill.sources import map_classes
 from ..errors import MNv4Error
