@@ -18,12 +18,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
 import sys
 import time
+
+from mnv4.host import cpu_name
 
 
 def _rss_bytes() -> int:
@@ -81,17 +82,6 @@ def _run_child(args: argparse.Namespace, model: str, checkpointing: bool) -> dic
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=["mnv4_conv_small", "mnv4_conv_medium", "mnv4_hybrid_medium"])
@@ -107,7 +97,7 @@ def main() -> None:
         return
 
     mb = 1 << 20
-    print(f"{_cpu_name()}, {args.threads} thread(s), batch {args.batch_size} @ {args.input_size} px, fp32, train mode")
+    print(f"{cpu_name()}, {args.threads} thread(s), batch {args.batch_size} @ {args.input_size} px, fp32, train mode")
     header = ("model", "checkpointing", "peak RSS growth MB", "saved activations MB", "step s")
     rows = []
     for model in args.models:

@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import mnv4  # noqa: E402
 from mnv4.deploy.formats import FORMATS  # noqa: E402
 from mnv4.deploy.parity import parity_path  # noqa: E402
+from mnv4.host import cpu_name  # noqa: E402
 from runtimes import _time_in_child  # noqa: E402  (one timing worker for the benchmarks)
 
 # Tuned PTQ per route: the settings docs/deploy.md suggests trying first; LiteRT/ExecuTorch offer none.
@@ -153,18 +154,6 @@ def write_table(rows: list[dict], out: Path, cpu: str) -> str:
     return text
 
 
-def _cpu_name() -> str:
-    import platform
-
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(
-                (line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), platform.machine()
-            )
-    except OSError:
-        return platform.processor() or platform.machine()
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", required=True, help="image folder with train/ and val/ (one folder per class)")
@@ -192,7 +181,7 @@ def main() -> None:
     rows = []
     for model in [m for m in args.models.split(",") if m]:
         rows += model_table(args, model)
-    print(write_table(rows, Path(args.work), _cpu_name()))
+    print(write_table(rows, Path(args.work), cpu_name()))
 
 
 if __name__ == "__main__":
