@@ -9,7 +9,7 @@ from pathlib import Path
 from ..errors import MNv4Error
 from . import args as A
 
-__all__ = ["is_detector_request", "export_detector_cli", "detector_profile"]
+__all__ = ["is_detector_request", "export_detector_cli", "detector_profile", "check_classifier_eval"]
 
 
 def is_detector_request(args: argparse.Namespace) -> bool:
@@ -39,7 +39,8 @@ def is_detector_request(args: argparse.Namespace) -> bool:
 
 
 def export_detector_cli(args: argparse.Namespace, request, progress: bool | None) -> int:
-    """``mnv4 export`` of a detector: the command's :class:`~mnv4.deploy.requests.ExportRequest` plus ``--with-nms``."""
+    """``mnv4 export`` of a detector: the command's :class:`~mnv4.deploy.requests.ExportRequest` plus ``--with-nms``
+    and ``--split``; ``--eval`` names a detection dataset, whose AP before -> after is printed."""
     from ..detect.export import export_detector
 
     detector = _detector(args, "exports", default_size=320)
@@ -52,11 +53,30 @@ def export_detector_cli(args: argparse.Namespace, request, progress: bool | None
         precision=request.precision,
         samples=request.samples,
         threads=request.threads,
+        eval_data=request.eval_dir,
+        split=args.split,
         **extra,
         **({} if args.with_nms else dict(progress=progress)),
     )
     print(f"wrote {path}, {path}.parity.json and {path}.detector.json")
     return 0
+
+
+def check_classifier_eval(eval_dir: str | None) -> None:
+    """A classifier's ``--eval`` is a folder of class folders; a detection dataset there is a mix-up that
+    would otherwise be read as classes named after its splits."""
+    if eval_dir is None or not Path(eval_dir).is_dir():
+        return  # the request names a missing folder itself
+    from ..detect.data import detect_format
+
+    try:
+        fmt = detect_format(Path(eval_dir))
+    except MNv4Error:
+        return
+    raise MNv4Error(
+        f"{eval_dir} is a {fmt.upper()} detection dataset; a classifier's `eval_dir` is a folder of class "
+        "folders (AP before/after needs a detector `checkpoint`)"
+    )
 
 
 def detector_profile(args: argparse.Namespace):
