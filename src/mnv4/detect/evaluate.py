@@ -14,11 +14,10 @@ import random
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
-
-import numpy as np
 
 from ..data.images import BadImage, BadImageLog, find_images
 from ..errors import MNv4Error
@@ -178,9 +177,10 @@ def evaluate_artefact(
 ) -> DetectionMetrics:
     """COCO metrics of an exported raw detector network (``export_detector``'s artefact) on a dataset split.
 
-    ``data``: a COCO / VOC / YOLO folder, ``digits`` or a loaded :class:`DetectionData`; ``val_fraction`` / ``seed`` split a set without a val
-    split as training did. The detector is rebuilt from ``<artefact>.detector.json`` (its weights are not
-    needed: decoding uses the anchors and thresholds only) unless given.
+    ``data``: a COCO / VOC / YOLO folder, ``digits`` or a loaded :class:`DetectionData`; ``val_fraction`` /
+    ``seed`` split a set without a val split as training did. The detector is rebuilt from
+    ``<artefact>.detector.json`` (its weights are not needed: decoding uses the anchors and thresholds only)
+    unless given.
     """
     from ..deploy.formats import load_runner
     from ..deploy.layout import InputFormat
@@ -200,5 +200,6 @@ def evaluate_artefact(
     if not isinstance(data, DetectionData):
         data = load_detection_data(data, detector.classes, val_fraction, seed, warn=False)
     records = data.split(split)
-    metrics, _ = evaluate_detector(model, records, detector.classes, detector.image_size, batch_size=batch_size, bad=bad)
+    size = detector.image_size
+    metrics, _ = evaluate_detector(model, records, detector.classes, size, batch_size=batch_size, bad=bad)
     return metrics
