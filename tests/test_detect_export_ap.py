@@ -156,3 +156,65 @@ def test_bad_ap_requests_are_one_line(tiny_hybrid_spec, tmp_path, capsys, argv, 
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and err[-1].startswith("mnv4") and match in err[-1], err
     assert not any("Traceback" in line for line in err) and not (tmp_path / "x.onnx").exists()
+
+
+def test_output_tail_nodes_are_the_ops_after_the_last_compute():
+    """x -> c1 -> relu -> {c2 -> reshape, c3} -> concat: the tail is c2, c3, reshape and concat."""
+    onnx = require("onnx")
+    from onnx import helper
+
+    from mnv4.deploy.quantize import output_tail_nodes
+
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["a"], name="c1"),
+        helper.make_node("Relu", ["a"], ["b"], name="relu"),
+        helper.make_node("Conv", ["b", "w2"], ["c"], name="c2"),
+        helper.make_node("Reshape", ["c", "shape"], ["d"], name="reshape"),
+        helper.make_node("Conv", ["b", "w3"], ["e"], name="c3"),
+        helper.make_node("Concat", ["d", "e"], ["y"], name="concat", axis=1),
+    ]
+    graph = helper.make_graph(nodes, "g", [], [])
+    assert output_tail_nodes(graph) == ["c2", "reshape", "c3", "concat"]
+    assert output_tail_nodes(helper.make_graph(nodes[:2], "g", [], [])) == ["c1", "relu"]
+    assert onnx is not None
+
+
+@pytest.mark.slow
+def test_int8_onnx_detector_output_stays_float(tiny_hybrid_spec, tmp_path):
+    """ORT's QDQ would give the joined class logits and box deltas one uint8 scale; the float ends keep the
+    output assembly float, so no QuantizeLinear lies between the last conv and the output."""
+    onnx = require("onnx")
+    require("onnxruntime")
+    det = _detector(tiny_hybrid_spec)
+    path = export_detector(
+        det, "onnx", tmp_path / "q.onnx", precision="int8", calib_data=torch.randn(4, 3, SIZE, SIZE), samples=2,
+        verbose=False,
+    )  # fmt: skip
+    graph = onnx.load(str(path)).graph
+    producer = {o: n for n in graph.node for o in n.output}
+    seen, todo = [], [graph.output[0].name]
+    while todo:  # walk back from the output to the convs
+        node = producer.get(todo.pop())
+        if node is None:
+            continue
+        seen.append(node.op_type)
+        if node.op_type != "Conv":
+            todo += list(node.input)
+    assert "Conv" in seen and "QuantizeLinear" not in seen and "DequantizeLinear" not in seen, seen
+    assert any(n.op_type == "QuantizeLinear" for n in graph.node)  # the rest is INT8
+
+
+@pytest.mark.slow
+def test_cli_detector_int8_takes_the_ptq_flags(tiny_hybrid_spec, tmp_path):
+    """`mnv4 export` of a detector hands every request field (here a PTQ setting) to the raw network's export."""
+    require("onnxruntime")
+    det = _detector(tiny_hybrid_spec)
+    ckpt = save_detector(det, tmp_path / "det.safetensors")
+    data = _own_boxes_set(tmp_path / "data", det)
+    out = tmp_path / "q.onnx"
+    calib = str(data / "valid" / "images")
+    argv = ["export", "--checkpoint", str(ckpt), "--format", "onnx", "--int8", "--calib", calib]
+    code = main([*argv, "--weight-granularity", "per-tensor", "--samples", "2", "-o", str(out), "--eval", str(data)])
+    report = json.loads((tmp_path / "q.onnx.parity.json").read_text())
+    assert code == 0 and report["ptq"] == {"weight_granularity": "per-tensor"}
+    assert report["detection_ap"]["images"] == 6

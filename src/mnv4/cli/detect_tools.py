@@ -41,10 +41,15 @@ def is_detector_request(args: argparse.Namespace) -> bool:
 def export_detector_cli(args: argparse.Namespace, request, progress: bool | None) -> int:
     """``mnv4 export`` of a detector: the command's :class:`~mnv4.deploy.requests.ExportRequest` plus ``--with-nms``
     and ``--split``; ``--eval`` names a detection dataset, whose AP before -> after is printed."""
+    import dataclasses
+
     from ..detect.export import export_detector
 
     detector = _detector(args, "exports", default_size=320)
-    extra = {} if args.with_nms else dict(calib_dir=request.calib_dir, calib_samples=request.calib_samples)
+    # the raw network takes every other request field (calibration, PTQ settings, input format, ...) as
+    # a classifier's export does; the with-NMS graph has none of them
+    named = ("format", "output", "precision", "samples", "threads", "eval_dir", "input_size")
+    extra = {f.name: getattr(request, f.name) for f in dataclasses.fields(request) if f.name not in named}
     path = export_detector(
         detector,
         request.format,
@@ -55,8 +60,7 @@ def export_detector_cli(args: argparse.Namespace, request, progress: bool | None
         threads=request.threads,
         eval_data=request.eval_dir,
         split=args.split,
-        **extra,
-        **({} if args.with_nms else dict(progress=progress)),
+        **({} if args.with_nms else dict(extra, progress=progress)),
     )
     print(f"wrote {path}, {path}.parity.json and {path}.detector.json")
     return 0
