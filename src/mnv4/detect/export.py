@@ -30,6 +30,7 @@ from torchvision.ops import box_iou, clip_boxes_to_image, nms
 from ..errors import MNv4Error, check_float, check_int
 from ..files import atomic_write_json
 from ..models.meta import update_weights_meta
+from ..threads import torch_threads
 from .model import Detector
 
 __all__ = [
@@ -287,8 +288,8 @@ def compare_ap(
     verbose: bool = True,
 ) -> dict[str, Any]:
     """COCO AP / AP50 of the eager detector (before) and of its exported raw network (after) on one split of
-    ``data`` (a COCO / VOC / YOLO folder or ``digits``), by one evaluator; added to ``<artefact>.parity.json``
-    as ``detection_ap`` and returned."""
+    ``data`` (a COCO / VOC / YOLO folder or ``digits``), by one evaluator, both on ``threads`` CPU threads;
+    added to ``<artefact>.parity.json`` as ``detection_ap`` and returned."""
     from ..deploy.parity import parity_path
     from .data import load_detection_data
     from .evaluate import evaluate_artefact, evaluate_detector
@@ -296,7 +297,8 @@ def compare_ap(
     _check_eval_data(data)
     dataset = load_detection_data(data, detector.classes, warn=False)
     records = dataset.split(split)
-    before, _ = evaluate_detector(detector.eval(), records, detector.classes, detector.image_size)
+    with torch_threads(threads):  # the eager side on as many threads as the runtime
+        before, _ = evaluate_detector(detector.eval(), records, detector.classes, detector.image_size)
     after = evaluate_artefact(path, dataset, split, threads=threads, detector=detector)
     result = {
         "dataset": dataset.name,
