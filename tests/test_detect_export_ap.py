@@ -218,3 +218,20 @@ def test_cli_detector_int8_takes_the_ptq_flags(tiny_hybrid_spec, tmp_path):
     report = json.loads((tmp_path / "q.onnx.parity.json").read_text())
     assert code == 0 and report["ptq"] == {"weight_granularity": "per-tensor"}
     assert report["detection_ap"]["images"] == 6
+
+
+@pytest.mark.slow
+def test_an_artefact_failing_its_check_still_reports_its_ap(tiny_hybrid_spec, tmp_path, monkeypatch, capsys):
+    """An impossible bar fails the parity check: the AP line is printed and stored before the error."""
+    require("onnxruntime")
+    from mnv4.deploy.parity import CRITERIA, Criteria, ParityError
+
+    monkeypatch.setitem(CRITERIA, "fp32", Criteria(max_rel=None, min_cosine=2.0, min_top1=None))
+    det = _detector(tiny_hybrid_spec)
+    data = _own_boxes_set(tmp_path / "data", det)
+    with pytest.raises(ParityError, match="cosine"):
+        export_detector(det, "onnx", f"{tmp_path / 'out'}/", samples=2, eval_data=data)
+    artefact = tmp_path / "out" / f"retinanet_{tiny_hybrid_spec.name}_{SIZE}_fp32.onnx"  # a folder: default name
+    stored = json.loads(artefact.with_name(artefact.name + ".parity.json").read_text())
+    assert not stored["passed"] and stored["detection_ap"]["after"]["AP"] > 0.05
+    assert "AP on data val" in capsys.readouterr().out

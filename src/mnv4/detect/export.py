@@ -245,6 +245,7 @@ def _export_raw(
     calibrate INT8, the next ones are the parity inputs, as a classifier's held-out images are)."""
     from ..deploy.export import export
     from ..deploy.formats import get_format
+    from ..deploy.parity import ParityError
     from ..deploy.requests import ExportRequest
     from .evaluate import letterboxed_images
 
@@ -262,15 +263,23 @@ def _export_raw(
             options["calib_data"] = loaded[:n_calib]
         if images is None and len(loaded) > n_calib:
             images = loaded[n_calib:]
-    result = export(RawNetwork(detector), fmt, path, precision=precision, samples=samples, threads=threads,
-                    verbose=verbose, check_data=images, **options)  # fmt: skip
     layout = f"[B, A, {detector.num_classes + (detector.head_kind == 'ssdlite')} class logits + 4 box deltas]"
     shape = {k: options[k] for k in ("input_layout", "input_dtype", "batch") if options.get(k) is not None}
     batch = ExportRequest(fmt, **shape).batch_for(get_format(fmt))
-    _sidecar(detector, result.path, layout, anchors=detector.anchors().tolist(), head=detector.head_kind,
-             precision=precision, input_layout=shape.get("input_layout", "nchw"),
-             input_dtype=shape.get("input_dtype", "float32"), batch=batch)  # fmt: skip
-    return result.path
+
+    def sidecar() -> None:
+        _sidecar(detector, path, layout, anchors=detector.anchors().tolist(), head=detector.head_kind,
+                 precision=precision, input_layout=shape.get("input_layout", "nchw"),
+                 input_dtype=shape.get("input_dtype", "float32"), batch=batch)  # fmt: skip
+
+    try:
+        export(RawNetwork(detector), fmt, path, precision=precision, samples=samples, threads=threads,
+               verbose=verbose, check_data=images, **options)  # fmt: skip
+    except ParityError:
+        sidecar()  # a failed check leaves the artefact for inspection: with what runs it
+        raise
+    sidecar()
+    return path
 
 
 def _check_eval_data(data: str | os.PathLike | None) -> None:
@@ -348,6 +357,7 @@ def export_detector(
     go to :func:`mnv4.deploy.export.export` for the raw network (``calib_dir``, ``calib_samples``, ...).
     Returns the artefact's path; a failed parity check raises ``ParityError``.
     """
+    from ..deploy.export import artefact_path
     from ..deploy.formats import get_format
     from ..deploy.parity import ParityError
 
@@ -363,12 +373,18 @@ def export_detector(
         raise MNv4Error("AP before and after is measured on the raw network's export; drop `with_nms`")
     _check_eval_data(eval_data)
     name = f"{detector.head_kind}_{detector.config['backbone']}_{detector.image_size}"
-    path = Path(output) if output else Path(f"{name}_{'nms' if with_nms else precision}{info.suffix}")
+    path = artefact_path(output, f"{name}_{'nms' if with_nms else precision}{info.suffix}", info)
     detector = detector.eval().float()
     if not with_nms:
-        path = _export_raw(detector, fmt, path, precision, (samples, images), threads, verbose, export_options)
-        if eval_data is not None:
+        failed = None
+        try:
+            _export_raw(detector, fmt, path, precision, (samples, images), threads, verbose, export_options)
+        except ParityError as e:  # the AP of an artefact that failed its check is still worth knowing
+            failed = e
+        if eval_data is not None and path.exists():
             compare_ap(detector, path, eval_data, split, threads=threads, verbose=verbose)
+        if failed is not None:
+            raise failed
         return path
     _check_nms_request(fmt, precision)
     info.require("fp32")
