@@ -22,10 +22,11 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from .models import announce_weights, load_model
 
     request = A.request_from_args(ExportRequest, args)
-    from .detect_tools import export_detector_cli, is_detector_request
+    from .detect_tools import check_classifier_eval, export_detector_cli, is_detector_request
 
     if is_detector_request(args):
         return export_detector_cli(args, request, _progress(args))
+    check_classifier_eval(request.eval_dir)
     model = load_model(args)
     announce_weights(model, "the artefact is only good for latency and parity checks")
     result = export(model, request, progress=_progress(args))
@@ -166,6 +167,10 @@ def _add_export(sub) -> None:
     A.add_output(p, help="artefact path, or a folder for the default name <model>_<res>_<precision>.<ext>")
     A.add_threads(p, help="CPU threads of the runtime running the parity check", process=False)
     p.add_argument("--with-nms", action="store_true", help="detectors: decoding + NMS in the graph (onnx, openvino)")
+    p.add_argument(
+        "--split", default="val", choices=("train", "val", "test"),
+        help="detectors: the split of --eval DATASET (COCO/VOC/YOLO folder or digits) scored for AP before -> after",
+    )  # fmt: skip
     A.add_progress(p)
     p.set_defaults(func=_cmd_export)
 

@@ -110,7 +110,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 def _cmd_predict(args: argparse.Namespace) -> int:
     from ..data.images import BadImageLog, find_images
-    from ..detect.evaluate import predict_records
+    from ..detect.evaluate import image_records, predict_records
     from ..detect.predict import draw_predictions, prediction_rows, write_rows
 
     if not 0.0 <= args.score_threshold <= 1.0:
@@ -119,7 +119,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     if not paths:
         raise MNv4Error("no image files found in the given folders")
     det, device = _load(args)
-    records = _records(paths)
+    records = image_records(paths)
     bad = BadImageLog()
     preds = predict_records(
         det, records, det.image_size, device=device, batch_size=args.batch_size, workers=args.workers, bad=bad
@@ -134,15 +134,6 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     if all(p is None for p in preds):
         raise MNv4Error("no image could be read, nothing was predicted")
     return 0
-
-
-def _records(paths: list[Path]):
-    import numpy as np
-
-    from ..detect.formats import DetRecord
-
-    empty, none = np.zeros((0, 4), np.float32), np.zeros((0,), np.int64)
-    return [DetRecord(str(p), 0, 0, empty, none, image_id=i + 1) for i, p in enumerate(paths)]
 
 
 def _data_flags(p: argparse.ArgumentParser, default: str | None) -> None:

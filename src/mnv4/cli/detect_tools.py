@@ -9,7 +9,7 @@ from pathlib import Path
 from ..errors import MNv4Error
 from . import args as A
 
-__all__ = ["is_detector_request", "export_detector_cli", "detector_profile"]
+__all__ = ["is_detector_request", "export_detector_cli", "detector_profile", "check_classifier_eval"]
 
 
 def is_detector_request(args: argparse.Namespace) -> bool:
@@ -39,11 +39,17 @@ def is_detector_request(args: argparse.Namespace) -> bool:
 
 
 def export_detector_cli(args: argparse.Namespace, request, progress: bool | None) -> int:
-    """``mnv4 export`` of a detector: the command's :class:`~mnv4.deploy.requests.ExportRequest` plus ``--with-nms``."""
+    """``mnv4 export`` of a detector: the command's :class:`~mnv4.deploy.requests.ExportRequest` plus ``--with-nms``
+    and ``--split``; ``--eval`` names a detection dataset, whose AP before -> after is printed."""
+    import dataclasses
+
     from ..detect.export import export_detector
 
     detector = _detector(args, "exports", default_size=320)
-    extra = {} if args.with_nms else dict(calib_dir=request.calib_dir, calib_samples=request.calib_samples)
+    # the raw network takes every other request field (calibration, PTQ settings, input format, ...) as
+    # a classifier's export does; the with-NMS graph has none of them
+    named = ("format", "output", "precision", "samples", "threads", "eval_dir", "input_size")
+    extra = {f.name: getattr(request, f.name) for f in dataclasses.fields(request) if f.name not in named}
     path = export_detector(
         detector,
         request.format,
@@ -52,11 +58,29 @@ def export_detector_cli(args: argparse.Namespace, request, progress: bool | None
         precision=request.precision,
         samples=request.samples,
         threads=request.threads,
-        **extra,
-        **({} if args.with_nms else dict(progress=progress)),
+        eval_data=request.eval_dir,
+        split=args.split,
+        **({} if args.with_nms else dict(extra, progress=progress)),
     )
     print(f"wrote {path}, {path}.parity.json and {path}.detector.json")
     return 0
+
+
+def check_classifier_eval(eval_dir: str | None) -> None:
+    """A classifier's ``--eval`` is a folder of class folders; a detection dataset there is a mix-up that
+    would otherwise be read as classes named after its splits."""
+    if eval_dir is None or not Path(eval_dir).is_dir():
+        return  # the request names a missing folder itself
+    from ..detect.data import detect_format
+
+    try:
+        fmt = detect_format(Path(eval_dir))
+    except MNv4Error:
+        return
+    raise MNv4Error(
+        f"{eval_dir} is a {fmt.upper()} detection dataset; a classifier's `eval_dir` is a folder of class "
+        "folders (AP before/after needs a detector `checkpoint`)"
+    )
 
 
 def detector_profile(args: argparse.Namespace):

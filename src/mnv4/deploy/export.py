@@ -146,6 +146,7 @@ def export(
     output: str | os.PathLike | None = None,
     *,
     calib_data: torch.Tensor | None = None,
+    check_data: torch.Tensor | None = None,
     verbose: bool = True,
     progress: bool | None = False,
     **settings,
@@ -159,6 +160,8 @@ def export(
 
     Args:
         calib_data: a preprocessed calibration batch [N, C, R, R], instead of ``calib_dir``.
+        check_data: preprocessed parity inputs [N, C, R, R], instead of ``eval_dir`` / held-out images / noise
+            (a detector's are letterboxed, which the classifier folders' preprocessing is not).
         progress: progress bars (image loading, parity batches); None shows them on terminals only.
 
     ``recalibrate_bn`` (a request field): None (default): a model that was never given weights (see
@@ -186,6 +189,8 @@ def export(
         model, input_size, request.samples, request.calib_samples, request.calib_dir, request.eval_dir,
         int8 and calib_data is None, progress,
     )  # fmt: skip
+    if check_data is not None:
+        ins = replace(ins, x=check_data.float(), labels=None, source=f"{len(check_data)} given images")
     calib = calib_data.float() if calib_data is not None and int8 else ins.calib
     model, weights, random_weights = _weights_to_export(model, request, input_size, calib)
     # The artefact is fed raw inputs (layout, dtype); eager gets them converted by the graph's own

@@ -13,6 +13,9 @@ All routes take the calibration batch as a float tensor [N, 3, R, R] already pre
 normalized image and the head produces the logits, so they cost most of the top-1 agreement lost
 to INT8 (conv_medium on real photos: 96.8% -> 98.5% agreement, see docs/deploy.md). LiteRT and
 ExecuTorch stay fully INT8: their mobile accelerators (EdgeTPU, DSP) need every op quantized.
+On ONNX Runtime the float ends also take the graph's output assembly (:func:`output_tail_nodes`): a
+detector's predictor convs and the reshapes and concat joining class logits and box deltas into one
+output, which ORT's QDQ would otherwise give one uint8 scale for both ranges (docs/detection.md).
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ __all__ = [
     "litert_quantizer",
     "xnnpack_quantizer",
     "float_end_ops",
+    "output_tail_nodes",
     "calib_batches",
     "onnx_layer_nodes",
     "openvino_layer_ops",
@@ -117,6 +121,20 @@ def float_end_ops(ops: list[tuple[str, str]]) -> list[str]:
     return [ops[i][0] for i in sorted({compute[0], *tail})]
 
 
+def output_tail_nodes(graph) -> list[str]:
+    """Names of the ONNX nodes with no compute node downstream: the last compute ops and what only
+    rearranges their results (a classifier's final Gemm; a detector's predictor convs, reshapes, concat)."""
+    consumers: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    feeds: dict[int, bool] = {}
+    for node in reversed(graph.node):  # ONNX lists nodes in topological order: consumers are seen first
+        nexts = [c for out in node.output for c in consumers.get(out, [])]
+        feeds[id(node)] = any(c.op_type in _COMPUTE or feeds[id(c)] for c in nexts)
+    return [node.name for node in graph.node if not feeds[id(node)] and node.name]
+
+
 def quantize_onnx(
     fp32_path: str | os.PathLike,
     out_path: str | os.PathLike,
@@ -157,8 +175,9 @@ def quantize_onnx(
         quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=True)
         exclude = list(kept)
         if float_ends:
-            nodes = onnx.load(str(pre), load_external_data=False).graph.node
-            exclude += [n for n in float_end_ops([(n.name, n.op_type) for n in nodes]) if n]
+            graph = onnx.load(str(pre), load_external_data=False).graph
+            exclude += [n for n in float_end_ops([(n.name, n.op_type) for n in graph.node]) if n]
+            exclude += output_tail_nodes(graph)
         quantize_static(
             str(pre),
             str(out_path),

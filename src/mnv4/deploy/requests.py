@@ -77,7 +77,9 @@ class ExportRequest:
         "--calib", "calibration image folder for int8 (flat or one folder per class)"
     )
     eval_dir: str | os.PathLike | None = _folder(
-        "--eval", "labelled image folder to compare on and report the accuracy delta"
+        "--eval",
+        "labelled image folder to compare on and report the accuracy delta (a detector: a COCO/VOC/YOLO "
+        "folder or digits, scored for AP before -> after)",
     )
     samples: int = option(16, "inputs used for the parity check")
     calib_samples: int = option(128, "calibration images for int8")

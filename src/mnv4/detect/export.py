@@ -3,7 +3,10 @@
 - ``export_detector(det, fmt)``: the raw network, one output ``[B, A, C + 4]`` (class logits, then box
   deltas against the anchors), through :func:`mnv4.deploy.export.export` - every format, precision and
   parity check a classifier has. ``<artefact>.detector.json`` beside it holds the anchors (constants,
-  ``[A, 4]`` xyxy pixels), the classes, the preprocessing and the output layout.
+  ``[A, 4]`` xyxy pixels), the classes, the preprocessing, the input format and the output layout.
+  Calibration and parity images are letterboxed as the detector's evaluation sees them.
+- ``export_detector(det, fmt, eval_data=DATASET)`` then scores the eager detector and the artefact on one
+  split with one evaluator (:func:`compare_ap`): COCO AP / AP50 before -> after, in ``.parity.json``.
 - ``export_detector(det, fmt, with_nms=True)``: a batch-1 graph from the normalised image to final
   detections ``[N, 6]`` = (x1, y1, x2, y2, score, label), decoding with the anchors as constants and
   torchvision's batched NMS in the graph; ONNX and OpenVINO (from the ONNX graph). Parity is on the
@@ -13,6 +16,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import os
 import warnings
 from pathlib import Path
@@ -26,9 +30,18 @@ from torchvision.ops import box_iou, clip_boxes_to_image, nms
 from ..errors import MNv4Error, check_float, check_int
 from ..files import atomic_write_json
 from ..models.meta import update_weights_meta
+from ..threads import torch_threads
 from .model import Detector
 
-__all__ = ["RawNetwork", "NMSNetwork", "export_detector", "NMS_FORMATS", "match_detections", "MIN_MATCH_IOU"]
+__all__ = [
+    "RawNetwork",
+    "NMSNetwork",
+    "export_detector",
+    "compare_ap",
+    "NMS_FORMATS",
+    "match_detections",
+    "MIN_MATCH_IOU",
+]
 
 NMS_FORMATS = ("onnx", "openvino")  # routes whose runtime has a dynamic-size NMS op (docs/detection.md)
 MIN_MATCH_IOU = 0.99
@@ -143,6 +156,8 @@ def _realistic(detector: Detector, samples: torch.Tensor) -> tuple[Detector, str
 
 
 def _sidecar(detector: Detector, path: Path, layout: str, **extra: Any) -> Path:
+    from .evaluate import sidecar_path
+
     info = {
         "config": detector.config,
         "classes": detector.classes,
@@ -151,7 +166,7 @@ def _sidecar(detector: Detector, path: Path, layout: str, **extra: Any) -> Path:
         "output": layout,
         **extra,
     }
-    return atomic_write_json(path.with_name(path.name + ".detector.json"), info)
+    return atomic_write_json(sidecar_path(path), info)
 
 
 def _check_nms_request(fmt: str, precision: str) -> None:
@@ -216,6 +231,106 @@ def _inputs(detector: Detector, samples: int, images: torch.Tensor | None) -> tu
     return random_inputs(samples, detector.image_size), "seeded N(0,1) noise"
 
 
+def _export_raw(
+    detector: Detector,
+    fmt: str,
+    path: Path,
+    precision: str,
+    check: tuple[int, torch.Tensor | None],
+    threads: int | None,
+    verbose: bool,
+    options: dict[str, Any],
+) -> Path:
+    """The raw network through mnv4.deploy's export; a ``calib_dir`` is read letterboxed (its first images
+    calibrate INT8, the next ones are the parity inputs, as a classifier's held-out images are)."""
+    from ..deploy.export import export
+    from ..deploy.formats import get_format
+    from ..deploy.parity import ParityError
+    from ..deploy.requests import ExportRequest
+    from .evaluate import letterboxed_images
+
+    samples, images = check
+    if precision == "int8" and options.get("min_top1") is None:
+        # the argmax of a whole [A, C + 4] row is no detector's answer: INT8 is held to the cosine bar here,
+        # and its accuracy is the AP before -> after (`eval_data`)
+        options["min_top1"] = 0.0
+    calib_dir = options.pop("calib_dir", None)
+    if calib_dir is not None:
+        n_calib = options.get("calib_samples", ExportRequest.calib_samples)
+        n_calib = n_calib if precision == "int8" and options.get("calib_data") is None else 0
+        loaded = letterboxed_images(detector, calib_dir, n_calib + samples)
+        if n_calib:
+            options["calib_data"] = loaded[:n_calib]
+        if images is None and len(loaded) > n_calib:
+            images = loaded[n_calib:]
+    layout = f"[B, A, {detector.num_classes + (detector.head_kind == 'ssdlite')} class logits + 4 box deltas]"
+    shape = {k: options[k] for k in ("input_layout", "input_dtype", "batch") if options.get(k) is not None}
+    batch = ExportRequest(fmt, **shape).batch_for(get_format(fmt))
+
+    def sidecar() -> None:
+        _sidecar(detector, path, layout, anchors=detector.anchors().tolist(), head=detector.head_kind,
+                 precision=precision, input_layout=shape.get("input_layout", "nchw"),
+                 input_dtype=shape.get("input_dtype", "float32"), batch=batch)  # fmt: skip
+
+    try:
+        export(RawNetwork(detector), fmt, path, precision=precision, samples=samples, threads=threads,
+               verbose=verbose, check_data=images, **options)  # fmt: skip
+    except ParityError:
+        sidecar()  # a failed check leaves the artefact for inspection: with what runs it
+        raise
+    sidecar()
+    return path
+
+
+def _check_eval_data(data: str | os.PathLike | None) -> None:
+    if data is not None and str(data).lower() != "digits" and not Path(data).is_dir():
+        raise MNv4Error(f"detection evaluation set not found: {data}; give a COCO, VOC or YOLO folder, or digits")
+
+
+def compare_ap(
+    detector: Detector,
+    path: str | os.PathLike,
+    data: str | os.PathLike | None,
+    split: str = "val",
+    *,
+    threads: int | None = None,
+    verbose: bool = True,
+) -> dict[str, Any]:
+    """COCO AP / AP50 of the eager detector (before) and of its exported raw network (after) on one split of
+    ``data`` (a COCO / VOC / YOLO folder or ``digits``), by one evaluator, both on ``threads`` CPU threads;
+    added to ``<artefact>.parity.json`` as ``detection_ap`` and returned."""
+    from ..deploy.parity import parity_path
+    from .data import load_detection_data
+    from .evaluate import evaluate_artefact, evaluate_detector
+
+    _check_eval_data(data)
+    dataset = load_detection_data(data, detector.classes, warn=False)
+    records = dataset.split(split)
+    with torch_threads(threads):  # the eager side on as many threads as the runtime
+        before, _ = evaluate_detector(detector.eval(), records, detector.classes, detector.image_size)
+    after = evaluate_artefact(path, dataset, split, threads=threads, detector=detector)
+    result = {
+        "dataset": dataset.name,
+        "split": split,
+        "images": before.num_images,
+        "boxes": before.num_boxes,
+        "before": {"AP": before.AP, "AP50": before.AP50, "reference": "eager PyTorch fp32"},
+        "after": {"AP": after.AP, "AP50": after.AP50, "detections": after.num_detections},
+        "delta_AP": after.AP - before.AP,
+        "delta_AP50": after.AP50 - before.AP50,
+    }
+    report = parity_path(path)
+    stored = json.loads(report.read_text()) if report.is_file() else {}
+    atomic_write_json(report, {**stored, "detection_ap": result})
+    if verbose:
+        print(
+            f"AP on {dataset.name} {split} ({result['images']} images), eager -> {Path(path).name}: "
+            f"AP {before.AP:.3f} -> {after.AP:.3f} ({result['delta_AP']:+.3f}), "
+            f"AP50 {before.AP50:.3f} -> {after.AP50:.3f} ({result['delta_AP50']:+.3f})"
+        )
+    return result
+
+
 def export_detector(
     detector: Detector,
     fmt: str,
@@ -228,16 +343,21 @@ def export_detector(
     max_det: int = 100,
     samples: int = 8,
     images: torch.Tensor | None = None,
+    eval_data: str | os.PathLike | None = None,
+    split: str = "val",
     threads: int | None = None,
     verbose: bool = True,
     **export_options: Any,
 ) -> Path:
     """Export ``detector`` (raw network, or ``with_nms`` the decoded + NMS graph) and check it against eager.
 
-    ``images``: normalised ``[N, 3, S, S]`` inputs for the parity check (default seeded noise);
-    ``export_options`` go to :func:`mnv4.deploy.export.export` for the raw network (``calib_dir``, ...).
+    ``images``: normalised ``[N, 3, S, S]`` inputs for the parity check (default: held-out ``calib_dir``
+    images, else seeded noise); ``eval_data``: a detection dataset (folder or ``digits``) whose ``split``
+    scores the raw network's artefact against the eager detector (:func:`compare_ap`); ``export_options``
+    go to :func:`mnv4.deploy.export.export` for the raw network (``calib_dir``, ``calib_samples``, ...).
     Returns the artefact's path; a failed parity check raises ``ParityError``.
     """
+    from ..deploy.export import artefact_path
     from ..deploy.formats import get_format
     from ..deploy.parity import ParityError
 
@@ -246,17 +366,26 @@ def export_detector(
     check_float("nms_thresh", nms_thresh, 0.0, 1.0)
     check_int("max_det", max_det, 1)
     check_int("samples", samples, 1)
+    if export_options.get("eval_dir") is not None:
+        raise MNv4Error("a detector is evaluated on a detection dataset: pass it as `eval_data`, not `eval_dir`")
+    export_options.pop("eval_dir", None)
+    if eval_data is not None and with_nms:
+        raise MNv4Error("AP before and after is measured on the raw network's export; drop `with_nms`")
+    _check_eval_data(eval_data)
     name = f"{detector.head_kind}_{detector.config['backbone']}_{detector.image_size}"
-    path = Path(output) if output else Path(f"{name}_{'nms' if with_nms else precision}{info.suffix}")
+    path = artefact_path(output, f"{name}_{'nms' if with_nms else precision}{info.suffix}", info)
     detector = detector.eval().float()
     if not with_nms:
-        from ..deploy.export import export
-
-        result = export(RawNetwork(detector), fmt, path, precision=precision, samples=samples,
-                        threads=threads, verbose=verbose, **export_options)  # fmt: skip
-        layout = f"[B, A, {detector.num_classes + (detector.head_kind == 'ssdlite')} class logits + 4 box deltas]"
-        _sidecar(detector, path, layout, anchors=detector.anchors().tolist(), head=detector.head_kind)
-        return result.path
+        failed = None
+        try:
+            _export_raw(detector, fmt, path, precision, (samples, images), threads, verbose, export_options)
+        except ParityError as e:  # the AP of an artefact that failed its check is still worth knowing
+            failed = e
+        if eval_data is not None and path.exists():
+            compare_ap(detector, path, eval_data, split, threads=threads, verbose=verbose)
+        if failed is not None:
+            raise failed
+        return path
     _check_nms_request(fmt, precision)
     info.require("fp32")
     if path.suffix.lower() != info.suffix:
