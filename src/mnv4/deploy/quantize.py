@@ -338,11 +338,14 @@ def split_output_joins(model: torch.fx.GraphModule) -> int:
 
     out = next(n for n in model.graph.nodes if n.op == "output")
     joins = set(output_joins(model.graph))
+    leaves = pytree.tree_leaves(out.args[0])
     results: list = []
-    for node in pytree.tree_leaves(out.args[0]):
+    for node in leaves:
         rank = node.meta["val"].dim() if node in joins else 0
         dim = node.args[1] if len(node.args) > 1 else 0
         results += list(node.args[0]) if rank and dim % rank == rank - 1 else [node]
+    if results == leaves:
+        return len(leaves)  # nothing to cut: the graph is left as it is (a classifier)
     out.args = (tuple(results),)
     # torch.export's module rebuilds its output from a tree spec: it now holds a tuple of the parts
     spec = pytree.tree_structure(tuple(results))
