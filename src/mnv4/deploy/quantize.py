@@ -12,11 +12,13 @@ All routes take the calibration batch as a float tensor [N, 3, R, R] already pre
 (head 1x1 conv, classifier) in float: under 2% of an MNv4's MACs, but the stem sees the raw
 normalized image and the head produces the logits, so they cost most of the top-1 agreement lost
 to INT8 (conv_medium on real photos: 96.8% -> 98.5% agreement, see docs/deploy.md). LiteRT and
-ExecuTorch quantize every layer: their mobile accelerators (EdgeTPU, DSP) need every compute op in
-INT8. Only a concat producing the graph's output stays float there (:func:`output_joins`): it joins
-tensors of unrelated ranges (a detector's class logits, -35..10, and box deltas, about +-1), which
-pt2e's quantizers would give one shared int8 scale; each of its inputs keeps its own scale and is
-dequantized into it (docs/detection.md). A classifier's output is its classifier's, so it is unchanged.
+ExecuTorch quantize every layer: their mobile accelerators (EdgeTPU, DSP) need every op in INT8. Two
+things make that hold for a detector there (docs/detection.md, "AP before and after"): every call of a
+layer applied several times (the head, once per pyramid level) is quantized (:func:`unshare_weights`;
+litert-torch's quantizer left all but the first float), and a concat joining the outputs
+(:func:`output_joins`: class logits, -35..10, and box deltas, about +-1) is cut into separate outputs
+with their own int8 scales (:func:`split_output_joins`) that the runners join again; the other concats get
+one scale over all their inputs (:func:`annotate_cats`). A classifier's graph has neither: unchanged.
 On ONNX Runtime the float ends also take the graph's output assembly (:func:`output_tail_nodes`): a
 detector's predictor convs and the reshapes and concat joining class logits and box deltas into one
 output, which ORT's QDQ would otherwise give one uint8 scale for both ranges (docs/detection.md).
