@@ -98,6 +98,14 @@ def test_fp32_onnx_artefact_scores_the_eager_ap(tiny_hybrid_spec, tmp_path, head
     assert ap["after"]["AP"] == pytest.approx(eager.AP, abs=1e-6)
     assert ap["after"]["AP50"] == pytest.approx(eager.AP50, abs=1e-6)
     assert f"AP {eager.AP:.3f} -> {eager.AP:.3f}" in capsys.readouterr().out
+    # one output, as the sidecar says: class logits (SSDLite: with its background column) and box deltas joined
+    import onnxruntime as ort
+
+    side = json.loads((tmp_path / "d.onnx.detector.json").read_text())
+    columns = len(CLASSES) + (head == "ssdlite") + 4
+    assert side["artefact_outputs"] == [{"part": "class logits + box deltas", "columns": columns}]
+    shapes = [o.shape[1:] for o in ort.InferenceSession(str(path)).get_outputs()]
+    assert shapes == [[len(side["anchors"]), columns]]
     # on its own, the artefact is decoded by a detector rebuilt from its sidecar (no weights needed)
     alone = evaluate_artefact(path, data, "val")
     assert alone.AP == pytest.approx(eager.AP, abs=1e-6) and alone.per_class_AP == pytest.approx(eager.per_class_AP)
