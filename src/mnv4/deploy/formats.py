@@ -60,6 +60,9 @@ class Format:
     uint8_input: bool = True  # can take uint8 pixels with the normalisation in the graph (mnv4.deploy.layout)
     fixed_batch: bool = True  # can be exported for a fixed batch N
     bf16: str | None = None  # how bf16 runs, None where there is no bf16 route (needs a CPU with it: cpu.bf16_support)
+    # INT8 cuts a concat joining the outputs (a detector's class logits and box deltas) into separate outputs,
+    # each with its own scale (mnv4.deploy.quantize.split_output_joins); its loader joins them again
+    int8_split_outputs: bool = False
 
     @property
     def precisions(self) -> tuple[str, ...]:
@@ -159,6 +162,7 @@ FORMATS: dict[str, Format] = {
             loader=runners.load_litert,
             fp16=None,
             int8="pt2e + litert-torch PT2EQuantizer, every layer INT8, int8 IO",
+            int8_split_outputs=True,
             dynamic_batch=False,
             float_ends=False,
             denormals=_XNNPACK_DENORMALS.format(rest="TFLite builtin"),
@@ -176,6 +180,7 @@ FORMATS: dict[str, Format] = {
             loader=runners.load_executorch,
             fp16=None,
             int8="pt2e + XNNPACKQuantizer, every layer INT8, lowered to XNNPACK",
+            int8_split_outputs=True,
             dynamic_batch=False,
             float_ends=False,
             denormals=_XNNPACK_DENORMALS.format(rest="portable"),

@@ -12,7 +12,13 @@ All routes take the calibration batch as a float tensor [N, 3, R, R] already pre
 (head 1x1 conv, classifier) in float: under 2% of an MNv4's MACs, but the stem sees the raw
 normalized image and the head produces the logits, so they cost most of the top-1 agreement lost
 to INT8 (conv_medium on real photos: 96.8% -> 98.5% agreement, see docs/deploy.md). LiteRT and
-ExecuTorch stay fully INT8: their mobile accelerators (EdgeTPU, DSP) need every op quantized.
+ExecuTorch quantize every layer: their mobile accelerators (EdgeTPU, DSP) need every op in INT8. Two
+things make that hold for a detector there (docs/detection.md, "AP before and after"): every call of a
+layer applied several times (the head, once per pyramid level) is quantized (:func:`unshare_weights`;
+litert-torch's quantizer left all but the first float), and a concat joining the outputs
+(:func:`output_joins`: class logits, -35..10, and box deltas, about +-1) is cut into separate outputs
+with their own int8 scales (:func:`split_output_joins`) that the runners join again; the other concats get
+one scale over all their inputs (:func:`annotate_cats`). A classifier's graph has neither: unchanged.
 On ONNX Runtime the float ends also take the graph's output assembly (:func:`output_tail_nodes`): a
 detector's predictor convs and the reshapes and concat joining class logits and box deltas into one
 output, which ORT's QDQ would otherwise give one uint8 scale for both ranges (docs/detection.md).
@@ -39,6 +45,8 @@ __all__ = [
     "xnnpack_quantizer",
     "float_end_ops",
     "output_tail_nodes",
+    "output_joins",
+    "unshare_weights",
     "calib_batches",
     "onnx_layer_nodes",
     "openvino_layer_ops",
@@ -46,6 +54,7 @@ __all__ = [
 
 _POOLS = {"GlobalAveragePool", "ReduceMean", "AveragePool", "AvgPool"}
 _COMPUTE = {"Conv", "Gemm", "MatMul", "Convolution", "GroupConvolution"}
+_CATS = (torch.ops.aten.cat.default, torch.ops.aten.concat.default)
 
 
 def calib_batches(calib: torch.Tensor, batch: int) -> list:
@@ -293,8 +302,107 @@ def xnnpack_quantizer(per_channel: bool = True):
     return XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=per_channel))
 
 
+def output_joins(graph: torch.fx.Graph) -> list[torch.fx.Node]:
+    """The concats whose result is a graph output and nothing else: where a network joins its answers (a
+    detector's class logits and box deltas), each with its own range."""
+    outputs = {n for node in graph.nodes if node.op == "output" for n in node.all_input_nodes}
+    return [
+        n
+        for n in outputs
+        if n.op == "call_function" and n.target in _CATS
+        and all(user.op == "output" for user in n.users)
+    ]  # fmt: skip
+
+
+def unshare_weights(model: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """One weight node per use: a layer applied several times (a detector's head, shared by every pyramid
+    level) reads its weight through one node, and the pt2e annotators skip every call after the first
+    (the weight is already annotated), leaving those calls float."""
+    graph = model.graph
+    for node in list(graph.nodes):
+        if node.op != "get_attr" or len(node.users) < 2:
+            continue
+        for user in list(node.users)[1:]:
+            with graph.inserting_before(user):
+                copy = graph.get_attr(node.target)
+            copy.meta = dict(node.meta)
+            user.replace_input_with(node, copy)
+    model.recompile()
+    return model
+
+
+def split_output_joins(model: torch.fx.GraphModule) -> int:
+    """Cut each output join along the last axis: its inputs become graph outputs in its place, in order, each
+    with its own int8 scale (a runner joins an artefact's outputs again, mnv4.deploy.runners). LiteRT's
+    converter needs it: it turns a float concat of int8 tensors into an int8 one at one input's scale.
+    Returns the number of outputs."""
+    import torch.utils._pytree as pytree
+
+    out = next(n for n in model.graph.nodes if n.op == "output")
+    joins = set(output_joins(model.graph))
+    leaves = pytree.tree_leaves(out.args[0])
+    results: list = []
+    for node in leaves:
+        rank = node.meta["val"].dim() if node in joins else 0
+        dim = node.args[1] if len(node.args) > 1 else 0
+        results += list(node.args[0]) if rank and dim % rank == rank - 1 else [node]
+    if results == leaves:
+        return len(leaves)  # nothing to cut: the graph is left as it is (a classifier)
+    out.args = (tuple(results),)
+    # torch.export's module rebuilds its output from a tree spec: it now holds a tuple of the parts
+    spec = pytree.tree_structure(tuple(results))
+    codegen = model.graph._codegen
+    codegen.pytree_info = codegen.pytree_info._replace(out_spec=spec)
+    model._out_spec = spec
+    model.graph.eliminate_dead_code()
+    model.recompile()
+    return len(results)
+
+
+def annotate_cats(model: torch.fx.GraphModule, activation_qspec) -> None:
+    """Give every concat the quantizer left unannotated one int8 scale for all its inputs and its output.
+    litert-torch's quantizer finds concats by their source function, which a non-strict ``torch.export``
+    does not record, and LiteRT's converter then quantizes the float concat at its last input's scale,
+    clipping the others (a detector's pyramid levels: class logits of level 0 cut at +-2)."""
+    from torchao.quantization.pt2e.quantizer import QuantizationAnnotation, SharedQuantizationSpec
+
+    for node in model.graph.nodes:
+        if node.target not in _CATS or "quantization_annotation" in node.meta or not node.all_input_nodes:
+            continue
+        first, *rest = node.args[0]
+        shared = SharedQuantizationSpec((first, node))
+        node.meta["quantization_annotation"] = QuantizationAnnotation(
+            input_qspec_map={first: activation_qspec, **{n: shared for n in rest}}, output_qspec=shared, _annotated=True
+        )
+
+
+def _quantize_every_call(quantizer):
+    """``quantizer`` annotating every call of a shared layer (:func:`unshare_weights`) and every concat
+    (:func:`annotate_cats`)."""
+    from torchao.quantization.pt2e.quantizer import Quantizer
+
+    class EveryCall(Quantizer):
+        def transform_for_annotation(self, model: torch.fx.GraphModule) -> torch.fx.GraphModule:
+            return unshare_weights(quantizer.transform_for_annotation(model))
+
+        def annotate(self, model: torch.fx.GraphModule) -> torch.fx.GraphModule:
+            model = quantizer.annotate(model) or model
+            annotate_cats(model, quantizer.global_config.input_activation)
+            return model
+
+        def validate(self, model: torch.fx.GraphModule) -> None:
+            quantizer.validate(model)
+
+        def prepare_obs_or_fq_callback(self, model, edge_or_node_to_obs_or_fq) -> None:
+            quantizer.prepare_obs_or_fq_callback(model, edge_or_node_to_obs_or_fq)
+
+    return EveryCall()
+
+
 def pt2e_quantize(model: nn.Module, example: torch.Tensor, calib: torch.Tensor, quantizer, fold_quantize: bool = True):
     """PyTorch 2 export quantization with ``quantizer``, calibrated on ``calib``; the quantized GraphModule.
+    Every call of every conv and every concat is quantized, and an output join is cut into separate outputs
+    (:func:`split_output_joins`), so each gets its own scale.
 
     ``fold_quantize=False`` keeps the weights' quantize ops in the graph (litert's converter folds
     them itself).
@@ -305,7 +413,8 @@ def pt2e_quantize(model: nn.Module, example: torch.Tensor, calib: torch.Tensor, 
         # torch 2.14 no longer ships torch.ao's pt2e entry points; torchao is the home now.
         raise MNv4Error("torchao is not installed; INT8 for LiteRT/ExecuTorch needs it: pip install torchao") from None
     graph = torch.export.export(model.eval(), (example,)).module()
-    prepared = prepare_pt2e(graph, quantizer)
+    split_output_joins(graph)
+    prepared = prepare_pt2e(graph, _quantize_every_call(quantizer))
     with torch.no_grad():
         for chunk in calib_batches(calib, len(example)):  # the graph's batch is the example's
             prepared(torch.from_numpy(chunk))

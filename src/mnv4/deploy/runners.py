@@ -32,6 +32,7 @@ __all__ = [
     "load_torchscript",
     "load_pt2",
     "inspect_coreml",
+    "join_outputs",
 ]
 
 Runner = Callable[[np.ndarray], np.ndarray]
@@ -142,7 +143,7 @@ def load_litert(path: Path, options: RunOptions) -> Runner:
         raise missing_extra("ai-edge-litert", "litert") from None
     _flush_calling_thread(options)
     interp = Interpreter(model_path=str(path), num_threads=options.threads or None)
-    inp, out = interp.get_input_details()[0], interp.get_output_details()[0]
+    inp, outs = interp.get_input_details()[0], _litert_outputs(interp)
     state = {"batch": int(inp["shape"][0])}
     interp.allocate_tensors()
 
@@ -154,9 +155,26 @@ def load_litert(path: Path, options: RunOptions) -> Runner:
             state["batch"] = len(x)
         interp.set_tensor(inp["index"], _quantize_io(x, inp))
         interp.invoke()
-        return _dequantize_io(interp.get_tensor(out["index"]), out)
+        return join_outputs([_dequantize_io(interp.get_tensor(out["index"]), out) for out in outs])
 
     return run
+
+
+def _litert_outputs(interp) -> list[dict]:
+    """The output tensors' details in the order of the model's signature (the graph's output order)."""
+    signatures = interp.get_signature_list()
+    if len(signatures) != 1:
+        return interp.get_output_details()
+    key, signature = next(iter(signatures.items()))
+    details = interp.get_signature_runner(key).get_output_details()
+    by_index = {d["index"]: d for d in interp.get_output_details()}
+    return [by_index[details[name]["index"]] for name in signature["outputs"]]
+
+
+def join_outputs(outputs: list[np.ndarray]) -> np.ndarray:
+    """An artefact's outputs as one array: several are joined along the last axis, undoing the split of an
+    output join by INT8 (mnv4.deploy.quantize.split_output_joins: a detector's class logits and box deltas)."""
+    return outputs[0] if len(outputs) == 1 else np.concatenate(outputs, axis=-1)
 
 
 def load_executorch(path: Path, options: RunOptions) -> Runner:
@@ -172,7 +190,8 @@ def load_executorch(path: Path, options: RunOptions) -> Runner:
     method = program.load_method("forward")
 
     def run(x: np.ndarray) -> np.ndarray:
-        return method.execute([torch.from_numpy(np.ascontiguousarray(x))])[0].float().numpy()
+        outputs = method.execute([torch.from_numpy(np.ascontiguousarray(x))])
+        return join_outputs([y.float().numpy() for y in outputs])
 
     return run
 

@@ -169,6 +169,15 @@ def _sidecar(detector: Detector, path: Path, layout: str, **extra: Any) -> Path:
     return atomic_write_json(sidecar_path(path), info)
 
 
+def _artefact_outputs(columns: int, split: bool) -> list[dict[str, Any]]:
+    """The raw network artefact's outputs, each ``[B, A, columns]``: one joined output, or (INT8 routes that
+    give each part its own scale, ``Format.int8_split_outputs``) class logits and box deltas apart, which
+    mnv4's runners join along the last axis into the ``output`` layout."""
+    if not split:
+        return [{"part": "class logits + box deltas", "columns": columns + 4}]
+    return [{"part": "class logits", "columns": columns}, {"part": "box deltas", "columns": 4}]
+
+
 def _check_nms_request(fmt: str, precision: str) -> None:
     if fmt not in NMS_FORMATS:
         raise MNv4Error(
@@ -263,14 +272,18 @@ def _export_raw(
             options["calib_data"] = loaded[:n_calib]
         if images is None and len(loaded) > n_calib:
             images = loaded[n_calib:]
-    layout = f"[B, A, {detector.num_classes + (detector.head_kind == 'ssdlite')} class logits + 4 box deltas]"
+    columns = detector.num_classes + (detector.head_kind == "ssdlite")
+    layout = f"[B, A, {columns} class logits + 4 box deltas]"
     shape = {k: options[k] for k in ("input_layout", "input_dtype", "batch") if options.get(k) is not None}
-    batch = ExportRequest(fmt, **shape).batch_for(get_format(fmt))
+    info = get_format(fmt)
+    batch = ExportRequest(fmt, **shape).batch_for(info)
+    outputs = _artefact_outputs(columns, precision == "int8" and info.int8_split_outputs)
 
     def sidecar() -> None:
         _sidecar(detector, path, layout, anchors=detector.anchors().tolist(), head=detector.head_kind,
                  precision=precision, input_layout=shape.get("input_layout", "nchw"),
-                 input_dtype=shape.get("input_dtype", "float32"), batch=batch)  # fmt: skip
+                 input_dtype=shape.get("input_dtype", "float32"), batch=batch,
+                 artefact_outputs=outputs)  # fmt: skip
 
     try:
         export(RawNetwork(detector), fmt, path, precision=precision, samples=samples, threads=threads,
