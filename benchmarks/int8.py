@@ -49,15 +49,20 @@ def train_stage(args, model: str, work: Path) -> tuple[str, str]:
     """The base and QAT checkpoints of ``model`` (trained unless cached)."""
     from mnv4.train import resolve_config, train
 
-    base, qat = work / "base" / "best.safetensors", work / "qat" / "best.safetensors"
     common = dict(data=args.data, input_size=args.res, batch_size=args.batch, seed=0)
-    if not base.exists():
-        cfg = resolve_config("small-photos", model=model, epochs=args.epochs, output=str(work / "base"), **common)
-        train(cfg, progress=False, exist_ok=True)
-    if not qat.exists():
-        cfg = resolve_config("qat", checkpoint=str(base), epochs=args.qat_epochs, output=str(work / "qat"), **common)
-        train(cfg, progress=False, exist_ok=True)
-    return str(base), str(qat)
+
+    def run(name: str, recipe: str, **fields) -> str:
+        # Done when summary.json exists (best.safetensors appears after the first epoch already);
+        # an interrupted run continues from its last.pt, bit-exactly.
+        folder = work / name
+        if not (folder / "summary.json").exists():
+            cfg = resolve_config(recipe, output=str(folder), **common, **fields)
+            last = folder / "last.pt"
+            train(cfg, resume=last if last.is_file() else None, progress=False, exist_ok=True)
+        return str(folder / "best.safetensors")
+
+    base = run("base", "small-photos", model=model, epochs=args.epochs)
+    return base, run("qat", "qat", checkpoint=base, epochs=args.qat_epochs)
 
 
 def export_stage(args, route: str, variant: str, checkpoint: str, work: Path) -> dict:
