@@ -24,11 +24,10 @@ from typing import Any
 
 from ..errors import InvalidValue, MNv4Error, check_choice, check_float
 from ..train.config import TrainConfig, load_config_file
+from .registry import HEADS
 from .transforms import RESIZE_MODES
 
 __all__ = ["DetectConfig", "DETECT_RECIPES", "resolve_detect_config"]
-
-HEADS = ("retinanet", "ssdlite")
 
 
 @dataclass(frozen=True)
@@ -144,13 +143,11 @@ def resolve_detect_config(
     given = {k: v for k, v in overrides.items() if v is not None}
     fields.update(given)
     fields["recipe"] = name
-    recipe = DETECT_RECIPES[name]
+    explicit = set(given) | set(from_file)
     model = fields.get("model")
-    if "head" not in given and "head" not in from_file and isinstance(model, str):
-        # A detector name (``ssdlite_mnv4_conv_small``) chooses the head the recipe would otherwise set.
-        fields["head"] = next((h for h in HEADS if model.startswith(h + "_")), fields.get("head", "retinanet"))
-    if fields.get("head", recipe.get("head")) != recipe.get("head") and fields.get("head_options") is recipe.get(
-        "head_options"
-    ):
+    named = next((h for h in HEADS if isinstance(model, str) and model.startswith(h + "_")), None)
+    if named and "head" not in explicit:
+        fields["head"] = named  # a detector name (ssdlite_mnv4_conv_small) chooses the head over the recipe's
+    if fields.get("head") != DETECT_RECIPES[name].get("head") and "head_options" not in explicit:
         fields.pop("head_options", None)  # the recipe's options are for its own head, not the one asked for
     return DetectConfig.from_dict(fields)
