@@ -10,13 +10,17 @@ augmentation, epochs, batch, optimizer, seeds) and scored by the same COCO evalu
   Without backbone weights torchvision switches its ``reduced_tail`` on (the last stage at half width,
   MobileNetV3 paper Tab. 6), so this is the smaller variant;
 * ``tv-frcnn-mnv3-320-fpn``: torchvision's ``fasterrcnn_mobilenet_v3_large_320_fpn(weights=None,
-  weights_backbone=None)`` (two-stage).
+  weights_backbone=None)`` (two-stage);
+* ``retinanet-mnv4-conv-s+pre`` (only with ``--backbone-checkpoint``): the first row with its backbone
+  first trained by ``mnv4 train`` (e.g. on cifar10-mini photos), to measure the gain over scratch.
 
 Per dataset and model: AP, AP50, AP-small (val), params, MACs (one 320 px image, FlopCounterMode over the
 whole eval forward), eager latency per image (batch 1, median), ONNX Runtime latency of the dense graph
 where it exports (MNv4 and torchvision SSDLite: backbone + head without decoding; Faster R-CNN: "-"), and
 training wall time. Every stage is cached in ``--work`` (a training run folder per model and seed, resumed
 when interrupted; ``eval.json``, ``cost.json``), so rerunning the command continues where it stopped.
+``--stages train`` trains and scores only, so long training can run in the background and the timing
+stage (``--stages cost``) later, alone on the machine.
 
     python benchmarks/detection.py --data bccd=../shared/data/bccd --data aquarium=../shared/data/aquarium \\
         --epochs 30 --work runs/detection-bench
@@ -44,6 +48,8 @@ from mnv4.files import atomic_write_json  # noqa: E402
 from mnv4.host import cpu_name  # noqa: E402
 
 MODELS = ("retinanet-mnv4-conv-s", "ssdlite-mnv4-conv-s", "tv-ssdlite320-mnv3", "tv-frcnn-mnv3-320-fpn")
+PRETRAINED = "retinanet-mnv4-conv-s+pre"  # the backbone from --backbone-checkpoint
+STAGES = ("train", "cost")
 
 
 class ShiftLabels(nn.Module):
@@ -60,13 +66,19 @@ class ShiftLabels(nn.Module):
         return out if self.training else [{**d, "labels": d["labels"] - 1} for d in out]
 
 
-def build(name: str, classes: list[str], size: int) -> nn.Module:
+def build(name: str, classes: list[str], size: int, backbone: str | None = None) -> nn.Module:
     from torchvision.models import detection as tvd
 
     from mnv4.detect import create_detector
 
     if name == "retinanet-mnv4-conv-s":
         return create_detector("mnv4_conv_small", head="retinanet", classes=classes, image_size=size)
+    if name == PRETRAINED:
+        if backbone is None:
+            raise SystemExit(f"{PRETRAINED} needs --backbone-checkpoint (an mnv4 train checkpoint of mnv4_conv_small)")
+        return create_detector(
+            "mnv4_conv_small", head="retinanet", classes=classes, image_size=size, backbone_checkpoint=backbone
+        )
     if name == "ssdlite-mnv4-conv-s":
         return create_detector("mnv4_conv_small", head="ssdlite", classes=classes, image_size=size)
     n = len(classes) + 1
@@ -177,14 +189,14 @@ def run_one(args, data_name: str, data, name: str, seed: int) -> dict:
     summary = folder / "summary.json"
     if not summary.is_file():
         resume = folder / "last.pt" if (folder / "last.pt").is_file() else None
-        model = build(name, data.classes, args.size)
+        model = build(name, data.classes, args.size, args.backbone_checkpoint)
         BenchTrainer(cfg, data=data, model=model, progress=False, log=lambda m: None).run(resume)
     wall = json.loads(summary.read_text())["wall_seconds"]
     evaluated = folder / "eval.json"
     if not evaluated.is_file():
         from safetensors.torch import load_file
 
-        model = build(name, data.classes, args.size)
+        model = build(name, data.classes, args.size, args.backbone_checkpoint)
         model.load_state_dict(load_file(folder / "best.safetensors"))
         from mnv4.train.distributed import pick_device
 
@@ -193,6 +205,10 @@ def run_one(args, data_name: str, data, name: str, seed: int) -> dict:
         atomic_write_json(evaluated, m.as_dict())
     ev = json.loads(evaluated.read_text())
     return {"AP": ev["AP"], "AP50": ev["AP50"], "AP_small": ev["AP_small"], "train_s": wall}
+
+
+def statistics_mean(per_seed: list[dict]) -> dict:
+    return {k: statistics.mean(r[k] for r in per_seed) for k in per_seed[0]}
 
 
 def main() -> None:
@@ -208,11 +224,28 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument(
+        "--backbone-checkpoint",
+        default=None,
+        help=f"an mnv4 train checkpoint of mnv4_conv_small: adds the {PRETRAINED} row (gain over scratch)",
+    )
+    ap.add_argument(
+        "--stages",
+        default=",".join(STAGES),
+        help="train (train + score) and/or cost (params, MACs, latency: run it alone on the machine)",
+    )
     args = ap.parse_args()
+    stages = {s.strip() for s in args.stages.split(",") if s.strip()}
+    if not stages or stages - set(STAGES):
+        raise SystemExit(f"--stages takes a comma-separated subset of {', '.join(STAGES)}, got {args.stages!r}")
+    if args.backbone_checkpoint is not None and not Path(args.backbone_checkpoint).is_file():
+        raise SystemExit(f"--backbone-checkpoint {args.backbone_checkpoint}: no such file")
     if args.threads:
         torch.set_num_threads(args.threads)
     seeds = [int(s) for s in args.seeds.split(",")]
     names = [m.strip() for m in args.models.split(",") if m.strip()]
+    if args.backbone_checkpoint is not None and PRETRAINED not in names:
+        names.append(PRETRAINED)
     rows = []
     for item in args.data:
         data_name, _, path = item.partition("=")
@@ -222,26 +255,31 @@ def main() -> None:
         for name in names:
             per_seed = [run_one(args, data_name, data, name, s) for s in seeds]
             cost_file = Path(args.work) / data_name / name / "cost.json"
+            if not cost_file.is_file() and "cost" not in stages:
+                rows.append((data_name, name, statistics_mean(per_seed), None))
+                continue
             if not cost_file.is_file():  # timed with trained weights: an untrained head's box count is not typical
                 from safetensors.torch import load_file
 
-                model = build(name, data.classes, args.size)
+                model = build(name, data.classes, args.size, args.backbone_checkpoint)
                 model.load_state_dict(
                     load_file(Path(args.work) / data_name / name / f"seed{seeds[0]}" / "best.safetensors")
                 )
                 atomic_write_json(cost_file, cost(model, args.size, args.latency_runs))
-            c = json.loads(cost_file.read_text())
-            mean = {k: statistics.mean(r[k] for r in per_seed) for k in per_seed[0]}
-            rows.append((data_name, name, mean, c))
+            rows.append((data_name, name, statistics_mean(per_seed), json.loads(cost_file.read_text())))
     print(f"# {args.epochs:g} epochs, batch {args.batch_size}, {args.size} px, seeds {seeds}, CPU: {cpu_name()}")
     head = "| data | model | AP | AP50 | AP small | params (M) | MACs (G) | eager ms | ONNX RT ms | train s |"
     print(head)
     print("|" + "---|" * (head.count("|") - 1))
     for data_name, name, m, c in rows:
-        onnx = f"{c['onnx_ms']:.1f}" if c["onnx_ms"] is not None else "-"
+        if c is None:  # the cost stage has not run yet
+            cells = "- | - | - | -"
+        else:
+            onnx = f"{c['onnx_ms']:.1f}" if c["onnx_ms"] is not None else "-"
+            cells = f"{c['params_m']:.2f} | {c['macs_g']:.2f} | {c['eager_ms']:.1f} | {onnx}"
         print(
-            f"| {data_name} | {name} | {m['AP']:.3f} | {m['AP50']:.3f} | {m['AP_small']:.3f} | {c['params_m']:.2f} "
-            f"| {c['macs_g']:.2f} | {c['eager_ms']:.1f} | {onnx} | {m['train_s']:.0f} |"
+            f"| {data_name} | {name} | {m['AP']:.3f} | {m['AP50']:.3f} | {m['AP_small']:.3f} | {cells} "
+            f"| {m['train_s']:.0f} |"
         )
 
 

@@ -18,7 +18,8 @@ tuned PTQ vs QAT, top-1 agreement, and latency against the best fp32 route, side
 4. ``<model>/timings.json``: every artefact and the fused eager model timed in its own process
    (``mnv4.deploy.bench``'s protocol: fixed threads, batch 1, median of repeats).
 
-The table goes to ``--work``/int8.md and .json. Never quote timings from a loaded machine.
+The table goes to ``--work``/int8.md and .json. Never quote timings from a loaded machine: ``--no-timing``
+runs stages 1-3 only (e.g. in the background), and a later run alone on the machine adds stage 4.
 """
 
 from __future__ import annotations
@@ -115,7 +116,7 @@ def model_table(args, model: str) -> list[dict]:
         variants = ["fp32", "ptq"] + (["tuned"] if route in TUNED else []) + ["qat"]
         variants += ["bf16"] if args.bf16 and FORMATS[route].bf16 else []
         rows += [export_stage(args, route, v, qat if v == "qat" else base, work) for v in variants]
-    timings = time_stage(args, rows, base, work)
+    timings = {} if args.no_timing else time_stage(args, rows, base, work)
     for r in rows:
         r["median_ms"] = timings.get(f"{r['route']}_{r['variant']}", {}).get("median_ms")
     fp32_ms = [
@@ -175,6 +176,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--runs", type=int, default=200)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--no-timing", action="store_true", help="skip stage 4 (timings need the machine alone)")
     args = ap.parse_args()
     for sub in ("train", "val"):
         if not (Path(args.data) / sub).is_dir():
