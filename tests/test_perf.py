@@ -1,5 +1,7 @@
 """The profiler's per-layer table: MACs agree with torch's FLOP counter, bytes follow the dtype."""
 
+import math
+import statistics
 import time
 
 import pytest
@@ -112,3 +114,20 @@ def test_alternating_rounds_thread_clock_leaves_out_waiting():
     assert min(cpu["busy"]) >= 3.0
     with pytest.raises(ValueError, match="clock"):
         alternating_rounds(fns, None, clock="cpu")
+
+
+def test_paired_ratio_sign_test_against_the_binomial_distribution():
+    from scipy.stats import binomtest
+
+    from mnv4.perf.latency import paired_ratio
+
+    a = [1.0, 0.9, 0.95, 1.1, 0.8, 0.7, 0.9, 0.85, 0.99, 1.2]  # 8 of 10 rounds faster
+    b = [1.0 if i != 0 else 1.05 for i in range(10)]
+    out = paired_ratio(a, b)
+    faster = sum(x < y for x, y in zip(a, b))
+    assert out["a_faster"] == faster == 8 and out["rounds"] == 10
+    assert math.isclose(out["sign_p"], binomtest(faster, 10, 0.5).pvalue, rel_tol=1e-9)
+    assert out["median"] == statistics.median(x / y for x, y in zip(a, b))
+    assert out["min"] == 0.7 and math.isclose(out["max"], 1.2)
+    even = paired_ratio([1.0, 2.0, 1.0, 2.0], [1.5] * 4)  # two faster, two slower: no evidence either way
+    assert even["sign_p"] == 1.0 and even["a_faster"] == 2

@@ -8,6 +8,7 @@ below ``min_runs``); the runs actually done are reported with the result.
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from collections.abc import Callable
@@ -24,6 +25,7 @@ __all__ = [
     "alternating_rounds",
     "alternating_medians",
     "paired_difference",
+    "paired_ratio",
     "set_threads",
     "flush_denormals",
 ]
@@ -148,6 +150,28 @@ def paired_difference(a: list[float], b: list[float]) -> tuple[float, float, flo
     """(median, min, max) over rounds of ``a[r] - b[r]`` (two candidates of one :func:`alternating_rounds`)."""
     d = [x - y for x, y in zip(a, b, strict=True)]
     return statistics.median(d), min(d), max(d)
+
+
+def paired_ratio(a: list[float], b: list[float]) -> dict:
+    """Per-round ratios ``a[r] / b[r]`` of two candidates of one :func:`alternating_rounds`, and a sign test.
+
+    Returns the median, min and max ratio, ``a_faster`` (rounds with ratio < 1) of ``rounds``, and the
+    two-sided exact sign-test p-value of "neither is faster" (ties count half each way). A small p says
+    the difference is real; a large one over many rounds says it is noise at that resolution."""
+    ratios = [x / y for x, y in zip(a, b, strict=True)]
+    n = len(ratios)
+    faster = sum(r < 1 for r in ratios) + 0.5 * sum(r == 1 for r in ratios)
+    k = min(faster, n - faster)
+    # P(X <= k) for X ~ Binomial(n, 1/2), doubled (two-sided), capped at 1.
+    tail = sum(math.comb(n, i) for i in range(int(math.floor(k)) + 1)) / 2**n
+    return {
+        "median": statistics.median(ratios),
+        "min": min(ratios),
+        "max": max(ratios),
+        "a_faster": faster,
+        "rounds": n,
+        "sign_p": min(1.0, 2 * tail),
+    }
 
 
 def set_threads(threads: int | None) -> None:
