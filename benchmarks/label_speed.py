@@ -221,9 +221,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="mnv4-label-speed-") as name:
         tmp = Path(name)
         images = subset(Path(args.data), args.n, tmp / "images")
-        classes = sorted(p.name for p in images.iterdir() if p.is_dir())
+        classes = sorted(p.name for p in images.iterdir() if p.is_dir()) or [f"class{i}" for i in range(10)]
         t0 = time.perf_counter()
-        teacher = args.teacher or str(make_teacher(tmp / "teacher.safetensors", args.teacher_size, classes or [f"class{i}" for i in range(10)]))
+        teacher = args.teacher or str(make_teacher(tmp / "teacher.safetensors", args.teacher_size, classes))
         print(f"teacher {teacher} ready in {time.perf_counter() - t0:.0f} s", flush=True)
         base = {
             "teacher": teacher,
