@@ -7,9 +7,10 @@ across ``--rounds`` rounds (medians reported). The contenders (``--configs``, ``
 
 * ``eager:0:64``: today's path (eager PyTorch, channels_last as the teacher always runs, records made
   in the labelling process, batches of 64) and the reference of every ratio and parity figure;
-* ``eager:1:64``, ``auto:0:64``, ``auto:1:64``: one change at a time (records made in a worker process
-  while the teacher runs; the teacher on the fastest route that passes the parity check);
-* ``auto:1:B`` with ``B`` the command's default batch size: the fast path.
+* ``eager:0:B``, ``eager:1:64``, ``auto:0:64``: one change at a time (``B`` the command's default batch
+  size, sized for the cache; records made in a worker process while the teacher runs; the teacher on the
+  fastest route that passes the parity check), and ``auto:1:64``: all but the batch size;
+* ``auto:1:B``: the fast path, the command's defaults.
 
 Images/s count labelling only: the one-off export and parity check of ``auto`` are reported apart (the
 command prints them), and the teacher top-1 check is off (``check_images`` 0). Parity against
@@ -31,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -48,7 +50,7 @@ def default_configs() -> list[str]:
     from mnv4.distill.requests import LABEL_COMMAND
 
     fast = f"auto:{max(LABEL_COMMAND.workers, 1)}:{LABEL_COMMAND.batch_size}"
-    configs = [REFERENCE, "eager:1:64", "auto:0:64", "auto:1:64", fast]
+    configs = [REFERENCE, f"eager:0:{LABEL_COMMAND.batch_size}", "eager:1:64", "auto:0:64", "auto:1:64", fast]
     return list(dict.fromkeys(configs))  # the fast path may be one of the steps already
 
 
@@ -102,6 +104,13 @@ def run_one(spec: dict) -> dict:
 
     engine, workers, batch = parse_config(spec["config"])
     said: list[str] = []
+    start: list[tuple[float, float]] = []
+
+    def log(line: str) -> None:
+        said.append(line)
+        if line.startswith("labelling "):  # said once the teacher is ready, just before the first record
+            start.append((_cpu(resource.RUSAGE_SELF), _cpu(resource.RUSAGE_CHILDREN)))
+
     cfg = LabelConfig(
         teacher=spec["teacher"],
         data=spec["data"],
@@ -115,14 +124,23 @@ def run_one(spec: dict) -> dict:
         check_images=0,
         device="cpu",
     )
-    res = label(cfg, progress=False, log=said.append)
+    res = label(cfg, progress=False, log=log)
+    # the workers are joined when the loader is exhausted, so their CPU time is the children's by now
+    main, children = _cpu(resource.RUSAGE_SELF) - start[0][0], _cpu(resource.RUSAGE_CHILDREN) - start[0][1]
     export = [line for line in said if line.startswith("teacher runs on") or line.startswith("teacher engine")]
     return {
         "images_per_s": res.records_this_run / res.seconds_this_run,
         "records": res.records_this_run,
+        "cpu_ms_main": 1e3 * main / res.records_this_run,
+        "cpu_ms_workers": 1e3 * children / res.records_this_run,
         "engine": res.manifest["teacher"].get("engine", "eager"),
         "export": export,
     }
+
+
+def _cpu(who: int) -> float:
+    usage = resource.getrusage(who)
+    return usage.ru_utime + usage.ru_stime
 
 
 def spawn(spec: dict) -> dict:
@@ -177,19 +195,32 @@ def report(args, configs: list[str], runs: dict[str, list[dict]], tmp: Path) -> 
 
     from mnv4.host import cpu_name
 
-    ref = statistics.median(r["images_per_s"] for r in runs[REFERENCE])
+    def median(c: str, key: str) -> float:
+        return statistics.median(r[key] for r in runs[c])
+
+    ref, ref_bound = median(REFERENCE, "images_per_s"), 1e3 / median(REFERENCE, "cpu_ms_main")
     print(
         f"\n{cpu_name()}, torch {torch.__version__}, {args.threads} thread(s) per process; {args.n} images of "
         f"{args.data}, teacher at {args.teacher_size} px, records {args.record_size} px, aug {args.aug}; "
         f"median of {args.rounds} rounds"
     )
-    print(f"{'engine:workers:batch':<22}{'route':<13}{'img/s':>8}{'vs ' + REFERENCE:>16}{'max |dp|':>11}  records")
+    print(
+        f"{'engine:workers:batch':<22}{'route':<10}{'img/s':>7}{'ratio':>7}{'CPU ms/img':>12}{'workers':>9}"
+        f"{'bound':>8}{'ratio':>7}{'max |dp|':>10}  records"
+    )
     for c in configs:
-        rate = statistics.median(r["images_per_s"] for r in runs[c])
+        rate, main, workers = median(c, "images_per_s"), median(c, "cpu_ms_main"), median(c, "cpu_ms_workers")
+        bound = 1e3 / max(main, workers / max(parse_config(c)[1], 1))
         worst, same = parity(tmp / "out" / REFERENCE.replace(":", "-"), tmp / "out" / c.replace(":", "-"))
-        records = "identical" if same else "DIFFER"
-        route = runs[c][-1]["engine"]
-        print(f"{c:<22}{route:<13}{rate:8.1f}{rate / ref:15.2f}x{worst:11.1e}  {records}")
+        print(
+            f"{c:<22}{runs[c][-1]['engine']:<10}{rate:7.1f}{rate / ref:6.2f}x{main:12.2f}{workers:9.2f}"
+            f"{bound:8.1f}{bound / ref_bound:6.2f}x{worst:10.1e}  {'identical' if same else 'DIFFER'}"
+        )
+    print(
+        "ratio: to " + REFERENCE + "; CPU ms/img: the labelling process's CPU time per record, and its workers'; "
+        "bound: the img/s those CPU times allow when every process has a core to itself (what a quiet machine "
+        "approaches; the measured img/s is what this one gave)"
+    )
     for line in {line for c in configs for r in runs[c] for line in r["export"]}:
         print(line)
 
