@@ -68,7 +68,7 @@ class LabelConfig:
     )
     shard_size: int = option(1000, "records per shard")
     # images per teacher batch: 16 keeps a batch's activations in the CPU's cache (at 128 px, 64 ran 3x
-    # slower per image in eager PyTorch and 1.3x on OpenVINO; docs/distillation.md, "Labelling at speed")
+    # slower per image in eager PyTorch and 1.3x on OpenVINO: docs/distillation.md "Labelling at speed")
     batch_size: int = 16
     workers: int = 0
     seed: int = option(0, "seed of the augmentations")
