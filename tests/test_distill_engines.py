@@ -1,4 +1,4 @@
-"""The labelling fast path: the teacher on ONNX Runtime gives the records eager PyTorch gives."""
+"""The labelling fast path (a runtime, worker processes, its own batch size) gives the records eager PyTorch gives."""
 
 from __future__ import annotations
 
@@ -28,27 +28,61 @@ def tiny_teacher(tmp_path):
 
 
 @pytest.mark.slow
-def test_onnxruntime_labels_equal_eager_labels(tmp_path, tiny_teacher):
-    pytest.importorskip("onnxruntime")
-    photos = make_folder(tmp_path / "photos", per_class=4)
+@pytest.mark.parametrize("engine", ["onnxruntime", "openvino"])
+def test_the_fast_path_labels_as_the_slow_path(tmp_path, tiny_teacher, engine):
+    """The fast path (a runtime, records made in a worker process, another batch size) against today's
+    slow path (eager PyTorch in-process): the same records, probabilities within float rounding."""
+    pytest.importorskip(engine)
+    photos = make_folder(tmp_path / "photos", per_class=4, bad=True)  # a broken file: a batch with a hole
     said: list[str] = []
-    shards = {}
-    for engine in ("eager", "onnxruntime"):
-        out = str(tmp_path / engine)
-        cfg = LabelConfig(tiny_teacher, str(photos), out, replicas=2, shard_size=10, batch_size=8, engine=engine)
+    shards, checks = {}, []
+    runs = {"slow": dict(engine="eager", workers=0, batch_size=8), "fast": dict(engine=engine, workers=1, batch_size=5)}
+    for name, how in runs.items():
+        out = str(tmp_path / name)
+        cfg = LabelConfig(tiny_teacher, str(photos), out, replicas=2, shard_size=10, check_images=4, **how)
         res = label(cfg, progress=False, log=said.append)
-        assert res.manifest["records"] == 24
-        assert res.manifest["teacher"].get("engine", "eager") == engine
-        shards[engine] = ShardIndex(sorted((tmp_path / engine).glob("shard-*.tar")))
-    assert any(line.startswith("teacher runs on onnxruntime: probabilities within") for line in said), said
-    eager, fast = shards["eager"], shards["onnxruntime"]
-    assert eager.keys == fast.keys and len(eager) == 24
+        assert res.manifest["records"] == 24 and res.manifest["skipped_records"] == 2
+        assert res.manifest["teacher"].get("engine", "eager") == how["engine"]
+        checks.append(res.manifest["teacher_check"])  # the top-1 check runs through the same loader and route
+        shards[name] = ShardIndex(sorted((tmp_path / name).glob("shard-*.tar")))
+    assert checks[0] == checks[1] and checks[0]["images"] == 3  # 4 chosen, 1 of them the broken file
+    assert any(line.startswith(f"teacher runs on {engine}: probabilities within") for line in said), said
+    slow, fast = shards["slow"], shards["fast"]
+    assert slow.keys == fast.keys and len(slow) == 24
     worst = 0.0
-    for i in range(len(eager)):
+    for i in range(len(slow)):
         # the records (the very JPEG bytes the student decodes, and their provenance) are identical
-        assert eager.jpeg(i) == fast.jpeg(i) and eager.meta(i) == fast.meta(i)
-        worst = max(worst, float(np.abs(decode_probs(eager.probs(i), 3) - decode_probs(fast.probs(i), 3)).max()))
+        assert slow.jpeg(i) == fast.jpeg(i) and slow.meta(i) == fast.meta(i)
+        worst = max(worst, float(np.abs(decode_probs(slow.probs(i), 3) - decode_probs(fast.probs(i), 3)).max()))
     assert worst <= 1e-3  # float16 storage: at most a unit in the last place apart
+
+
+class _Seen(torch.nn.Module):
+    """The teacher's network, noting the batch sizes it runs."""
+
+    def __init__(self, net: torch.nn.Module) -> None:
+        super().__init__()
+        self.net, self.batches = net, []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.batches.append(x.shape[0])
+        return self.net(x)
+
+
+def test_the_runtime_runs_the_labelling_batch_size_with_the_export(tmp_path, tiny_teacher, monkeypatch):
+    teacher = load_teacher(tiny_teacher)
+    seen = _Seen(teacher.model)
+    monkeypatch.setattr(engines, "available_engines", lambda: ["openvino"])
+    monkeypatch.setattr(
+        engines, "_converted", lambda t, name, x: Teacher(seen, t.preprocess, t.class_names, t.identity)
+    )
+    sample = torch.randint(0, 256, (3, 3, 24, 24), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    used, name = accelerate(teacher, "auto", sample, lambda line: None, batch=16)
+    # the parity check on the sample, then one batch of the size labelling runs (OpenVINO compiles per shape)
+    assert name == "openvino" and used.model is seen and seen.batches == [3, 16]
+    seen.batches.clear()
+    accelerate(teacher, "auto", sample, lambda line: None, batch=3)
+    assert seen.batches == [3]
 
 
 class _Off(torch.nn.Module):

@@ -34,11 +34,14 @@ def _shas(folder) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.glob("shard-*.tar"))}
 
 
-@pytest.mark.parametrize("aug", ["inception-randaug-l2m9", "inception-extreme-mixup"])
-def test_student_input_replays_exactly_what_the_teacher_saw(tmp_path, aug):
+@pytest.mark.parametrize(
+    "aug, workers", [("inception-randaug-l2m9", 0), ("inception-extreme-mixup", 0), ("inception-randaug-l2m9", 1)]
+)
+def test_student_input_replays_exactly_what_the_teacher_saw(tmp_path, aug, workers):
     data = make_folder(tmp_path / "img", per_class=4)
     teacher = color_teacher(input_size=24)
-    res = label(_cfg(data, tmp_path / "out", aug=aug, replicas=2, jpeg_quality=70), progress=False, teacher=teacher)
+    cfg = _cfg(data, tmp_path / "out", aug=aug, replicas=2, jpeg_quality=70, workers=workers)  # 1: the fast path's
+    res = label(cfg, progress=False, teacher=teacher)
     seen = torch.cat(teacher.model.seen)  # what the teacher's network was fed, in record order
     assert res.manifest["records"] == 24 and len(seen) == 24
 

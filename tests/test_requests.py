@@ -152,12 +152,13 @@ def test_distill_label_flags_are_the_label_config_fields():
         assert actions[f.name].required == required, f.name
         assert required or actions[f.name].default == getattr(LABEL_COMMAND, f.name), f.name
         assert actions[f.name].help == f.metadata["help"], f.name
-    for name in ("batch_size", "workers", "device"):  # the shared -b / -j / --device flags take the config's too
-        assert actions[name].default == getattr(LabelConfig, name), name
+    for name in ("batch_size", "workers", "device"):  # the shared -b / -j / --device flags take the command's too
+        assert actions[name].default == getattr(LABEL_COMMAND, name), name
     assert {f.name for f in flagged if f.default is dataclasses.MISSING} == {"teacher", "data"}
-    # the library labels eagerly unless asked; the command takes the fastest route that passes the parity gate
-    assert dataclasses.replace(LABEL_COMMAND, engine="eager") == LabelConfig("", "", "")
-    assert LABEL_COMMAND.engine == "auto"
+    # the library labels eagerly and in-process unless asked; the command takes the fastest route that passes
+    # the parity gate and makes records in a worker process
+    assert dataclasses.replace(LABEL_COMMAND, engine="eager", workers=0) == LabelConfig("", "", "")
+    assert (LABEL_COMMAND.engine, LABEL_COMMAND.workers) == ("auto", 1)
     # one table each: the choices are the policy table's names and the engines the runner knows
     assert actions["aug"].choices == tuple(POLICIES) == tuple(augment.POLICIES)
     assert augment.POLICIES is POLICIES and engines.ENGINES is ENGINES and actions["engine"].choices == ENGINES

@@ -82,11 +82,14 @@ def accelerate(
     say: Callable[[str], None] = print,
     tolerance: float = 1e-4,
     outputs: str = "probabilities",
+    batch: int | None = None,
 ) -> tuple[Teacher, str]:
     """(the teacher on ``engine``, the engine used): ``auto`` takes the first installed runtime that
     passes the parity check on ``sample`` (uint8 images [N, 3, H, W]); a named runtime that is missing
     or fails the check is an error, so a user who asked for it knows. ``outputs="features"`` checks raw
-    outputs (a feature extractor's) relative to their largest magnitude instead of probabilities."""
+    outputs (a feature extractor's) relative to their largest magnitude instead of probabilities.
+    ``batch``: the batch size the caller will run; the runtime prepares for it with the export (OpenVINO
+    compiles one network per input shape, a few tenths of a second each)."""
     check_choice("engine", engine, ENGINES)
     if engine == "eager":
         return teacher, "eager"
@@ -112,6 +115,8 @@ def accelerate(
             problem = f"cannot run this teacher ({type(e).__name__}: {first})"
         else:
             if diff <= tolerance:
+                if batch is not None and batch != len(sample):
+                    fast.logits(sample[:1].expand(batch, -1, -1, -1))
                 say(
                     f"teacher runs on {name}: {outputs} within {diff:.1e} of eager PyTorch on {len(sample)} "
                     f"images (export and check {time.perf_counter() - t0:.0f} s)"

@@ -12,6 +12,7 @@ ends with byte-identical shards. Under torchrun rank r labels shards r, r + worl
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -63,8 +64,14 @@ class LabelResult:
 # --------------------------------------------------------------------------------------------- records
 
 
-def _as_list(batch: list) -> list:
-    return batch
+def _stacked(batch: list, at: int) -> tuple[list, torch.Tensor | None]:
+    """A loader batch: (its items, the images at position ``at`` of the readable ones stacked into one tensor).
+    A worker then hands the labelling process one shared-memory block per batch instead of one per image
+    (each is a file descriptor passed over a socket, about 0.4 ms: a quarter of the teacher's time per
+    image on the fast path)."""
+    good = [item[at] for item in batch if not isinstance(item[1], BadImage)]
+    items = [item if isinstance(item[1], BadImage) else item[:at] + (None,) + item[at + 1 :] for item in batch]
+    return items, (torch.stack(good) if good else None)
 
 
 class _RecordMaker(Dataset):
@@ -192,16 +199,17 @@ def _check_teacher(
     n = len(source)
     chosen = list(range(n)) if cfg.check_images >= n else np.linspace(0, n - 1, cfg.check_images).astype(int).tolist()
     mine = chosen[info.rank :: info.world_size]
+    views = _CheckViews(source, teacher, mine)
     loader = DataLoader(
-        _CheckViews(source, teacher, mine), batch_size=cfg.batch_size, num_workers=cfg.workers, collate_fn=_as_list
+        views, batch_size=cfg.batch_size, num_workers=cfg.workers, collate_fn=functools.partial(_stacked, at=1)
     )
     correct = count = 0
     bar = tqdm(total=len(mine), desc="teacher check", unit="img", disable=_disable(progress, info), leave=False)
-    for batch in loader:
-        good = [(i, x) for i, x in batch if not isinstance(x, BadImage)]
+    for batch, images in loader:
+        good = [i for i, x in batch if not isinstance(x, BadImage)]
         if good:
-            pred = teacher.probs(torch.stack([x for _, x in good])).argmax(1)
-            target = torch.tensor([mapping[source.labels[i]] for i, _ in good])
+            pred = teacher.probs(images).argmax(1)
+            target = torch.tensor([mapping[source.labels[i]] for i in good])
             correct += int(pred.eq(target).sum())
             count += len(good)
         bar.update(len(batch))
@@ -282,7 +290,7 @@ def label(
         raise MNv4Error(problem)
     job_teacher = teacher
     try:
-        teacher = accelerate(teacher, cfg.engine, parity_sample(source, teacher), say)[0]
+        teacher = accelerate(teacher, cfg.engine, parity_sample(source, teacher), say, batch=cfg.batch_size)[0]
     except BaseException:
         lock.release()
         raise
@@ -404,7 +412,12 @@ def _write_shards(job: _Job, mine: list[int], ks: list[int]) -> tuple[int, BadIm
     cfg, info, source = job.cfg, job.info, job.source
     batches = _plan_batches(mine, len(source) * cfg.replicas, cfg.shard_size, cfg.batch_size)
     maker = _RecordMaker(source, cfg, job.size)
-    loader = DataLoader(maker, batch_sampler=[b for _, b, _ in batches], num_workers=cfg.workers, collate_fn=_as_list)
+    loader = DataLoader(
+        maker,
+        batch_sampler=[b for _, b, _ in batches],
+        num_workers=cfg.workers,
+        collate_fn=functools.partial(_stacked, at=2),
+    )
     mapping = None
     if source.labelled:
         try:
@@ -416,9 +429,9 @@ def _write_shards(job: _Job, mine: list[int], ks: list[int]) -> tuple[int, BadIm
     bar = tqdm(total=n_mine, desc=f"labelling {job.out.name}", unit="img", disable=_disable(job.progress, info))
     records: list[ShardRecord] = []
     stats, t_shard, written, labelled_now = _new_stats(ks), time.perf_counter(), 0, 0
-    for (shard, _, last), batch in zip(batches, loader):
-        labelled_now += _add_batch(job, batch, ks, mapping, records, stats, bad)
-        bar.update(len(batch))
+    for (shard, _, last), loaded in zip(batches, loader):
+        labelled_now += _add_batch(job, loaded, ks, mapping, records, stats, bad)
+        bar.update(len(loaded[0]))
         if last:
             stats["shard"], stats["seconds"] = shard, round(time.perf_counter() - t_shard, 3)
             path = job.out / shard_name(shard)
@@ -431,8 +444,9 @@ def _write_shards(job: _Job, mine: list[int], ks: list[int]) -> tuple[int, BadIm
     return labelled_now, bad
 
 
-def _add_batch(job: _Job, batch: list, ks: list[int], mapping, records: list, stats: dict, bad: BadImageLog) -> int:
+def _add_batch(job: _Job, loaded: tuple, ks: list[int], mapping, records: list, stats: dict, bad: BadImageLog) -> int:
     """The teacher's probabilities for a batch's readable records, appended to ``records``; their number."""
+    batch, images = loaded
     good = [item for item in batch if not isinstance(item[1], BadImage)]
     for item in batch:
         if isinstance(item[1], BadImage):
@@ -441,7 +455,7 @@ def _add_batch(job: _Job, batch: list, ks: list[int], mapping, records: list, st
             stats["bad"][item[1].path] = item[1].reason
     if not good:
         return 0
-    probs = job.teacher.probs(torch.stack([g[2] for g in good]))
+    probs = job.teacher.probs(images)
     for k in ks:
         kl, same = truncation_cost(probs, k)
         stats["truncation"][str(k)]["kl_sum"] += float(kl.sum())
