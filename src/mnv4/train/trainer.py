@@ -55,7 +55,7 @@ from .config import TrainConfig
 from .distributed import DistInfo, all_reduce_sum, setup
 from .evaluate import EvalResult, evaluate
 from .metrics import METRICS_FILE, MetricsLog
-from .optim import build_ema, build_optimizer, build_scheduler, l2_penalty
+from .optim import build_ema, build_optimizer, build_scheduler, l2_penalty, load_optimizer_state
 from .runs import checkpoint_file, default_run_dir, stop_line
 from .trackers import TRACKERS_FILE
 
@@ -441,7 +441,7 @@ class Trainer:
     def resume(self, state: dict[str, Any]) -> None:
         """Restore a ``last.pt`` state (already loaded) into the freshly built objects."""
         self.raw.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state(self.optimizer, state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         if self.ema is not None and state.get("ema") is not None:
