@@ -16,7 +16,7 @@ from mnv4.data.datasets import DataBundle
 from mnv4.data.digits import digits_split
 from mnv4.errors import MNv4Error
 from mnv4.models.specs import ModelSpec, cn, uib
-from mnv4.train import resolve_config, train
+from mnv4.train import Trainer, resolve_config, train
 from mnv4.train.metrics import read_metrics
 from mnv4.train.optim import build_optimizer, load_optimizer_state, param_groups, warmup_cosine
 
@@ -173,6 +173,25 @@ def test_bf16_autocast_and_channels_last_train_on_cpu(tmp_path):
     res = train(cfg, data=tiny_digits(n_train=64, n_val=32), progress=False)
     assert all(torch.isfinite(p).all() for p in res.model.parameters())
     assert res.summary["steps"] == 2
+
+
+def test_cpu_training_feeds_channels_last_batches_unless_told_not_to(tmp_path):
+    """The default (auto) on CPU: batches in channels_last, the layout oneDNN's convolutions train
+    fastest in, with the parameters left as they are; channels_last=False keeps plain NCHW batches."""
+    layouts: list[tuple[bool, bool]] = []
+
+    class Recording(Trainer):
+        def forward_loss(self, x, y):
+            layouts.append((x.is_contiguous(memory_format=torch.channels_last), x.is_contiguous()))
+            return super().forward_loss(x, y)
+
+    data = tiny_digits(n_train=64, n_val=32)
+    res = train(tiny_cfg(tmp_path / "auto", epochs=1), data=data, progress=False, trainer=Recording)
+    assert layouts == [(True, False)] * 2
+    assert all(p.is_contiguous() for p in res.model.parameters())
+    layouts.clear()
+    train(tiny_cfg(tmp_path / "off", epochs=1, channels_last=False), data=data, progress=False, trainer=Recording)
+    assert layouts == [(False, True)] * 2
 
 
 @pytest.mark.slow
