@@ -10,7 +10,7 @@ per-tensor loop on CPU), NCHW. The ratio is therefore what the trainer's default
 optimizer kernel) minus what it does on top of the raw step (data, checks, metrics). The reported
 images/s is the second epoch's, from the trainer's metrics (evaluation and checkpoint writes excluded).
 
-    python benchmarks/train_throughput.py [--input-size 128] [--batch-size 32] [--steps 12] [--rounds 3] [--threads 1]
+    python benchmarks/train_throughput.py [--input-size 128] [--batch-size 32] [--steps 12] [--rounds 3] [--threads N]
 
 It prints the CPU, torch version and thread count, both sides' images/s and their ratio for each
 round, and the medians: run it alone on the machine for a figure to quote (docs/training.md).
@@ -89,9 +89,10 @@ def main() -> None:
     ap.add_argument("--batch-size", "--batch", dest="batch", type=int, default=32)
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads for both sides")
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads, both sides (default: torch's)")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     print(f"{cpu_name()}, torch {torch.__version__}, {torch.get_num_threads()} thread(s)")
     print(f"{args.model} @ {args.res}px, batch {args.batch}, {args.steps} timed steps per side and round")
     ours, theirs = [], []

@@ -35,7 +35,7 @@ class TrainConfig(Recipe):
     workers: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     # None (auto): channels_last batches on CPU, where oneDNN's convolutions train 1.2-1.5x faster in that
-    # layout (docs/training.md, Speed), parameters as they are; True: model and batches on any device; False: neither.
+    # layout (docs/training.md "Trainer"), parameters untouched; True: model and batches, any device; False: neither.
     channels_last: bool | None = None
     compile: bool = False
     sync_bn: bool = False
