@@ -43,7 +43,7 @@ def test_fake_quant_is_int8_arithmetic_and_keeps_the_state_dict():
         assert torch.equal(model(x), ref)
 
 
-def _base_checkpoint(tmp_path, data, epochs: int = 8) -> str:
+def _base_checkpoint(tmp_path, data, epochs: int = 16) -> str:
     torch.set_num_threads(1)
     cfg = resolve_config(
         "quick", model=TINY.to_dict(), epochs=epochs, batch_size=64, lr=4e-3, dropout=0.0, output=str(tmp_path / "base")
@@ -66,7 +66,10 @@ def test_qat_run_resumes_bit_exactly(tmp_path):
     assert resumed.summary["val_top1"] == full.summary["val_top1"]
 
 
-OUTLIER = 100.0  # the outlier channel's scale: default PTQ loses a few points of top-1, QAT wins most back
+# The outlier channel's scales to try, mildest first: the first that costs default PTQ >= 1 point of top-1 is
+# used. How much a scale costs varies with the trained weights (seed, optimizer kernel, layout); a much
+# larger scale than needed leaves the other channels too few INT8 levels for a short QAT to win back.
+OUTLIER_SCALES = (30.0, 50.0, 70.0, 100.0, 150.0, 200.0)
 
 
 @pytest.mark.slow
@@ -99,14 +102,21 @@ def test_qat_beats_default_ptq_on_a_trained_fixture(tmp_path):
 
     with torch.no_grad():
         before = model(xs)
-    add_outlier_channel(model, model.stages[3][0].bn, model.final_conv.conv, calib, OUTLIER)
-    with torch.no_grad():  # the float function is unchanged: the fixture is fair
-        torch.testing.assert_close(model(xs), before, rtol=1e-4, atol=1e-4)
-    fp32, ptq = accuracies(model)
-    assert fp32 >= 0.6, f"the fixture did not learn ({fp32:.1%})"
+    for scale in OUTLIER_SCALES:
+        fixture = copy.deepcopy(model)
+        add_outlier_channel(fixture, fixture.stages[3][0].bn, fixture.final_conv.conv, calib, scale)
+        with torch.no_grad():  # the float function is unchanged: the fixture is fair
+            torch.testing.assert_close(fixture(xs), before, rtol=1e-4, atol=1e-4)
+        fp32, ptq = accuracies(fixture)
+        if fp32 - ptq >= 0.01:
+            break
+    model = fixture
+    assert fp32 >= 0.8, f"the fixture did not learn ({fp32:.1%})"
     mnv4.save_model(model, tmp_path / "outlier.safetensors")
+    # 8 epochs at 1e-3 (the recipe: 3 at 1e-4, for real datasets) give the 120-step fine-tune room to win back
+    # what rounding costs; checked with both AdamW kernels and seeds 0-3 (7 of 8 combinations pass, seed 0 both).
     cfg = resolve_config(
-        "qat", checkpoint=str(tmp_path / "outlier.safetensors"), epochs=3, batch_size=64, hflip=0.0, lr=2e-4,
+        "qat", checkpoint=str(tmp_path / "outlier.safetensors"), epochs=8, batch_size=64, hflip=0.0, lr=1e-3,
         output=str(tmp_path / "q"),
     )  # fmt: skip
     qat_model = mnv4.create_model(checkpoint=train(cfg, data=data, progress=False).summary["best_checkpoint"]).eval()
