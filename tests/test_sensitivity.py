@@ -12,6 +12,7 @@ from mnv4.deploy import fuse
 from mnv4.deploy.sensitivity import analyze, plot_sensitivity, quantizable_layers
 from mnv4.errors import MNv4Error
 
+from .outlier_channel import add_outlier_channel
 from .test_export import RES, _tiny
 
 FRAGILE = "stages.3.0.layers.2.conv"  # the last UIB's projection, after its expansion (ReLU between)
@@ -19,21 +20,11 @@ FEEDER = "stages.3.0.layers.1.conv"
 
 
 def _with_outlier_channel(model, images, factor: float = 300.0):
-    """The same function, with one input channel of FRAGILE ``factor`` times larger: FEEDER's most
-    active output channel scaled up (ReLU commutes with a positive scale), FRAGILE's weights for it
-    scaled down. Per-tensor INT8 of FRAGILE's input then rounds every other channel to a few levels."""
+    """The fused model with FRAGILE's most active input channel ``factor`` times larger (tests/outlier_channel.py):
+    per-tensor INT8 of FRAGILE's input then rounds every other channel to a few levels."""
     fused = fuse(model)
     layers = quantizable_layers(fused)
-    seen = []
-    hook = layers[FRAGILE].register_forward_pre_hook(lambda _m, a: seen.append(a[0]))
-    with torch.inference_mode():
-        fused(images)
-    hook.remove()
-    c = int(seen[0].mean((0, 2, 3)).argmax())
-    with torch.no_grad():
-        layers[FEEDER].weight[c] *= factor
-        layers[FEEDER].bias[c] *= factor
-        layers[FRAGILE].weight[:, c] /= factor
+    add_outlier_channel(fused, layers[FEEDER], layers[FRAGILE], images, factor)
     return fused
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 
@@ -15,9 +16,9 @@ from mnv4.data.datasets import DataBundle
 from mnv4.data.digits import digits_split
 from mnv4.errors import MNv4Error
 from mnv4.models.specs import ModelSpec, cn, uib
-from mnv4.train import resolve_config, train
+from mnv4.train import Trainer, resolve_config, train
 from mnv4.train.metrics import read_metrics
-from mnv4.train.optim import param_groups, warmup_cosine
+from mnv4.train.optim import build_optimizer, load_optimizer_state, param_groups, warmup_cosine
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -57,6 +58,44 @@ def test_batchnorm_parameters_are_not_weight_decayed():
     assert {id(p) for p in plain["params"]} == bn and plain["weight_decay"] == 0.0
     assert id(model.classifier.bias) in {id(p) for p in decay["params"]}  # as TF: only BN is excluded
     assert len(decay["params"]) + len(plain["params"]) == len(list(model.parameters()))
+
+
+def _adamw_steps(opt: torch.optim.Optimizer, model: torch.nn.Module, n: int = 3) -> None:
+    for step in range(n):  # the same gradients for every optimizer under test
+        g = torch.Generator().manual_seed(step)
+        for p in model.parameters():
+            p.grad = torch.randn(p.shape, generator=g)
+        opt.step()
+
+
+def test_adamw_takes_the_fused_kernel_and_computes_torchs_reference_update():
+    model = mnv4.create_model(TINY, num_classes=3)
+    ref_model = copy.deepcopy(model)
+    opt = build_optimizer(model, 1e-2, 0.05, (0.9, 0.999), 1e-8)
+    assert opt.defaults["fused"] and not opt.defaults["foreach"]
+    ref = torch.optim.AdamW(param_groups(ref_model, 0.05), lr=1e-2, eps=1e-8, foreach=False)  # the plain loop
+    _adamw_steps(opt, model)
+    _adamw_steps(ref, ref_model)
+    for (name, p), q in zip(model.named_parameters(), ref_model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
+    # no fused kernel for these parameters (here: the meta device): the per-tensor loop
+    meta = build_optimizer(mnv4.create_model(TINY, num_classes=3).to("meta"), 1e-2, 0.05, (0.9, 0.999), 1e-8)
+    assert not meta.defaults["fused"] and meta.defaults["foreach"] is False
+
+
+def test_an_older_optimizer_state_resumes_on_the_fused_kernel():
+    """A last.pt from the per-tensor loop (what mnv4 used before) keeps its moments and step count but
+    continues on the kernel the trainer built."""
+    model = mnv4.create_model(TINY, num_classes=3)
+    old = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-2, foreach=False)
+    _adamw_steps(old, model, n=2)
+    opt = build_optimizer(model, 1e-2, 0.05, (0.9, 0.999), 1e-8)
+    load_optimizer_state(opt, old.state_dict())
+    assert all(g["fused"] and not g["foreach"] for g in opt.param_groups)
+    p = model.classifier.weight
+    assert float(opt.state[p]["step"]) == 2 and torch.equal(opt.state[p]["exp_avg"], old.state[p]["exp_avg"])
+    _adamw_steps(opt, model, n=1)  # and it steps
+    assert float(opt.state[p]["step"]) == 3
 
 
 def test_tiny_run_learns_and_writes_everything(tmp_path):
@@ -134,6 +173,25 @@ def test_bf16_autocast_and_channels_last_train_on_cpu(tmp_path):
     res = train(cfg, data=tiny_digits(n_train=64, n_val=32), progress=False)
     assert all(torch.isfinite(p).all() for p in res.model.parameters())
     assert res.summary["steps"] == 2
+
+
+def test_cpu_training_feeds_channels_last_batches_unless_told_not_to(tmp_path):
+    """The default (auto) on CPU: batches in channels_last, the layout oneDNN's convolutions train
+    fastest in, with the parameters left as they are; channels_last=False keeps plain NCHW batches."""
+    layouts: list[tuple[bool, bool]] = []
+
+    class Recording(Trainer):
+        def forward_loss(self, x, y):
+            layouts.append((x.is_contiguous(memory_format=torch.channels_last), x.is_contiguous()))
+            return super().forward_loss(x, y)
+
+    data = tiny_digits(n_train=64, n_val=32)
+    res = train(tiny_cfg(tmp_path / "auto", epochs=1), data=data, progress=False, trainer=Recording)
+    assert layouts == [(True, False)] * 2
+    assert all(p.is_contiguous() for p in res.model.parameters())
+    layouts.clear()
+    train(tiny_cfg(tmp_path / "off", epochs=1, channels_last=False), data=data, progress=False, trainer=Recording)
+    assert layouts == [(False, True)] * 2
 
 
 @pytest.mark.slow

@@ -114,7 +114,8 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     extra: dict[str, Any] = dict(
         loggers=args.logger, distill=tuple(args.distill) if args.distill else None, mix=args.mix, teacher=args.teacher
     )
-    extra.update({flag: True for flag in ("channels_last", "compile", "sync_bn") if getattr(args, flag)})
+    extra.update({flag: True for flag in ("compile", "sync_bn") if getattr(args, flag)})
+    extra["channels_last"] = args.channels_last  # None: the config's (auto: channels_last batches on CPU)
     return config_overrides(args, _FIELD_FLAGS, **extra)
 
 
@@ -288,7 +289,12 @@ def register(sub) -> None:
     A.add_soft_labels(p, "the student (implies --recipe distill)")
     p.add_argument("--teacher", default=None, help="online distillation from this live teacher (as distill label)")
     A.add_loggers(p)
-    p.add_argument("--channels-last", action="store_true", help="channels_last memory format")
+    p.add_argument(
+        "--channels-last",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="channels_last model and batches; --no-channels-last: neither (default: channels_last batches on CPU)",
+    )
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across processes (CUDA only)")
     add_run_control(

@@ -55,7 +55,7 @@ from .config import TrainConfig
 from .distributed import DistInfo, all_reduce_sum, setup
 from .evaluate import EvalResult, evaluate
 from .metrics import METRICS_FILE, MetricsLog
-from .optim import build_ema, build_optimizer, build_scheduler, l2_penalty
+from .optim import build_ema, build_optimizer, build_scheduler, l2_penalty, load_optimizer_state
 from .runs import checkpoint_file, default_run_dir, stop_line
 from .trackers import TRACKERS_FILE
 
@@ -399,6 +399,8 @@ class Trainer:
         self.model.to(device)
         if cfg.channels_last:
             self.model.to(memory_format=torch.channels_last)
+        # auto (None): channels_last batches on CPU; the convolutions follow their input's layout.
+        self.channels_last_batches = cfg.channels_last or (cfg.channels_last is None and device.type == "cpu")
         if cfg.sync_bn and device.type != "cuda":
             raise MNv4Error("`sync_bn` needs CUDA (PyTorch's SyncBatchNorm has no CPU kernels); turn it off on CPU")
         if cfg.sync_bn and info.distributed:
@@ -441,7 +443,7 @@ class Trainer:
     def resume(self, state: dict[str, Any]) -> None:
         """Restore a ``last.pt`` state (already loaded) into the freshly built objects."""
         self.raw.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state(self.optimizer, state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         if self.ema is not None and state.get("ema") is not None:
@@ -646,7 +648,7 @@ class Trainer:
                 sync = i == len(chunks) - 1 or not info.distributed
                 x, y, w = x.to(device, non_blocking=True), y.to(device, non_blocking=True), w.to(device)
                 x, y = self.make_targets(x, y)
-                if cfg.channels_last:
+                if self.channels_last_batches:
                     x = x.contiguous(memory_format=torch.channels_last)
                 with contextlib.nullcontext() if sync else self._ddp().no_sync():
                     per_sample = self.forward_loss(x, y) * w
@@ -742,7 +744,7 @@ class Trainer:
         final_epoch = epoch + 1 == plan.num_epochs
         if (epoch + 1) % max(cfg.eval_every, 1) == 0 or final_epoch:
             self._sync_buffers()
-            args = (self.val_loader, info.device, self.autocast, cfg.channels_last, info)
+            args = (self.val_loader, info.device, self.autocast, self.channels_last_batches, info)
             self.last_eval = {"raw": evaluate(self.raw, *args)}
             if self.ema is not None and self.step >= plan.ema_start_step:
                 self.last_eval["ema"] = evaluate(self.ema.module, *args)
