@@ -191,6 +191,8 @@ def run_one(args, data_name: str, data, name: str, seed: int) -> dict:
         resume = folder / "last.pt" if (folder / "last.pt").is_file() else None
         model = build(name, data.classes, args.size, args.backbone_checkpoint)
         BenchTrainer(cfg, data=data, model=model, progress=False, log=lambda m: None).run(resume)
+        if not summary.is_file():  # stopped (Ctrl-C, SIGTERM): last.pt holds the run
+            raise SystemExit(f"{folder}: training stopped; rerun the same command to continue it")
     wall = json.loads(summary.read_text())["wall_seconds"]
     evaluated = folder / "eval.json"
     if not evaluated.is_file():
