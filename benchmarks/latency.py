@@ -12,7 +12,8 @@ the logits agree. ``--nchw`` adds a third candidate to the same rounds: mnv4 wit
 eval path switched off (``model.cpu_channels_last = False``), to see what that layout choice is worth.
 ``--paired`` adds the per-round ratio (round r of both candidates was timed seconds apart, so the ratio
 is paired): its median and range, the rounds mnv4 was faster in, and the exact sign-test p-value of "no
-difference" (``mnv4.perf.latency.paired_ratio``). With many rounds, a large p says a gap is noise.
+difference" (``mnv4.perf.latency.paired_ratio``); with ``--nchw`` the same for the NCHW path. With many
+rounds, a large p says a gap is noise.
 """
 
 from __future__ import annotations
@@ -80,9 +81,10 @@ def main() -> None:
     )
     extra = " mnv4 NCHW ms | channels_last / NCHW |" if args.nchw else ""
     extra += " paired ratio median [min..max] | mnv4 faster in | sign-test p |" if args.paired else ""
+    extra += " NCHW paired ratio | NCHW faster in | NCHW sign-test p |" if args.paired and args.nchw else ""
     head = "| model | res | mnv4 eager ms | timm eager ms | ratio mnv4/timm | max abs logit diff / max abs logit |"
     print(head + extra)
-    print("|---|---|---|---|---|---|" + ("---|---|" if args.nchw else "") + ("---|---|---|" if args.paired else ""))
+    print("|---|---|---|---|---|---|" + "---|" * extra.count("|"))
     for name in args.models:
         times, diff = bench(name, args.rounds, args.iters, args.res, args.nchw)
         t = {k: statistics.median(v) for k, v in times.items()}
@@ -91,12 +93,13 @@ def main() -> None:
         row = f"| {name} | {res} | {ours:.2f} | {ref:.2f} | {ours / ref:.3f} | {diff:.1e} |"
         if args.nchw:
             row += f" {t['mnv4_nchw']:.2f} | {ours / t['mnv4_nchw']:.3f} |"
-        if args.paired:
-            pr = paired_ratio(times["mnv4"], times["timm"])
-            row += (
-                f" {pr['median']:.3f} [{pr['min']:.3f}..{pr['max']:.3f}] | {pr['a_faster']:g} of {pr['rounds']} "
-                f"| {pr['sign_p']:.3g} |"
-            )
+        for ours_key in ("mnv4", "mnv4_nchw") if args.paired else ():
+            if ours_key in times:
+                pr = paired_ratio(times[ours_key], times["timm"])
+                row += (
+                    f" {pr['median']:.3f} [{pr['min']:.3f}..{pr['max']:.3f}] | {pr['a_faster']:g} of {pr['rounds']} "
+                    f"| {pr['sign_p']:.3g} |"
+                )
         print(row, flush=True)
 
 

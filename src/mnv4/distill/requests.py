@@ -67,8 +67,8 @@ class LabelConfig:
         0, "store the top K probabilities (+ the remaining mass) instead of all in float16", metavar="K"
     )
     shard_size: int = option(1000, "records per shard")
-    # images per teacher batch: 16 keeps a batch's activations in the CPU's cache (at 128 px, 64 ran 3x
-    # slower per image in eager PyTorch and 1.3x on OpenVINO: docs/distillation.md "Labelling at speed")
+    # images per teacher batch: 16 keeps a batch's activations in the CPU's cache (at 128 px, 2x the
+    # images/s of 64 in eager PyTorch: benchmarks/label_speed.py, docs/distillation.md "Labelling at speed")
     batch_size: int = 16
     workers: int = 0
     seed: int = option(0, "seed of the augmentations")

@@ -34,7 +34,7 @@ class TrainConfig(Recipe):
     seed: int = 0
     workers: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    # None (auto): channels_last batches on CPU, where oneDNN's convolutions train 1.2-1.5x faster in that
+    # None (auto): channels_last batches on CPU, where oneDNN's convolutions train faster in that
     # layout (docs/training.md "Trainer"), parameters untouched; True: model and batches, any device; False: neither.
     channels_last: bool | None = None
     compile: bool = False
