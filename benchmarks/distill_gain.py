@@ -11,7 +11,9 @@ For each label budget B (``--budgets``, default 50 and 500 per class of cifar10-
    ``--mode frozen``); val top-1, mean top probability and wall time of each;
 3. soft labels per teacher (``mnv4 distill label``, records at the student's size): D1 = the budget's
    labelled images x ``--replicas`` (RandAugment l2m9), D2 = the same with extreme Mixup, D3 = the pool
-   once (l2m5);
+   once (l2m5); ``--label-views light`` labels D1 and D3 with the Inception crop alone instead (on 32 px
+   photos RandAugment's views cost the teacher much of its accuracy), its folders and students named
+   ``-light-cF`` after ``--crop-min F``;
 4. students ``mnv4_conv_small`` from scratch at ``--student-size`` (32 or 64 px), ``--steps`` optimizer
    steps of ``--batch`` for every arm and seed (``--seeds``): the hard-label baseline (recipe
    ``small-photos`` on the budget's labels) and the distilled arms (``--arms``, mixes as the paper's
@@ -178,14 +180,15 @@ def teacher_quality(path: Path, val: Path) -> tuple[float, float]:
 def label_stage(args, root: Path, teacher: dict) -> dict[str, Path]:
     from mnv4.distill.labelling import MANIFEST, LabelConfig, label
 
+    light = args.label_views == "light"
     plans = {
-        "D1": (root, "inception-randaug-l2m9", args.replicas),
+        "D1": (root, "inception" if light else "inception-randaug-l2m9", args.replicas),
         "D2": (root, "inception-extreme-mixup", args.replicas),
-        "D3": (root / "pool", "inception-randaug-l2m5", 1),
+        "D3": (root / "pool", "inception" if light else "inception-randaug-l2m5", 1),
     }
     folders = {}
     for name, (data, aug, replicas) in plans.items():
-        out = root / f"labels-{teacher['kind']}" / name
+        out = root / f"labels-{teacher['kind']}{views_suffix(args)}" / name
         if not (out / MANIFEST).is_file():
             _log(f"[label] {root.name} {teacher['kind']} {name}: {aug} x {replicas} on {data}")
             cfg = LabelConfig(
@@ -205,10 +208,17 @@ def label_stage(args, root: Path, teacher: dict) -> dict[str, Path]:
     return folders
 
 
+def views_suffix(args) -> str:
+    """How label folders and students of non-default views are told apart ('' for the paper's views)."""
+    if args.label_views == "paper" and args.crop_min == 0.35:
+        return ""
+    return f"-{args.label_views}-c{args.crop_min:g}"
+
+
 # ----------------------------------------------------------------------------------------------- students
 def student_stage(args, root: Path, arm: str, seed: int, teacher: dict | None, labels: dict) -> dict:
     """One student, trained in segments of ``--eval-every`` steps; its learning curve and final figures."""
-    name = "baseline" if arm == "baseline" else f"{teacher['kind']}-{arm}"
+    name = "baseline" if arm == "baseline" else f"{teacher['kind']}{views_suffix(args)}-{arm}"
     out = root / "students" / f"{name}-s{seed}-{args.steps}steps"
     record = out / "curve.json"
     curve = json.loads(record.read_text()) if record.is_file() else []
@@ -407,6 +417,12 @@ def _parse():
     ap.add_argument("--frozen-views", type=int, default=0, help="augmented views of the frozen teacher's features")
     ap.add_argument("--replicas", type=int, default=4, help="passes of D1 and D2 over the labelled images")
     ap.add_argument("--crop-min", type=float, default=0.35, help="smallest Inception-crop area (32 px photos)")
+    ap.add_argument(
+        "--label-views",
+        choices=("paper", "light"),
+        default="paper",
+        help="paper: D1 RandAugment l2m9, D3 l2m5 (Tab. 8); light: D1 and D3 Inception crop only (small photos)",
+    )
     ap.add_argument("--engine", default="auto", help="where the labelling teacher runs (distill label --engine)")
     ap.add_argument("--student-size", type=int, default=64, choices=(32, 64))
     ap.add_argument("--steps", type=int, default=8000, help="optimizer steps of every student")

@@ -4,7 +4,7 @@ tuned PTQ vs QAT, top-1 agreement, and latency against the best fp32 route, side
     python benchmarks/int8.py --data DATA/cifar10-mini --work runs/int8 \
         [--models mnv4_conv_small,mnv4_conv_medium,mnv4_hybrid_medium,mnv4_conv_large] [--res 128] \
         [--epochs 30] [--qat-epochs 3] [--routes onnx,openvino,litert,executorch] [--bf16] \
-        [--threads 2] [--runs 200] [--repeats 5]
+        [--threads 2] [--runs 200] [--repeats 5] [--rounds 3]
 
 ``--data`` holds ``train/`` and ``val/`` (one folder per class). Every stage is cached in ``--work``
 (a stage whose output exists is not redone), so an interrupted run continues where it stopped:
@@ -16,7 +16,8 @@ tuned PTQ vs QAT, top-1 agreement, and latency against the best fp32 route, side
    have no tuned row) and QAT (the QAT checkpoint, default PTQ), calibrated on ``train/``, judged on
    ``val/`` (accuracy and agreement with the float model).
 4. ``<model>/timings.json``: every artefact and the fused eager model timed in its own process
-   (``mnv4.deploy.bench``'s protocol: fixed threads, batch 1, median of repeats).
+   (``mnv4.deploy.bench``'s protocol: fixed threads, batch 1, median of repeats), in ``--rounds``
+   interleaved rounds; each figure is the median of its rounds, ``spread`` their range over it.
 
 The table goes to ``--work``/int8.md and .json. Never quote timings from a loaded machine: ``--no-timing``
 runs stages 1-3 only (e.g. in the background), and a later run alone on the machine adds stage 4.
@@ -27,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 from pathlib import Path
 
@@ -93,16 +95,35 @@ def export_stage(args, route: str, variant: str, checkpoint: str, work: Path) ->
 
 
 def time_stage(args, rows: list[dict], base: str, work: Path) -> dict[str, dict]:
-    """Median ms of each artefact and of the fused eager model, each in its own process (cached)."""
+    """Median ms of each artefact and of the fused eager model, each timing in its own process (cached).
+
+    The artefacts are timed in ``--rounds`` interleaved rounds (every artefact once per round, the
+    order rotated each round) and each one's figure is the median of its rounds: a CPU that drifts
+    between states (one ExecuTorch artefact measured 0.63 and 0.98 ms a minute apart, alone on the
+    machine) then moves every artefact alike instead of whichever happened to run during the drift.
+    """
     cache = work / "timings.json"
     timings = json.loads(cache.read_text()) if cache.exists() else {}
     spec = dict(threads=args.threads, res=args.res, runs=args.runs, repeats=args.repeats)
     todo = [("torch-fused", base, "fp32", "torch-fused")] + [
         (r["route"], r["path"], r["precision"], f"{r['route']}_{r['variant']}") for r in rows if "error" not in r
     ]
-    for fmt, path, precision, key in todo:
-        if key not in timings:
-            timings[key] = _time_in_child({**spec, "format": fmt, "path": path, "precision": precision})
+    # an entry from an older cache (one sequential timing, no rounds) is timed again
+    for key in [k for k, v in timings.items() if "round_ms" not in v]:
+        del timings[key]
+    for i in range(args.rounds):
+        for fmt, path, precision, key in todo[i % len(todo) :] + todo[: i % len(todo)]:
+            entry = timings.setdefault(key, {"round_ms": []})
+            if len(entry["round_ms"]) > i:
+                continue
+            t = _time_in_child({**spec, "format": fmt, "path": path, "precision": precision})
+            if "median_ms" not in t:  # a failed timing is reported, not averaged
+                timings[key] = {**t, "round_ms": entry["round_ms"] + [None]}
+                continue
+            entry["round_ms"].append(t["median_ms"])
+            ok = [m for m in entry["round_ms"] if m is not None]
+            entry.update(median_ms=statistics.median(ok), spread=(max(ok) - min(ok)) / statistics.median(ok))
+            entry["runs"] = t.get("runs")
             cache.write_text(json.dumps(timings, indent=1))
     return timings
 
@@ -176,6 +197,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--runs", type=int, default=200)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds (median of rounds)")
     ap.add_argument("--no-timing", action="store_true", help="skip stage 4 (timings need the machine alone)")
     args = ap.parse_args()
     for sub in ("train", "val"):

@@ -4,6 +4,8 @@
 * ``inception-extreme-mixup`` (D2): two Inception crops (the image and a seeded partner) mixed with a
   weight drawn from Beta(1, 1), on every record (the mixing partner and the weight are recorded);
 * ``inception-randaug-l2m5`` (D3): Inception crop, then RandAugment with 2 ops at level 5 (weak);
+* ``inception``: the Inception crop alone, no RandAugment: the light view for small photos, where
+  RandAugment's views cost a teacher much of its accuracy (docs/distillation.md, "When distillation pays");
 * ``none``: the whole image, resized (shorter side to the record size, centre crop).
 
 This table is the one list of policy names: the CLI reads its choices from here at start-up, so
@@ -55,6 +57,7 @@ POLICIES: dict[str, AugPolicy] = {
         AugPolicy("inception-randaug-l2m9", randaug_layers=2, randaug_magnitude=9, note="D1"),
         AugPolicy("inception-extreme-mixup", mixup_alpha=1.0, note="D2 (Patient Teacher's function matching)"),
         AugPolicy("inception-randaug-l2m5", randaug_layers=2, randaug_magnitude=5, note="D3 (weak)"),
+        AugPolicy("inception", note="crop only (small photos)"),
         AugPolicy("none", crop=False, note="un-augmented"),
     )
 }
