@@ -148,32 +148,18 @@ def teacher_stage(args, root: Path, kind: str) -> dict:
     return info
 
 
-def _val_images(folder: Path):
-    import torch
-
-    from mnv4.distill.sources import open_source, to_uint8
-
-    src = open_source(folder)
-    return src, [to_uint8(src.load(i)) for i in range(len(src))], torch.tensor(src.labels)
-
-
 def teacher_predictions(path: str | Path, val: Path):
     """The teacher's probabilities on ``val``'s images (its own eval view), and the labels in its order."""
-    import torch
+    from mnv4.distill.quality import teacher_predictions as predictions
 
-    from mnv4.distill.teachers import load_teacher
-
-    t = load_teacher(str(path))
-    src, images, labels = _val_images(val)
-    views = [t.view(x) for x in images]
-    probs = torch.cat([t.probs(torch.stack(views[i : i + 64])) for i in range(0, len(views), 64)])
-    target = torch.tensor([t.class_names.index(src.class_names[c]) for c in labels])
-    return probs, target, t.class_names
+    return predictions(path, val)
 
 
 def teacher_quality(path: Path, val: Path) -> tuple[float, float]:
-    probs, target, _ = teacher_predictions(path, val)
-    return 100.0 * float(probs.argmax(1).eq(target).float().mean()), float(probs.max(1).values.mean())
+    from mnv4.distill.quality import teacher_quality as quality
+
+    q = quality(path, val)
+    return q.top1, q.mean_max_prob
 
 
 # ----------------------------------------------------------------------------------------------- labels

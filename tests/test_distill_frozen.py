@@ -11,6 +11,7 @@ from mnv4.cli import main
 from mnv4.distill import frozen
 from mnv4.distill.engines import parity_sample
 from mnv4.distill.frozen import FrozenConfig, cached_features, feature_extractor, fit_linear_head
+from mnv4.distill.quality import teacher_quality
 from mnv4.distill.sources import open_source, to_uint8
 from mnv4.distill.teachers import load_teacher, save_teacher
 from mnv4.models.registry import Preprocess
@@ -99,6 +100,9 @@ def test_frozen_teacher_file_labels_evaluates_and_matches_its_summary(tmp_path, 
     target = torch.tensor([t.class_names.index(val.class_names[c]) for c in val.labels])
     assert 100 * probs.argmax(1).eq(target).float().mean().item() == pytest.approx(summary["val"]["top1"])
     assert probs.max(1).values.mean().item() == pytest.approx(summary["val"]["mean_max_prob"], abs=1e-3)
+    q = teacher_quality(run / "best.safetensors", photos)  # the scorer reports use: the same figures
+    assert q.images == len(val) and q.top1 == pytest.approx(summary["val"]["top1"])
+    assert q.mean_max_prob == pytest.approx(summary["val"]["mean_max_prob"], abs=1e-3)
 
     labels = tmp_path / "labels"
     assert (
@@ -122,9 +126,22 @@ def test_ensemble_file_averages_its_members_probabilities(tmp_path, capsys):
         with torch.no_grad():
             net.get_classifier().weight.mul_(40)  # confident, distinct members: averaging is visible
         files.append(str(save_teacher(net, tmp_path / f"t{i}.safetensors", "timm", "test_efficientnet", pp, COLORS)))
-    assert main(["distill", "finetune", "--ensemble", *files, "-o", str(tmp_path / "ens")]) == 0
-    assert "ensemble of 2 teachers" in capsys.readouterr().out
+    photos = make_folder(tmp_path / "photos" / "val", per_class=2).parent
+    args = ["distill", "finetune", "--ensemble", *files, "-o", str(tmp_path / "ens"), "--data", str(photos)]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "ensemble of 2 teachers" in out
     ens = load_teacher(str(tmp_path / "ens" / "best.safetensors"))
+    val = open_source(photos / "val")  # the printed score is the ensemble's own on the val split
+    probs = ens.probs(torch.stack([ens.view(to_uint8(val.load(i))) for i in range(len(val))]))
+    target = torch.tensor([ens.class_names.index(val.class_names[c]) for c in val.labels])
+    assert f"ensemble val top-1 {100 * probs.argmax(1).eq(target).float().mean().item():.2f}%" in out
+    assert f"on {len(val)} images" in out
+    unlabelled = tmp_path / "flat"
+    unlabelled.mkdir()
+    (photos / "val" / val.ids[0]).rename(unlabelled / "a.png")
+    assert main([*args[:-1], str(unlabelled), "--exist-ok"]) == 2
+    assert "no labels" in capsys.readouterr().err
     assert ens.identity["family"] == "ensemble" and ens.class_names == list(COLORS) and ens.input_size == 40
 
     images = torch.randint(0, 256, (5, 3, 40, 40), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))

@@ -68,6 +68,11 @@ def _cmd_ensemble(args: argparse.Namespace) -> int:
 
     out = Path(args.output) / "best.safetensors"
     path = save_ensemble_teacher(args.ensemble, out)
+    if args.data:  # score the ensemble as `--mode frozen` scores its teacher
+        from ..distill.quality import teacher_quality
+
+        q = teacher_quality(path, args.data)
+        print(f"ensemble val top-1 {q.top1:.2f}% (mean top probability {q.mean_max_prob:.3f}) on {q.images} images")
     print(f"ensemble of {len(args.ensemble)} teachers (probabilities averaged): {path}  (use it as --teacher)")
     return 0
 
@@ -156,7 +161,8 @@ def _add_finetune(g) -> None:
         nargs="+",
         default=None,
         metavar="FILE",
-        help="instead of training: join these teacher files into one teacher (probabilities averaged) in OUTPUT",
+        help="instead of training: join these teacher files into one teacher (probabilities averaged) in OUTPUT; "
+        "with --data, print its val top-1",
     )
     A.add_output(p, help="run folder; its best.safetensors is the teacher", default="runs/teacher")
     A.add_input_size(p, help="resolution to fine-tune and label at (default: the teacher's own)")
