@@ -216,17 +216,29 @@ def student_stage(args, root: Path, arm: str, seed: int, teacher: dict | None, l
 
     run = train if arm == "baseline" else train_student
     step = curve[-1]["step"] if curve else 0
+    last = out / "last.pt"
     while step < args.steps:
-        chunk = min(args.eval_every, args.steps - step)
-        last = out / "last.pt"
-        res = run(cfg, resume=last if last.is_file() else None, max_steps=chunk, progress=False, log=lambda m: None)
-        if res.stopped_early and res.stop_reason != "max_steps":
-            sys.exit(f"stopped during {name} ({res.stop_reason}); rerun the same command to continue")
-        step += chunk
+        target = min(step + args.eval_every, args.steps)
+        # a run killed inside a segment saved last.pt past the curve's last point: train only to the next point
+        done = _saved_step(last)
+        if done > target:
+            sys.exit(f"{last} is at step {done}, past the curve point {target}: was --eval-every changed?")
+        if done < target:
+            res = run(cfg, resume=last if done else None, max_steps=target - done, progress=False, log=lambda m: None)
+            if res.stopped_early and res.stop_reason != "max_steps":
+                sys.exit(f"stopped during {name} ({res.stop_reason}); rerun the same command to continue")
+        step = target
         curve.append({"step": step, **_evaluate(out / "last.pt", root)})
         record.write_text(json.dumps(curve))
         _log(f"[student] {root.name} {name} seed {seed}: step {step}: {curve[-1]}")
     return {"arm": name, "seed": seed, "curve": curve, **_finish(args, root, out, curve, teacher)}
+
+
+def _saved_step(last: Path) -> int:
+    """The optimizer step ``last.pt`` was saved at (0 when there is none)."""
+    import torch
+
+    return int(torch.load(last, weights_only=True, mmap=True)["step"]) if last.is_file() else 0
 
 
 def _student_config(args, root: Path, arm: str, seed: int, labels: dict, out: Path):
@@ -369,7 +381,7 @@ def report(args, results: dict) -> None:
             agree = [s["agreement"] for s in runs if "agreement" in s]
             agree_text = f"agreement {sum(agree) / len(agree):.1f}%" if agree else ""
             seeds = ", ".join(f"{f:.2f}" for f in finals)
-            _log(f"  {arm:<22} {mean:6.2f}  ({seeds})  {gain:>7}  {agree_text}")
+            _log(f"  {arm:<28} {mean:6.2f}  ({seeds})  {gain:>7}  {agree_text}")
 
 
 def plot_curves(results: dict, path: Path) -> None:
