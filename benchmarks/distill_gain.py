@@ -142,25 +142,13 @@ def teacher_stage(args, root: Path, kind: str) -> dict:
         cfg = FrozenConfig(args.teacher, str(root), str(out), views=args.frozen_views, crop_min=args.crop_min)
         cfg = dataclasses.replace(cfg, engine=args.engine)
         path = frozen_teacher(dataclasses.replace(cfg, workers=args.workers), progress=False).teacher_file
-    top1, confidence = teacher_quality(path, root / "val")
-    info = {"kind": kind, "file": str(path), "val_top1": top1, "mean_max_prob": confidence}
+    from mnv4.distill.quality import teacher_quality
+
+    q = teacher_quality(path, root / "val")
+    info = {"kind": kind, "file": str(path), "val_top1": q.top1, "mean_max_prob": q.mean_max_prob}
     info["wall_seconds"] = time.perf_counter() - t0
     record.write_text(json.dumps(info, indent=2))
     return info
-
-
-def teacher_predictions(path: str | Path, val: Path):
-    """The teacher's probabilities on ``val``'s images (its own eval view), and the labels in its order."""
-    from mnv4.distill.quality import teacher_predictions as predictions
-
-    return predictions(path, val)
-
-
-def teacher_quality(path: Path, val: Path) -> tuple[float, float]:
-    from mnv4.distill.quality import teacher_quality as quality
-
-    q = quality(path, val)
-    return q.top1, q.mean_max_prob
 
 
 # ----------------------------------------------------------------------------------------------- labels
@@ -233,6 +221,26 @@ def student_stage(args, root: Path, arm: str, seed: int, teacher: dict | None, l
         record.write_text(json.dumps(curve))
         _log(f"[student] {root.name} {name} seed {seed}: step {step}: {curve[-1]}")
     return {"arm": name, "seed": seed, "curve": curve, **_finish(args, root, out, curve, teacher)}
+
+
+def cached_baselines(args, root: Path, have: list[dict]) -> list[dict]:
+    """Finished hard-label baselines of the requested seeds and steps that this invocation did not ask
+    for (the paper's views when ``--label-views light`` runs, or the reverse): every gain is taken over
+    the best baseline measured, so a run of the distilled arms alone still reports its gain."""
+    done = {(s["arm"], s["seed"]) for s in have}
+    found = []
+    for seed in args.seeds:
+        for record in sorted((root / "students").glob(f"baseline*-s{seed}-{args.steps}steps/curve.json")):
+            name = record.parent.name[: -len(f"-s{seed}-{args.steps}steps")]
+            curve = json.loads(record.read_text())
+            if (name, seed) not in done and curve and curve[-1]["step"] >= args.steps:
+                found.append({"arm": name, "seed": seed, "curve": curve, "final_top1": _final_top1(curve)})
+    return found
+
+
+def _final_top1(curve: list[dict]) -> float:
+    """The better of raw and EMA weights at the curve's last point."""
+    return max(v for k, v in curve[-1].items() if k != "step")
 
 
 def _saved_step(last: Path) -> int:
@@ -320,8 +328,7 @@ def _finish(args, root: Path, out: Path, curve: list, teacher: dict | None) -> d
     """Best of raw/EMA at the last point, and the student/teacher agreement on val (argmax)."""
     import torch
 
-    final = max(v for k, v in curve[-1].items() if k != "step")
-    res = {"final_top1": final}
+    res = {"final_top1": _final_top1(curve)}
     if teacher is not None:
         state = torch.load(out / "last.pt", weights_only=True)
         size = int(state["config"]["input_size"])
@@ -330,6 +337,8 @@ def _finish(args, root: Path, out: Path, curve: list, teacher: dict | None) -> d
         from mnv4.train.evaluate import evaluate_on
 
         student = torch.tensor(evaluate_on(model, bundle, progress=False)[0].predictions)
+        from mnv4.distill.quality import teacher_predictions
+
         probs, _, names = teacher_predictions(teacher["file"], root / "val")
         mine = [names.index(c) for c in model.class_names]
         res["agreement"] = 100.0 * float(torch.tensor(mine)[student].eq(probs.argmax(1)).float().mean())
@@ -356,6 +365,7 @@ def main() -> None:
             for kind, t in teachers.items():
                 for arm in (a for a in args.arms if a != "baseline"):
                     students.append(student_stage(args, root, arm, seed, t, labels[kind]))
+        students += cached_baselines(args, root, students)
         results["budgets"][budget] = {"teachers": teachers, "students": students}
     from mnv4.host import cpu_name
 

@@ -99,8 +99,9 @@ def time_stage(args, rows: list[dict], base: str, work: Path) -> dict[str, dict]
 
     The artefacts are timed in ``--rounds`` interleaved rounds (every artefact once per round, the
     order rotated each round) and each one's figure is the median of its rounds: a CPU that drifts
-    between states (one ExecuTorch artefact measured 0.63 and 0.98 ms a minute apart, alone on the
-    machine) then moves every artefact alike instead of whichever happened to run during the drift.
+    between states (ExecuTorch's artefacts run at one of two speeds from process to process:
+    docs/deploy.md, the INT8 timings in rounds) then moves every artefact alike instead of whichever
+    happened to run during the drift; the table prints each artefact's rounds beside the median.
     """
     cache = work / "timings.json"
     timings = json.loads(cache.read_text()) if cache.exists() else {}
@@ -139,7 +140,8 @@ def model_table(args, model: str) -> list[dict]:
         rows += [export_stage(args, route, v, qat if v == "qat" else base, work) for v in variants]
     timings = {} if args.no_timing else time_stage(args, rows, base, work)
     for r in rows:
-        r["median_ms"] = timings.get(f"{r['route']}_{r['variant']}", {}).get("median_ms")
+        t = timings.get(f"{r['route']}_{r['variant']}", {})
+        r["median_ms"], r["round_ms"] = t.get("median_ms"), t.get("round_ms")
     fp32_ms = [
         t["median_ms"] for k, t in timings.items() if (k == "torch-fused" or k.endswith("_fp32")) and "median_ms" in t
     ]
@@ -157,23 +159,27 @@ def _pct(v) -> str:
     return "-" if v is None else f"{100 * v:.2f}"
 
 
+def _rounds(row: dict) -> str:
+    return " / ".join("-" if m is None else f"{m:.2f}" for m in row.get("round_ms") or []) or "-"
+
+
 def write_table(rows: list[dict], out: Path, cpu: str) -> str:
     lines = [
         f"CPU: {cpu}",
         "",
-        "| model | route | variant | val top-1 fp32 | val top-1 | agreement | ms | x best fp32 |",
-        "|---|---|---|---|---|---|---|---|",
+        "| model | route | variant | val top-1 fp32 | val top-1 | agreement | ms | x best fp32 | ms per round |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['model']} | {r['route']} | {r['variant']} | error: {r['error']} |||||")
+            lines.append(f"| {r['model']} | {r['route']} | {r['variant']} | error: {r['error']} ||||||")
             continue
         ms = r.get("median_ms")
         sp = r.get("speedup_vs_best_fp32")
         lines.append(
             f"| {r['model']} | {r['route']} | {r['variant']} | {_pct(r.get('accuracy_reference'))} "
             f"| {_pct(r.get('accuracy_exported'))} | {_pct(r.get('top1_agreement'))} "
-            f"| {'-' if ms is None else f'{ms:.2f}'} | {'-' if sp is None else f'{sp:.2f}'} |"
+            f"| {'-' if ms is None else f'{ms:.2f}'} | {'-' if sp is None else f'{sp:.2f}'} | {_rounds(r)} |"
         )
     text = "\n".join(lines) + "\n"
     (out / "int8.md").write_text(text)
