@@ -94,6 +94,12 @@ def export_stage(args, route: str, variant: str, checkpoint: str, work: Path) ->
     return row
 
 
+def _stamp(path: str) -> str:
+    """Which file was timed: its size and modification time."""
+    st = Path(path).stat()
+    return f"{st.st_size}-{st.st_mtime_ns}"
+
+
 def time_stage(args, rows: list[dict], base: str, work: Path) -> dict[str, dict]:
     """Median ms of each artefact and of the fused eager model, each timing in its own process (cached).
 
@@ -109,17 +115,19 @@ def time_stage(args, rows: list[dict], base: str, work: Path) -> dict[str, dict]
     todo = [("torch-fused", base, "fp32", "torch-fused")] + [
         (r["route"], r["path"], r["precision"], f"{r['route']}_{r['variant']}") for r in rows if "error" not in r
     ]
-    # an entry from an older cache (one sequential timing, no rounds) is timed again
-    for key in [k for k, v in timings.items() if "round_ms" not in v]:
+    # an entry from an older cache (one sequential timing, no rounds) or of an artefact written since (its
+    # size or modification time differ) is timed again
+    stamps = {key: _stamp(path) for _, path, _, key in todo}
+    for key in [k for k, v in timings.items() if "round_ms" not in v or v.get("stamp") != stamps.get(k)]:
         del timings[key]
     for i in range(args.rounds):
         for fmt, path, precision, key in todo[i % len(todo) :] + todo[: i % len(todo)]:
-            entry = timings.setdefault(key, {"round_ms": []})
+            entry = timings.setdefault(key, {"round_ms": [], "stamp": stamps[key]})
             if len(entry["round_ms"]) > i:
                 continue
             t = _time_in_child({**spec, "format": fmt, "path": path, "precision": precision})
             if "median_ms" not in t:  # a failed timing is reported, not averaged
-                timings[key] = {**t, "round_ms": entry["round_ms"] + [None]}
+                timings[key] = {**t, "round_ms": entry["round_ms"] + [None], "stamp": stamps[key]}
                 continue
             entry["round_ms"].append(t["median_ms"])
             ok = [m for m in entry["round_ms"] if m is not None]

@@ -287,7 +287,7 @@ def litert_quantizer(per_channel: bool = True):
         from litert_torch.quantize.pt2e_quantizer import PT2EQuantizer, get_symmetric_quantization_config
     except ImportError:
         raise missing_extra("litert-torch", "litert") from None
-    return PT2EQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=per_channel))
+    return PT2EQuantizer().set_global(fine_scales(get_symmetric_quantization_config(is_per_channel=per_channel)))
 
 
 def xnnpack_quantizer(per_channel: bool = True):
@@ -299,7 +299,40 @@ def xnnpack_quantizer(per_channel: bool = True):
         )
     except ImportError:
         raise missing_extra("executorch", "executorch") from None
-    return XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=per_channel))
+    return XNNPACKQuantizer().set_global(fine_scales(get_symmetric_quantization_config(is_per_channel=per_channel)))
+
+
+# The smallest int8 scale the pt2e observers may pick: float32's epsilon, the observers' own default.
+FINE_EPS = float(torch.finfo(torch.float32).eps)
+
+
+def fine_scales(config, eps: float = FINE_EPS):
+    """``config`` (a pt2e ``QuantizationConfig``) with every observer's smallest scale lowered to ``eps``.
+
+    litert-torch's and ExecuTorch's symmetric configs floor every scale at 2**-12. A projection conv that
+    carries a folded layer scale (the hybrids' ``gamma`` starts at 1e-5 and stays near 1e-3) has weights
+    and outputs whose int8 step is far below that floor: its weights round to a few levels, and
+    hybrid_medium's INT8 top-1 agreement fell to 16% (docs/deploy.md, "INT8 and layer scale"). With the
+    floor at ``eps`` each scale follows the calibrated range, as ONNX Runtime's and NNCF's do."""
+    import dataclasses
+
+    def fine(spec):
+        if spec is None or not hasattr(spec, "observer_or_fake_quant_ctr"):
+            return spec
+        ctr = spec.observer_or_fake_quant_ctr
+        partial = getattr(ctr, "p", None)  # the observer class and its arguments (``Observer.with_args``)
+        if partial is None or "eps" not in partial.keywords:
+            return spec
+        return dataclasses.replace(
+            spec, observer_or_fake_quant_ctr=partial.func.with_args(**{**partial.keywords, "eps": eps})
+        )
+
+    return dataclasses.replace(
+        config,
+        input_activation=fine(config.input_activation),
+        output_activation=fine(config.output_activation),
+        weight=fine(config.weight),
+    )
 
 
 def output_joins(graph: torch.fx.Graph) -> list[torch.fx.Node]:
