@@ -11,8 +11,9 @@ augmentation, epochs, batch, optimizer, seeds) and scored by the same COCO evalu
   MobileNetV3 paper Tab. 6), so this is the smaller variant;
 * ``tv-frcnn-mnv3-320-fpn``: torchvision's ``fasterrcnn_mobilenet_v3_large_320_fpn(weights=None,
   weights_backbone=None)`` (two-stage);
-* ``retinanet-mnv4-conv-s+pre`` (only with ``--backbone-checkpoint``): the first row with its backbone
-  first trained by ``mnv4 train`` (e.g. on cifar10-mini photos), to measure the gain over scratch.
+* ``retinanet-mnv4-conv-s+pre`` (added by ``--backbone-checkpoint``) and ``ssdlite-mnv4-conv-s+pre`` (asked
+  for by name, with it): an MNv4 row with its backbone first trained by ``mnv4 train`` (e.g. on cifar10-mini
+  photos), to measure the gain over scratch.
 
 Per dataset and model: AP, AP50, AP-small (val), params, MACs (one 320 px image, FlopCounterMode over the
 whole eval forward), eager latency per image (batch 1, median), ONNX Runtime latency of the dense graph
@@ -49,6 +50,7 @@ from mnv4.host import cpu_name  # noqa: E402
 
 MODELS = ("retinanet-mnv4-conv-s", "ssdlite-mnv4-conv-s", "tv-ssdlite320-mnv3", "tv-frcnn-mnv3-320-fpn")
 PRETRAINED = "retinanet-mnv4-conv-s+pre"  # the backbone from --backbone-checkpoint
+MNV4_HEADS = {"retinanet-mnv4-conv-s": "retinanet", "ssdlite-mnv4-conv-s": "ssdlite"}
 STAGES = ("train", "cost")
 
 
@@ -71,16 +73,13 @@ def build(name: str, classes: list[str], size: int, backbone: str | None = None)
 
     from mnv4.detect import create_detector
 
-    if name == "retinanet-mnv4-conv-s":
-        return create_detector("mnv4_conv_small", head="retinanet", classes=classes, image_size=size)
-    if name == PRETRAINED:
-        if backbone is None:
-            raise SystemExit(f"{PRETRAINED} needs --backbone-checkpoint (an mnv4 train checkpoint of mnv4_conv_small)")
-        return create_detector(
-            "mnv4_conv_small", head="retinanet", classes=classes, image_size=size, backbone_checkpoint=backbone
-        )
-    if name == "ssdlite-mnv4-conv-s":
-        return create_detector("mnv4_conv_small", head="ssdlite", classes=classes, image_size=size)
+    scratch, pre, rest = name.partition("+pre")
+    if scratch in MNV4_HEADS and not rest:
+        if pre and backbone is None:
+            raise SystemExit(f"{name} needs --backbone-checkpoint (an mnv4 train checkpoint of mnv4_conv_small)")
+        weights = {"backbone_checkpoint": backbone} if pre else {}
+        head = MNV4_HEADS[scratch]
+        return create_detector("mnv4_conv_small", head=head, classes=classes, image_size=size, **weights)
     n = len(classes) + 1
     if name == "tv-ssdlite320-mnv3":
         return ShiftLabels(tvd.ssdlite320_mobilenet_v3_large(weights=None, weights_backbone=None, num_classes=n))
@@ -88,7 +87,10 @@ def build(name: str, classes: list[str], size: int, backbone: str | None = None)
         m = tvd.fasterrcnn_mobilenet_v3_large_320_fpn(weights=None, weights_backbone=None, num_classes=n)
         m.transform.min_size, m.transform.max_size = (size,), size  # no resizing: images arrive at `size`
         return ShiftLabels(m)
-    raise SystemExit(f"unknown model {name}; choose from {', '.join(MODELS)}")
+    raise SystemExit(
+        f"unknown model {name}; choose from {', '.join(MODELS)} (an MNv4 one with +pre: its backbone "
+        "from --backbone-checkpoint)"
+    )
 
 
 class BenchTrainer(DetectionTrainer):
