@@ -141,7 +141,9 @@ def main() -> None:
         ok = [m for m in rounds if m is not None]
         med = f"{statistics.median(ok):.3f}" if ok else "-"
         per = " / ".join("-" if m is None else f"{m:.3f}" for m in rounds)
-        print(f"| {name} | {r['top1_agreement']:.3f} | {r['accuracy_exported']} | {med} | {per} |")
+        acc = r.get("accuracy_exported")
+        acc = "-" if acc is None else f"{100 * acc:.1f}%"
+        print(f"| {name} | {100 * r['top1_agreement']:.1f}% | {acc} | {med} | {per} |")
 
 
 if __name__ == "__main__":
