@@ -78,15 +78,23 @@ def _worker(spec: dict) -> None:
     print(json.dumps({"median_ms": lat.median_ms}), flush=True)
 
 
+def _stamp(path: Path) -> str:
+    """Which file was timed: its size and modification time (a rebuilt artefact is timed again)."""
+    st = path.stat()
+    return f"{st.st_size}-{st.st_mtime_ns}"
+
+
 def time_stage(args, work: Path) -> dict[str, list]:
     cache = work / "timings.json"
-    timings = json.loads(cache.read_text()) if cache.exists() else {}
+    cached = json.loads(cache.read_text()) if cache.exists() else {}
     todo = variants(args.routes)
+    stamps = {artefact(work, v).name: _stamp(artefact(work, v)) for v in todo}
+    entries = {k: e for k, e in cached.items() if isinstance(e, dict) and e.get("stamp") == stamps.get(k)}
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
     for i in range(args.rounds):
         for v in todo[i % len(todo) :] + todo[: i % len(todo)]:
             name = artefact(work, v).name
-            rounds = timings.setdefault(name, [])
+            rounds = entries.setdefault(name, {"stamp": stamps[name], "round_ms": []})["round_ms"]
             if len(rounds) > i:
                 continue
             spec = {"variant": v, "path": str(artefact(work, v)), "res": args.res, "threads": args.threads}
@@ -97,8 +105,8 @@ def time_stage(args, work: Path) -> dict[str, list]:
             rounds.append(json.loads(lines[-1])["median_ms"] if lines else None)
             if not lines:
                 print(f"{name}: timing failed: {(proc.stderr.strip().splitlines() or ['no output'])[-1]}")
-            cache.write_text(json.dumps(timings, indent=1))
-    return timings
+            cache.write_text(json.dumps(entries, indent=1))
+    return {k: e["round_ms"] for k, e in entries.items()}
 
 
 def main() -> None:
