@@ -5,7 +5,10 @@ Candidates, all at the same input size (320 px letterboxed), trained by the same
 augmentation, epochs, batch, optimizer, seeds) and scored by the same COCO evaluator on the val split:
 
 * ``retinanet-mnv4-conv-s``: mnv4's RetinaNet (the paper's head) on MNv4-Conv-S;
-* ``ssdlite-mnv4-conv-s``: mnv4's SSDLite head on MNv4-Conv-S;
+* ``ssdlite-mnv4-conv-s``: mnv4's SSDLite head on MNv4-Conv-S, on the stage ends (96 / 128 channels);
+* ``ssdlite-mnv4-conv-s-exp``: the same with ``feature_location="expansion"``: the stride-16 map at the
+  576-channel expansion of the first stride-32 block and the stride-32 map after the 960 conv, where
+  torchvision's SSDLite reads MobileNetV3 (672 / 480 channels);
 * ``tv-ssdlite320-mnv3``: torchvision's ``ssdlite320_mobilenet_v3_large(weights=None, weights_backbone=None)``.
   Without backbone weights torchvision switches its ``reduced_tail`` on (the last stage at half width,
   MobileNetV3 paper Tab. 6), so this is the smaller variant;
@@ -48,9 +51,20 @@ from mnv4.detect.train import DetectionTrainer  # noqa: E402
 from mnv4.files import atomic_write_json  # noqa: E402
 from mnv4.host import cpu_name  # noqa: E402
 
-MODELS = ("retinanet-mnv4-conv-s", "ssdlite-mnv4-conv-s", "tv-ssdlite320-mnv3", "tv-frcnn-mnv3-320-fpn")
+MODELS = (
+    "retinanet-mnv4-conv-s",
+    "ssdlite-mnv4-conv-s",
+    "ssdlite-mnv4-conv-s-exp",
+    "tv-ssdlite320-mnv3",
+    "tv-frcnn-mnv3-320-fpn",
+)
 PRETRAINED = "retinanet-mnv4-conv-s+pre"  # the backbone from --backbone-checkpoint
-MNV4_HEADS = {"retinanet-mnv4-conv-s": "retinanet", "ssdlite-mnv4-conv-s": "ssdlite"}
+# name -> (head, head options) of the MNv4 rows
+MNV4_HEADS = {
+    "retinanet-mnv4-conv-s": ("retinanet", {}),
+    "ssdlite-mnv4-conv-s": ("ssdlite", {}),
+    "ssdlite-mnv4-conv-s-exp": ("ssdlite", {"feature_location": "expansion"}),
+}
 STAGES = ("train", "cost")
 
 
@@ -78,8 +92,8 @@ def build(name: str, classes: list[str], size: int, backbone: str | None = None)
         if pre and backbone is None:
             raise SystemExit(f"{name} needs --backbone-checkpoint (an mnv4 train checkpoint of mnv4_conv_small)")
         weights = {"backbone_checkpoint": backbone} if pre else {}
-        head = MNV4_HEADS[scratch]
-        return create_detector("mnv4_conv_small", head=head, classes=classes, image_size=size, **weights)
+        head, options = MNV4_HEADS[scratch]
+        return create_detector("mnv4_conv_small", head=head, classes=classes, image_size=size, **weights, **options)
     n = len(classes) + 1
     if name == "tv-ssdlite320-mnv3":
         return ShiftLabels(tvd.ssdlite320_mobilenet_v3_large(weights=None, weights_backbone=None, num_classes=n))

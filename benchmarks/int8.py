@@ -39,7 +39,7 @@ import mnv4  # noqa: E402
 from mnv4.deploy.formats import FORMATS  # noqa: E402
 from mnv4.deploy.parity import parity_path  # noqa: E402
 from mnv4.host import cpu_name  # noqa: E402
-from runtimes import _time_in_child  # noqa: E402  (one timing worker for the benchmarks)
+from runtimes import _time_in_child, timing_stamp  # noqa: E402  (one timing worker for the benchmarks)
 
 # Tuned PTQ per route: the settings docs/deploy.md suggests trying first; LiteRT/ExecuTorch offer none.
 TUNED = {
@@ -94,12 +94,6 @@ def export_stage(args, route: str, variant: str, checkpoint: str, work: Path) ->
     return row
 
 
-def _stamp(path: str) -> str:
-    """Which file was timed: its size and modification time."""
-    st = Path(path).stat()
-    return f"{st.st_size}-{st.st_mtime_ns}"
-
-
 def time_stage(args, rows: list[dict], base: str, work: Path) -> dict[str, dict]:
     """Median ms of each artefact and of the fused eager model, each timing in its own process (cached).
 
@@ -115,9 +109,9 @@ def time_stage(args, rows: list[dict], base: str, work: Path) -> dict[str, dict]
     todo = [("torch-fused", base, "fp32", "torch-fused")] + [
         (r["route"], r["path"], r["precision"], f"{r['route']}_{r['variant']}") for r in rows if "error" not in r
     ]
-    # an entry from an older cache (one sequential timing, no rounds) or of an artefact written since (its
-    # size or modification time differ) is timed again
-    stamps = {key: _stamp(path) for _, path, _, key in todo}
+    # an entry from an older cache (one sequential timing, no rounds), of an artefact written since (its
+    # size or modification time differ) or timed under an older protocol is timed again
+    stamps = {key: timing_stamp(path) for _, path, _, key in todo}
     for key in [k for k, v in timings.items() if "round_ms" not in v or v.get("stamp") != stamps.get(k)]:
         del timings[key]
     for i in range(args.rounds):

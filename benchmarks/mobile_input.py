@@ -24,6 +24,9 @@ import sys
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).parent))
+
+from runtimes import timing_stamp  # noqa: E402  (the benchmarks' one timing cache stamp)
 
 INPUTS = (("nchw", "float32"), ("nhwc", "uint8"))
 SUFFIX = {"executorch": ".pte", "litert": ".tflite"}
@@ -78,17 +81,11 @@ def _worker(spec: dict) -> None:
     print(json.dumps({"median_ms": lat.median_ms}), flush=True)
 
 
-def _stamp(path: Path) -> str:
-    """Which file was timed: its size and modification time (a rebuilt artefact is timed again)."""
-    st = path.stat()
-    return f"{st.st_size}-{st.st_mtime_ns}"
-
-
 def time_stage(args, work: Path) -> dict[str, list]:
     cache = work / "timings.json"
     cached = json.loads(cache.read_text()) if cache.exists() else {}
     todo = variants(args.routes)
-    stamps = {artefact(work, v).name: _stamp(artefact(work, v)) for v in todo}
+    stamps = {artefact(work, v).name: timing_stamp(artefact(work, v)) for v in todo}
     entries = {k: e for k, e in cached.items() if isinstance(e, dict) and e.get("stamp") == stamps.get(k)}
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
     for i in range(args.rounds):

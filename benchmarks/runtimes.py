@@ -148,6 +148,18 @@ def _time_worker(spec: dict) -> None:
     print(json.dumps({"median_ms": lat.median_ms, "spread": lat.spread, "runs": lat.runs}), flush=True)
 
 
+# Bumped when the timing itself changes, so cached timings taken the old way are taken again.
+# 2: ExecuTorch's own thread pool sized to --threads (mnv4.deploy.runners); before, .pte files ran on every core.
+TIMING_PROTOCOL = 2
+
+
+def timing_stamp(path: str | Path) -> str:
+    """Which file was timed, and how: its size, its modification time and the timing protocol (a rebuilt
+    artefact, or one timed under an older protocol, is timed again)."""
+    st = Path(path).stat()
+    return f"{st.st_size}-{st.st_mtime_ns}-p{TIMING_PROTOCOL}"
+
+
 def _time_in_child(spec: dict) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS=str(spec["threads"]))
     proc = subprocess.run(

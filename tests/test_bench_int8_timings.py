@@ -53,3 +53,8 @@ def test_rewritten_artefacts_are_timed_again(tmp_path, monkeypatch):
     assert calls == ["b.onnx", "b.onnx"]
     assert third["onnx_fp32"] == first["onnx_fp32"] and third["onnx_ptq"]["round_ms"] != first["onnx_ptq"]["round_ms"]
     assert json.loads((tmp_path / "timings.json").read_text()) == third
+
+    calls.clear()  # a new timing protocol (the runner changed how it times): everything is timed again
+    monkeypatch.setattr(sys.modules["runtimes"], "TIMING_PROTOCOL", sys.modules["runtimes"].TIMING_PROTOCOL + 1)
+    bench.time_stage(args, rows, str(base), tmp_path)
+    assert sorted(calls) == sorted(["base.safetensors", "a.onnx", "b.onnx"] * 2)

@@ -30,6 +30,7 @@ def _targets() -> list[dict[str, torch.Tensor]]:
     params=[
         "retinanet_mnv4_conv_small",
         "ssdlite_mnv4_conv_small",
+        "ssdlite_mnv4_conv_small-expansion",
         "retinanet_mnv4_hybrid_medium",
         "tiny-retinanet",
         "tiny-ssdlite",
@@ -39,6 +40,8 @@ def detector(request, tiny_hybrid_spec):
     name = request.param
     if name.startswith("tiny-"):
         return create_detector(tiny_hybrid_spec, head=name[5:], num_classes=3, image_size=SIZE)
+    if name.endswith("-expansion"):
+        return create_detector(name.split("-")[0], num_classes=3, image_size=SIZE, feature_location="expansion")
     return create_detector(name, num_classes=3, image_size=SIZE)
 
 
@@ -142,6 +145,8 @@ def test_save_load_round_trip_gives_identical_outputs(tmp_path, tiny_hybrid_spec
         (dict(model="retinanet_mnv4_conv_small", head="ssdlite", num_classes=3), "retinanet head"),
         (dict(model="mnv4_conv_small", num_classes=3, widht=8), "unknown retinanet option"),
         (dict(model="mnv4_conv_small", num_classes=3, box_loss="mse"), "box_loss"),
+        (dict(model="ssdlite_mnv4_conv_small", num_classes=3, feature_location="mid"), "feature_location"),
+        (dict(model="mnv4_conv_small", num_classes=3, feature_location="expansion"), "unknown retinanet option"),
         (dict(model="mnv4_conv_small", num_classes=2, classes=["a"]), "differs"),
         (dict(model="TINY", num_classes=2, pretrained=True), "registered backbones only"),
         (dict(model="mnv4_conv_small", num_classes=2, image_size=16), "image_size"),
@@ -242,6 +247,23 @@ def test_backbone_checkpoint_changes_the_backbone_weights_only(tmp_path):
     fresh_sd = fresh.state_dict()
     assert rest and all(torch.equal(v, fresh_sd[k]) for k, v in rest.items())
     assert loaded.config["preprocess"]["mean"] == [0.25, 0.5, 0.75]  # the weights' normalisation
+
+
+def test_ssdlite_expansion_taps_load_the_960_conv_and_round_trip(tmp_path):
+    # feature_location="expansion": SSDLite reads the 576-channel expansion and the 960 conv (as torchvision's
+    # SSDLite reads MobileNetV3), so the classifier's final_conv weights come along with the backbone.
+    clf, path = _classifier_file(tmp_path)
+    det = create_detector(
+        "ssdlite_mnv4_conv_small", num_classes=2, image_size=64, backbone_checkpoint=path, feature_location="expansion"
+    ).eval()
+    assert [f["num_chs"] for f in det.backbone.feature_info] == [576, 960]
+    assert torch.equal(det.backbone.final_conv.conv.weight, clf.final_conv.conv.weight)
+    back = load_detector(save_detector(det, tmp_path / "det.safetensors")).eval()
+    assert back.config["head_options"]["feature_location"] == "expansion"
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        for a, b in zip(det.network(x), back.network(x)):
+            assert torch.equal(a, b)
 
 
 def test_pretrained_tag_goes_through_the_hub_code(monkeypatch, tmp_path):

@@ -595,6 +595,29 @@ def test_runtime_flushes_denormals(tmp_path, fmt, no_flush):
     assert y.shape == (1, 8, 8, 8) and np.all(y == 0)
 
 
+@pytest.mark.slow
+def test_executorch_runs_on_the_thread_count_asked_for(tmp_path):
+    # ExecuTorch's XNNPACK kernels run on its own pool (one thread per core at start-up), not torch's:
+    # a --threads 1 timing must size that pool too, or a .pte is timed on more cores than the other routes.
+    from mnv4.deploy.runners import RunOptions
+    from mnv4.deploy.writers import WriteJob, write_atomically
+
+    _needs("executorch")
+    from executorch.extension.pybindings import portable_lib
+
+    before = portable_lib._threadpool_get_thread_count()
+    model, x = _denormal_model()
+    info = get_format("executorch")
+    path = write_atomically(tmp_path / f"d{info.suffix}", lambda t: info.writer(model, x, t, WriteJob("fp32")))
+    try:
+        for threads in (1, 2):
+            run = info.loader(path, RunOptions(threads=threads))
+            assert portable_lib._threadpool_get_thread_count() == threads
+            assert run(x.numpy()).shape == (1, 8, 8, 8)
+    finally:
+        portable_lib._unsafe_reset_threadpool(before)
+
+
 def test_every_benched_runtime_is_checked_for_denormals():
     checked = {"pt2", "torchscript", "onnx", "openvino", "litert", "executorch"}
     assert {f.name for f in FORMATS.values() if f.can_run() and f.name != "coreml"} <= checked

@@ -171,6 +171,34 @@ def test_out_indices_select_levels_including_stem():
         mnv4.create_model("mnv4_conv_small", features_only=True, out_indices=(5,))
 
 
+def test_expansion_levels_are_the_strided_blocks_expansions_and_the_960_conv(tmp_path):
+    # feature_location="expansion" (SSDLite's taps): level L is the 1x1 expansion of stage L+1's first
+    # block, at level L's stride; level 4 is the classifier's 960 conv, loaded from its checkpoint.
+    torch.manual_seed(0)
+    full = mnv4.create_model("mnv4_conv_small", num_classes=5).eval()
+    path = mnv4.save_model(full, tmp_path / "c.safetensors")
+    kwargs = dict(features_only=True, out_indices=(2, 3, 4), feature_location="expansion")
+    feats = mnv4.create_model("mnv4_conv_small", checkpoint=path, **kwargs).eval()
+    assert [(f["num_chs"], f["reduction"]) for f in feats.feature_info] == [(192, 8), (576, 16), (960, 32)]
+    seen = {}
+    for level in (2, 3):
+        full.stages[level][0].expand.register_forward_hook(lambda m, i, o, level=level: seen.__setitem__(level, o))
+    x = torch.randn(2, 3, 96, 64)
+    with torch.no_grad():
+        last = full.forward_features(x)
+        levels = feats(x)
+    assert torch.equal(levels[0], seen[2]) and torch.equal(levels[1], seen[3])
+    assert torch.equal(levels[2], last)
+    assert levels[1].shape == (2, 576, 6, 4)
+    # the stage-end model reads the same weights; only where it reads differs
+    stage = mnv4.create_model("mnv4_conv_small", checkpoint=path, features_only=True, out_indices=(3,)).eval()
+    assert [f["num_chs"] for f in stage.feature_info] == [96]
+    with pytest.raises(mnv4.MNv4Error, match="level 1 has no expansion map"):
+        mnv4.create_model("mnv4_conv_small", features_only=True, out_indices=(1,), feature_location="expansion")
+    with pytest.raises(mnv4.MNv4Error, match="feature_location"):
+        mnv4.create_model("mnv4_conv_small", features_only=True, feature_location="middle")
+
+
 def test_classifier_model_levels_and_in_chans():
     model = mnv4.create_model("mnv4_conv_medium", in_chans=1, num_classes=3).eval()
     assert [f["reduction"] for f in model.feature_info] == [2, 4, 8, 16, 32]

@@ -177,6 +177,19 @@ def join_outputs(outputs: list[np.ndarray]) -> np.ndarray:
     return outputs[0] if len(outputs) == 1 else np.concatenate(outputs, axis=-1)
 
 
+def _executorch_threads(threads: int) -> None:
+    """Size ExecuTorch's own thread pool (XNNPACK's kernels run on it, not on torch's intra-op threads):
+    it starts with one thread per core whatever ``torch.set_num_threads`` says, so without this a
+    ``--threads 1`` timing of a .pte ran on every core while the other routes ran on one."""
+    from executorch.extension.pybindings import portable_lib
+
+    reset = getattr(portable_lib, "_unsafe_reset_threadpool", None)
+    if reset is None:  # an ExecuTorch without the call: say so rather than time on a different thread count
+        raise MNv4Error("this ExecuTorch cannot set its thread count; upgrade the executorch extra to time .pte files")
+    if portable_lib._threadpool_get_thread_count() != threads:
+        reset(threads)  # "unsafe" only while a method runs on the pool; nothing runs at load time
+
+
 def load_executorch(path: Path, options: RunOptions) -> Runner:
     try:
         import torch
@@ -185,6 +198,7 @@ def load_executorch(path: Path, options: RunOptions) -> Runner:
         raise missing_extra("executorch", "executorch") from None
     if options.threads:
         torch.set_num_threads(options.threads)
+        _executorch_threads(options.threads)
     _flush_calling_thread(options)
     program = Runtime.get().load_program(str(path))
     method = program.load_method("forward")

@@ -6,7 +6,7 @@ import os
 from typing import Any
 
 from ..errors import MNv4Error, check_choice, check_float, check_int
-from ..models.mobilenetv4 import MobileNetV4
+from ..models.mobilenetv4 import FEATURE_LOCATIONS, MobileNetV4
 from ..models.registry import MODELS, get_entry
 from ..models.specs import ModelSpec
 from ..weights.io import read_checkpoint
@@ -34,6 +34,7 @@ def _check_options(head: str, options: dict[str, Any]) -> dict[str, Any]:
             check_choice(key, opts[key], (True, False))
     else:
         opts["extra_widths"] = [check_int("extra_widths", w, 2) for w in opts["extra_widths"]]
+        check_choice("feature_location", opts["feature_location"], FEATURE_LOCATIONS)
     return opts
 
 
@@ -51,11 +52,17 @@ def _classes(num_classes: int | None, classes: list[str] | None) -> list[str]:
     return [str(i) for i in range(num_classes)]
 
 
-def _body(spec: ModelSpec, head: str, drop_path_rate: float) -> MobileNetV4:
+def _body_options(head: str, options: dict[str, Any], drop_path_rate: float) -> dict[str, Any]:
+    """The features_only MobileNetV4 options a head reads its levels with."""
+    location = options.get("feature_location", "stage")
+    return dict(
+        features_only=True, out_indices=FEATURE_LEVELS[head], feature_location=location, drop_path_rate=drop_path_rate
+    )
+
+
+def _body(spec: ModelSpec, head: str, options: dict[str, Any], drop_path_rate: float) -> MobileNetV4:
     try:
-        return MobileNetV4(
-            spec, num_classes=0, features_only=True, out_indices=FEATURE_LEVELS[head], drop_path_rate=drop_path_rate
-        )
+        return MobileNetV4(spec, num_classes=0, **_body_options(head, options, drop_path_rate))
     except (TypeError, ValueError) as e:
         raise MNv4Error(f"cannot build a {head} backbone from {spec.name}: {e}") from None
 
@@ -64,14 +71,14 @@ def build_from_config(cfg: dict[str, Any]) -> Detector:
     """A detector with fresh weights, rebuilt from a saved config (``Detector.config``)."""
     try:
         spec = ModelSpec.from_dict(cfg["spec"]) if "spec" in cfg else get_entry(cfg["backbone"]).spec
-        body = _body(spec, cfg["head"], float(cfg.get("drop_path_rate", 0.0)))
+        body = _body(spec, cfg["head"], cfg["head_options"], float(cfg.get("drop_path_rate", 0.0)))
         return Detector(cfg, body)
     except (KeyError, TypeError, ValueError) as e:
         raise MNv4Error(f"the detector config is incomplete or damaged ({type(e).__name__}: {e})") from None
 
 
 def _backbone_model(
-    model: str | ModelSpec, head: str, pretrained, backbone_checkpoint, drop_path_rate: float
+    model: str | ModelSpec, head: str, options: dict[str, Any], pretrained, backbone_checkpoint, drop_path_rate: float
 ) -> MobileNetV4:
     """The features_only backbone, with weights from a timm tag, a classifier checkpoint, or none."""
     from ..factory import create_model
@@ -82,10 +89,10 @@ def _backbone_model(
         raise MNv4Error("published weights exist for registered backbones only; pass a `backbone_checkpoint`")
     if not pretrained and backbone_checkpoint is None:
         spec = model if isinstance(model, ModelSpec) else get_entry(model).spec
-        body = _body(spec, head, drop_path_rate)
+        body = _body(spec, head, options, drop_path_rate)
         body.preprocess = None if isinstance(model, ModelSpec) else get_entry(model).default_preprocess
         return body
-    kwargs = dict(features_only=True, out_indices=FEATURE_LEVELS[head], drop_path_rate=drop_path_rate)
+    kwargs = _body_options(head, options, drop_path_rate)
     return create_model(model, pretrained=pretrained or False, checkpoint=backbone_checkpoint, **kwargs)
 
 
@@ -136,7 +143,7 @@ def create_detector(
     else:
         raise MNv4Error(f"`model` must be a name or a ModelSpec, not {type(model).__name__}")
     opts = _check_options(head, head_options)
-    body = _backbone_model(backbone, head, pretrained, backbone_checkpoint, drop_path_rate)
+    body = _backbone_model(backbone, head, opts, pretrained, backbone_checkpoint, drop_path_rate)
     pre = body.preprocess
     cfg: dict[str, Any] = {
         "format": DETECTOR_FORMAT,

@@ -246,14 +246,23 @@ class UIB(_ResidualBlock):
         self.layer_scale = _layer_scale(out_chs, layer_scale_init)
         self._init_residual(in_chs, out_chs, stride, drop_path)
 
+    def expanded(self, x: torch.Tensor) -> torch.Tensor:
+        """The block up to its 1x1 expansion (after the activation): the wide map a detector taps
+        before the middle DW downsamples (``feature_location="expansion"``)."""
+        return self.expand(self.dw_start(x))
+
+    def from_expanded(self, y: torch.Tensor, shortcut: torch.Tensor) -> torch.Tensor:
+        """The rest of the block from :meth:`expanded`'s output; ``shortcut`` is the block's input."""
+        y = self.dw_end(self.project(self.dw_mid(y)))
+        return self._finish(self.layer_scale(y), shortcut)
+
+    @property
+    def taps_expansion(self) -> bool:
+        """Whether :meth:`expanded` is at the input's resolution (the stride sits after the expansion)."""
+        return not isinstance(self.dw_mid, nn.Identity)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.dw_start(x)
-        y = self.expand(y)
-        y = self.dw_mid(y)
-        y = self.project(y)
-        y = self.dw_end(y)
-        y = self.layer_scale(y)
-        return self._finish(y, x)
+        return self.from_expanded(self.expanded(x), x)
 
 
 class AttentionCore(nn.Module):

@@ -17,7 +17,7 @@ from .meta import WeightsMeta
 from .registry import Preprocess
 from .specs import AttentionSpec, BlockSpec, ConvBNSpec, FusedIBSpec, ModelSpec, UIBSpec
 
-__all__ = ["MobileNetV4", "drop_path_rates", "DROP_PATH_SCHEDULES"]
+__all__ = ["MobileNetV4", "drop_path_rates", "DROP_PATH_SCHEDULES", "FEATURE_LOCATIONS"]
 
 DROP_PATH_SCHEDULES = ("tf", "linear", "flat")
 
@@ -57,6 +57,10 @@ def _tracing() -> bool:
     )
 
 
+# Where features_only levels are read: the stage ends (TF endpoints) or SSDLite's expansion maps.
+FEATURE_LOCATIONS = ("stage", "expansion")
+
+
 class MobileNetV4(nn.Module):
     """A MobileNetV4 network built from a :class:`ModelSpec`.
 
@@ -67,6 +71,11 @@ class MobileNetV4(nn.Module):
     0 = stem output (stride 2), 1..4 = the ends of the four stages (strides 4, 8, 16, 32), i.e. the
     TF ``is_output`` endpoints. Level 4 is the last stage (128/256/512 channels), *not* the 960-channel
     1x1 conv that timm reports as its stride-32 level.
+
+    ``feature_location="expansion"`` (features_only) moves levels 1-3 to the widest map at their stride:
+    the 1x1 expansion of the next stage's first block, before its middle DW downsamples (SSDLite's
+    taps; conv_small's stride-16 level becomes 576 channels, not 96), and level 4 to the 960-channel
+    1x1 conv (``final_conv``, loaded from classification checkpoints). The stem stays level 0.
     """
 
     def __init__(
@@ -80,6 +89,7 @@ class MobileNetV4(nn.Module):
         output_stride: int = 32,
         features_only: bool = False,
         out_indices: Sequence[int] = (1, 2, 3, 4),
+        feature_location: str = "stage",
         act: str | None = None,
         bn_eps: float | None = None,
         bn_momentum: float | None = None,
@@ -125,11 +135,17 @@ class MobileNetV4(nn.Module):
         self.stages = nn.ModuleList(stages)
         self._levels = levels
 
+        if feature_location not in FEATURE_LOCATIONS:
+            raise ValueError(f"feature_location must be one of {FEATURE_LOCATIONS}, got {feature_location!r}")
+        self.feature_location = feature_location if features_only else "stage"
         if features_only:
             self.out_indices = tuple(out_indices)
             bad = [i for i in self.out_indices if not 0 <= i < len(levels)]
             if bad:
                 raise ValueError(f"out_indices {bad} out of range; levels are 0..{len(levels) - 1}")
+            if self.feature_location == "expansion":
+                levels = self._expansion_levels(levels, spec, act, bn_kwargs)
+                self._levels = levels
             self.feature_info = [levels[i] for i in self.out_indices]
             self.num_features = self.feature_info[-1]["num_chs"]
             self.head_hidden_size = self.num_features
@@ -143,6 +159,27 @@ class MobileNetV4(nn.Module):
             self.dropout = nn.Dropout(drop_rate)
             self.classifier = self._make_classifier(num_classes)
         init_weights(self)
+
+    def _expansion_levels(self, levels: list[dict], spec: ModelSpec, act: str, bn_kwargs: dict) -> list[dict]:
+        """Levels for ``feature_location="expansion"``; builds ``final_conv`` when level 4 is asked for."""
+        out = [levels[0]]
+        for level in range(1, len(self.stages)):
+            first = self.stages[level][0]
+            if not (isinstance(first, UIB) and first.taps_expansion):
+                if level in self.out_indices:
+                    raise ValueError(
+                        f"level {level} has no expansion map: stage {level + 1} starts with a "
+                        f"{type(first).__name__} whose stride is not after a 1x1 expansion"
+                    )
+                out.append(levels[level])
+                continue
+            chs = first.expand.conv.out_channels
+            out.append({**levels[level], "module": f"stages.{level}.0.expand", "num_chs": chs})
+        last = len(self.stages)
+        out.append({**levels[last], "module": "final_conv", "num_chs": spec.num_features})
+        if last in self.out_indices:
+            self.final_conv = ConvBN(levels[last]["num_chs"], spec.num_features, 1, act=act, bn_kwargs=bn_kwargs)
+        return out
 
     # The weights' record, under the names README and callers use (mnv4.models.meta is the one home).
     @property
@@ -253,6 +290,10 @@ class MobileNetV4(nn.Module):
         restore = self._channels_last_eval(x)
         if restore:
             x = x.contiguous(memory_format=torch.channels_last)
+        if self.feature_location == "expansion":
+            x, out = self._expansion_intermediates(x, take, stop_early)
+            out = [o.contiguous() for o in out] if restore else out
+            return out if intermediates_only else ((x.contiguous() if restore else x), out)
         x = self.stem(x)
         out = [x] if 0 in take else []
         last = max(take) if stop_early else len(self.stages)
@@ -266,6 +307,29 @@ class MobileNetV4(nn.Module):
         x = self.final_conv(x) if not self.features_only else x
         return (x.contiguous() if restore else x), out
 
+    def _expansion_intermediates(
+        self, x: torch.Tensor, take: set[int], stop_early: bool
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """``forward_intermediates`` for ``feature_location="expansion"`` (features_only models only)."""
+        n = len(self.stages)
+        if n in take and not hasattr(self, "final_conv"):
+            raise ValueError(f"level {n} (the 1x1 conv after the last stage) is built only when out_indices has it")
+        x = self.stem(x)
+        out = [x] if 0 in take else []
+        last = min(max(take) + 1, n) if stop_early else n
+        for si in range(last):
+            stage = self.stages[si]
+            if si in take and si > 0:  # level si is stage si+1's first block, cut after its expansion
+                first = stage[0]
+                y = first.expanded(x)
+                out.append(y)
+                x = first.from_expanded(y, x)
+                stage = stage[1:]
+            x = self._run_stage(stage, x)
+        if n in take:
+            out.append(self.final_conv(x))
+        return x, out
+
     def _run_stage(self, stage: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
         if not (self.grad_checkpointing and torch.is_grad_enabled() and not _tracing()):
             return stage(x)
@@ -276,7 +340,9 @@ class MobileNetV4(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
         if self.features_only:
-            levels = self.forward_levels(x)
+            want = sorted(set(self.out_indices))
+            maps = self.forward_intermediates(x, want, intermediates_only=True, stop_early=True)
+            levels = dict(zip(want, maps))
             return [levels[i] for i in self.out_indices]
         return self.forward_head(self.forward_features(x))
 

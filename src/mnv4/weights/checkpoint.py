@@ -46,7 +46,8 @@ def load_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor], sourc
         sd = timm_to_mnv4(sd, model)
     own = model.state_dict()
     if getattr(model, "features_only", False):
-        sd = {k: v for k, v in sd.items() if not k.startswith(_HEAD_PREFIXES)}
+        # A features_only model keeps final_conv when a level reads it (feature_location="expansion").
+        sd = {k: v for k, v in sd.items() if not k.startswith(_HEAD_PREFIXES) or k in own}
     stem = "stem.conv.weight"
     if stem in sd and stem in own and sd[stem].shape[1] != own[stem].shape[1] and sd[stem].dim() == 4:
         sd[stem] = _adapt_stem(sd[stem], own[stem].shape[1])
