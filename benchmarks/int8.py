@@ -99,8 +99,8 @@ def time_stage(args, rows: list[dict], base: str, work: Path) -> dict[str, dict]
 
     The artefacts are timed in ``--rounds`` interleaved rounds (every artefact once per round, the
     order rotated each round) and each one's figure is the median of its rounds: a CPU that drifts
-    between states (ExecuTorch's artefacts run at one of two speeds from process to process:
-    docs/deploy.md, the INT8 timings in rounds) then moves every artefact alike instead of whichever
+    between states (as ExecuTorch's artefacts did when they ran on two threads beside the other
+    routes' one: docs/deploy.md, INT8 "Why earlier runs missed") then moves every artefact alike instead of whichever
     happened to run during the drift; the table prints each artefact's rounds beside the median.
     """
     cache = work / "timings.json"
