@@ -121,6 +121,20 @@ def test_mhsa_and_features_only_fuse():
             assert _rel_err(a, b) < 1e-5
 
 
+def test_expansion_levels_survive_fusing():
+    # feature_location="expansion" reads inside the strided block: the fused block must still cut there
+    feats = _randomize(
+        mnv4.create_model("mnv4_hybrid_medium", features_only=True, out_indices=(2, 3, 4), feature_location="expansion")
+    )
+    x = torch.randn(1, 3, 64, 64)
+    fused = fuse(feats)
+    with torch.no_grad():
+        ref, out = feats(x), fused(x)
+    assert [t.shape[1] for t in out] == [480, 960, 960]
+    for a, b in zip(ref, out):
+        assert _rel_err(a, b) < 1e-5
+
+
 def test_layer_scale_is_folded_not_dropped():
     model = _randomize(mnv4.create_model(_spec(), num_classes=10))
     fused = fuse(model)

@@ -101,12 +101,29 @@ class ConvAct(nn.Module):
 
 
 class FusedChain(nn.Module):
-    """A fused UIB or FusedIB: its convs in order, then the residual add when it has one."""
+    """A fused UIB or FusedIB: its convs in order, then the residual add when it has one.
 
-    def __init__(self, layers: list[nn.Module], has_skip: bool) -> None:
+    ``tap`` is the number of leading layers that make a UIB's :meth:`~mnv4.models.blocks.UIB.expanded`
+    (None when the block has no expansion map at its input's resolution), so a features_only model read at
+    ``feature_location="expansion"`` runs fused as it runs unfused."""
+
+    def __init__(self, layers: list[nn.Module], has_skip: bool, tap: int | None = None) -> None:
         super().__init__()
         self.layers = nn.Sequential(*layers)
         self.has_skip = has_skip
+        self.tap = tap
+
+    def expanded(self, x: torch.Tensor) -> torch.Tensor:
+        if self.tap is None:
+            raise ValueError("this fused block has no expansion map to read")
+        for layer in list(self.layers)[: self.tap]:
+            x = layer(x)
+        return x
+
+    def from_expanded(self, y: torch.Tensor, shortcut: torch.Tensor) -> torch.Tensor:
+        for layer in list(self.layers)[self.tap :]:
+            y = layer(y)
+        return shortcut + y if self.has_skip else y
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.layers(x)
@@ -183,7 +200,8 @@ def _fuse_uib(m: UIB) -> FusedChain:
     if gamma is not None and parts[-1].act is not None and not isinstance(parts[-1].act, nn.Identity):
         raise ValueError("layer scale after a non-linear conv cannot be folded")  # never built by UIB
     layers = [_fuse_convbn(p) for p in parts[:-1]] + [_fuse_convbn(parts[-1], gamma)]
-    return FusedChain(layers, m.has_skip)
+    tap = parts.index(m.expand) + 1 if m.taps_expansion else None
+    return FusedChain(layers, m.has_skip, tap)
 
 
 def _fuse_fused_ib(m: FusedIB) -> FusedChain:
