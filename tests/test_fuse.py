@@ -56,6 +56,7 @@ def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @pytest.fixture(scope="module")
 def tiny_pair():
+    torch.manual_seed(1)  # the conv weights: fixed, so no test here depends on what ran before it
     model = _randomize(mnv4.create_model(_spec(), num_classes=10, drop_rate=0.3, drop_path_rate=0.2))
     return model, fuse(model)
 
@@ -87,7 +88,7 @@ def test_kv_downsampling_keeps_the_border_exact(tiny_pair):
     model, fused = tiny_pair
     blocks = [m for m in fused.modules() if isinstance(m, FusedAttention) and m.key_down is not None]
     assert blocks, "the tiny spec must contain an MQA with K/V down-sampling"
-    x = torch.randn(1, 3, 67, 93)
+    x = torch.randn(1, 3, 67, 93, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         ref = model(x)
         assert _rel_err(ref, fused(x)) < 1e-5
@@ -106,7 +107,7 @@ def test_kv_downsampling_keeps_the_border_exact(tiny_pair):
             t.copy_(s)
         block.kv_scale.copy_(scale)
         block.kv_shift.copy_(shift)
-    assert _rel_err(ref, wrong) > 1e-4
+    assert _rel_err(ref, wrong) > 1e-4, _rel_err(ref, wrong)
     assert _rel_err(ref, fused(x)) < 1e-5
 
 
