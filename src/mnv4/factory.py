@@ -79,8 +79,8 @@ def create_model(
         checkpoint: a local timm- or mnv4-format file, or a hub-layout folder (``config.json`` +
             ``model.safetensors``), to load.
         **overrides: MobileNetV4 options: ``in_chans``, ``drop_rate``, ``drop_path_rate``,
-            ``drop_path_schedule``, ``output_stride``, ``features_only``, ``out_indices``, ``act``,
-            ``bn_eps``, ``bn_momentum``, ``layer_scale_init``.
+            ``drop_path_schedule``, ``output_stride``, ``features_only``, ``out_indices``,
+            ``feature_location``, ``act``, ``bn_eps``, ``bn_momentum``, ``layer_scale_init``.
     """
     hub_source = None
     if isinstance(name, str) and name.startswith(HUB_PREFIX):
