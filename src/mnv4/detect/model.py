@@ -36,7 +36,7 @@ RETINANET_OPTIONS: dict[str, Any] = dict(
 BOX_LOSSES = ("l1", "smooth_l1", "giou", "diou", "ciou")
 # feature_location "expansion" reads the backbone where torchvision's SSDLite reads MobileNetV3: the
 # stride-16 map at the next block's 1x1 expansion and the stride-32 map after the 960 conv
-# (docs/detection.md "SSDLite on MNv4"); "stage" reads the stage ends.
+# (docs/detection.md "SSDLite"); "stage" reads the stage ends.
 SSDLITE_OPTIONS: dict[str, Any] = dict(extra_widths=[512, 256, 256, 128], feature_location="stage")
 # Feature levels of MobileNetV4 (features_only out_indices) each neck reads: strides 8/16/32 and 16/32.
 FEATURE_LEVELS = {"retinanet": (2, 3, 4), "ssdlite": (3, 4)}
