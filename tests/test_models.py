@@ -197,6 +197,12 @@ def test_expansion_levels_are_the_strided_blocks_expansions_and_the_960_conv(tmp
         mnv4.create_model("mnv4_conv_small", features_only=True, out_indices=(1,), feature_location="expansion")
     with pytest.raises(mnv4.MNv4Error, match="feature_location"):
         mnv4.create_model("mnv4_conv_small", features_only=True, feature_location="middle")
+    with pytest.raises(mnv4.MNv4Error, match="features_only"):
+        mnv4.create_model("mnv4_conv_small", feature_location="expansion")
+    # a level without an expansion map (stage 2 starts with a plain conv) is read at its stage end
+    with torch.no_grad():
+        maps = feats.forward_intermediates(x, [0, 1, 2, 3], intermediates_only=True)
+    assert [t.shape[1] for t in maps] == [32, 32, 192, 576]
 
 
 def test_classifier_model_levels_and_in_chans():

@@ -113,16 +113,17 @@ class FusedChain(nn.Module):
         self.has_skip = has_skip
         self.tap = tap
 
+    @property
+    def taps_expansion(self) -> bool:
+        return self.tap is not None
+
     def expanded(self, x: torch.Tensor) -> torch.Tensor:
         if self.tap is None:
             raise ValueError("this fused block has no expansion map to read")
-        for layer in list(self.layers)[: self.tap]:
-            x = layer(x)
-        return x
+        return self.layers[: self.tap](x)
 
     def from_expanded(self, y: torch.Tensor, shortcut: torch.Tensor) -> torch.Tensor:
-        for layer in list(self.layers)[self.tap :]:
-            y = layer(y)
+        y = self.layers[self.tap :](y)
         return shortcut + y if self.has_skip else y
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -137,7 +137,9 @@ class MobileNetV4(nn.Module):
 
         if feature_location not in FEATURE_LOCATIONS:
             raise ValueError(f"feature_location must be one of {FEATURE_LOCATIONS}, got {feature_location!r}")
-        self.feature_location = feature_location if features_only else "stage"
+        if feature_location != "stage" and not features_only:
+            raise ValueError("feature_location applies to features_only models; pass features_only=True")
+        self.feature_location = feature_location
         if features_only:
             self.out_indices = tuple(out_indices)
             bad = [i for i in self.out_indices if not 0 <= i < len(levels)]
@@ -319,8 +321,10 @@ class MobileNetV4(nn.Module):
         last = min(max(take) + 1, n) if stop_early else n
         for si in range(last):
             stage = self.stages[si]
-            if si in take and si > 0:  # level si is stage si+1's first block, cut after its expansion
-                first = stage[0]
+            first = stage[0]
+            if si in take and si > 0 and not getattr(first, "taps_expansion", False):
+                out.append(x)  # no expansion map at this stride: the stage end, as feature_info says
+            elif si in take and si > 0:  # level si is stage si+1's first block, cut after its expansion
                 y = first.expanded(x)
                 out.append(y)
                 x = first.from_expanded(y, x)
