@@ -9,6 +9,8 @@ augmentation, epochs, batch, optimizer, seeds) and scored by the same COCO evalu
 * ``ssdlite-mnv4-conv-s-exp``: the same with ``feature_location="expansion"``: the stride-16 map at the
   576-channel expansion of the first stride-32 block and the stride-32 map after the 960 conv, where
   torchvision's SSDLite reads MobileNetV3 (672 / 480 channels);
+* ``ssdlite-mnv4-conv-s-exp-bn``: the same with torchvision's SSDLite BatchNorm settings in the backbone
+  (eps 0.001, momentum 0.03 instead of PyTorch's 1e-5 / 0.1);
 * ``tv-ssdlite320-mnv3``: torchvision's ``ssdlite320_mobilenet_v3_large(weights=None, weights_backbone=None)``.
   Without backbone weights torchvision switches its ``reduced_tail`` on (the last stage at half width,
   MobileNetV3 paper Tab. 6), so this is the smaller variant;
@@ -55,6 +57,7 @@ MODELS = (
     "retinanet-mnv4-conv-s",
     "ssdlite-mnv4-conv-s",
     "ssdlite-mnv4-conv-s-exp",
+    "ssdlite-mnv4-conv-s-exp-bn",
     "tv-ssdlite320-mnv3",
     "tv-frcnn-mnv3-320-fpn",
 )
@@ -64,6 +67,8 @@ MNV4_HEADS = {
     "retinanet-mnv4-conv-s": ("retinanet", {}),
     "ssdlite-mnv4-conv-s": ("ssdlite", {}),
     "ssdlite-mnv4-conv-s-exp": ("ssdlite", {"feature_location": "expansion"}),
+    # torchvision's SSDLite BatchNorm (eps 0.001, momentum 0.03) in the backbone too
+    "ssdlite-mnv4-conv-s-exp-bn": ("ssdlite", {"feature_location": "expansion", "bn_eps": 0.001, "bn_momentum": 0.03}),
 }
 STAGES = ("train", "cost")
 
@@ -201,6 +206,7 @@ def run_one(args, data_name: str, data, name: str, seed: int) -> dict:
         output=str(folder),
         workers=args.workers,
         device=args.device,
+        lr=args.lr,
     )
     summary = folder / "summary.json"
     if not summary.is_file():
@@ -237,6 +243,9 @@ def main() -> None:
     ap.add_argument("--epochs", type=float, default=30)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--size", type=int, default=320)
+    ap.add_argument(
+        "--lr", type=float, default=None, help="peak LR (default: detect-small's 1e-3); give it its own --work folder"
+    )
     ap.add_argument("--seeds", default="0", help="comma-separated seeds (results are their mean)")
     ap.add_argument("--latency-runs", type=int, default=20)
     ap.add_argument("--workers", type=int, default=2)
@@ -285,7 +294,8 @@ def main() -> None:
                 )
                 atomic_write_json(cost_file, cost(model, args.size, args.latency_runs))
             rows.append((data_name, name, statistics_mean(per_seed), json.loads(cost_file.read_text())))
-    print(f"# {args.epochs:g} epochs, batch {args.batch_size}, {args.size} px, seeds {seeds}, CPU: {cpu_name()}")
+    lr = f"LR {args.lr:g}" if args.lr is not None else "detect-small LR"
+    print(f"# {args.epochs:g} epochs, batch {args.batch_size}, {args.size} px, {lr}, seeds {seeds}, CPU: {cpu_name()}")
     head = "| data | model | AP | AP50 | AP small | params (M) | MACs (G) | eager ms | ONNX RT ms | train s |"
     print(head)
     print("|" + "---|" * (head.count("|") - 1))

@@ -147,6 +147,8 @@ def test_save_load_round_trip_gives_identical_outputs(tmp_path, tiny_hybrid_spec
         (dict(model="mnv4_conv_small", num_classes=3, box_loss="mse"), "box_loss"),
         (dict(model="ssdlite_mnv4_conv_small", num_classes=3, feature_location="mid"), "feature_location"),
         (dict(model="mnv4_conv_small", num_classes=3, feature_location="expansion"), "unknown retinanet option"),
+        (dict(model="ssdlite_mnv4_conv_small", num_classes=3, bn_momentum=1.5), "bn_momentum"),
+        (dict(model="mnv4_conv_small", num_classes=3, bn_eps="small"), "bn_eps"),
         (dict(model="mnv4_conv_small", num_classes=2, classes=["a"]), "differs"),
         (dict(model="TINY", num_classes=2, pretrained=True), "registered backbones only"),
         (dict(model="mnv4_conv_small", num_classes=2, image_size=16), "image_size"),
@@ -260,6 +262,36 @@ def test_ssdlite_expansion_taps_load_the_960_conv_and_round_trip(tmp_path):
     assert torch.equal(det.backbone.final_conv.conv.weight, clf.final_conv.conv.weight)
     back = load_detector(save_detector(det, tmp_path / "det.safetensors")).eval()
     assert back.config["head_options"]["feature_location"] == "expansion"
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        for a, b in zip(det.network(x), back.network(x)):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("head", ["ssdlite", "retinanet"])
+def test_backbone_batchnorm_options_reach_every_backbone_bn_and_survive_save_load(tmp_path, head):
+    # bn_eps / bn_momentum set the backbone's BatchNorm (torchvision's SSDLite trains with 0.001 / 0.03);
+    # loading a classifier checkpoint keeps them, and the saved detector rebuilds with them.
+    _, path = _classifier_file(tmp_path)
+    det = create_detector(
+        "mnv4_conv_small",
+        head=head,
+        num_classes=2,
+        image_size=64,
+        backbone_checkpoint=path,
+        bn_eps=1e-3,
+        bn_momentum=0.03,
+    )
+    plain = create_detector("mnv4_conv_small", head=head, num_classes=2, image_size=64)
+
+    def bns(d):
+        return [m for m in d.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+
+    assert bns(det) and {(m.eps, m.momentum) for m in bns(det)} == {(1e-3, 0.03)}
+    assert {(m.eps, m.momentum) for m in bns(plain)} == {(1e-5, 0.1)}
+    back = load_detector(save_detector(det, tmp_path / "det.safetensors"))
+    assert {(m.eps, m.momentum) for m in bns(back)} == {(1e-3, 0.03)}
+    det.eval(), back.eval()
     x = torch.rand(1, 3, 64, 64)
     with torch.no_grad():
         for a, b in zip(det.network(x), back.network(x)):

@@ -35,6 +35,10 @@ def _check_options(head: str, options: dict[str, Any]) -> dict[str, Any]:
     else:
         opts["extra_widths"] = [check_int("extra_widths", w, 2) for w in opts["extra_widths"]]
         check_choice("feature_location", opts["feature_location"], FEATURE_LOCATIONS)
+    if opts["bn_eps"] is not None:
+        opts["bn_eps"] = check_float("bn_eps", opts["bn_eps"], 0.0, 1.0, lo_open=True)
+    if opts["bn_momentum"] is not None:
+        opts["bn_momentum"] = check_float("bn_momentum", opts["bn_momentum"], 0.0, 1.0, lo_open=True)
     return opts
 
 
@@ -55,8 +59,13 @@ def _classes(num_classes: int | None, classes: list[str] | None) -> list[str]:
 def _body_options(head: str, options: dict[str, Any], drop_path_rate: float) -> dict[str, Any]:
     """The features_only MobileNetV4 options a head reads its levels with."""
     location = options.get("feature_location", "stage")
+    bn = {k: options[k] for k in ("bn_eps", "bn_momentum") if options.get(k) is not None}
     return dict(
-        features_only=True, out_indices=FEATURE_LEVELS[head], feature_location=location, drop_path_rate=drop_path_rate
+        features_only=True,
+        out_indices=FEATURE_LEVELS[head],
+        feature_location=location,
+        drop_path_rate=drop_path_rate,
+        **bn,
     )
 
 

@@ -30,14 +30,27 @@ __all__ = ["Detector", "RETINANET_OPTIONS", "SSDLITE_OPTIONS", "BOX_LOSSES", "FE
 
 # The paper's mobile RetinaNet (docs/detection.md "The paper's detector" explains each choice).
 RETINANET_OPTIONS: dict[str, Any] = dict(
-    width=256, num_convs=4, head_separable=True, fpn_separable=True, p6p7_from="p5", anchor_scale=4.0, box_loss="l1"
+    width=256,
+    num_convs=4,
+    head_separable=True,
+    fpn_separable=True,
+    p6p7_from="p5",
+    anchor_scale=4.0,
+    box_loss="l1",
+    bn_eps=None,
+    bn_momentum=None,
 )
 # torchvision's RetinaNet box losses; "smooth_l1" (beta 1/9) is close to TF's Huber loss with delta 0.1.
 BOX_LOSSES = ("l1", "smooth_l1", "giou", "diou", "ciou")
 # feature_location "expansion" reads the backbone where torchvision's SSDLite reads MobileNetV3: the
 # stride-16 map at the next block's 1x1 expansion and the stride-32 map after the 960 conv
 # (docs/detection.md "SSDLite"); "stage" reads the stage ends.
-SSDLITE_OPTIONS: dict[str, Any] = dict(extra_widths=[512, 256, 256, 128], feature_location="stage")
+SSDLITE_OPTIONS: dict[str, Any] = dict(
+    extra_widths=[512, 256, 256, 128], feature_location="stage", bn_eps=None, bn_momentum=None
+)
+# bn_eps / bn_momentum: the backbone's BatchNorm (None: PyTorch's 1e-5 / 0.1). torchvision's SSDLite
+# trains its MobileNetV3 with 0.001 / 0.03, the values mnv4's SSDLite head and extras always use
+# (docs/detection.md "SSDLite").
 # Feature levels of MobileNetV4 (features_only out_indices) each neck reads: strides 8/16/32 and 16/32.
 FEATURE_LEVELS = {"retinanet": (2, 3, 4), "ssdlite": (3, 4)}
 
