@@ -11,6 +11,9 @@ augmentation, epochs, batch, optimizer, seeds) and scored by the same COCO evalu
   torchvision's SSDLite reads MobileNetV3 (672 / 480 channels);
 * ``ssdlite-mnv4-conv-s-exp-bn``: the same with torchvision's SSDLite BatchNorm settings in the backbone
   (eps 0.001, momentum 0.03 instead of PyTorch's 1e-5 / 0.1);
+* ``ssdlite-mnv4-conv-s-exp-a10``: the expansion taps with default boxes from 10% of the image side
+  (``min_ratio=0.1``: 32 px at 320) instead of SSD's 20% (64 px), for small objects;
+* ``tv-ssdlite320-mnv3-a10``: torchvision's SSDLite below with the same smaller default boxes;
 * ``tv-ssdlite320-mnv3``: torchvision's ``ssdlite320_mobilenet_v3_large(weights=None, weights_backbone=None)``.
   Without backbone weights torchvision switches its ``reduced_tail`` on (the last stage at half width,
   MobileNetV3 paper Tab. 6), so this is the smaller variant;
@@ -58,7 +61,9 @@ MODELS = (
     "ssdlite-mnv4-conv-s",
     "ssdlite-mnv4-conv-s-exp",
     "ssdlite-mnv4-conv-s-exp-bn",
+    "ssdlite-mnv4-conv-s-exp-a10",
     "tv-ssdlite320-mnv3",
+    "tv-ssdlite320-mnv3-a10",
     "tv-frcnn-mnv3-320-fpn",
 )
 PRETRAINED = "retinanet-mnv4-conv-s+pre"  # the backbone from --backbone-checkpoint
@@ -69,7 +74,9 @@ MNV4_HEADS = {
     "ssdlite-mnv4-conv-s-exp": ("ssdlite", {"feature_location": "expansion"}),
     # torchvision's SSDLite BatchNorm (eps 0.001, momentum 0.03) in the backbone too
     "ssdlite-mnv4-conv-s-exp-bn": ("ssdlite", {"feature_location": "expansion", "bn_eps": 0.001, "bn_momentum": 0.03}),
+    "ssdlite-mnv4-conv-s-exp-a10": ("ssdlite", {"feature_location": "expansion", "min_ratio": 0.1}),
 }
+SMALL_ANCHORS = 0.1  # the -a10 rows: default boxes from 10% of the image side (32 px at 320) instead of 20%
 STAGES = ("train", "cost")
 
 
@@ -100,8 +107,13 @@ def build(name: str, classes: list[str], size: int, backbone: str | None = None)
         head, options = MNV4_HEADS[scratch]
         return create_detector("mnv4_conv_small", head=head, classes=classes, image_size=size, **weights, **options)
     n = len(classes) + 1
-    if name == "tv-ssdlite320-mnv3":
-        return ShiftLabels(tvd.ssdlite320_mobilenet_v3_large(weights=None, weights_backbone=None, num_classes=n))
+    if name in ("tv-ssdlite320-mnv3", "tv-ssdlite320-mnv3-a10"):
+        m = tvd.ssdlite320_mobilenet_v3_large(weights=None, weights_backbone=None, num_classes=n)
+        if name.endswith("-a10"):  # same 6 boxes per location, smaller scales: the head is unchanged
+            from torchvision.models.detection.anchor_utils import DefaultBoxGenerator
+
+            m.anchor_generator = DefaultBoxGenerator([[2, 3]] * 6, min_ratio=SMALL_ANCHORS, max_ratio=0.95)
+        return ShiftLabels(m)
     if name == "tv-frcnn-mnv3-320-fpn":
         m = tvd.fasterrcnn_mobilenet_v3_large_320_fpn(weights=None, weights_backbone=None, num_classes=n)
         m.transform.min_size, m.transform.max_size = (size,), size  # no resizing: images arrive at `size`

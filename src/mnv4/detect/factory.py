@@ -35,6 +35,11 @@ def _check_options(head: str, options: dict[str, Any]) -> dict[str, Any]:
     else:
         opts["extra_widths"] = [check_int("extra_widths", w, 2) for w in opts["extra_widths"]]
         check_choice("feature_location", opts["feature_location"], FEATURE_LOCATIONS)
+        lo = check_float("min_ratio", opts["min_ratio"], 0.0, 1.0, lo_open=True, hi_open=True)
+        hi = check_float("max_ratio", opts["max_ratio"], 0.0, 1.0, lo_open=True)
+        if lo >= hi:
+            raise MNv4Error(f"`min_ratio` {lo:g} must be below `max_ratio` {hi:g} (smallest and largest box scales)")
+        opts["min_ratio"], opts["max_ratio"] = lo, hi
     if opts["bn_eps"] is not None:
         opts["bn_eps"] = check_float("bn_eps", opts["bn_eps"], 0.0, 1.0, lo_open=True)
     if opts["bn_momentum"] is not None:

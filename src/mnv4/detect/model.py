@@ -46,8 +46,16 @@ BOX_LOSSES = ("l1", "smooth_l1", "giou", "diou", "ciou")
 # stride-16 map at the next block's 1x1 expansion and the stride-32 map after the 960 conv
 # (docs/detection.md "SSDLite"); "stage" reads the stage ends.
 SSDLITE_OPTIONS: dict[str, Any] = dict(
-    extra_widths=[512, 256, 256, 128], feature_location="stage", bn_eps=None, bn_momentum=None
+    extra_widths=[512, 256, 256, 128],
+    feature_location="stage",
+    min_ratio=0.2,
+    max_ratio=0.95,
+    bn_eps=None,
+    bn_momentum=None,
 )
+# min_ratio / max_ratio: SSD's default-box scales, as fractions of the image side, spread linearly over
+# the maps (torchvision's DefaultBoxGenerator; 0.2-0.95 is SSD's and torchvision's SSDLite's: 64-304 px
+# boxes at 320 px, too large for small objects: docs/detection.md "SSDLite anchors").
 # bn_eps / bn_momentum: the backbone's BatchNorm (None: PyTorch's 1e-5 / 0.1). torchvision's SSDLite
 # trains its MobileNetV3 with 0.001 / 0.03, the values mnv4's SSDLite head and extras always use
 # (docs/detection.md "SSDLite").
@@ -155,7 +163,9 @@ class Detector(nn.Module):
             offset = 0
         else:
             n_levels = len(neck.out_channels)
-            anchors = DefaultBoxGenerator([[2, 3]] * n_levels, min_ratio=0.2, max_ratio=0.95)
+            anchors = DefaultBoxGenerator(
+                [[2, 3]] * n_levels, min_ratio=opts.get("min_ratio", 0.2), max_ratio=opts.get("max_ratio", 0.95)
+            )
             head = ssdlite_head(neck.out_channels, anchors.num_anchors_per_location(), num_classes + 1)
             size = (self.image_size, self.image_size)
             self.model = SSD(
