@@ -13,6 +13,8 @@ augmentation, epochs, batch, optimizer, seeds) and scored by the same COCO evalu
   (eps 0.001, momentum 0.03 instead of PyTorch's 1e-5 / 0.1);
 * ``ssdlite-mnv4-conv-s-exp-a10``: the expansion taps with default boxes from 10% of the image side
   (``min_ratio=0.1``: 32 px at 320) instead of SSD's 20% (64 px), for small objects;
+* ``ssdlite-mnv4-conv-s-exp-s8``: the expansion taps plus a stride-8 map (``levels=[2, 3, 4]``: the
+  192-channel expansion of the first stride-16 block) and boxes from 5% of the side (16 px at 320);
 * ``tv-ssdlite320-mnv3-a10``: torchvision's SSDLite below with the same smaller default boxes;
 * ``tv-ssdlite320-mnv3``: torchvision's ``ssdlite320_mobilenet_v3_large(weights=None, weights_backbone=None)``.
   Without backbone weights torchvision switches its ``reduced_tail`` on (the last stage at half width,
@@ -62,19 +64,22 @@ MODELS = (
     "ssdlite-mnv4-conv-s-exp",
     "ssdlite-mnv4-conv-s-exp-bn",
     "ssdlite-mnv4-conv-s-exp-a10",
+    "ssdlite-mnv4-conv-s-exp-s8",
     "tv-ssdlite320-mnv3",
     "tv-ssdlite320-mnv3-a10",
     "tv-frcnn-mnv3-320-fpn",
 )
 PRETRAINED = "retinanet-mnv4-conv-s+pre"  # the backbone from --backbone-checkpoint
+EXP = {"feature_location": "expansion"}
 # name -> (head, head options) of the MNv4 rows
 MNV4_HEADS = {
     "retinanet-mnv4-conv-s": ("retinanet", {}),
     "ssdlite-mnv4-conv-s": ("ssdlite", {}),
-    "ssdlite-mnv4-conv-s-exp": ("ssdlite", {"feature_location": "expansion"}),
+    "ssdlite-mnv4-conv-s-exp": ("ssdlite", EXP),
     # torchvision's SSDLite BatchNorm (eps 0.001, momentum 0.03) in the backbone too
-    "ssdlite-mnv4-conv-s-exp-bn": ("ssdlite", {"feature_location": "expansion", "bn_eps": 0.001, "bn_momentum": 0.03}),
-    "ssdlite-mnv4-conv-s-exp-a10": ("ssdlite", {"feature_location": "expansion", "min_ratio": 0.1}),
+    "ssdlite-mnv4-conv-s-exp-bn": ("ssdlite", {**EXP, "bn_eps": 0.001, "bn_momentum": 0.03}),
+    "ssdlite-mnv4-conv-s-exp-a10": ("ssdlite", {**EXP, "min_ratio": 0.1}),
+    "ssdlite-mnv4-conv-s-exp-s8": ("ssdlite", {**EXP, "levels": [2, 3, 4], "min_ratio": 0.05}),
 }
 SMALL_ANCHORS = 0.1  # the -a10 rows: default boxes from 10% of the image side (32 px at 320) instead of 20%
 STAGES = ("train", "cost")

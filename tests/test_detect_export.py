@@ -33,10 +33,13 @@ def _busy(detector):
     return detector
 
 
-@pytest.fixture(params=["retinanet", "ssdlite"])
+@pytest.fixture(params=["retinanet", "ssdlite", "ssdlite-stride8"])
 def detector(request, tiny_hybrid_spec):
     kw = dict(width=32, num_convs=2) if request.param == "retinanet" else dict(extra_widths=[32, 16])
-    det = create_detector(tiny_hybrid_spec, head=request.param, num_classes=3, image_size=SIZE, **kw)
+    if request.param == "ssdlite-stride8":  # a stride-8 map and small default boxes: 3 + 2 maps
+        kw.update(levels=[2, 3, 4], min_ratio=0.05)
+    head = request.param.split("-")[0]
+    det = create_detector(tiny_hybrid_spec, head=head, num_classes=3, image_size=SIZE, **kw)
     return _busy(det)
 
 

@@ -31,6 +31,7 @@ def _targets() -> list[dict[str, torch.Tensor]]:
         "retinanet_mnv4_conv_small",
         "ssdlite_mnv4_conv_small",
         "ssdlite_mnv4_conv_small-expansion",
+        "ssdlite_mnv4_conv_small-stride8",
         "retinanet_mnv4_hybrid_medium",
         "tiny-retinanet",
         "tiny-ssdlite",
@@ -42,6 +43,8 @@ def detector(request, tiny_hybrid_spec):
         return create_detector(tiny_hybrid_spec, head=name[5:], num_classes=3, image_size=SIZE)
     if name.endswith("-expansion"):
         return create_detector(name.split("-")[0], num_classes=3, image_size=SIZE, feature_location="expansion")
+    if name.endswith("-stride8"):  # SSDLite on strides 8/16/32 + extras, with small default boxes
+        return create_detector(name.split("-")[0], num_classes=3, image_size=SIZE, levels=[2, 3, 4], min_ratio=0.05)
     return create_detector(name, num_classes=3, image_size=SIZE)
 
 
@@ -148,6 +151,12 @@ def test_save_load_round_trip_gives_identical_outputs(tmp_path, tiny_hybrid_spec
         (dict(model="ssdlite_mnv4_conv_small", num_classes=3, feature_location="mid"), "feature_location"),
         (dict(model="mnv4_conv_small", num_classes=3, feature_location="expansion"), "unknown retinanet option"),
         (dict(model="ssdlite_mnv4_conv_small", num_classes=3, bn_momentum=1.5), "bn_momentum"),
+        (dict(model="ssdlite_mnv4_conv_small", num_classes=3, min_ratio=0.5, max_ratio=0.4), "below `max_ratio`"),
+        (dict(model="ssdlite_mnv4_conv_small", num_classes=3, min_ratio=0.0), "min_ratio"),
+        (dict(model="mnv4_conv_small", num_classes=3, min_ratio=0.1), "unknown retinanet option"),
+        (dict(model="ssdlite_mnv4_conv_small", num_classes=3, levels=[2, 3]), "ending at the stride-32"),
+        (dict(model="ssdlite_mnv4_conv_small", num_classes=3, levels=[2, 4]), "consecutive"),
+        (dict(model="ssdlite_mnv4_conv_small", num_classes=3, levels="2,3,4"), "levels"),
         (dict(model="mnv4_conv_small", num_classes=3, bn_eps="small"), "bn_eps"),
         (dict(model="mnv4_conv_small", num_classes=2, classes=["a"]), "differs"),
         (dict(model="TINY", num_classes=2, pretrained=True), "registered backbones only"),
@@ -296,6 +305,37 @@ def test_backbone_batchnorm_options_reach_every_backbone_bn_and_survive_save_loa
     with torch.no_grad():
         for a, b in zip(det.network(x), back.network(x)):
             assert torch.equal(a, b)
+
+
+def test_ssdlite_stride8_level_adds_a_map_and_survives_save_load(tmp_path):
+    det = create_detector("ssdlite_mnv4_conv_small", num_classes=2, image_size=320, levels=[2, 3, 4])
+    assert [f["reduction"] for f in det.backbone.feature_info] == [8, 16, 32]
+    assert det._grid == [40, 20, 10, 5, 3, 2, 1]
+    assert det.anchors().shape[0] == 6 * sum(g * g for g in det._grid)  # 6 boxes per location on 7 maps
+    back = load_detector(save_detector(det, tmp_path / "det.safetensors")).eval()
+    assert back.config["head_options"]["levels"] == [2, 3, 4]
+    x = torch.rand(1, 3, 320, 320)
+    with torch.no_grad():
+        logits, boxes = back.network(x)
+    assert logits.shape[1] == boxes.shape[1] == back.anchors().shape[0]
+
+
+def test_ssdlite_min_ratio_sets_the_smallest_default_box_and_survives_save_load(tmp_path):
+    # SSD's square boxes on the first map have side min_ratio * image_size (and sqrt(s0 * s1) for the
+    # extra one); the aspect-ratio boxes keep the area. 0.2 is torchvision's default (64 px at 320).
+    def square_sides(det):
+        a = det.anchors()
+        w, h = a[:, 2] - a[:, 0], a[:, 3] - a[:, 1]
+        return sorted({round(float(x), 3) for x in w[torch.isclose(w, h)]})
+
+    default = create_detector("ssdlite_mnv4_conv_small", num_classes=2, image_size=320)
+    small = create_detector("ssdlite_mnv4_conv_small", num_classes=2, image_size=320, min_ratio=0.1)
+    assert square_sides(default)[0] == pytest.approx(64.0, abs=0.01)
+    assert square_sides(small)[0] == pytest.approx(32.0, abs=0.01)
+    assert small.anchors().shape == default.anchors().shape  # same boxes per location: same head
+    back = load_detector(save_detector(small, tmp_path / "det.safetensors"))
+    assert back.config["head_options"]["min_ratio"] == 0.1
+    assert torch.equal(back.anchors(), small.anchors())
 
 
 def test_pretrained_tag_goes_through_the_hub_code(monkeypatch, tmp_path):

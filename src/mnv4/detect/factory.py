@@ -11,7 +11,7 @@ from ..models.registry import MODELS, get_entry
 from ..models.specs import ModelSpec
 from ..weights.io import read_checkpoint
 from .io import DETECTOR_FORMAT, is_detector_config
-from .model import BOX_LOSSES, FEATURE_LEVELS, RETINANET_OPTIONS, SSDLITE_OPTIONS, Detector
+from .model import BOX_LOSSES, RETINANET_OPTIONS, SSDLITE_OPTIONS, Detector, feature_levels
 from .registry import split_detector_name
 
 __all__ = ["create_detector", "build_from_config", "load_detector"]
@@ -35,6 +35,13 @@ def _check_options(head: str, options: dict[str, Any]) -> dict[str, Any]:
     else:
         opts["extra_widths"] = [check_int("extra_widths", w, 2) for w in opts["extra_widths"]]
         check_choice("feature_location", opts["feature_location"], FEATURE_LOCATIONS)
+        levels = opts["levels"]
+        if not isinstance(levels, list | tuple) or list(levels) not in ([4], [3, 4], [2, 3, 4], [1, 2, 3, 4]):
+            raise MNv4Error(
+                f"`levels` {levels!r} is invalid: give consecutive backbone levels ending at the stride-32 one, "
+                "e.g. [3, 4] (strides 16, 32; the default) or [2, 3, 4] (adds stride 8)"
+            )
+        opts["levels"] = [int(v) for v in levels]
         lo = check_float("min_ratio", opts["min_ratio"], 0.0, 1.0, lo_open=True, hi_open=True)
         hi = check_float("max_ratio", opts["max_ratio"], 0.0, 1.0, lo_open=True)
         if lo >= hi:
@@ -67,7 +74,7 @@ def _body_options(head: str, options: dict[str, Any], drop_path_rate: float) -> 
     bn = {k: options[k] for k in ("bn_eps", "bn_momentum") if options.get(k) is not None}
     return dict(
         features_only=True,
-        out_indices=FEATURE_LEVELS[head],
+        out_indices=feature_levels(head, options),
         feature_location=location,
         drop_path_rate=drop_path_rate,
         **bn,

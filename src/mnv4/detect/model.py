@@ -26,7 +26,15 @@ from ..errors import MNv4Error
 from .heads import head_outputs, retinanet_head, ssdlite_extras, ssdlite_head
 from .layers import build_fpn
 
-__all__ = ["Detector", "RETINANET_OPTIONS", "SSDLITE_OPTIONS", "BOX_LOSSES", "FEATURE_LEVELS", "feature_sizes"]
+__all__ = [
+    "Detector",
+    "RETINANET_OPTIONS",
+    "SSDLITE_OPTIONS",
+    "BOX_LOSSES",
+    "FEATURE_LEVELS",
+    "feature_levels",
+    "feature_sizes",
+]
 
 # The paper's mobile RetinaNet (docs/detection.md "The paper's detector" explains each choice).
 RETINANET_OPTIONS: dict[str, Any] = dict(
@@ -48,11 +56,14 @@ BOX_LOSSES = ("l1", "smooth_l1", "giou", "diou", "ciou")
 SSDLITE_OPTIONS: dict[str, Any] = dict(
     extra_widths=[512, 256, 256, 128],
     feature_location="stage",
+    levels=[3, 4],
     min_ratio=0.2,
     max_ratio=0.95,
     bn_eps=None,
     bn_momentum=None,
 )
+# levels: the backbone levels SSDLite predicts on before its extras (features_only indices: 2 = stride 8,
+# 3 = stride 16, 4 = stride 32); [2, 3, 4] adds a stride-8 map for small objects.
 # min_ratio / max_ratio: SSD's default-box scales, as fractions of the image side, spread linearly over
 # the maps (torchvision's DefaultBoxGenerator; 0.2-0.95 is SSD's and torchvision's SSDLite's: 64-304 px
 # boxes at 320 px, too large for small objects: docs/detection.md "SSDLite anchors").
@@ -61,6 +72,13 @@ SSDLITE_OPTIONS: dict[str, Any] = dict(
 # (docs/detection.md "SSDLite").
 # Feature levels of MobileNetV4 (features_only out_indices) each neck reads: strides 8/16/32 and 16/32.
 FEATURE_LEVELS = {"retinanet": (2, 3, 4), "ssdlite": (3, 4)}
+
+
+def feature_levels(head: str, options: dict[str, Any]) -> tuple[int, ...]:
+    """The backbone levels (features_only ``out_indices``) a head reads."""
+    if head == "ssdlite":
+        return tuple(options.get("levels", FEATURE_LEVELS["ssdlite"]))
+    return FEATURE_LEVELS[head]
 
 
 def feature_sizes(image_size: int, first_stride: int, count: int) -> list[int]:
