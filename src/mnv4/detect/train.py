@@ -28,6 +28,7 @@ from ..data.datasets import DataBundle
 from ..models.registry import Preprocess
 from ..train.runs import default_run_dir
 from ..train.trainer import LAST, Trainer, TrainResult
+from .anchors import AnchorCoverage, anchor_coverage, coverage_advice
 from .data import DetectionData, DetectionDataset, collate_detection, load_detection_data
 from .evaluate import evaluate_detector
 from .metrics import DetectionMetrics, plot_pr_curve
@@ -82,6 +83,7 @@ class DetectionTrainer(Trainer):
         super().__init__(cfg, None, model, progress, log, exist_ok)
         self.det_data = data
         self.best_metrics: DetectionMetrics | None = None
+        self.anchor_coverage: AnchorCoverage | None = None
 
     # ------------------------------------------------------------------ data
     def setup(self, resume: str | Path | None = None) -> None:
@@ -154,6 +156,11 @@ class DetectionTrainer(Trainer):
         # The trainer reads input_size from here; the detector normalises with mean/std itself.
         model.preprocess = Preprocess(input_size=self.size, crop_pct=1.0, mean=mean, std=std)
         model.class_names = list(self.det_data.classes)
+        if hasattr(model, "anchors") and hasattr(model, "head_kind"):  # an mnv4 Detector (not a foreign model)
+            d = self.det_data
+            cov = anchor_coverage(model.anchors(), d.split("train"), d.classes, self.size, cfg.resize)
+            self.anchor_coverage = cov
+            self.say(coverage_advice(cov, model.head_kind, model.config["head_options"]))
         return model
 
     def forward_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -256,6 +263,9 @@ class DetectionTrainer(Trainer):
             "skipped_steps": self.skipped_steps,
             "data_issues": self.det_data.issues.as_dict(),
         }
+        if self.anchor_coverage is not None:
+            cov = self.anchor_coverage
+            out["anchor_coverage"] = {"boxes": cov.boxes, "covered": round(cov.covered, 4), "per_class": cov.per_class}
         return out
 
     def extra_state(self) -> dict[str, Any]:
