@@ -768,3 +768,42 @@ def test_converter_chatter_follows_progress(tiny, tmp_path, monkeypatch, capsys)
     assert capsys.readouterr().out == ""
     export(tiny, "torchscript", tmp_path / "b.pt", input_size=RES, samples=2, verbose=False, progress=True)
     assert "Statistics collection" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_litert_runs_multi_query_attention_without_transposes(tmp_path):
+    # LiteRT is NHWC: the channel-major attention reshapes cost a TRANSPOSE each way, the token-major
+    # form that write_litert exports costs none (docs/deploy.md "Attention layout on NHWC runtimes").
+    _needs("litert")
+    import litert_torch
+    from ai_edge_litert.interpreter import Interpreter
+
+    from mnv4.deploy.writers import WriteJob, write_litert
+
+    spec = ModelSpec(
+        name="tiny_mqa",
+        stem=cn(3, 2, 8),
+        stages=(
+            (uib(3, 3, 2, 12, 2.0),),
+            (uib(3, 3, 2, 16, 2.0),),
+            (uib(3, 3, 2, 24, 2.0), mqa(2, 8, kv_stride=2)),
+            (uib(3, 3, 2, 32, 2.0), mqa(2, 8)),
+        ),
+        num_features=32,
+        head_hidden_size=32,
+    )
+    torch.manual_seed(0)
+    model = fuse(mnv4.create_model(spec, num_classes=4).eval())
+    x = torch.rand(1, 3, 64, 64)
+
+    def transposes(path) -> int:
+        ops = Interpreter(model_path=str(path))._get_ops_details()
+        return sum(op["op_name"] == "TRANSPOSE" for op in ops)
+
+    litert_torch.convert(model, (x,)).export(str(tmp_path / "channels.tflite"))
+    write_litert(model, x, tmp_path / "tokens.tflite", WriteJob("fp32"))
+    assert transposes(tmp_path / "channels.tflite") >= 4  # at least q, k, v in and the output back, per block
+    assert transposes(tmp_path / "tokens.tflite") <= 1  # the NCHW input's own, at most
+    y = run_native("litert", tmp_path / "tokens.tflite", x.numpy())
+    with torch.no_grad():
+        np.testing.assert_allclose(y, model(x).numpy(), rtol=1e-4, atol=1e-5)

@@ -171,3 +171,31 @@ def test_optimize_for_cpu_matches(tiny_pair):
         x = torch.randn(*shape)
         with torch.no_grad():
             assert _rel_err(model(x), fast(x)) < 1e-5
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 64, 64), (1, 3, 67, 93)])
+def test_token_major_attention_gives_the_same_outputs(tiny_pair, shape):
+    # LiteRT's exporter runs MQA token-major (weights reordered head-major): same function, new layout.
+    from mnv4.deploy.fusion import token_major_attention
+
+    model, fused = tiny_pair
+    tokens = token_major_attention(fused)
+    switched = [m for m in tokens.modules() if isinstance(m, FusedAttention)]
+    assert len(switched) == 2 and all(m.token_major for m in switched)
+    assert not any(m.token_major for m in fused.modules() if isinstance(m, FusedAttention))  # a copy
+    assert not torch.equal(switched[0].query.weight, fused.stages[2][1].query.weight)  # reordered
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref = model(x)
+        assert _rel_err(ref, tokens(x)) < 1e-5
+
+
+def test_token_major_is_for_multi_query_attention_only():
+    from mnv4.deploy.fusion import token_major_attention
+
+    torch.manual_seed(0)
+    fused = fuse(_randomize(mnv4.create_model(_spec(mhsa, "tiny_mhsa"), num_classes=4)))
+    assert token_major_attention(fused) is fused  # MHSA (kv_heads = heads) keeps the channel-major form
+    block = next(m for m in fused.modules() if isinstance(m, FusedAttention))
+    with pytest.raises(ValueError, match="multi-query"):
+        block.to_token_major()

@@ -24,7 +24,16 @@ from torch import nn
 
 from ..models.blocks import UIB, AttentionBlock, AttentionCore, ConvBN, FusedIB, LayerScale
 
-__all__ = ["fuse", "fold_bn", "bn_affine", "ConvAct", "FusedChain", "FusedAttention", "is_fused"]
+__all__ = [
+    "fuse",
+    "fold_bn",
+    "bn_affine",
+    "ConvAct",
+    "FusedChain",
+    "FusedAttention",
+    "is_fused",
+    "token_major_attention",
+]
 
 
 def bn_affine(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
@@ -144,6 +153,11 @@ class FusedAttention(nn.Module):
 
     Keeps the block's transpose-free channel layout (kv group, dim, head) so that the two batched
     matmuls need no copies, and stays made of standard ops so it exports to every runtime.
+
+    ``token_major`` (multi-query attention only; :func:`token_major_attention`) computes the same
+    block on ``[B, tokens, channels]`` matrices with the query/output channels reordered head-major:
+    in NHWC memory (LiteRT) every reshape is then free, where the channel-major form needs a transpose
+    around each (docs/deploy.md "Attention layout on NHWC runtimes").
     """
 
     def __init__(
@@ -165,26 +179,70 @@ class FusedAttention(nn.Module):
         self.key_down, self.value_down = key_down, value_down
         self.key_dim, self.value_dim, self.kv_heads = key_dim, value_dim, kv_heads
         self.core = _UnscaledCore(key_dim)
+        self.token_major = False
         self.has_kv_affine = kv_scale is not None
         if kv_scale is not None:
             self.register_buffer("kv_scale", kv_scale.view(1, -1, 1, 1).clone())
             self.register_buffer("kv_shift", kv_shift.view(1, -1, 1, 1).clone())
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, _, h, w = x.shape
-        g = self.kv_heads
-        q = self.query(x).reshape(b * g, self.key_dim, -1)
+    def _key_value(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.key_down is not None:
             # The pre-norm as an explicit affine: the padded DW convs must see BN(x), zero-padded.
             # (mul + add rather than addcmul: Core ML's converter has no addcmul.)
             kv = x * self.kv_scale + self.kv_shift if self.has_kv_affine else x
-            k = self.key(self.key_down(kv))
-            v = self.value(self.value_down(kv))
-        else:
-            k = self.key(x)
-            v = self.value(x)
+            return self.key(self.key_down(kv)), self.value(self.value_down(kv))
+        return self.key(x), self.value(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.token_major:
+            return self._forward_tokens(x)
+        b, _, h, w = x.shape
+        g = self.kv_heads
+        q = self.query(x).reshape(b * g, self.key_dim, -1)
+        k, v = self._key_value(x)
         o = self.core(q, k.reshape(b * g, self.key_dim, -1), v.reshape(b * g, self.value_dim, -1))
         return x + self.output(o.reshape(b, -1, h, w))
+
+    def _forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        # Query channels are (head, key dim), output channels (head, value dim) here: row-major
+        # [B, H, W, heads * dk] reshapes to [B, H*W*heads, dk] without moving data.
+        b, _, h, w = x.shape
+        q = self.query(x).permute(0, 2, 3, 1).reshape(b, -1, self.key_dim)  # [B, N*heads, dk]
+        k, v = self._key_value(x)
+        k = k.permute(0, 2, 3, 1).reshape(b, -1, self.key_dim)  # [B, M, dk]
+        v = v.permute(0, 2, 3, 1).reshape(b, -1, self.value_dim)  # [B, M, dv]
+        o = torch.bmm(torch.bmm(q, k.transpose(1, 2)).softmax(dim=-1), v)  # [B, N*heads, dv]
+        return x + self.output(o.reshape(b, h, w, -1).permute(0, 3, 1, 2))
+
+    def to_token_major(self) -> None:
+        """Switch to the token-major form in place (class docstring); the outputs stay the same."""
+        if self.kv_heads != 1:
+            raise ValueError("the token-major form is for multi-query attention (kv_heads=1)")
+        if self.token_major:
+            return
+        heads = self.query.out_channels // self.key_dim
+        # channel-major index (d, head) -> head-major (head, d)
+        q_order = torch.arange(self.key_dim * heads).view(self.key_dim, heads).t().reshape(-1)
+        o_order = torch.arange(self.value_dim * heads).view(self.value_dim, heads).t().reshape(-1)
+        with torch.no_grad():
+            self.query.weight.copy_(self.query.weight[q_order])
+            if self.query.bias is not None:
+                self.query.bias.copy_(self.query.bias[q_order])
+            self.output.weight.copy_(self.output.weight[:, o_order])
+        self.token_major = True
+
+
+def token_major_attention(model: nn.Module) -> nn.Module:
+    """A copy of a fused ``model`` whose multi-query attention blocks run token-major (for NHWC runtimes:
+    LiteRT's graph loses the transposes around each attention reshape; ``FusedAttention``)."""
+    blocks = [m for m in model.modules() if isinstance(m, FusedAttention) and m.kv_heads == 1]
+    if not blocks:
+        return model
+    model = copy.deepcopy(model)
+    for m in model.modules():
+        if isinstance(m, FusedAttention) and m.kv_heads == 1:
+            m.to_token_major()
+    return model
 
 
 def _fuse_convbn(m: ConvBN, out_scale: torch.Tensor | None = None) -> ConvAct:

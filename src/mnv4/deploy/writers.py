@@ -144,6 +144,10 @@ def write_litert(model: nn.Module, example: torch.Tensor, target: Path, job: Wri
         import litert_torch
     except ImportError:
         raise missing_extra("litert-torch", "litert") from None
+    from .fusion import token_major_attention
+
+    # LiteRT runs NHWC: token-major attention needs no transposes there (docs/deploy.md).
+    model = token_major_attention(model)
     x = example  # the artefact's fixed batch
     if job.precision == "int8":
         from litert_torch.quantize.quant_config import QuantConfig
