@@ -186,6 +186,22 @@ def cost(model: nn.Module, size: int, runs: int) -> dict:
     return out
 
 
+def anchors_of(model: nn.Module, size: int) -> torch.Tensor:
+    """The anchors (xyxy, input pixels) a detector matches boxes to: SSD's default boxes, RetinaNet's
+    anchors, Faster R-CNN's RPN anchors."""
+    from torchvision.models.detection.image_list import ImageList
+
+    if hasattr(model, "anchors"):
+        return model.anchors()
+    inner = model.model
+    x = torch.zeros(1, 3, size, size)
+    with torch.no_grad():
+        feats = inner.backbone(x)
+    maps = list(feats.values()) if isinstance(feats, dict) else [feats]
+    generator = inner.anchor_generator if hasattr(inner, "anchor_generator") else inner.rpn.anchor_generator
+    return generator(ImageList(x, [(size, size)]), maps)[0]
+
+
 def onnx_latency(model: nn.Module, size: int, runs: int) -> float | None:
     import tempfile
 
@@ -248,6 +264,14 @@ def run_one(args, data_name: str, data, name: str, seed: int) -> dict:
     return {"AP": ev["AP"], "AP50": ev["AP50"], "AP_small": ev["AP_small"], "train_s": wall}
 
 
+def coverage(name: str, data, size: int) -> float:
+    """Share of the training boxes some anchor of the model matches at IoU >= 0.5 (mnv4.detect.anchors)."""
+    from mnv4.detect.anchors import anchor_coverage
+
+    model = build(name, data.classes, size).eval()
+    return anchor_coverage(anchors_of(model, size), data.split("train"), data.classes, size).covered
+
+
 def statistics_mean(per_seed: list[dict]) -> dict:
     return {k: statistics.mean(r[k] for r in per_seed) for k in per_seed[0]}
 
@@ -298,9 +322,10 @@ def main() -> None:
         data = load_detection_data(path)
         for name in names:
             per_seed = [run_one(args, data_name, data, name, s) for s in seeds]
+            mean = {**statistics_mean(per_seed), "cover": coverage(name, data, args.size)}
             cost_file = Path(args.work) / data_name / name / "cost.json"
             if not cost_file.is_file() and "cost" not in stages:
-                rows.append((data_name, name, statistics_mean(per_seed), None))
+                rows.append((data_name, name, mean, None))
                 continue
             if not cost_file.is_file():  # timed with trained weights: an untrained head's box count is not typical
                 from safetensors.torch import load_file
@@ -310,10 +335,13 @@ def main() -> None:
                     load_file(Path(args.work) / data_name / name / f"seed{seeds[0]}" / "best.safetensors")
                 )
                 atomic_write_json(cost_file, cost(model, args.size, args.latency_runs))
-            rows.append((data_name, name, statistics_mean(per_seed), json.loads(cost_file.read_text())))
+            rows.append((data_name, name, mean, json.loads(cost_file.read_text())))
     lr = f"LR {args.lr:g}" if args.lr is not None else "detect-small LR"
     print(f"# {args.epochs:g} epochs, batch {args.batch_size}, {args.size} px, {lr}, seeds {seeds}, CPU: {cpu_name()}")
-    head = "| data | model | AP | AP50 | AP small | params (M) | MACs (G) | eager ms | ONNX RT ms | train s |"
+    head = (
+        "| data | model | AP | AP50 | AP small | anchor cover | params (M) | MACs (G) | eager ms | ONNX RT ms "
+        "| train s |"
+    )
     print(head)
     print("|" + "---|" * (head.count("|") - 1))
     for data_name, name, m, c in rows:
@@ -323,8 +351,8 @@ def main() -> None:
             onnx = f"{c['onnx_ms']:.1f}" if c["onnx_ms"] is not None else "-"
             cells = f"{c['params_m']:.2f} | {c['macs_g']:.2f} | {c['eager_ms']:.1f} | {onnx}"
         print(
-            f"| {data_name} | {name} | {m['AP']:.3f} | {m['AP50']:.3f} | {m['AP_small']:.3f} | {cells} "
-            f"| {m['train_s']:.0f} |"
+            f"| {data_name} | {name} | {m['AP']:.3f} | {m['AP50']:.3f} | {m['AP_small']:.3f} | {m['cover']:.0%} "
+            f"| {cells} | {m['train_s']:.0f} |"
         )
 
 
