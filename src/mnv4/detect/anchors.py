@@ -34,7 +34,9 @@ class AnchorCoverage:
     covered: float
     per_class: dict[str, float] = field(default_factory=dict)
     median_side: float = 0.0  # median sqrt(area) of the boxes, in input pixels
+    small_side: float = 0.0  # 10th percentile of the same: where the smallest anchor should sit
     smallest_anchor: float = 0.0  # sqrt(area) of the smallest anchor, in input pixels
+    size: int = 0  # the input side the boxes were measured at
 
 
 def _letterboxed(record: DetRecord, size: int, mode: str) -> torch.Tensor:
@@ -72,16 +74,19 @@ def anchor_coverage(
         sides.append(((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])).clamp(min=0).sqrt())
     a_side = ((anchors[:, 2] - anchors[:, 0]) * (anchors[:, 3] - anchors[:, 1])).sqrt().min().item()
     if not best:
-        return AnchorCoverage(0, 1.0, smallest_anchor=a_side)
+        return AnchorCoverage(0, 1.0, smallest_anchor=a_side, size=size)
     ok = torch.cat(best) >= MATCH_IOU
     lab = torch.cat(labels)
+    side = torch.cat(sides)
     per_class = {name: ok[lab == i].float().mean().item() for i, name in enumerate(classes) if (lab == i).any()}
     return AnchorCoverage(
         boxes=len(ok),
         covered=ok.float().mean().item(),
         per_class=per_class,
-        median_side=torch.cat(sides).median().item(),
+        median_side=side.median().item(),
+        small_side=torch.quantile(side, 0.1).item(),
         smallest_anchor=a_side,
+        size=size,
     )
 
 
@@ -96,7 +101,9 @@ def coverage_advice(cov: AnchorCoverage, head: str, options: dict) -> str:
     if cov.covered >= LOW_COVERAGE or cov.boxes == 0:
         return line
     if head == "ssdlite":
-        fix = f"lower `min_ratio` (now {options.get('min_ratio', 0.2):g})"
+        # SSD's smallest square box has side min_ratio * size: put it at the 10th-percentile box side
+        hint = max(0.01, min(0.2, round(cov.small_side / max(cov.size, 1), 2)))
+        fix = f"lower `min_ratio` (now {options.get('min_ratio', 0.2):g}; {hint:g} fits the smallest tenth of boxes)"
         if list(options.get("levels", [3, 4]))[0] > 2:
             fix += " and/or add a stride-8 map with `levels: [2, 3, 4]`"
     else:
