@@ -66,7 +66,7 @@ SSDLITE_OPTIONS: dict[str, Any] = dict(
 # 3 = stride 16, 4 = stride 32); [2, 3, 4] adds a stride-8 map for small objects.
 # min_ratio / max_ratio: SSD's default-box scales, as fractions of the image side, spread linearly over
 # the maps (torchvision's DefaultBoxGenerator; 0.2-0.95 is SSD's and torchvision's SSDLite's: 64-304 px
-# boxes at 320 px, too large for small objects: docs/detection.md "SSDLite anchors").
+# boxes at 320 px, too large for small objects: docs/detection.md "Anchors that fit the data").
 # bn_eps / bn_momentum: the backbone's BatchNorm (None: PyTorch's 1e-5 / 0.1). torchvision's SSDLite
 # trains its MobileNetV3 with 0.001 / 0.03, the values mnv4's SSDLite head and extras always use
 # (docs/detection.md "SSDLite").
