@@ -25,7 +25,8 @@ augmentation, epochs, batch, optimizer, seeds) and scored by the same COCO evalu
   for by name, with it): an MNv4 row with its backbone first trained by ``mnv4 train`` (e.g. on cifar10-mini
   photos), to measure the gain over scratch.
 
-Per dataset and model: AP, AP50, AP-small (val), params, MACs (one 320 px image, FlopCounterMode over the
+Per dataset and model: AP, AP50, AP-small (val), the anchor coverage (the share of training boxes some
+anchor overlaps at IoU >= 0.5, mnv4.detect.anchors), params, MACs (one 320 px image, FlopCounterMode over the
 whole eval forward), eager latency per image (batch 1, median), ONNX Runtime latency of the dense graph
 where it exports (MNv4 and torchvision SSDLite: backbone + head without decoding; Faster R-CNN: "-"), and
 training wall time. Every stage is cached in ``--work`` (a training run folder per model and seed, resumed
