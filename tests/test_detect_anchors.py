@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from mnv4.detect import create_detector
-from mnv4.detect.anchors import MATCH_IOU, anchor_coverage, coverage_advice
+from mnv4.detect.anchors import anchor_coverage, coverage_advice
 from mnv4.detect.formats import DetRecord
 
 CLASSES = ["big", "small"]
@@ -54,10 +54,24 @@ def test_smaller_ssd_boxes_and_a_stride8_map_cover_small_objects():
     assert "`min_ratio` (now 0.2; 0.06 fits the smallest tenth of boxes)" in advice  # 20 px / 320 px
     assert "small boxes" not in coverage_advice(high, "ssdlite", small.config["head_options"])
     assert "`anchor_scale` (now 4)" in coverage_advice(low, "retinanet", {"anchor_scale": 4.0})
-    assert MATCH_IOU == 0.5
 
 
 def test_large_sets_are_sampled_not_swept():
     anchors = torch.tensor([[0.0, 0.0, 64.0, 64.0]])
     recs = [_record([[0, 0, 64, 64]], [0], 320, 320)] * 50 + [_record([[0, 0, 8, 8]], [1], 320, 320)] * 50
     assert anchor_coverage(anchors, recs, CLASSES, 320, max_images=10).boxes == 10
+
+
+@pytest.mark.parametrize("mode", ["letterbox", "fixed"])
+def test_boxes_land_where_the_training_resize_puts_them(mode):
+    # the coverage must see the boxes the model is trained on: compare with transforms.letterbox itself
+    from torchvision import tv_tensors
+
+    from mnv4.detect.anchors import _letterboxed
+    from mnv4.detect.transforms import letterbox
+
+    rec = _record([[3, 7, 150, 90], [200, 11, 333, 201]], [0, 1], width=337, height=203)
+    image = torch.zeros(3, rec.height, rec.width, dtype=torch.uint8)
+    boxes = tv_tensors.BoundingBoxes(torch.as_tensor(rec.boxes), format="XYXY", canvas_size=(rec.height, rec.width))
+    _, moved, _ = letterbox(image, boxes, 96, mode)
+    torch.testing.assert_close(_letterboxed(rec, 96, mode), moved.as_subclass(torch.Tensor).float(), atol=1e-3, rtol=0)

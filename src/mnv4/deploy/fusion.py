@@ -235,13 +235,14 @@ class FusedAttention(nn.Module):
 def token_major_attention(model: nn.Module) -> nn.Module:
     """A copy of a fused ``model`` whose multi-query attention blocks run token-major (for NHWC runtimes:
     LiteRT's graph loses the transposes around each attention reshape; ``FusedAttention``)."""
-    blocks = [m for m in model.modules() if isinstance(m, FusedAttention) and m.kv_heads == 1]
-    if not blocks:
+    def mqa_blocks(m: nn.Module) -> list[FusedAttention]:
+        return [b for b in m.modules() if isinstance(b, FusedAttention) and b.kv_heads == 1]
+
+    if not mqa_blocks(model):
         return model
     model = copy.deepcopy(model)
-    for m in model.modules():
-        if isinstance(m, FusedAttention) and m.kv_heads == 1:
-            m.to_token_major()
+    for block in mqa_blocks(model):
+        block.to_token_major()
     return model
 
 

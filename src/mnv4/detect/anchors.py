@@ -19,6 +19,7 @@ import torch
 from torchvision.ops import box_iou
 
 from .formats import DetRecord
+from .transforms import letterbox_geometry
 
 __all__ = ["AnchorCoverage", "anchor_coverage", "coverage_advice", "MATCH_IOU", "LOW_COVERAGE"]
 
@@ -40,14 +41,10 @@ class AnchorCoverage:
 
 
 def _letterboxed(record: DetRecord, size: int, mode: str) -> torch.Tensor:
-    """The record's xyxy boxes where the trainer's resize puts them (transforms.letterbox's geometry)."""
+    """The record's xyxy boxes where the trainer's resize puts them."""
+    (sx, sy), px, py, _, _ = letterbox_geometry(record.width, record.height, size, mode)
     b = torch.as_tensor(record.boxes, dtype=torch.float32).reshape(-1, 4)
-    w, h = float(record.width), float(record.height)
-    if mode == "fixed":
-        return b * torch.tensor([size / w, size / h, size / w, size / h])
-    s = size / max(w, h)
-    px, py = (size - w * s) / 2, (size - h * s) / 2
-    return b * s + torch.tensor([px, py, px, py])
+    return b * torch.tensor([sx, sy, sx, sy]) + torch.tensor([px, py, px, py])
 
 
 def anchor_coverage(

@@ -32,6 +32,7 @@ from .anchors import AnchorCoverage, anchor_coverage, coverage_advice
 from .data import DetectionData, DetectionDataset, collate_detection, load_detection_data
 from .evaluate import evaluate_detector
 from .metrics import DetectionMetrics, plot_pr_curve
+from .model import Detector
 from .recipes import DetectConfig
 from .transforms import DetectionAugment
 
@@ -156,7 +157,7 @@ class DetectionTrainer(Trainer):
         # The trainer reads input_size from here; the detector normalises with mean/std itself.
         model.preprocess = Preprocess(input_size=self.size, crop_pct=1.0, mean=mean, std=std)
         model.class_names = list(self.det_data.classes)
-        if hasattr(model, "anchors") and hasattr(model, "head_kind"):  # an mnv4 Detector (not a foreign model)
+        if isinstance(model, Detector):  # not a foreign model handed to the trainer (benchmarks/detection.py)
             d = self.det_data
             cov = anchor_coverage(model.anchors(), d.split("train"), d.classes, self.size, cfg.resize)
             self.anchor_coverage = cov

@@ -25,7 +25,15 @@ from torchvision.transforms.v2 import functional as TF
 from ..distill.augment import randaug_bin
 from ..errors import check_choice, check_float
 
-__all__ = ["DetectionAugment", "PhotometricRandAugment", "letterbox", "unletterbox", "RESIZE_MODES", "FILL"]
+__all__ = [
+    "DetectionAugment",
+    "PhotometricRandAugment",
+    "letterbox",
+    "letterbox_geometry",
+    "unletterbox",
+    "RESIZE_MODES",
+    "FILL",
+]
 
 RESIZE_MODES = ("letterbox", "fixed")
 FILL = 114  # grey padding: close to the mean pixel, so padding looks like "nothing" after normalisation
@@ -46,21 +54,30 @@ def letterbox(
 ) -> tuple[torch.Tensor, tv_tensors.BoundingBoxes, Letterbox]:
     """``image`` ([3, H, W]) and its boxes resized to ``size`` x ``size``, with the parameters that undo it."""
     h, w = image.shape[-2:]
+    lb = letterbox_geometry(int(w), int(h), size, mode)
     if mode == "fixed":
-        sx, sy = size / w, size / h
         image = TF.resize(image, [size, size], antialias=True)
         boxes = TF.resize(boxes, [size, size])
-        return image, boxes, ((sx, sy), 0.0, 0.0, int(w), int(h))
-    scale = size / max(h, w)
-    nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+        return image, boxes, lb
+    (sx, sy), left, top = lb[0], int(lb[1]), int(lb[2])
+    nw, nh = round(w * sx), round(h * sy)
     image = TF.resize(image, [nh, nw], antialias=True)
     boxes = TF.resize(boxes, [nh, nw])
-    left, top = (size - nw) // 2, (size - nh) // 2
     padding = [left, top, size - nw - left, size - nh - top]
     image = TF.pad(image, padding, fill=FILL)
     boxes = TF.pad(boxes, padding)
+    return image, boxes, lb
+
+
+def letterbox_geometry(w: int, h: int, size: int, mode: str = "letterbox") -> Letterbox:
+    """Where :func:`letterbox` puts a ``w`` x ``h`` image: ``((sx, sy), pad_x, pad_y, w, h)``, so that a
+    point maps to ``(x * sx + pad_x, y * sy + pad_y)``."""
+    if mode == "fixed":
+        return (size / w, size / h), 0.0, 0.0, w, h
+    scale = size / max(h, w)
+    nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
     # The effective scale per axis differs slightly from ``scale`` after rounding; use the exact one.
-    return image, boxes, ((nw / w, nh / h), float(left), float(top), int(w), int(h))
+    return (nw / w, nh / h), float((size - nw) // 2), float((size - nh) // 2), w, h
 
 
 def unletterbox(boxes: torch.Tensor, lb: Letterbox) -> torch.Tensor:
