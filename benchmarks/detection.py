@@ -309,6 +309,8 @@ def main() -> None:
         raise SystemExit(f"--stages takes a comma-separated subset of {', '.join(STAGES)}, got {args.stages!r}")
     if args.backbone_checkpoint is not None and not Path(args.backbone_checkpoint).is_file():
         raise SystemExit(f"--backbone-checkpoint {args.backbone_checkpoint}: no such file")
+    if args.lr is not None and not 0 < args.lr < 1:
+        raise SystemExit(f"--lr {args.lr:g}: give a peak learning rate between 0 and 1, e.g. 3e-3")
     if args.threads:
         torch.set_num_threads(args.threads)
     seeds = [int(s) for s in args.seeds.split(",")]
