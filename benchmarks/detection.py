@@ -57,7 +57,7 @@ from mnv4.detect.evaluate import evaluate_detector  # noqa: E402
 from mnv4.detect.recipes import resolve_detect_config  # noqa: E402
 from mnv4.detect.train import DetectionTrainer  # noqa: E402
 from mnv4.files import atomic_write_json  # noqa: E402
-from mnv4.host import cpu_name  # noqa: E402
+from mnv4.host import cpu_description  # noqa: E402
 
 MODELS = (
     "retinanet-mnv4-conv-s",
@@ -340,7 +340,10 @@ def main() -> None:
                 atomic_write_json(cost_file, cost(model, args.size, args.latency_runs))
             rows.append((data_name, name, mean, json.loads(cost_file.read_text())))
     lr = f"LR {args.lr:g}" if args.lr is not None else "detect-small LR"
-    print(f"# {args.epochs:g} epochs, batch {args.batch_size}, {args.size} px, {lr}, seeds {seeds}, CPU: {cpu_name()}")
+    print(
+        f"# {args.epochs:g} epochs, batch {args.batch_size}, {args.size} px, {lr}, seeds {seeds}, "
+        f"CPU: {cpu_description()}"
+    )
     head = (
         "| data | model | AP | AP50 | AP small | anchor cover | params (M) | MACs (G) | eager ms | ONNX RT ms "
         "| train s |"

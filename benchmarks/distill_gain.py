@@ -367,9 +367,9 @@ def main() -> None:
                     students.append(student_stage(args, root, arm, seed, t, labels[kind]))
         students += cached_baselines(args, root, students)
         results["budgets"][budget] = {"teachers": teachers, "students": students}
-    from mnv4.host import cpu_name
+    from mnv4.host import cpu_description
 
-    results.update(cpu=cpu_name(), threads=args.threads, args={k: str(v) for k, v in vars(args).items()})
+    results.update(cpu=cpu_description(), threads=args.threads, args={k: str(v) for k, v in vars(args).items()})
     (work / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     report(args, results)
     plot_curves(results, work / "curves.png")

@@ -24,7 +24,7 @@ import subprocess
 import sys
 import time
 
-from mnv4.host import cpu_name
+from mnv4.host import cpu_description
 
 
 def _rss_bytes() -> int:
@@ -97,7 +97,10 @@ def main() -> None:
         return
 
     mb = 1 << 20
-    print(f"{cpu_name()}, {args.threads} thread(s), batch {args.batch_size} @ {args.input_size} px, fp32, train mode")
+    print(
+        f"{cpu_description()}, {args.threads} thread(s), batch {args.batch_size} @ {args.input_size} px, "
+        "fp32, train mode"
+    )
     header = ("model", "checkpointing", "peak RSS growth MB", "saved activations MB", "step s")
     rows = []
     for model in args.models:

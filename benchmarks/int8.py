@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import mnv4  # noqa: E402
 from mnv4.deploy.formats import FORMATS  # noqa: E402
 from mnv4.deploy.parity import parity_path  # noqa: E402
-from mnv4.host import cpu_name  # noqa: E402
+from mnv4.host import cpu_description, int8_support  # noqa: E402
 from runtimes import _time_in_child, timing_stamp  # noqa: E402  (one timing worker for the benchmarks)
 
 # Tuned PTQ per route: the settings docs/deploy.md suggests trying first; LiteRT/ExecuTorch offer none.
@@ -168,6 +168,7 @@ def _rounds(row: dict) -> str:
 def write_table(rows: list[dict], out: Path, cpu: str) -> str:
     lines = [
         f"CPU: {cpu}",
+        int8_support()[1],
         "",
         "| model | route | variant | val top-1 fp32 | val top-1 | agreement | ms | x best fp32 | ms per round |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -218,7 +219,7 @@ def main() -> None:
     rows = []
     for model in [m for m in args.models.split(",") if m]:
         rows += model_table(args, model)
-    print(write_table(rows, Path(args.work), cpu_name()))
+    print(write_table(rows, Path(args.work), cpu_description()))
 
 
 if __name__ == "__main__":

@@ -193,14 +193,14 @@ def measure(args, configs: list[str], base: dict, tmp: Path) -> dict[str, list[d
 def report(args, configs: list[str], runs: dict[str, list[dict]], tmp: Path) -> None:
     import torch
 
-    from mnv4.host import cpu_name
+    from mnv4.host import cpu_description
 
     def median(c: str, key: str) -> float:
         return statistics.median(r[key] for r in runs[c])
 
     ref, ref_bound = median(REFERENCE, "images_per_s"), 1e3 / median(REFERENCE, "cpu_ms_main")
     print(
-        f"\n{cpu_name()}, torch {torch.__version__}, {args.threads} thread(s) per process; {args.n} images of "
+        f"\n{cpu_description()}, torch {torch.__version__}, {args.threads} thread(s) per process; {args.n} images of "
         f"{args.data}, teacher at {args.teacher_size} px, records {args.record_size} px, aug {args.aug}; "
         f"median of {args.rounds} rounds"
     )

@@ -28,7 +28,7 @@ os.environ.setdefault("TIMM_FUSED_ATTN", "1")  # give timm its fastest attention
 import torch  # noqa: E402
 
 import mnv4  # noqa: E402
-from mnv4.host import cpu_name  # noqa: E402
+from mnv4.host import cpu_description  # noqa: E402
 from mnv4.models import noise_batches, recalibrate_batchnorm  # noqa: E402
 from mnv4.models.registry import MODELS, PUBLISHED  # noqa: E402
 from mnv4.perf.latency import alternating_rounds, paired_ratio  # noqa: E402
@@ -77,7 +77,7 @@ def main() -> None:
     torch.set_flush_denormal(True)  # random-init hybrids: see mnv4.perf.latency.flush_denormals
     print(
         f"torch {torch.__version__}, {args.threads} threads, batch 1, median of {args.rounds} rounds x {args.iters}, "
-        f"CPU: {cpu_name()}"
+        f"CPU: {cpu_description()}"
     )
     extra = " mnv4 NCHW ms | channels_last / NCHW |" if args.nchw else ""
     extra += " paired ratio median [min..max] | mnv4 faster in | sign-test p |" if args.paired else ""

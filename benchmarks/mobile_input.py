@@ -131,13 +131,13 @@ def main() -> None:
         raise SystemExit(f"--routes takes a subset of {', '.join(SUFFIX)}, got {args.routes}")
     if args.rounds < 1 or args.threads < 1 or args.res < 32:
         raise SystemExit("--rounds and --threads must be >= 1 and --res >= 32")
-    from mnv4.host import cpu_name
+    from mnv4.host import cpu_description
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     reports = export_stage(args, work)
     timings = time_stage(args, work)
-    print(f"CPU: {cpu_name()}, {args.threads} thread(s), {args.res} px, {args.rounds} rounds")
+    print(f"CPU: {cpu_description()}, {args.threads} thread(s), {args.res} px, {args.rounds} rounds")
     print("| artefact | agreement | val top-1 | median ms | ms per round |")
     print("|---|---|---|---|---|")
     for v in variants(args.routes):

@@ -39,7 +39,7 @@ import torch  # noqa: E402
 from mnv4.data.datasets import load_data  # noqa: E402
 from mnv4.data.transforms import eval_transform  # noqa: E402
 from mnv4.files import atomic_write_json  # noqa: E402
-from mnv4.host import cpu_name  # noqa: E402
+from mnv4.host import cpu_description  # noqa: E402
 from mnv4.models.registry import Preprocess, get_entry  # noqa: E402
 from mnv4.nas import get_space, spec_from_string  # noqa: E402
 from mnv4.nas.cost import LatencyTable, get_cost_model  # noqa: E402
@@ -214,7 +214,7 @@ def main() -> None:
     data = load_data(args.data)
     nc = len(data.class_names)
     t_all = time.perf_counter()
-    print(f"{cpu_name()}, {args.threads} thread(s); {data.name}: {len(data.train)} train / {len(data.val)} val")
+    print(f"{cpu_description()}, {args.threads} thread(s); {data.name}: {len(data.train)} train / {len(data.val)} val")
 
     # 1. the cost model and the target
     table_path = out / "latency-table.json"
@@ -296,7 +296,7 @@ def main() -> None:
     for kind, c, cost in rows:
         print(f"{c:<100} {kind:<10} {cost:>8.4g} {acc[c]:>7.2f} {sn2[c]:>7.2f} {sn1[c]:>7.2f}")
     print()
-    print(f"CPU: {cpu_name()}, {args.threads} thread(s); cost model {cm.describe()}, T0 {target:.4g} {cm.unit}")
+    print(f"CPU: {cpu_description()}, {args.threads} thread(s); cost model {cm.describe()}, T0 {target:.4g} {cm.unit}")
     if cache.get("table"):
         t = cache.get("table")
         errs = [abs(r["error"]) for r in t["check"]]

@@ -32,7 +32,7 @@ from PIL import Image  # noqa: E402
 from torch.utils.data import Dataset  # noqa: E402
 
 from mnv4.data.datasets import DataBundle  # noqa: E402
-from mnv4.host import cpu_name  # noqa: E402
+from mnv4.host import cpu_description  # noqa: E402
 from mnv4.train import resolve_config, train  # noqa: E402
 from mnv4.train.metrics import read_metrics  # noqa: E402
 
@@ -97,7 +97,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"{cpu_name()}, torch {torch.__version__}, {torch.get_num_threads()} thread(s)")
+    print(f"{cpu_description()}, torch {torch.__version__}, {torch.get_num_threads()} thread(s)")
     print(f"{args.model} @ {args.res}px, batch {args.batch}, {args.steps} timed steps per side and round")
     ours, theirs, tuned = [], [], []
     with tempfile.TemporaryDirectory() as tmp:

@@ -69,12 +69,36 @@ def test_onnx_percentile_clips_the_outlier_minmax_keeps(tiny, tmp_path):
     assert first_pct < first_minmax / 3
 
 
+@pytest.mark.parametrize("setting, most", [("on", 64), ("off", 127)])
+def test_onnx_reduce_range_stores_7_bit_weights(tiny, tmp_path, setting, most):
+    """ORT's uint8 x int8 kernels on x86 without VNNI add product pairs in int16 with saturation;
+    7-bit weights keep every pair in range (docs/deploy.md, "INT8 on CPUs without VNNI")."""
+    require("onnxruntime")
+    kw = dict(precision="int8", calib_data=_calib(), input_size=RES, samples=4, min_top1=0.0, verbose=False)
+    r = export(tiny, "onnx", tmp_path / "q.onnx", reduce_range=setting, **kw)
+    weights = [w for w in _initializers(tmp_path / "q.onnx").values() if w.dtype == np.int8 and w.ndim == 4]
+    assert weights and max(int(np.abs(w.astype(np.int32)).max()) for w in weights) == most
+    assert r.report.ptq == {"reduce_range": setting}
+    assert f"int8: {7 if setting == 'on' else 8}-bit weights (reduce_range {setting})" in r.report.notes
+
+
+def test_onnx_reduce_range_defaults_to_the_cpu(monkeypatch):
+    import mnv4.deploy.ptq as ptq
+
+    for saturates in (True, False):
+        monkeypatch.setattr(ptq, "ort_u8s8_saturates", lambda s=saturates: s)
+        assert PTQSettings().onnx_reduce_range is saturates
+        assert PTQSettings(reduce_range="off").onnx_reduce_range is False
+        assert PTQSettings(reduce_range="on").onnx_reduce_range is True
+
+
 @pytest.mark.parametrize(
     "fmt, kwargs, message",
     [
         ("litert", {"calibration": "entropy"}, "litert int8 cannot honour calibration=entropy"),
         ("openvino", {"calibration": "entropy"}, "cannot honour calibration=entropy"),
         ("onnx", {"bias_correction": "full"}, "cannot honour bias_correction=full"),
+        ("openvino", {"reduce_range": "on"}, "cannot honour reduce_range=on"),
         ("openvino", {"max_accuracy_drop": 0.01}, "needs labelled evaluation images"),
     ],
 )

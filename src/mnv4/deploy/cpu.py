@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..host import cpu_flags
 from .fusion import ConvAct, FusedAttention, FusedChain, fuse
 
 __all__ = ["optimize_for_cpu", "PackedConv", "mkldnn_available", "bf16_support"]
@@ -35,10 +36,8 @@ def _act_attr(act: nn.Module | None) -> tuple[str, str | None] | None:
 def bf16_support() -> tuple[bool | None, str]:
     """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX; Linux's /proc/cpuinfo flags) and
     one line saying so: without it OpenVINO runs a bf16 hint in fp32 and torch emulates bf16 (slower)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = set(next((line for line in f if line.startswith("flags")), "").split())
-    except OSError:
+    flags = cpu_flags()
+    if flags is None:
         return None, "bf16: cannot tell whether this CPU has AVX512-BF16/AMX (no /proc/cpuinfo)"
     have = sorted(flags & {"avx512_bf16", "amx_bf16"})
     if have:

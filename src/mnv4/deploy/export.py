@@ -36,6 +36,7 @@ from .fusion import fuse
 from .inputs import load_images, random_inputs
 from .layout import InputFormat
 from .parity import CRITERIA, INT8_MIN_TOP1, Criteria, ParityError, ParityReport, compare, run_batches, save_report
+from .ptq import PTQSettings
 from .requests import MAX_INPUT_SIZE, MIN_INPUT_SIZE, ExportRequest
 from .runners import RunOptions
 from .writers import WriteJob, export_program, write_atomically
@@ -391,11 +392,25 @@ def _new_report(
         report.notes.append("recalibrate_bn: the artefact's BatchNorm statistics were re-estimated, not the input's")
     if float_ends:
         report.notes.append("int8: stem conv and head (after the global pool) kept in float")
+    if precision == "int8":
+        from ..host import int8_support
+
+        report.notes.append(int8_support()[1])
+        if info.name == "onnx":
+            report.notes.append(_onnx_weight_bits(request.ptq()))
     if precision == "bf16":
         from .cpu import bf16_support
 
         report.notes.append(bf16_support()[1])
     return report
+
+
+def _onnx_weight_bits(settings: PTQSettings) -> str:
+    if settings.reduce_range is not None:
+        return f"int8: {7 if settings.onnx_reduce_range else 8}-bit weights (reduce_range {settings.reduce_range})"
+    if settings.onnx_reduce_range:
+        return "int8: 7-bit weights (reduce_range): ONNX Runtime's int8 kernels saturate with 8-bit ones on this CPU"
+    return "int8: 8-bit weights"
 
 
 def _check_numerics(

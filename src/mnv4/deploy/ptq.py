@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from ..host import ort_u8s8_saturates
+
 __all__ = [
     "PTQSettings",
     "DEFAULT_PTQ",
@@ -17,6 +19,7 @@ __all__ = [
     "GRANULARITIES",
     "NNCF_PRESETS",
     "BIAS_CORRECTIONS",
+    "REDUCE_RANGES",
     "ROUTE_SETTINGS",
 ]
 
@@ -24,10 +27,11 @@ CALIBRATIONS = ("minmax", "percentile", "entropy")
 GRANULARITIES = ("per-channel", "per-tensor")
 NNCF_PRESETS = ("performance", "mixed")
 BIAS_CORRECTIONS = ("fast", "full", "none")
+REDUCE_RANGES = ("on", "off")
 
 # format -> setting -> the values its INT8 route honours (a setting absent: the route has no such choice)
 ROUTE_SETTINGS: dict[str, dict[str, tuple]] = {
-    "onnx": {"calibration": CALIBRATIONS, "weight_granularity": GRANULARITIES},
+    "onnx": {"calibration": CALIBRATIONS, "weight_granularity": GRANULARITIES, "reduce_range": REDUCE_RANGES},
     "openvino": {
         "calibration": ("minmax", "percentile"),  # NNCF range estimators: MINMAX, MEAN_QUANTILE
         "weight_granularity": GRANULARITIES,
@@ -47,10 +51,20 @@ class PTQSettings:
     nncf_preset: str | None = None  # performance (symmetric activations) | mixed (asymmetric)
     bias_correction: str | None = None  # NNCF: fast | full | none
     max_accuracy_drop: float | None = None  # NNCF quantize_with_accuracy_control's max_drop
+    # ONNX Runtime: 7-bit weights (on) or 8-bit (off); None: 7 bits where this CPU lacks VNNI, whose
+    # uint8 x int8 kernels saturate in int16 (mnv4.host.ort_u8s8_saturates; docs/deploy.md).
+    reduce_range: str | None = None
 
     @property
     def per_channel(self) -> bool:
         return self.weight_granularity != "per-tensor"
+
+    @property
+    def onnx_reduce_range(self) -> bool:
+        """Whether ONNX Runtime's quantizer stores 7-bit weights (the setting, else by this CPU)."""
+        if self.reduce_range is not None:
+            return self.reduce_range == "on"
+        return ort_u8s8_saturates()
 
     def chosen(self) -> dict:
         """The settings that differ from the route's default."""

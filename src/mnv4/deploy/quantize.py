@@ -2,6 +2,9 @@
 
 * ONNX Runtime: ``quantize_static`` in QDQ form, uint8 activations / int8 per-channel weights,
   after ``quant_pre_process`` (shape inference + graph cleanup); the fastest ORT int8 layout here.
+  Weights are 7-bit (``reduce_range``) when exported on an x86 CPU without VNNI, where ORT's
+  uint8 x int8 kernels add product pairs in int16 with saturation (docs/deploy.md, "INT8 on CPUs
+  without VNNI"); ``PTQSettings.reduce_range`` overrides it.
 * OpenVINO: NNCF ``quantize`` on the converted model.
 * LiteRT and ExecuTorch: PyTorch 2 export (pt2e) quantization through ``torchao`` with the
   runtime's own quantizer (litert-torch's PT2EQuantizer, ExecuTorch's XNNPACKQuantizer).
@@ -195,6 +198,7 @@ def quantize_onnx(
             activation_type=QuantType.QUInt8,
             weight_type=QuantType.QInt8,
             per_channel=settings.per_channel,
+            reduce_range=settings.onnx_reduce_range,
             nodes_to_exclude=exclude,
             calibrate_method=_ORT_CALIBRATION[settings.calibration or "minmax"](CalibrationMethod),
             extra_options={"CalibPercentile": PERCENTILE} if settings.calibration == "percentile" else {},

@@ -16,7 +16,15 @@ from ..errors import InvalidValue, MNv4Error, check_float, check_int
 from ..perf.latency import LatencyProtocol
 from ..requests import option
 from .formats import FORMATS, PRECISIONS, Format, get_format
-from .ptq import BIAS_CORRECTIONS, CALIBRATIONS, GRANULARITIES, NNCF_PRESETS, ROUTE_SETTINGS, PTQSettings
+from .ptq import (
+    BIAS_CORRECTIONS,
+    CALIBRATIONS,
+    GRANULARITIES,
+    NNCF_PRESETS,
+    REDUCE_RANGES,
+    ROUTE_SETTINGS,
+    PTQSettings,
+)
 
 __all__ = [
     "ExportRequest",
@@ -141,9 +149,19 @@ class ExportRequest:
         "the top-1 drop under this (e.g. 0.01) by reverting layers to float", kind=float,
     )  # fmt: skip
 
+    reduce_range: str | None = option(
+        None, "onnx int8: 7-bit weights (on) or 8-bit (off); default: on where the CPU has no VNNI, whose "
+        "ONNX Runtime int8 kernels saturate with 8-bit weights", kind=str, choices=REDUCE_RANGES,
+    )  # fmt: skip
+
     def ptq(self) -> PTQSettings:
         return PTQSettings(
-            self.calibration, self.weight_granularity, self.nncf_preset, self.bias_correction, self.max_accuracy_drop
+            self.calibration,
+            self.weight_granularity,
+            self.nncf_preset,
+            self.bias_correction,
+            self.max_accuracy_drop,
+            self.reduce_range,
         )
 
     @property

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from ..errors import MNv4Error, check_choice, check_int
-from ..host import cpu_name
+from ..host import cpu_description
 from ..models.blocks import ConvBN, init_weights
 from ..models.mobilenetv4 import _build_block
 from ..models.specs import AttentionSpec, BlockSpec, ModelSpec, UIBSpec, cn, fib, uib
@@ -290,7 +290,7 @@ class LatencyTable(CostModel):
         self.runs, self.repeats, self.budget_s, self.warmup = runs, repeats, budget_s, warmup
         self.passes = check_int("passes", passes, 1)
         self.fingerprint = {
-            "cpu": cpu_name(),
+            "cpu": cpu_description(),
             "torch": torch.__version__.split("+")[0],
             "threads": self.threads,
             "runtime": runtime,
