@@ -220,7 +220,8 @@ def test_write_table(tmp_path):
     text = write_table(rows, tmp_path / "bench.md", tmp_path / "bench.csv")
     assert (tmp_path / "bench.md").read_text() == text
     lines = text.splitlines()
-    assert len(lines) == 2 + len(rows)
+    assert len(lines) == 2 + len(rows) + 3  # the table, then the CPU and (int8 rows) its int8 line
+    assert lines[-2].startswith("CPU: ") and lines[-1].startswith("int8: ")
     assert lines[2] == ("| mnv4_conv_small | torch | fp32 | 224 | 0.186 | 5.43 | 3% | 100x5 | 73.8 (P) | - |")
     assert "| failed: boom: it broke |" in lines[4]
     assert lines[5].split("|")[9].strip() == "-"  # no published accuracy

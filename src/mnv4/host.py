@@ -42,7 +42,7 @@ def _is_x86(flags: frozenset[str]) -> bool:
 def int8_support(flags: frozenset[str] | None = None) -> tuple[bool | None, str]:
     """Whether this CPU has int8 dot-product instructions (VNNI, AMX-INT8, ARM dotprod) and one line
     saying so. Without them int8 kernels multiply through int16 (x86 AVX2's vpmaddubsw), so INT8 gains
-    less over fp32, and ONNX Runtime's uint8 x int8 kernels can saturate (docs/deploy.md, "INT8 on
+    little or nothing over fp32, and ONNX Runtime's uint8 x int8 kernels can saturate (docs/deploy.md, "INT8 on
     CPUs without VNNI"). ``flags`` defaults to this machine's."""
     flags = cpu_flags() if flags is None else flags
     if flags is None:
@@ -52,8 +52,8 @@ def int8_support(flags: frozenset[str] | None = None) -> tuple[bool | None, str]
         return True, f"int8: this CPU has int8 dot products ({', '.join(have)})"
     simd = "AVX2" if "avx2" in flags else ("SSE" if _is_x86(flags) else "no dot-product extension")
     return False, (
-        f"int8: this CPU has no VNNI/AMX-INT8 ({simd} only): int8 runs through int16 products, expect a "
-        "smaller INT8 speed-up"
+        f"int8: this CPU has no VNNI/AMX-INT8 ({simd} only): int8 multiplies through int16 here, so INT8 may "
+        "run no faster than fp32 (docs/deploy.md, INT8 on CPUs without VNNI)"
     )
 
 

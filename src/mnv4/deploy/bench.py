@@ -30,6 +30,7 @@ from typing import Any
 
 from ..errors import InvalidValue, MNv4Error
 from ..files import atomic_write_text
+from ..host import cpu_description, int8_support
 from ..perf.latency import LatencyProtocol
 from ..plotting import pyplot, save_figure
 from .formats import FORMATS, PRECISIONS, Format, format_for_runtime
@@ -407,6 +408,11 @@ def write_table(rows: Sequence[BenchRow], md_path: str | os.PathLike | None, csv
             f"| {r.model} | {r.runtime} | {r.precision} | {r.resolution} | {r.macs / 1e9:.3f} | {ms} | "
             f"{spread} | {r.runs}x{r.repeats} | {top1} | {r.parity or '-'} |"
         )
+    # The CPU beside every figure: its name alone ("AMD EPYC" in a VM) covers CPUs years apart, and
+    # whether it has VNNI decides what INT8 gains (docs/deploy.md, "INT8 on CPUs without VNNI").
+    lines += ["", f"CPU: {cpu_description()}"]
+    if any(r.precision == "int8" for r in rows):
+        lines.append(int8_support()[1])
     if any(is_noisy(r) for r in rows):
         lines += ["", _NOISY_NOTE]
     text = "\n".join(lines) + "\n"
