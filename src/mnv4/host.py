@@ -12,31 +12,31 @@ __all__ = ["cpu_name", "cpu_description", "cpu_flags", "int8_support", "ort_u8s8
 INT8_DOT_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8", "asimddp", "i8mm"})
 
 
-def cpu_name() -> str:
-    """The CPU's marketing name (Linux: /proc/cpuinfo's "model name"), else what ``platform`` knows."""
+def _cpuinfo_field(*names: str) -> str | None:
+    """The first /proc/cpuinfo line whose key is one of ``names`` (lower case), its value; None off Linux."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
+            key, _, value = line.partition(":")
+            if key.strip().lower() in names:
+                return value.strip()
     except OSError:  # not Linux
-        pass
-    return platform.processor() or platform.machine() or "unknown CPU"
-
-
-def cpu_flags() -> frozenset[str] | None:
-    """The CPU's feature flags (Linux /proc/cpuinfo: x86 "flags", ARM "Features"), None where unknown."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key = line.split(":", 1)[0].strip().lower()
-            if key in ("flags", "features"):
-                return frozenset(line.split(":", 1)[1].split())
-    except OSError:
         pass
     return None
 
 
+def cpu_name() -> str:
+    """The CPU's marketing name (Linux: /proc/cpuinfo's "model name"), else what ``platform`` knows."""
+    return _cpuinfo_field("model name") or platform.processor() or platform.machine() or "unknown CPU"
+
+
+def cpu_flags() -> frozenset[str] | None:
+    """The CPU's feature flags (Linux /proc/cpuinfo: x86 "flags", ARM "Features"), None where unknown."""
+    flags = _cpuinfo_field("flags", "features")
+    return None if flags is None else frozenset(flags.split())
+
+
 def _is_x86(flags: frozenset[str]) -> bool:
-    return "sse2" in flags or "avx2" in flags
+    return "sse2" in flags  # every x86-64 CPU has it; ARM's flags are named differently
 
 
 def int8_support(flags: frozenset[str] | None = None) -> tuple[bool | None, str]:
@@ -50,10 +50,12 @@ def int8_support(flags: frozenset[str] | None = None) -> tuple[bool | None, str]
     have = sorted(flags & INT8_DOT_FLAGS)
     if have:
         return True, f"int8: this CPU has int8 dot products ({', '.join(have)})"
-    simd = "AVX2" if "avx2" in flags else ("SSE" if _is_x86(flags) else "no dot-product extension")
+    what = (
+        f"no VNNI/AMX-INT8 ({'AVX2' if 'avx2' in flags else 'SSE'} only)" if _is_x86(flags) else "no int8 dot products"
+    )
     return False, (
-        f"int8: this CPU has no VNNI/AMX-INT8 ({simd} only): int8 multiplies through int16 here, so INT8 may "
-        "run no faster than fp32 (docs/deploy.md, INT8 on CPUs without VNNI)"
+        f"int8: this CPU has {what}: int8 multiplies through int16 here, so INT8 may run no faster than fp32 "
+        "(docs/deploy.md, INT8 on CPUs without VNNI)"
     )
 
 
@@ -63,16 +65,6 @@ def ort_u8s8_saturates(flags: frozenset[str] | None = None) -> bool:
     7-bit weights (``reduce_range``) cannot: 2 x 255 x 64 < 32767."""
     flags = cpu_flags() if flags is None else flags
     return flags is not None and _is_x86(flags) and int8_support(flags)[0] is False
-
-
-def _cpuinfo_field(name: str) -> str | None:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.split(":", 1)[0].strip().lower() == name:
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return None
 
 
 def cpu_description(flags: frozenset[str] | None = None) -> str:

@@ -30,6 +30,7 @@ from torch import nn
 
 from ..data.images import BadImage, BadImageLog
 from ..errors import MNv4Error, check_int
+from ..host import int8_support
 from ..models.meta import weights_meta
 from .formats import Format
 from .fusion import fuse
@@ -393,8 +394,6 @@ def _new_report(
     if float_ends:
         report.notes.append("int8: stem conv and head (after the global pool) kept in float")
     if precision == "int8":
-        from ..host import int8_support
-
         report.notes.append(int8_support()[1])
         if info.name == "onnx":
             report.notes.append(_onnx_weight_bits(request.ptq()))
