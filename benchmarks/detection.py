@@ -15,6 +15,8 @@ augmentation, epochs, batch, optimizer, seeds) and scored by the same COCO evalu
   (``min_ratio=0.1``: 32 px at 320) instead of SSD's 20% (64 px), for small objects;
 * ``ssdlite-mnv4-conv-s-exp-s8``: the expansion taps plus a stride-8 map (``levels=[2, 3, 4]``: the
   192-channel expansion of the first stride-16 block) and boxes from 5% of the side (16 px at 320);
+* ``ssdlite-mnv4-conv-s-exp-auto`` / ``retinanet-mnv4-conv-s-auto``: the anchors fitted to the training
+  boxes (``levels``, ``min_ratio`` / ``anchor_scale`` "auto": mnv4.detect.anchors.fit_anchor_options);
 * ``tv-ssdlite320-mnv3-a10``: torchvision's SSDLite below with the same smaller default boxes;
 * ``tv-ssdlite320-mnv3``: torchvision's ``ssdlite320_mobilenet_v3_large(weights=None, weights_backbone=None)``.
   Without backbone weights torchvision switches its ``reduced_tail`` on (the last stage at half width,
@@ -66,6 +68,8 @@ MODELS = (
     "ssdlite-mnv4-conv-s-exp-bn",
     "ssdlite-mnv4-conv-s-exp-a10",
     "ssdlite-mnv4-conv-s-exp-s8",
+    "ssdlite-mnv4-conv-s-exp-auto",
+    "retinanet-mnv4-conv-s-auto",
     "tv-ssdlite320-mnv3",
     "tv-ssdlite320-mnv3-a10",
     "tv-frcnn-mnv3-320-fpn",
@@ -81,6 +85,10 @@ MNV4_HEADS = {
     "ssdlite-mnv4-conv-s-exp-bn": ("ssdlite", {**EXP, "bn_eps": 0.001, "bn_momentum": 0.03}),
     "ssdlite-mnv4-conv-s-exp-a10": ("ssdlite", {**EXP, "min_ratio": 0.1}),
     "ssdlite-mnv4-conv-s-exp-s8": ("ssdlite", {**EXP, "levels": [2, 3, 4], "min_ratio": 0.05}),
+    # anchors fitted to the training boxes (mnv4.detect.anchors.fit_anchor_options, as `mnv4 detect train`
+    # does with these options "auto")
+    "ssdlite-mnv4-conv-s-exp-auto": ("ssdlite", {**EXP, "levels": "auto", "min_ratio": "auto"}),
+    "retinanet-mnv4-conv-s-auto": ("retinanet", {"anchor_scale": "auto"}),
 }
 SMALL_ANCHORS = 0.1  # the -a10 rows: default boxes from 10% of the image side (32 px at 320) instead of 20%
 STAGES = ("train", "cost")
@@ -100,10 +108,14 @@ class ShiftLabels(nn.Module):
         return out if self.training else [{**d, "labels": d["labels"] - 1} for d in out]
 
 
-def build(name: str, classes: list[str], size: int, backbone: str | None = None) -> nn.Module:
+def build(name: str, data, size: int, backbone: str | None = None) -> nn.Module:
+    """Model ``name`` for ``data`` (a DetectionData: its classes, and its training boxes for "auto" anchors)."""
     from torchvision.models import detection as tvd
 
     from mnv4.detect import create_detector
+    from mnv4.detect.anchors import fit_anchor_options
+
+    classes = list(data.classes)
 
     scratch, pre, rest = name.partition("+pre")
     if scratch in MNV4_HEADS and not rest:
@@ -111,6 +123,7 @@ def build(name: str, classes: list[str], size: int, backbone: str | None = None)
             raise SystemExit(f"{name} needs --backbone-checkpoint (an mnv4 train checkpoint of mnv4_conv_small)")
         weights = {"backbone_checkpoint": backbone} if pre else {}
         head, options = MNV4_HEADS[scratch]
+        options, _ = fit_anchor_options(head, options, data.split("train"), size)
         return create_detector("mnv4_conv_small", head=head, classes=classes, image_size=size, **weights, **options)
     n = len(classes) + 1
     if name in ("tv-ssdlite320-mnv3", "tv-ssdlite320-mnv3-a10"):
@@ -245,7 +258,7 @@ def run_one(args, data_name: str, data, name: str, seed: int) -> dict:
     summary = folder / "summary.json"
     if not summary.is_file():
         resume = folder / "last.pt" if (folder / "last.pt").is_file() else None
-        model = build(name, data.classes, args.size, args.backbone_checkpoint)
+        model = build(name, data, args.size, args.backbone_checkpoint)
         BenchTrainer(cfg, data=data, model=model, progress=False, log=lambda m: None).run(resume)
         if not summary.is_file():  # stopped (Ctrl-C, SIGTERM): last.pt holds the run
             raise SystemExit(f"{folder}: training stopped; rerun the same command to continue it")
@@ -254,7 +267,7 @@ def run_one(args, data_name: str, data, name: str, seed: int) -> dict:
     if not evaluated.is_file():
         from safetensors.torch import load_file
 
-        model = build(name, data.classes, args.size, args.backbone_checkpoint)
+        model = build(name, data, args.size, args.backbone_checkpoint)
         model.load_state_dict(load_file(folder / "best.safetensors"))
         from mnv4.train.distributed import pick_device
 
@@ -269,7 +282,7 @@ def coverage(name: str, data, size: int) -> float:
     """Share of the training boxes some anchor of the model matches at IoU >= 0.5 (mnv4.detect.anchors)."""
     from mnv4.detect.anchors import anchor_coverage
 
-    model = build(name, data.classes, size).eval()
+    model = build(name, data, size).eval()
     return anchor_coverage(anchors_of(model, size), data.split("train"), data.classes, size).covered
 
 
@@ -333,7 +346,7 @@ def main() -> None:
             if not cost_file.is_file():  # timed with trained weights: an untrained head's box count is not typical
                 from safetensors.torch import load_file
 
-                model = build(name, data.classes, args.size, args.backbone_checkpoint)
+                model = build(name, data, args.size, args.backbone_checkpoint)
                 model.load_state_dict(
                     load_file(Path(args.work) / data_name / name / f"seed{seeds[0]}" / "best.safetensors")
                 )

@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from mnv4.detect import create_detector
-from mnv4.detect.anchors import anchor_coverage, coverage_advice
+from mnv4.detect.anchors import anchor_coverage, coverage_advice, fit_anchor_options
 from mnv4.detect.formats import DetRecord
+from mnv4.errors import MNv4Error
 
 CLASSES = ["big", "small"]
 
@@ -54,6 +55,54 @@ def test_smaller_ssd_boxes_and_a_stride8_map_cover_small_objects():
     assert "`min_ratio` (now 0.2; 0.06 fits the smallest tenth of boxes)" in advice  # 20 px / 320 px
     assert "small boxes" not in coverage_advice(high, "ssdlite", small.config["head_options"])
     assert "`anchor_scale` (now 4)" in coverage_advice(low, "retinanet", {"anchor_scale": 4.0})
+    assert "{min_ratio: auto, levels: auto}" in advice
+
+
+def _squares(sides, image=320) -> list[DetRecord]:
+    """One image per side: a square of that side (identity letterbox at 320 px)."""
+    return [_record([[10, 10, 10 + s, 10 + s]], [i % 2], image, image) for i, s in enumerate(sides)]
+
+
+def test_auto_anchors_fit_the_small_end_of_the_boxes():
+    # a tenth of the boxes are 20 px, the rest 60 px: the smallest anchor goes to 20 px on a stride-8 map
+    recs = _squares([20] * 10 + [60] * 90)
+    opts, line = fit_anchor_options("ssdlite", {"min_ratio": "auto", "levels": "auto", "max_ratio": 0.9}, recs, 320)
+    assert opts["levels"] == [2, 3, 4] and opts["min_ratio"] == pytest.approx(20 / 320, abs=2e-3)
+    assert opts["max_ratio"] == 0.9  # what was not "auto" is kept
+    assert "100 training boxes" in line and "levels [2, 3, 4]" in line and "min_ratio 0.06" in line
+    # fitted boxes cover what SSD's defaults miss
+    fitted = create_detector("ssdlite_mnv4_conv_small", classes=CLASSES, image_size=320, **opts)
+    default = create_detector("ssdlite_mnv4_conv_small", classes=CLASSES, image_size=320)
+    assert anchor_coverage(fitted.anchors(), recs, CLASSES, 320).covered == 1.0
+    assert anchor_coverage(default.anchors(), recs, CLASSES, 320).covered < 0.96
+    # only large boxes: no stride-8 map, and the smallest box is SSD's 0.2 x 320 = 64 px or the data's
+    big, _ = fit_anchor_options("ssdlite", {"min_ratio": "auto", "levels": "auto"}, _squares([100] * 20), 320)
+    assert big["levels"] == [3, 4] and big["min_ratio"] == pytest.approx(100 / 320, abs=2e-3)
+
+
+def test_auto_anchors_never_go_below_what_the_first_map_can_match():
+    # 6 px boxes: a stride-8 grid matches nothing that small, so the floor is 2 x 8 = 16 px (0.05 at 320)
+    tiny = _squares([6] * 50)
+    opts, _ = fit_anchor_options("ssdlite", {"min_ratio": "auto", "levels": "auto"}, tiny, 320)
+    assert opts == {"min_ratio": 0.05, "levels": [2, 3, 4]}
+    # levels fixed at [3, 4]: the floor is 2 x 16 = 32 px
+    opts, _ = fit_anchor_options("ssdlite", {"min_ratio": "auto", "levels": [3, 4]}, tiny, 320)
+    assert opts["min_ratio"] == 0.1
+    # RetinaNet: its smallest anchor is anchor_scale x 8 px, from 2 (16 px) up to 8
+    assert fit_anchor_options("retinanet", {"anchor_scale": "auto"}, tiny, 320)[0]["anchor_scale"] == 2.0
+    assert fit_anchor_options("retinanet", {"anchor_scale": "auto"}, _squares([40] * 9), 320)[0]["anchor_scale"] == 5.0
+    assert fit_anchor_options("retinanet", {"anchor_scale": "auto"}, _squares([300] * 9), 320)[0]["anchor_scale"] == 8.0
+
+
+def test_auto_anchors_need_boxes_and_numbers_elsewhere():
+    assert fit_anchor_options("ssdlite", {"min_ratio": 0.1}, [], 320) == ({"min_ratio": 0.1}, "")
+    with pytest.raises(MNv4Error, match="training split has none"):
+        fit_anchor_options("retinanet", {"anchor_scale": "auto"}, [_record([], [])], 320)
+    # create_detector has no boxes to fit to: it says where auto is resolved
+    with pytest.raises(MNv4Error, match="`min_ratio: auto`.*fit_anchor_options"):
+        create_detector("ssdlite_mnv4_conv_small", classes=CLASSES, min_ratio="auto")
+    with pytest.raises(MNv4Error, match="`levels` 'autox' is invalid: give a value or auto"):
+        create_detector("ssdlite_mnv4_conv_small", classes=CLASSES, levels="autox")
 
 
 def test_large_sets_are_sampled_not_swept():

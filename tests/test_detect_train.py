@@ -101,6 +101,20 @@ def test_resume_is_bit_exact(tmp_path, tiny_hybrid_spec):
     assert summary["anchor_coverage"]["boxes"] > 0 and 0.0 <= summary["anchor_coverage"]["covered"] <= 1.0
 
 
+def test_auto_anchors_are_fitted_before_training_and_saved_as_numbers(tmp_path, tiny_hybrid_spec):
+    data = load_detection_data(_shapes_set(tmp_path / "data"))
+    opts = {"width": 16, "num_convs": 1, "anchor_scale": "auto"}
+    cfg = _cfg(tiny_hybrid_spec, tmp_path / "run", head_options=opts, epochs=1)
+    lines: list[str] = []
+    train_detector(cfg, data=data, progress=False, log=lines.append)
+    fitted = [line for line in lines if line.startswith("anchors fitted to")]
+    assert len(fitted) == 1 and "anchor_scale 2" in fitted[0], lines  # 16-28 px boxes at 64 px: the floor, 2
+    from mnv4.detect.factory import load_detector
+
+    saved = load_detector(tmp_path / "run" / "last.safetensors")
+    assert saved.config["head_options"]["anchor_scale"] == 2.0
+
+
 @pytest.mark.slow
 def test_overfits_a_tiny_set(tmp_path, tiny_hybrid_spec):
     """8 canvases with a red square or a green disc each, trained and evaluated on themselves: AP50 > 0.9."""

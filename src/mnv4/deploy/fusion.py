@@ -235,6 +235,7 @@ class FusedAttention(nn.Module):
 def token_major_attention(model: nn.Module) -> nn.Module:
     """A copy of a fused ``model`` whose multi-query attention blocks run token-major (for NHWC runtimes:
     LiteRT's graph loses the transposes around each attention reshape; ``FusedAttention``)."""
+
     def mqa_blocks(m: nn.Module) -> list[FusedAttention]:
         return [b for b in m.modules() if isinstance(b, FusedAttention) and b.kv_heads == 1]
 

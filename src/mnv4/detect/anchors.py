@@ -8,7 +8,9 @@ learnt through one badly fitting anchor at most. SSD's default boxes start at 20
 
 :func:`anchor_coverage` measures, on the training boxes letterboxed as the trainer sees them, the share
 of boxes that some anchor overlaps with IoU >= 0.5, in total and per class; :func:`coverage_advice` turns
-a low share into the options that would raise it.
+a low share into the options that would raise it. :func:`fit_anchor_options` resolves the head options
+given as ``"auto"`` (SSDLite's ``min_ratio`` and ``levels``, RetinaNet's ``anchor_scale``) from the same
+boxes, so the smallest anchor sits at the small end of the data instead of at a COCO-sized default.
 """
 
 from __future__ import annotations
@@ -18,13 +20,34 @@ from dataclasses import dataclass, field
 import torch
 from torchvision.ops import box_iou
 
+from ..errors import MNv4Error
 from .formats import DetRecord
 from .transforms import letterbox_geometry
 
-__all__ = ["AnchorCoverage", "anchor_coverage", "coverage_advice", "MATCH_IOU", "LOW_COVERAGE"]
+__all__ = [
+    "AUTO",
+    "AUTO_OPTIONS",
+    "AnchorCoverage",
+    "anchor_coverage",
+    "box_sides",
+    "coverage_advice",
+    "fit_anchor_options",
+    "MATCH_IOU",
+    "LOW_COVERAGE",
+]
 
 MATCH_IOU = 0.5  # the positive-match threshold of both heads (torchvision's SSD and RetinaNet matchers)
 LOW_COVERAGE = 0.9  # below this share of matchable boxes, the trainer says which options would help
+AUTO = "auto"
+# The head options that may be "auto" (resolved from the training boxes by fit_anchor_options).
+AUTO_OPTIONS = {"ssdlite": ("min_ratio", "levels"), "retinanet": ("anchor_scale",)}
+# The smallest anchor is fitted to this quantile of the box sides: all but the smallest 5% of boxes are
+# at least its size, and on bccd it lands on the platelets (16 px at 320 px), the smallest class.
+FIT_QUANTILE = 0.05
+# A square box of side s on a map of stride t, its centre up to t/2 off the nearest anchor centre in x and
+# y, keeps IoU >= 0.5 with a same-sized anchor only while t <= about s/4 ... s/2; a map of stride t is
+# therefore given to boxes from 2t up: smaller smallest boxes get the stride-8 map (levels [2, 3, 4]).
+FINE_STRIDE_BELOW = 32.0
 
 
 @dataclass
@@ -47,6 +70,73 @@ def _letterboxed(record: DetRecord, size: int, mode: str) -> torch.Tensor:
     return b * torch.tensor([sx, sy, sx, sy]) + torch.tensor([px, py, px, py])
 
 
+def box_sides(records: list[DetRecord], size: int, mode: str = "letterbox") -> torch.Tensor:
+    """sqrt(area) of every box of ``records`` where the trainer's resize to ``size`` puts it, in pixels."""
+    sides = [
+        ((b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])).clamp(min=0).sqrt()
+        for b in (_letterboxed(r, size, mode) for r in records if len(r.boxes))
+    ]
+    return torch.cat(sides) if sides else torch.zeros(0)
+
+
+def _sample(records: list[DetRecord], max_images: int) -> list[DetRecord]:
+    """At most ``max_images`` evenly spaced records: a COCO-sized set is estimated, not swept."""
+    if len(records) <= max_images:
+        return records
+    step = len(records) / max_images
+    return [records[int(i * step)] for i in range(max_images)]
+
+
+def fit_anchor_options(
+    head: str,
+    options: dict,
+    records: list[DetRecord],
+    size: int,
+    mode: str = "letterbox",
+    max_images: int = 2000,
+) -> tuple[dict, str]:
+    """``options`` with every ``"auto"`` value of ``AUTO_OPTIONS[head]`` resolved from the training boxes,
+    and one line for the log saying what was chosen and why ("" when nothing was ``"auto"``).
+
+    SSDLite: ``levels`` = ``[2, 3, 4]`` (adds the stride-8 map) when the ``FIT_QUANTILE`` box side is
+    under ``FINE_STRIDE_BELOW`` px, else ``[3, 4]``; ``min_ratio`` = that side / ``size`` (SSD's smallest
+    square box there), but no smaller than twice the first map's stride (smaller anchors on that grid
+    match nothing at IoU 0.5), at most 0.5 and below ``max_ratio``. RetinaNet: ``anchor_scale`` = that
+    side / 8 (the smallest anchor, on the stride-8 map, is ``anchor_scale * 8`` px), between 2 and 8.
+    """
+    wanted = [k for k in AUTO_OPTIONS.get(head, ()) if options.get(k) == AUTO]
+    if not wanted:
+        return dict(options), ""
+    sides = box_sides(_sample(records, max_images), size, mode)
+    if len(sides) == 0:
+        raise MNv4Error(
+            f"{', '.join(wanted)}: auto fits the anchors to the training boxes, and the training split has none; "
+            'give numbers instead (docs/detection.md "Anchors that fit the data")'
+        )
+    small = torch.quantile(sides, FIT_QUANTILE).item()
+    out = dict(options)
+    chosen = []
+    if head == "ssdlite":
+        if "levels" in wanted:
+            out["levels"] = [2, 3, 4] if small < FINE_STRIDE_BELOW else [3, 4]
+            chosen.append(f"levels {out['levels']}")
+        if "min_ratio" in wanted:
+            # no smaller than the first map serves (2 x its stride; a backbone level L has stride 2^(L+1))
+            floor = 2.0 * 2 ** (int(list(out.get("levels", [3, 4]))[0]) + 1)
+            hi = float(out.get("max_ratio", 0.95))
+            out["min_ratio"] = round(min(max(small, floor) / size, 0.5, hi - 0.05), 3)
+            chosen.append(f"min_ratio {out['min_ratio']:g}")
+    else:
+        # the smallest anchor, on the stride-8 map, is anchor_scale * 8 px: from 2 (16 px) to 8
+        out["anchor_scale"] = round(min(max(small / 8.0, 2.0), 8.0), 2)
+        chosen.append(f"anchor_scale {out['anchor_scale']:g}")
+    line = (
+        f"anchors fitted to {len(sides)} training boxes: {', '.join(chosen)} "
+        f"(the smallest {FIT_QUANTILE:.0%} of boxes are under {small:.0f} px at {size} px)"
+    )
+    return out, line
+
+
 def anchor_coverage(
     anchors: torch.Tensor,
     records: list[DetRecord],
@@ -56,25 +146,16 @@ def anchor_coverage(
     max_images: int = 2000,
 ) -> AnchorCoverage:
     """How many of ``records``' boxes an anchor (``[A, 4]`` xyxy, e.g. ``Detector.anchors()``) matches
-    (on at most ``max_images`` evenly spaced images: a COCO-sized set is estimated, not swept)."""
+    (on at most ``max_images`` evenly spaced images)."""
     anchors = anchors.float()
-    if len(records) > max_images:
-        step = len(records) / max_images
-        records = [records[int(i * step)] for i in range(max_images)]
-    best, labels, sides = [], [], []
-    for r in records:
-        if len(r.boxes) == 0:
-            continue
-        boxes = _letterboxed(r, size, mode)
-        best.append(box_iou(boxes, anchors).amax(dim=1))
-        labels.append(torch.as_tensor(r.labels, dtype=torch.int64))
-        sides.append(((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])).clamp(min=0).sqrt())
+    records = [r for r in _sample(records, max_images) if len(r.boxes)]
     a_side = ((anchors[:, 2] - anchors[:, 0]) * (anchors[:, 3] - anchors[:, 1])).sqrt().min().item()
-    if not best:
+    if not records:
         return AnchorCoverage(0, 1.0, smallest_anchor=a_side, size=size)
+    best = [box_iou(_letterboxed(r, size, mode), anchors).amax(dim=1) for r in records]
     ok = torch.cat(best) >= MATCH_IOU
-    lab = torch.cat(labels)
-    side = torch.cat(sides)
+    lab = torch.cat([torch.as_tensor(r.labels, dtype=torch.int64) for r in records])
+    side = box_sides(records, size, mode)
     per_class = {name: ok[lab == i].float().mean().item() for i, name in enumerate(classes) if (lab == i).any()}
     return AnchorCoverage(
         boxes=len(ok),
@@ -103,6 +184,7 @@ def coverage_advice(cov: AnchorCoverage, head: str, options: dict) -> str:
         fix = f"lower `min_ratio` (now {options.get('min_ratio', 0.2):g}; {hint:g} fits the smallest tenth of boxes)"
         if list(options.get("levels", [3, 4]))[0] > 2:
             fix += " and/or add a stride-8 map with `levels: [2, 3, 4]`"
+        fix += ", or fit both to the data: `{min_ratio: auto, levels: auto}`"
     else:
-        fix = f"lower `anchor_scale` (now {options.get('anchor_scale', 4.0):g})"
+        fix = f"lower `anchor_scale` (now {options.get('anchor_scale', 4.0):g}), or `{{anchor_scale: auto}}`"
     return f"{line}; small boxes learn poorly: {fix} (--set head_options=...; docs/detection.md)"

@@ -10,6 +10,7 @@ from ..models.mobilenetv4 import FEATURE_LOCATIONS, MobileNetV4
 from ..models.registry import MODELS, get_entry
 from ..models.specs import ModelSpec
 from ..weights.io import read_checkpoint
+from .anchors import AUTO, AUTO_OPTIONS
 from .io import DETECTOR_FORMAT, is_detector_config
 from .model import BOX_LOSSES, RETINANET_OPTIONS, SSDLITE_OPTIONS, Detector, feature_levels
 from .registry import split_detector_name
@@ -24,6 +25,16 @@ def _check_options(head: str, options: dict[str, Any]) -> dict[str, Any]:
     if unknown:
         raise MNv4Error(f"unknown {head} option(s) {', '.join(unknown)}; known: {', '.join(_DEFAULTS[head])}")
     opts = {**_DEFAULTS[head], **options}
+    for key in AUTO_OPTIONS[head]:
+        if isinstance(options.get(key), str) and options[key] != AUTO:
+            raise MNv4Error(f"`{key}` {options[key]!r} is invalid: give a value or auto (fitted to the training boxes)")
+    auto = [k for k, v in options.items() if v == AUTO]
+    if auto:
+        raise MNv4Error(
+            f"{', '.join(f'`{k}: auto`' for k in auto)}: auto is fitted to training boxes, which "
+            "`mnv4 detect train` does; in Python resolve it first with mnv4.detect.anchors.fit_anchor_options "
+            '(docs/detection.md "Anchors that fit the data")'
+        )
     if head == "retinanet":
         check_int("width", opts["width"], 8)
         check_int("num_convs", opts["num_convs"], 0)

@@ -28,7 +28,7 @@ from ..data.datasets import DataBundle
 from ..models.registry import Preprocess
 from ..train.runs import default_run_dir
 from ..train.trainer import LAST, Trainer, TrainResult
-from .anchors import AnchorCoverage, anchor_coverage, coverage_advice
+from .anchors import AnchorCoverage, anchor_coverage, coverage_advice, fit_anchor_options
 from .data import DetectionData, DetectionDataset, collate_detection, load_detection_data
 from .evaluate import evaluate_detector
 from .metrics import DetectionMetrics, plot_pr_curve
@@ -141,6 +141,15 @@ class DetectionTrainer(Trainer):
 
             name = ModelSpec.from_dict(cfg.model) if isinstance(cfg.model, dict) else cfg.model
             pretrained = True if cfg.pretrained == "default" else (cfg.pretrained or None)
+            # "auto" anchor options are fitted to the training boxes here; the same data give the same
+            # values on resume, and the detector's saved config holds the numbers.
+            options, fitted = dict(cfg.head_options or {}), ""
+            if cfg.checkpoint is None:  # a saved detector brings its own anchors
+                options, fitted = fit_anchor_options(
+                    cfg.head, options, self.det_data.split("train"), self.size, cfg.resize
+                )
+            if fitted:
+                self.say(fitted)
             model = create_detector(
                 name or "mnv4_conv_small",
                 head=cfg.head,
@@ -150,7 +159,7 @@ class DetectionTrainer(Trainer):
                 pretrained=pretrained,
                 checkpoint=cfg.checkpoint,
                 drop_path_rate=cfg.drop_path,
-                **(cfg.head_options or {}),
+                **options,
             )
         pre = getattr(model, "config", {}).get("preprocess", {})
         mean, std = tuple(pre.get("mean", Preprocess.mean)), tuple(pre.get("std", Preprocess.std))
