@@ -256,6 +256,13 @@ def run_one(args, data_name: str, data, name: str, seed: int) -> dict:
         lr=args.lr,
     )
     summary = folder / "summary.json"
+    trained = folder / "config.yaml"
+    if trained.is_file():  # a cached run trained at another LR must not stand in for this one
+        import yaml
+
+        lr = yaml.safe_load(trained.read_text()).get("lr")
+        if lr is not None and abs(float(lr) - cfg.lr) > 1e-12:
+            raise SystemExit(f"{folder} was trained at LR {lr:g}, not {cfg.lr:g}: give --lr {lr:g} or another --work")
     if not summary.is_file():
         resume = folder / "last.pt" if (folder / "last.pt").is_file() else None
         model = build(name, data, args.size, args.backbone_checkpoint)
@@ -299,7 +306,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--size", type=int, default=320)
     ap.add_argument(
-        "--lr", type=float, default=None, help="peak LR (default: detect-small's 1e-3); give it its own --work folder"
+        "--lr", type=float, default=None, help="peak LR (default: detect-small's, 3e-3); give each LR its own --work folder"
     )
     ap.add_argument("--seeds", default="0", help="comma-separated seeds (results are their mean)")
     ap.add_argument("--latency-runs", type=int, default=20)
