@@ -306,7 +306,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--size", type=int, default=320)
     ap.add_argument(
-        "--lr", type=float, default=None, help="peak LR (default: detect-small's, 3e-3); give each LR its own --work folder"
+        "--lr", type=float, default=None, help="peak LR (default: detect-small's, 3e-3); one --work folder per LR"
     )
     ap.add_argument("--seeds", default="0", help="comma-separated seeds (results are their mean)")
     ap.add_argument("--latency-runs", type=int, default=20)
