@@ -17,6 +17,7 @@ augmentation, epochs, batch, optimizer, seeds) and scored by the same COCO evalu
   192-channel expansion of the first stride-16 block) and boxes from 5% of the side (16 px at 320);
 * ``ssdlite-mnv4-conv-s-exp-auto`` / ``retinanet-mnv4-conv-s-auto``: the anchors fitted to the training
   boxes (``levels``, ``min_ratio`` / ``anchor_scale`` "auto": mnv4.detect.anchors.fit_anchor_options);
+  ``ssdlite-mnv4-conv-s-exp-fit``: also each map's scale fitted (``scales`` "auto");
 * ``tv-ssdlite320-mnv3-a10``: torchvision's SSDLite below with the same smaller default boxes;
 * ``tv-ssdlite320-mnv3``: torchvision's ``ssdlite320_mobilenet_v3_large(weights=None, weights_backbone=None)``.
   Without backbone weights torchvision switches its ``reduced_tail`` on (the last stage at half width,
@@ -69,6 +70,7 @@ MODELS = (
     "ssdlite-mnv4-conv-s-exp-a10",
     "ssdlite-mnv4-conv-s-exp-s8",
     "ssdlite-mnv4-conv-s-exp-auto",
+    "ssdlite-mnv4-conv-s-exp-fit",
     "retinanet-mnv4-conv-s-auto",
     "tv-ssdlite320-mnv3",
     "tv-ssdlite320-mnv3-a10",
@@ -88,6 +90,7 @@ MNV4_HEADS = {
     # anchors fitted to the training boxes (mnv4.detect.anchors.fit_anchor_options, as `mnv4 detect train`
     # does with these options "auto")
     "ssdlite-mnv4-conv-s-exp-auto": ("ssdlite", {**EXP, "levels": "auto", "min_ratio": "auto"}),
+    "ssdlite-mnv4-conv-s-exp-fit": ("ssdlite", {**EXP, "levels": "auto", "min_ratio": "auto", "scales": "auto"}),
     "retinanet-mnv4-conv-s-auto": ("retinanet", {"anchor_scale": "auto"}),
 }
 SMALL_ANCHORS = 0.1  # the -a10 rows: default boxes from 10% of the image side (32 px at 320) instead of 20%

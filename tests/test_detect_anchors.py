@@ -94,6 +94,48 @@ def test_auto_anchors_never_go_below_what_the_first_map_can_match():
     assert fit_anchor_options("retinanet", {"anchor_scale": "auto"}, _squares([300] * 9), 320)[0]["anchor_scale"] == 8.0
 
 
+def test_explicit_ssd_scales_set_each_maps_boxes_and_are_checked(tmp_path):
+    # levels [3, 4] + 4 extras = 6 maps: 7 scales; the first map's square boxes are scales[0] x 320 and
+    # sqrt(scales[0] * scales[1]) x 320
+    scales = [0.1, 0.3, 0.45, 0.6, 0.75, 0.9, 1.0]
+    det = create_detector("ssdlite_mnv4_conv_small", classes=CLASSES, image_size=320, scales=scales)
+    a = det.anchors()
+    side = ((a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])).sqrt()
+    assert side.min().item() == pytest.approx(32.0, abs=0.1)
+    assert bool(((side - (0.1 * 0.3) ** 0.5 * 320).abs() < 0.1).any())
+    from mnv4.detect.factory import load_detector
+    from mnv4.detect.io import save_detector
+
+    save_detector(det, tmp_path / "d.safetensors")  # the scales travel with the checkpoint
+    assert torch.equal(load_detector(tmp_path / "d.safetensors").anchors(), a)
+    with pytest.raises(MNv4Error, match="`scales` needs 7 numbers"):
+        create_detector("ssdlite_mnv4_conv_small", classes=CLASSES, scales=[0.1, 0.2])
+    with pytest.raises(MNv4Error, match="must increase"):
+        create_detector("ssdlite_mnv4_conv_small", classes=CLASSES, scales=[0.1, 0.3, 0.2, 0.6, 0.75, 0.9, 1.0])
+
+
+def test_fitted_ssd_scales_fit_the_boxes_better_than_the_linear_spread():
+    from mnv4.detect.anchors import _class_mean_iou
+
+    # two sizes, 24 px and 52 px (bccd's platelets and red cells at 320 px): SSD's linear spread from the
+    # fitted min_ratio puts no box near 52 px; the fitted scales do
+    recs = _squares([24] * 20 + [52] * 60)
+    base = {"min_ratio": "auto", "levels": "auto"}
+    linear, _ = fit_anchor_options("ssdlite", base, recs, 320)
+    fitted, line = fit_anchor_options("ssdlite", {**base, "scales": "auto"}, recs, 320)
+    assert len(fitted["scales"]) == 8 and fitted["scales"][0] == linear["min_ratio"] and "scales [" in line
+    assert fitted == fit_anchor_options("ssdlite", {**base, "scales": "auto"}, recs, 320)[0]  # deterministic
+    boxes = torch.tensor([[10.0, 10, 34, 34]] * 20 + [[10.0, 10, 62, 62]] * 60)
+    labels = torch.tensor([0] * 20 + [1] * 60)
+
+    def quality(opts):
+        return _class_mean_iou(
+            boxes, labels, create_detector("ssdlite_mnv4_conv_small", classes=CLASSES, **opts).anchors()
+        )
+
+    assert quality(fitted) > quality(linear) + 0.05
+
+
 def test_auto_anchors_need_boxes_and_numbers_elsewhere():
     assert fit_anchor_options("ssdlite", {"min_ratio": 0.1}, [], 320) == ({"min_ratio": 0.1}, "")
     with pytest.raises(MNv4Error, match="training split has none"):

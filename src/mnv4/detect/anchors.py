@@ -40,7 +40,7 @@ MATCH_IOU = 0.5  # the positive-match threshold of both heads (torchvision's SSD
 LOW_COVERAGE = 0.9  # below this share of matchable boxes, the trainer says which options would help
 AUTO = "auto"
 # The head options that may be "auto" (resolved from the training boxes by fit_anchor_options).
-AUTO_OPTIONS = {"ssdlite": ("min_ratio", "levels"), "retinanet": ("anchor_scale",)}
+AUTO_OPTIONS = {"ssdlite": ("min_ratio", "levels", "scales"), "retinanet": ("anchor_scale",)}
 # The smallest anchor is fitted to this quantile of the box sides: all but the smallest 5% of boxes are
 # at least its size, and on bccd it lands on the platelets (16 px at 320 px), the smallest class.
 FIT_QUANTILE = 0.05
@@ -48,6 +48,7 @@ FIT_QUANTILE = 0.05
 # y, keeps IoU >= 0.5 with a same-sized anchor only while t <= about s/4 ... s/2; a map of stride t is
 # therefore given to boxes from 2t up: smaller smallest boxes get the stride-8 map (levels [2, 3, 4]).
 FINE_STRIDE_BELOW = 32.0
+FIT_BOXES = 1000  # boxes the SSD scales are fitted on (evenly spaced over the training boxes)
 
 
 @dataclass
@@ -103,11 +104,16 @@ def fit_anchor_options(
     square box there), but no smaller than twice the first map's stride (smaller anchors on that grid
     match nothing at IoU 0.5), at most 0.5 and below ``max_ratio``. RetinaNet: ``anchor_scale`` = that
     side / 8 (the smallest anchor, on the stride-8 map, is ``anchor_scale * 8`` px), between 2 and 8.
+    SSDLite ``scales``: each map's scale fitted to the boxes (:func:`_fit_ssd_scales`), from ``min_ratio``.
     """
     wanted = [k for k in AUTO_OPTIONS.get(head, ()) if options.get(k) == AUTO]
     if not wanted:
         return dict(options), ""
-    sides = box_sides(_sample(records, max_images), size, mode)
+    sample = [r for r in _sample(records, max_images) if len(r.boxes)]
+    sides = box_sides(sample, size, mode)
+    boxes = [_letterboxed(r, size, mode) for r in sample]
+    labels = [torch.as_tensor(r.labels, dtype=torch.int64) for r in sample]
+    boxes_labels = (torch.cat(boxes), torch.cat(labels)) if sample else None
     if len(sides) == 0:
         raise MNv4Error(
             f"{', '.join(wanted)}: auto fits the anchors to the training boxes, and the training split has none; "
@@ -126,6 +132,9 @@ def fit_anchor_options(
             hi = float(out.get("max_ratio", 0.95))
             out["min_ratio"] = round(min(max(small, floor) / size, 0.5, hi - 0.05), 3)
             chosen.append(f"min_ratio {out['min_ratio']:g}")
+        if "scales" in wanted:
+            out["scales"] = _fit_ssd_scales(out, boxes_labels, size)
+            chosen.append(f"scales {out['scales']}")
     else:
         # the smallest anchor, on the stride-8 map, is anchor_scale * 8 px: from 2 (16 px) to 8
         out["anchor_scale"] = round(min(max(small / 8.0, 2.0), 8.0), 2)
@@ -135,6 +144,50 @@ def fit_anchor_options(
         f"(the smallest {FIT_QUANTILE:.0%} of boxes are under {small:.0f} px at {size} px)"
     )
     return out, line
+
+
+def _class_mean_iou(boxes: torch.Tensor, labels: torch.Tensor, anchors: torch.Tensor) -> float:
+    """Mean over classes of the mean best-anchor IoU of their boxes (COCO's AP averages over classes)."""
+    best = box_iou(boxes, anchors).amax(dim=1)
+    return torch.stack([best[labels == c].mean() for c in labels.unique()]).mean().item()
+
+
+def _fit_ssd_scales(options: dict, boxes_labels: tuple[torch.Tensor, torch.Tensor], size: int) -> list[float]:
+    """SSD scales for ``options``' maps that maximise the class-mean best-anchor IoU of the boxes.
+
+    Starts from the linear spread min_ratio..max_ratio (SSD's) and moves one inner scale at a time to the
+    best of 8 values between its neighbours, two sweeps; the first scale (min_ratio, fitted or given)
+    and the last stay. Deterministic, on at most ``FIT_BOXES`` boxes.
+    """
+    from torchvision.models.detection.image_list import ImageList
+
+    from .model import feature_sizes, ssd_default_boxes
+
+    boxes, labels = boxes_labels
+    if len(boxes) > FIT_BOXES:  # evenly spaced, so the fit is deterministic and takes seconds
+        keep = torch.linspace(0, len(boxes) - 1, FIT_BOXES).long()
+        boxes, labels = boxes[keep], labels[keep]
+    levels = list(options.get("levels", [3, 4]))
+    count = len(levels) + len(options.get("extra_widths", [512, 256, 256, 128]))
+    grid = feature_sizes(size, 2 ** (levels[0] + 1), count)
+    images = ImageList(torch.empty(1, 3, size, size), [(size, size)])
+    maps = [torch.empty(1, 1, g, g) for g in grid]
+
+    def score(scales: list[float]) -> float:
+        return _class_mean_iou(boxes, labels, ssd_default_boxes({"scales": scales}, count)(images, maps)[0])
+
+    lo, hi = float(options.get("min_ratio", 0.2)), float(options.get("max_ratio", 0.95))
+    scales = [lo + (hi - lo) * k / (count - 1) for k in range(count)] + [1.0]
+    best = score(scales)
+    for _ in range(2):
+        for k in range(1, count):
+            a, b = scales[k - 1], scales[k + 1]
+            for v in (a + (b - a) * j / 9 for j in range(1, 9)):
+                trial = [*scales[:k], v, *scales[k + 1 :]]
+                value = score(trial)
+                if value > best + 1e-6:
+                    best, scales = value, trial
+    return [round(v, 3) for v in scales]
 
 
 def anchor_coverage(

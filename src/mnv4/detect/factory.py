@@ -58,6 +58,17 @@ def _check_options(head: str, options: dict[str, Any]) -> dict[str, Any]:
         if lo >= hi:
             raise MNv4Error(f"`min_ratio` {lo:g} must be below `max_ratio` {hi:g} (smallest and largest box scales)")
         opts["min_ratio"], opts["max_ratio"] = lo, hi
+        if opts["scales"] is not None:
+            n = len(opts["levels"]) + len(opts["extra_widths"]) + 1
+            sc = opts["scales"]
+            if not isinstance(sc, list | tuple) or len(sc) != n:
+                raise MNv4Error(
+                    f"`scales` needs {n} numbers (one per map, {n - 1} maps, plus one), got {sc!r}; or auto"
+                )
+            sc = [check_float("scales", v, 0.0, 1.0, lo_open=True) for v in sc]
+            if any(b <= a for a, b in zip(sc, sc[1:])):
+                raise MNv4Error(f"`scales` {sc} must increase (map by map, from the finest)")
+            opts["scales"] = sc
     if opts["bn_eps"] is not None:
         opts["bn_eps"] = check_float("bn_eps", opts["bn_eps"], 0.0, 1.0, lo_open=True)
     if opts["bn_momentum"] is not None:

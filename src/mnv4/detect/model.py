@@ -59,6 +59,7 @@ SSDLITE_OPTIONS: dict[str, Any] = dict(
     levels=[3, 4],
     min_ratio=0.2,
     max_ratio=0.95,
+    scales=None,
     bn_eps=None,
     bn_momentum=None,
 )
@@ -67,6 +68,8 @@ SSDLITE_OPTIONS: dict[str, Any] = dict(
 # min_ratio / max_ratio: SSD's default-box scales, as fractions of the image side, spread linearly over
 # the maps (torchvision's DefaultBoxGenerator; 0.2-0.95 is SSD's and torchvision's SSDLite's: 64-304 px
 # boxes at 320 px, too large for small objects: docs/detection.md "Anchors that fit the data").
+# scales: instead of that linear spread, one scale per map plus one more (map k's boxes are scales[k] and
+# sqrt(scales[k] * scales[k + 1])), e.g. fitted to a dataset's boxes ("auto").
 # bn_eps / bn_momentum: the backbone's BatchNorm (None: PyTorch's 1e-5 / 0.1). torchvision's SSDLite
 # trains its MobileNetV3 with 0.001 / 0.03, the values mnv4's SSDLite head and extras always use
 # (docs/detection.md "SSDLite").
@@ -79,6 +82,17 @@ def feature_levels(head: str, options: dict[str, Any]) -> tuple[int, ...]:
     if head == "ssdlite":
         return tuple(options.get("levels", FEATURE_LEVELS["ssdlite"]))
     return FEATURE_LEVELS[head]
+
+
+def ssd_default_boxes(options: dict[str, Any], count: int) -> DefaultBoxGenerator:
+    """SSDLite's default boxes on ``count`` maps: ``scales`` when given, else min_ratio..max_ratio."""
+    scales = options.get("scales")
+    return DefaultBoxGenerator(
+        [[2, 3]] * count,
+        min_ratio=options.get("min_ratio", 0.2),
+        max_ratio=options.get("max_ratio", 0.95),
+        scales=list(scales) if scales is not None else None,
+    )
 
 
 def feature_sizes(image_size: int, first_stride: int, count: int) -> list[int]:
@@ -181,9 +195,7 @@ class Detector(nn.Module):
             offset = 0
         else:
             n_levels = len(neck.out_channels)
-            anchors = DefaultBoxGenerator(
-                [[2, 3]] * n_levels, min_ratio=opts.get("min_ratio", 0.2), max_ratio=opts.get("max_ratio", 0.95)
-            )
+            anchors = ssd_default_boxes(opts, n_levels)
             head = ssdlite_head(neck.out_channels, anchors.num_anchors_per_location(), num_classes + 1)
             size = (self.image_size, self.image_size)
             self.model = SSD(
