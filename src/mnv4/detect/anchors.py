@@ -29,7 +29,6 @@ __all__ = [
     "AUTO_OPTIONS",
     "AnchorCoverage",
     "anchor_coverage",
-    "box_sides",
     "coverage_advice",
     "fit_anchor_options",
     "MATCH_IOU",
@@ -71,13 +70,9 @@ def _letterboxed(record: DetRecord, size: int, mode: str) -> torch.Tensor:
     return b * torch.tensor([sx, sy, sx, sy]) + torch.tensor([px, py, px, py])
 
 
-def box_sides(records: list[DetRecord], size: int, mode: str = "letterbox") -> torch.Tensor:
-    """sqrt(area) of every box of ``records`` where the trainer's resize to ``size`` puts it, in pixels."""
-    sides = [
-        ((b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])).clamp(min=0).sqrt()
-        for b in (_letterboxed(r, size, mode) for r in records if len(r.boxes))
-    ]
-    return torch.cat(sides) if sides else torch.zeros(0)
+def _sides(boxes: torch.Tensor) -> torch.Tensor:
+    """sqrt(area) of xyxy boxes."""
+    return ((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])).clamp(min=0).sqrt()
 
 
 def _sample(records: list[DetRecord], max_images: int) -> list[DetRecord]:
@@ -110,10 +105,15 @@ def fit_anchor_options(
     if not wanted:
         return dict(options), ""
     sample = [r for r in _sample(records, max_images) if len(r.boxes)]
-    sides = box_sides(sample, size, mode)
-    boxes = [_letterboxed(r, size, mode) for r in sample]
-    labels = [torch.as_tensor(r.labels, dtype=torch.int64) for r in sample]
-    boxes_labels = (torch.cat(boxes), torch.cat(labels)) if sample else None
+    boxes_labels = (
+        (
+            torch.cat([_letterboxed(r, size, mode) for r in sample]),
+            torch.cat([torch.as_tensor(r.labels) for r in sample]),
+        )
+        if sample
+        else (torch.zeros(0, 4), torch.zeros(0, dtype=torch.int64))
+    )
+    sides = _sides(boxes_labels[0])
     if len(sides) == 0:
         raise MNv4Error(
             f"{', '.join(wanted)}: auto fits the anchors to the training boxes, and the training split has none; "
@@ -161,14 +161,14 @@ def _fit_ssd_scales(options: dict, boxes_labels: tuple[torch.Tensor, torch.Tenso
     """
     from torchvision.models.detection.image_list import ImageList
 
-    from .model import feature_sizes, ssd_default_boxes
+    from .model import SSDLITE_OPTIONS, feature_sizes, ssd_default_boxes
 
     boxes, labels = boxes_labels
     if len(boxes) > FIT_BOXES:  # evenly spaced, so the fit is deterministic and takes seconds
         keep = torch.linspace(0, len(boxes) - 1, FIT_BOXES).long()
         boxes, labels = boxes[keep], labels[keep]
-    levels = list(options.get("levels", [3, 4]))
-    count = len(levels) + len(options.get("extra_widths", [512, 256, 256, 128]))
+    levels = list(options.get("levels", SSDLITE_OPTIONS["levels"]))
+    count = len(levels) + len(options.get("extra_widths", SSDLITE_OPTIONS["extra_widths"]))
     grid = feature_sizes(size, 2 ** (levels[0] + 1), count)
     images = ImageList(torch.empty(1, 3, size, size), [(size, size)])
     maps = [torch.empty(1, 1, g, g) for g in grid]
@@ -205,10 +205,10 @@ def anchor_coverage(
     a_side = ((anchors[:, 2] - anchors[:, 0]) * (anchors[:, 3] - anchors[:, 1])).sqrt().min().item()
     if not records:
         return AnchorCoverage(0, 1.0, smallest_anchor=a_side, size=size)
-    best = [box_iou(_letterboxed(r, size, mode), anchors).amax(dim=1) for r in records]
-    ok = torch.cat(best) >= MATCH_IOU
+    boxes = [_letterboxed(r, size, mode) for r in records]
+    ok = torch.cat([box_iou(b, anchors).amax(dim=1) for b in boxes]) >= MATCH_IOU
     lab = torch.cat([torch.as_tensor(r.labels, dtype=torch.int64) for r in records])
-    side = box_sides(records, size, mode)
+    side = _sides(torch.cat(boxes))
     per_class = {name: ok[lab == i].float().mean().item() for i, name in enumerate(classes) if (lab == i).any()}
     return AnchorCoverage(
         boxes=len(ok),
