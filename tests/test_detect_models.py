@@ -277,6 +277,18 @@ def test_ssdlite_expansion_taps_load_the_960_conv_and_round_trip(tmp_path):
             assert torch.equal(a, b)
 
 
+def test_feature_location_auto_takes_the_expansion_maps_where_the_backbone_has_them(tiny_hybrid_spec):
+    # conv_small's stride-16 and -32 stages start with a UIB that expands before its stride: expansion maps;
+    # the tiny spec's stage 4 strides in its first depthwise, before the expansion: the stage ends instead.
+    wide = create_detector("ssdlite_mnv4_conv_small", num_classes=2, image_size=64, feature_location="auto")
+    assert wide.config["head_options"]["feature_location"] == "expansion"
+    assert [f["num_chs"] for f in wide.backbone.feature_info] == [576, 960]
+    tiny = create_detector(tiny_hybrid_spec, head="ssdlite", num_classes=2, image_size=64, feature_location="auto")
+    assert tiny.config["head_options"]["feature_location"] == "stage"
+    with pytest.raises(MNv4Error, match="no expansion map"):
+        create_detector(tiny_hybrid_spec, head="ssdlite", num_classes=2, image_size=64, feature_location="expansion")
+
+
 @pytest.mark.parametrize("head", ["ssdlite", "retinanet"])
 def test_backbone_batchnorm_options_reach_every_backbone_bn_and_survive_save_load(tmp_path, head):
     # bn_eps / bn_momentum set the backbone's BatchNorm (torchvision's SSDLite trains with 0.001 / 0.03);

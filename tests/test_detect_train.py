@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from mnv4.cli import main
 from mnv4.detect.data import load_detection_data
 from mnv4.detect.formats import DetRecord, write_yolo_txt
-from mnv4.detect.recipes import resolve_detect_config
+from mnv4.detect.recipes import HEAD_DEFAULTS, resolve_detect_config
 from mnv4.detect.train import PackedTargets, train_detector, unpack_targets
 
 from .conftest import require
@@ -113,6 +113,29 @@ def test_auto_anchors_are_fitted_before_training_and_saved_as_numbers(tmp_path, 
 
     saved = load_detector(tmp_path / "run" / "last.safetensors")
     assert saved.config["head_options"]["anchor_scale"] == 2.0
+
+
+def test_small_data_ssdlite_trains_with_fitted_anchors_by_default(tmp_path, tiny_hybrid_spec):
+    """detect-small's SSDLite without head options: expansion taps where the backbone has them, and every
+    anchor option fitted to the training boxes before the model is built (one log line), saved as values."""
+    data_dir = _shapes_set(tmp_path / "data")
+    cfg = resolve_detect_config(
+        data=str(data_dir), model=tiny_hybrid_spec.to_dict(), head="ssdlite", input_size=64, batch_size=4,
+        epochs=1, warmup_epochs=0, output=str(tmp_path / "run"), device="cpu", workers=0,
+    )  # fmt: skip
+    assert cfg.recipe == "detect-small" and cfg.head_options["scales"] == "auto"
+    lines: list[str] = []
+    train_detector(cfg, data=load_detection_data(data_dir), progress=False, log=lines.append)
+    fitted = [line for line in lines if line.startswith("anchors fitted to")]
+    assert len(fitted) == 1 and "levels [2, 3, 4]" in fitted[0] and "scales [" in fitted[0], lines
+    from mnv4.detect.factory import load_detector
+
+    opts = load_detector(tmp_path / "run" / "last.safetensors").config["head_options"]
+    # the tiny spec has no expansion map at stride 16 (its stage strides before expanding): the stage ends
+    assert opts["feature_location"] == "stage" and opts["levels"] == [2, 3, 4]
+    assert len(opts["scales"]) == 3 + len(opts["extra_widths"]) + 1  # a scale per map, plus one
+    assert all(isinstance(v, float) for v in opts["scales"]) and opts["scales"] == sorted(opts["scales"])
+    assert isinstance(opts["min_ratio"], float) and opts["min_ratio"] < 0.5
 
 
 @pytest.mark.slow
@@ -289,3 +312,22 @@ def test_digits_recipe_options_follow_the_head_asked_for():
     mine = resolve_detect_config(head="ssdlite", head_options={"extra_widths": [8, 8]})
     assert mine.head_options == {"extra_widths": [8, 8]}
     assert resolve_detect_config(model="retinanet_mnv4_conv_small").head_options == default.head_options
+
+
+def test_the_recipe_follows_the_data(tmp_path):
+    """Your own boxes get detect-small (320 px) rather than the 96 px digits recipe, whether the data come
+    by flag or config file; its SSDLite gets HEAD_DEFAULTS (anchors fitted), which given options replace;
+    RetinaNet and the other recipes keep the factory defaults."""
+    assert resolve_detect_config().recipe == resolve_detect_config(data="digits").recipe == "detect-digits"
+    mine = resolve_detect_config(data="my_boxes")
+    assert (mine.recipe, mine.input_size, mine.head, mine.head_options) == ("detect-small", 320, "retinanet", None)
+    conf = tmp_path / "c.yaml"
+    conf.write_text("data: my_boxes\nepochs: 3\n")
+    assert resolve_detect_config(config_file=conf).recipe == "detect-small"
+    ssd = resolve_detect_config(data="my_boxes", model="ssdlite_mnv4_conv_small")
+    assert ssd.head == "ssdlite" and ssd.head_options == HEAD_DEFAULTS["detect-small"]["ssdlite"]
+    assert ssd.head_options["levels"] == ssd.head_options["scales"] == "auto"
+    given = resolve_detect_config("detect-small", head="ssdlite", head_options={"min_ratio": 0.1})
+    assert given.head_options == {"min_ratio": 0.1}
+    assert resolve_detect_config("detect-digits", data="my_boxes", head="ssdlite").head_options is None
+    assert resolve_detect_config("detect-paper", head="ssdlite").head_options is None

@@ -154,7 +154,7 @@ def register(sub) -> None:
     add_config_flags(
         p,
         _FIELD_FLAGS,
-        recipe="detect-digits (default) | detect-small | detect-paper",
+        recipe="detect-digits (default without --data) | detect-small (default with --data) | detect-paper",
         model="backbone (see `mnv4 models`) or detector name; default: mnv4_conv_small",
         weights="a saved detector to continue training from (fine-tuning)",
         input_size="square input side the images are letterboxed to (default: the recipe's)",

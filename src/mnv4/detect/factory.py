@@ -28,7 +28,7 @@ def _check_options(head: str, options: dict[str, Any]) -> dict[str, Any]:
     for key in AUTO_OPTIONS[head]:
         if isinstance(options.get(key), str) and options[key] != AUTO:
             raise MNv4Error(f"`{key}` {options[key]!r} is invalid: give a value or auto (fitted to the training boxes)")
-    auto = [k for k, v in options.items() if v == AUTO]
+    auto = [k for k, v in options.items() if v == AUTO and k in AUTO_OPTIONS[head]]
     if auto:
         raise MNv4Error(
             f"{', '.join(f'`{k}: auto`' for k in auto)}: auto is fitted to training boxes, which "
@@ -45,7 +45,7 @@ def _check_options(head: str, options: dict[str, Any]) -> dict[str, Any]:
             check_choice(key, opts[key], (True, False))
     else:
         opts["extra_widths"] = [check_int("extra_widths", w, 2) for w in opts["extra_widths"]]
-        check_choice("feature_location", opts["feature_location"], FEATURE_LOCATIONS)
+        check_choice("feature_location", opts["feature_location"], (*FEATURE_LOCATIONS, AUTO))
         levels = opts["levels"]
         if not isinstance(levels, list | tuple) or list(levels) not in ([4], [3, 4], [2, 3, 4], [1, 2, 3, 4]):
             raise MNv4Error(
@@ -108,6 +108,16 @@ def _body(spec: ModelSpec, head: str, options: dict[str, Any], drop_path_rate: f
         return MobileNetV4(spec, num_classes=0, **_body_options(head, options, drop_path_rate))
     except (TypeError, ValueError) as e:
         raise MNv4Error(f"cannot build a {head} backbone from {spec.name}: {e}") from None
+
+
+def _resolve_feature_location(spec: ModelSpec, head: str, opts: dict[str, Any]) -> str:
+    """``feature_location: auto``: the expansion maps where every tapped level has one, else the stage ends
+    (a searched spec may start a stage with a block whose stride comes before its 1x1 expansion)."""
+    try:
+        _body(spec, head, {**opts, "feature_location": "expansion"}, 0.0)
+    except MNv4Error:
+        return "stage"
+    return "expansion"
 
 
 def build_from_config(cfg: dict[str, Any]) -> Detector:
@@ -186,6 +196,9 @@ def create_detector(
     else:
         raise MNv4Error(f"`model` must be a name or a ModelSpec, not {type(model).__name__}")
     opts = _check_options(head, head_options)
+    if opts.get("feature_location") == AUTO:  # resolved here, so the saved config holds the value
+        spec = backbone if isinstance(backbone, ModelSpec) else get_entry(backbone).spec
+        opts["feature_location"] = _resolve_feature_location(spec, head, opts)
     body = _backbone_model(backbone, head, opts, pretrained, backbone_checkpoint, drop_path_rate)
     pre = body.preprocess
     cfg: dict[str, Any] = {
