@@ -174,9 +174,10 @@ def resolve_detect_config(
     named = next((h for h in HEADS if isinstance(model, str) and model.startswith(h + "_")), None)
     if named and "head" not in explicit:
         fields["head"] = named  # a detector name (ssdlite_mnv4_conv_small) chooses the head over the recipe's
-    if fields.get("head") != DETECT_RECIPES[name].get("head") and "head_options" not in explicit:
-        fields.pop("head_options", None)  # the recipe's options are for its own head, not the one asked for
-    head_default = HEAD_DEFAULTS.get(name, {}).get(fields.get("head") or DetectConfig.head)
-    if head_default is not None and "head_options" not in explicit:
-        fields["head_options"] = dict(head_default)
+    if "head_options" not in explicit:
+        if fields.get("head") != DETECT_RECIPES[name].get("head"):
+            fields.pop("head_options", None)  # the recipe's options are for its own head, not the one asked for
+        head_default = HEAD_DEFAULTS.get(name, {}).get(fields.get("head") or DetectConfig.head)
+        if head_default is not None:
+            fields["head_options"] = dict(head_default)
     return DetectConfig.from_dict(fields)
