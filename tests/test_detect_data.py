@@ -121,6 +121,85 @@ def test_formats_read_by_hand_written_files(tmp_path):
     assert data.split("val")[0].labels.tolist() == [1]
 
 
+def _coco_file(path: Path, images, annotations, categories) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"images": images, "annotations": annotations, "categories": categories}))
+
+
+def test_coco_2017_layout_reads_instances_and_split_folders(tmp_path):
+    """COCO's own download: annotations/{captions,instances,person_keypoints}_{train,val}2017.json with bare
+    file names and the images in train2017/ and val2017/. The boxes come from instances_*, crowd regions
+    are kept apart (for evaluation to ignore) and the annotation's own `area` is kept."""
+    cats = [{"id": 1, "name": "person"}, {"id": 18, "name": "dog"}]
+    for split in ("train2017", "val2017"):
+        (tmp_path / split).mkdir()
+        Image.new("RGB", (64, 48)).save(tmp_path / split / "000000000001.jpg")
+        images = [{"id": 1, "file_name": "000000000001.jpg", "width": 64, "height": 48}]
+        anns = [
+            {"id": 1, "image_id": 1, "category_id": 18, "bbox": [4, 4, 20, 10], "area": 150.0, "iscrowd": 0},
+            {"id": 2, "image_id": 1, "category_id": 1, "bbox": [30, 10, 30, 30], "area": 700.0, "iscrowd": 1},
+        ]
+        _coco_file(tmp_path / "annotations" / f"instances_{split}.json", images, anns, cats)
+        _coco_file(tmp_path / "annotations" / f"captions_{split}.json", images, [{"id": 1, "image_id": 1}], [])
+        _coco_file(tmp_path / "annotations" / f"person_keypoints_{split}.json", images, [], cats[:1])
+    data = load_detection_data(tmp_path, warn=False)
+    assert data.format == "coco" and data.classes == ["person", "dog"]
+    for split in ("train", "val"):
+        (r,) = data.split(split)
+        assert Path(r.path).parent.name == f"{split}2017"
+        assert r.boxes.tolist() == [[4, 4, 24, 14]] and r.labels.tolist() == [1]
+        assert r.areas.tolist() == [150.0]
+        assert r.crowd_boxes.tolist() == [[30, 10, 60, 40]] and r.crowd_labels.tolist() == [0]
+    assert data.issues.as_dict() == {"crowd_box": 2}
+
+
+def test_coco_files_that_cannot_be_a_dataset_are_one_error_naming_the_file(tmp_path):
+    Image.new("RGB", (20, 20)).save(tmp_path / "a.jpg")
+    images = [{"id": 1, "file_name": "a.jpg", "width": "sixty", "height": 20}, "not an image entry"]
+    anns = [["a list"], {"id": 2, "image_id": 1, "category_id": 1, "bbox": [1, 1, 5, 5]}]
+    for split in ("train", "val"):
+        _coco_file(tmp_path / "annotations" / f"instances_{split}.json", images, anns, [{"id": 1, "name": "x"}])
+    data = load_detection_data(tmp_path, warn=False)  # a bad size is read from the file; bad entries counted
+    (r,) = data.split("train")
+    assert (r.width, r.height) == (20, 20) and r.boxes.tolist() == [[1, 1, 6, 6]]
+    assert data.issues.as_dict() == {"malformed_label": 4}
+    _coco_file(tmp_path / "annotations" / "instances_train.json", images, anns, [{"name": "no id"}])
+    with pytest.raises(MNv4Error, match=r"instances_train.json: .*categories\[0\]"):
+        load_detection_data(tmp_path)
+    (tmp_path / "annotations" / "instances_train.json").write_bytes(b"\xff\xfe{")
+    with pytest.raises(MNv4Error, match="instances_train.json: cannot read it as COCO JSON"):
+        load_detection_data(tmp_path)
+
+
+def test_yolo_names_must_be_ids_without_gaps(tmp_path):
+    (tmp_path / "images").mkdir()
+    Image.new("RGB", (20, 20)).save(tmp_path / "images" / "a.png")
+    (tmp_path / "labels").mkdir()
+    (tmp_path / "labels" / "a.txt").write_text("2 0.5 0.5 0.5 0.5\n")
+    (tmp_path / "data.yaml").write_text("train: images\nval: images\nnames: {0: cat, 2: dog, 3: bird}\n")
+    with pytest.raises(MNv4Error, match=r"data.yaml: `names` ids must be 0..2 without gaps"):
+        load_detection_data(tmp_path)
+    (tmp_path / "data.yaml").write_text("train: images\nval: images\nnames: {a: cat}\n")
+    with pytest.raises(MNv4Error, match="keys must be class ids"):
+        load_detection_data(tmp_path)
+
+
+def test_label_files_that_are_not_text_drop_their_image(tmp_path):
+    """A UTF-8 byte-order mark is read through; a UTF-16 file's boxes are unknown, so its image is dropped
+    (a negative would teach the detector that its objects are background)."""
+    (tmp_path / "images").mkdir()
+    (tmp_path / "labels").mkdir()
+    for name in ("bom", "utf16"):
+        Image.new("RGB", (20, 20)).save(tmp_path / "images" / f"{name}.png")
+    (tmp_path / "labels" / "bom.txt").write_bytes("0 0.5 0.5 0.5 0.5\n".encode("utf-8-sig"))
+    (tmp_path / "labels" / "utf16.txt").write_bytes("0 0.5 0.5 0.5 0.5\n".encode("utf-16"))
+    (tmp_path / "data.yaml").write_text("val: images\nnames: [x]\n")
+    data = load_detection_data(tmp_path, warn=False)
+    (r,) = data.split("val")
+    assert Path(r.path).name == "bom.png" and r.boxes.tolist() == [[5, 5, 15, 15]]
+    assert data.issues.as_dict() == {"unreadable_label_file": 1}
+
+
 def test_exif_rotated_image_gets_the_viewer_size(tmp_path):
     """A phone photo stored 100 x 50 with EXIF orientation 6 is seen (and normalised) as 50 x 100."""
     (tmp_path / "images").mkdir()
@@ -185,13 +264,15 @@ def test_voc_inverted_and_unknown_class(tmp_path):
     )
     (tmp_path / "Annotations" / "x.xml").write_text(f"<annotation><filename>x.jpg</filename>{objs}</annotation>")
     (tmp_path / "Annotations" / "y.xml").write_text("<annotation><filename>y.jpg</filename>")  # broken XML
+    Image.new("RGB", (50, 50)).save(tmp_path / "JPEGImages" / "y.jpg")  # its boxes are unknown: no negative
+    (tmp_path / "Annotations" / "z.xml").write_text("<annotation><filename>z.jpg</filename></annotation>")
     (tmp_path / "ImageSets" / "Main").mkdir(parents=True)
-    (tmp_path / "ImageSets" / "Main" / "val.txt").write_text("x\ny\n")
+    (tmp_path / "ImageSets" / "Main" / "val.txt").write_text("x\ny\nz\n")
     data = load_detection_data(tmp_path, classes=["dog", "cat"], warn=False)
     assert [Path(r.path).name for r in data.split("val")] == ["x.jpg"]
     issues = data.issues.as_dict()
     assert issues["inverted_box"] == 1 and issues["unknown_class"] == 1
-    assert issues["malformed_label"] == 1 and issues["missing_image"] == 1
+    assert issues["unreadable_label_file"] == 1 and issues["missing_image"] == 1
     r = data.split("val")[0]
     assert r.labels.tolist() == [0] and r.boxes.tolist() == [[2, 1, 22, 20]]
 

@@ -69,6 +69,24 @@ def test_faster_coco_eval_equals_pycocotools(seed):
     assert m.num_images == 12 and m.num_boxes == len(gt["annotations"])
 
 
+def test_crowd_regions_are_ignored_and_areas_kept_as_coco_does():
+    """A detection on a crowd region is neither a hit nor a false positive, and COCO's area buckets use the
+    annotation's `area` (a segment's) rather than the box's, as official COCO evaluation does."""
+    require("pycocotools")
+    box = np.array([[10, 10, 110, 110]], np.float32)  # 100 x 100 box: "medium" (32^2..96^2) by box area
+    r = DetRecord("a.jpg", 200, 200, box, np.array([0]), areas=np.array([900.0], np.float32))  # segment: small
+    r.crowd_boxes, r.crowd_labels = np.array([[120, 120, 190, 190]], np.float32), np.array([0])
+    pred = {"boxes": np.array([[10, 10, 110, 110], [125, 125, 185, 185]]), "scores": np.array([0.8, 0.9])}
+    pred["labels"] = np.array([0, 0])  # the crowd detection scores first: counted, it would halve AP
+    m = coco_metrics([r], [pred], CLASSES)
+    assert m.AP == pytest.approx(1.0) and m.num_boxes == 1  # the crowd detection is no false positive
+    assert m.AP_small == pytest.approx(1.0) and m.AP_medium == -1.0  # bucketed by the 900 px^2 area
+    gt, dets = coco_dicts([r], [pred], CLASSES)
+    np.testing.assert_allclose([getattr(m, k) for k in STAT_NAMES], _pycocotools(gt, dets), atol=1e-9)
+    plain = DetRecord("a.jpg", 200, 200, box, np.array([0]))  # without the crowd region: a false positive
+    assert coco_metrics([plain], [pred], CLASSES).AP < 1.0
+
+
 def test_perfect_and_empty_predictions():
     records, _ = _fixture()
     perfect = [{"boxes": r.boxes, "scores": np.ones(len(r.boxes)), "labels": r.labels} for r in records]

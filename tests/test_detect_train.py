@@ -261,6 +261,8 @@ def test_eval_prints_one_json_object(tmp_path, saved_detector, capsys):
         (["detect", "train", "--epochs", "-1"], "--epochs"),
         (["detect", "train", "--head", "yolo"], "--head"),
         (["detect", "train", "--set", "scale_jitter=[2, 1]"], "scale_jitter"),
+        (["detect", "eval", "--checkpoint", "{det}", "--val-split", "7"], "val-split"),
+        (["detect", "train", "--checkpoint", "{det}", "--head", "ssdlite"], "contradicts"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(tmp_path, saved_detector, capsys, argv, match):
@@ -272,6 +274,91 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, saved_detector, capsys, argv
     assert code == 2
     assert err[-1].startswith("mnv4: error:") and match in err[-1], err
     assert not any("Traceback" in line for line in err)
+
+
+def test_predict_failure_leaves_an_existing_output_file_alone(tmp_path, saved_detector, capsys):
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    out = tmp_path / "boxes.jsonl"
+    out.write_text('{"path": "earlier run"}\n')
+    argv = ["detect", "predict", str(tmp_path / "broken.jpg"), "--checkpoint", str(saved_detector), "-o", str(out)]
+    code = main(argv)
+    assert code == 2 and "no image could be read" in capsys.readouterr().err
+    assert out.read_text() == '{"path": "earlier run"}\n'
+
+
+def test_predictions_go_to_the_annotation_frame_when_its_stated_size_is_wrong(tmp_path):
+    """A COCO file stating 120 x 80 for a 60 x 40 image: its boxes (the ground truth) are in the stated
+    frame, so a detector that finds the object exactly must be scored there, not in the file's pixels."""
+    from mnv4.detect.evaluate import predict_records
+    from mnv4.detect.transforms import letterbox_geometry
+
+    Image.new("RGB", (60, 40)).save(tmp_path / "a.png")
+    rec = DetRecord(str(tmp_path / "a.png"), 120, 80, np.array([[20, 20, 60, 50]], np.float32), np.array([0]), 1)
+    (sx, sy), px, py, _, _ = letterbox_geometry(60, 40, 64)
+    found = torch.tensor([[10 * sx + px, 10 * sy + py, 30 * sx + px, 25 * sy + py]])  # the object in the file
+
+    class Stub(torch.nn.Module):
+        def forward(self, images, targets=None):
+            return [{"boxes": found, "scores": torch.tensor([0.9]), "labels": torch.tensor([0])} for _ in images]
+
+    (pred,) = predict_records(Stub(), [rec], 64)
+    np.testing.assert_allclose(pred["boxes"].numpy(), [[20, 20, 60, 50]], atol=1e-3)
+
+
+def test_the_resize_mode_travels_with_the_detector(tmp_path, tiny_hybrid_spec, monkeypatch):
+    """Trained stretched (`resize: fixed`), a detector is evaluated and run stretched too: the mode is in
+    its file, and prediction maps boxes back with it. Files without the key are letterbox ones."""
+    from mnv4.detect import create_detector, load_detector, save_detector
+    from mnv4.detect.evaluate import image_records, predict_records, resize_mode
+    from mnv4.detect.factory import build_from_config
+    from mnv4.detect.model import Detector
+
+    det = create_detector(tiny_hybrid_spec, classes=SHAPES, image_size=64, width=16, num_convs=1, resize="fixed")
+    back = load_detector(save_detector(det, tmp_path / "f.safetensors"))
+    assert back.resize == resize_mode(back) == "fixed"
+    old = build_from_config({k: v for k, v in det.config.items() if k != "resize"})
+    assert old.resize == "letterbox"
+    Image.new("RGB", (128, 32)).save(tmp_path / "wide.png")
+
+    def fixed_box(self, images, targets=None):
+        box = torch.tensor([[16.0, 16, 48, 48]])
+        return [{"boxes": box, "scores": torch.tensor([0.9]), "labels": torch.tensor([0])}]
+
+    monkeypatch.setattr(Detector, "forward", fixed_box)
+    records = image_records([tmp_path / "wide.png"])
+    stretched = predict_records(back, records, 64)[0]["boxes"]  # x / 0.5, y / 2
+    np.testing.assert_allclose(stretched.numpy(), [[32, 8, 96, 24]])
+    padded = predict_records(old, records, 64)[0]["boxes"]  # x / 0.5, (y - 24) / 0.5, clipped
+    np.testing.assert_allclose(padded.numpy(), [[32, 0, 96, 32]])
+
+
+def test_fine_tuning_a_saved_detector_takes_its_head_size_and_mode(tmp_path, saved_detector):
+    from safetensors.torch import save_file
+
+    from mnv4.errors import MNv4Error
+
+    cfg = resolve_detect_config(None, None, data=str(tmp_path), checkpoint=str(saved_detector))
+    assert (cfg.recipe, cfg.head, cfg.input_size, cfg.resize) == ("detect-small", "retinanet", 64, "letterbox")
+    assert cfg.head_options is None and isinstance(cfg.model, dict)  # its own anchors; its searched spec
+    with pytest.raises(MNv4Error, match=r"--input-size 320 contradicts .*\(head retinanet, input size 64 px\)"):
+        resolve_detect_config(None, None, data="x", checkpoint=str(saved_detector), input_size=320)
+    with pytest.raises(MNv4Error, match="--head ssdlite contradicts"):
+        resolve_detect_config(None, None, data="x", checkpoint=str(saved_detector), head="ssdlite")
+    save_file({"w": torch.zeros(1)}, tmp_path / "plain.safetensors")
+    with pytest.raises(MNv4Error, match="not an mnv4 detector; a classifier's weights go to --backbone-checkpoint"):
+        resolve_detect_config(None, None, data="x", checkpoint=str(tmp_path / "plain.safetensors"))
+
+
+def test_a_saved_detector_takes_new_classes_with_fresh_class_layers_only(saved_detector):
+    from mnv4.detect import create_detector, load_detector
+
+    old = load_detector(saved_detector).state_dict()
+    for classes in (["a", "b"], list(reversed(SHAPES))):  # another count; the same count under other names
+        new = create_detector(checkpoint=saved_detector, classes=classes)
+        assert new.classes == classes
+        sd = new.state_dict()
+        changed = {k for k, v in sd.items() if v.shape != old[k].shape or not torch.equal(v, old[k])}
+        assert changed and all("classification_head.cls_logits" in k for k in changed), changed
 
 
 @pytest.mark.slow

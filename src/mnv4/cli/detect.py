@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..errors import MNv4Error
+from ..errors import MNv4Error, check_float
 from . import args as A
 from .train import SHARED_FIELD_FLAGS, FieldFlags
 
@@ -79,6 +79,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from ..detect.evaluate import evaluate_detector
     from ..detect.metrics import plot_pr_curve
 
+    check_float("val_split", args.val_split, 0.0, 1.0, lo_open=True, hi_open=True)  # used or not, as training checks it
     det, device = _load(args)
     data = load_detection_data(args.data, classes=det.classes, val_fraction=args.val_split, seed=args.seed)
     records = data.split(args.split)
@@ -124,15 +125,15 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     preds = predict_records(
         det, records, det.image_size, device=device, batch_size=args.batch_size, workers=args.workers, bad=bad
     )
+    if bad:
+        print(f"mnv4: {bad.summary()}", file=sys.stderr)
+    if all(p is None for p in preds):  # before any output is written: an existing --output file stays as it was
+        raise MNv4Error("no image could be read, nothing was predicted")
     rows = prediction_rows(records, preds, det.classes, args.score_threshold)
     write_rows(rows, args.format, args.output)
     if args.save_images:
         saved = draw_predictions(records, preds, det.classes, args.score_threshold, args.save_images)
         print(f"drew boxes on {saved} image(s) in {args.save_images}", file=sys.stderr)
-    if bad:
-        print(f"mnv4: {bad.summary()}", file=sys.stderr)
-    if all(p is None for p in preds):
-        raise MNv4Error("no image could be read, nothing was predicted")
     return 0
 
 

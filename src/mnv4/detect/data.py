@@ -42,6 +42,7 @@ from .formats import (
     read_voc_xml,
     read_yolo_txt,
     sanitize_boxes,
+    sanitize_boxes_kept,
 )
 
 __all__ = ["DetectionData", "DetectionDataset", "collate_detection", "detect_format", "load_detection_data"]
@@ -166,6 +167,17 @@ def _yolo_yaml(root: Path) -> Path | None:
 def _yolo_names(meta: dict[str, Any], path: Path) -> list[str]:
     names = meta.get("names")
     if isinstance(names, dict):
+        # The ids in the label files index this mapping; compacting ids with gaps would give boxes the wrong
+        # names, so the ids must be exactly 0..N-1 (as Ultralytics requires).
+        try:
+            ids = sorted(int(k) for k in names)
+        except (TypeError, ValueError):
+            raise MNv4Error(f"{path}: `names` keys must be class ids 0..N-1; got {list(names)[:5]}") from None
+        if ids != list(range(len(ids))):
+            raise MNv4Error(
+                f"{path}: `names` ids must be 0..{len(ids) - 1} without gaps (got {ids[:8]}); renumber the "
+                "classes in the data file and the label files"
+            )
         names = [names[k] for k in sorted(names, key=int)]
     if not isinstance(names, list) or not names:
         raise MNv4Error(f"{path}: `names` must list the class names (a list, or a mapping id: name)")
@@ -214,7 +226,11 @@ def _read_yolo(root: Path, classes: list[str] | None, issues: BoxIssues):
                 continue
             label_file = _yolo_label_path(img)
             if label_file.is_file():
-                boxes, labels = read_yolo_txt(label_file, size[0], size[1], len(names), issues)
+                try:
+                    boxes, labels = read_yolo_txt(label_file, size[0], size[1], len(names), issues)
+                except (OSError, ValueError):  # not text: its boxes are unknown, so the image is no negative
+                    issues.add("unreadable_label_file")
+                    continue
             else:
                 issues.add("missing_label_file")
                 boxes, labels = np.zeros((0, 4), np.float32), np.zeros((0,), np.int64)
@@ -260,22 +276,24 @@ def _voc_image(root: Path, stem: str, filename: str | None) -> Path:
 
 def _read_voc(root: Path, classes: list[str] | None, issues: BoxIssues):
     ids = _voc_split_ids(root)
-    parsed: dict[str, tuple[str | None, list]] = {}
+    parsed: dict[str, tuple[str | None, list] | None] = {}
     for stem in sorted({s for v in ids.values() for s in v}):
         xml = root / "Annotations" / f"{stem}.xml"
         try:
             parsed[stem] = read_voc_xml(xml) if xml.is_file() else (None, [])
-        except Exception:  # ElementTree raises ParseError and others for a broken file: count, go on
-            parsed[stem] = (None, [])
-            issues.add("malformed_label")
+        except Exception:  # ElementTree raises ParseError and others for a broken file
+            parsed[stem] = None  # its boxes are unknown, so the image is no negative: dropped, counted
+            issues.add("unreadable_label_file")
         if not xml.is_file():
             issues.add("missing_label_file")
-    found = sorted({name for _, objs in parsed.values() for name, _ in objs if name})
+    found = sorted({name for entry in parsed.values() if entry for name, _ in entry[1] if name})
     index = _label_map(found, classes)
     splits = {}
     for split, stems in ids.items():
         records = []
         for stem in stems:
+            if parsed[stem] is None:
+                continue
             filename, objs = parsed[stem]
             boxes = np.asarray([c for _, c in objs], np.float64).reshape(-1, 4)
             labels = np.asarray([index.get(n, -1) for n, _ in objs], np.int64)
@@ -287,13 +305,20 @@ def _read_voc(root: Path, classes: list[str] | None, issues: BoxIssues):
 
 
 # ---------------------------------------------------------------------------------------------- COCO
+# COCO's own annotations/ folder holds other tasks' files per split beside the boxes: captions and keypoints
+# (no boxes of their own categories), stuff and panoptic (segments). Boxes come from instances_*.json.
+_COCO_OTHER_TASKS = ("captions", "person_keypoints", "stuff", "panoptic", "image_info")
+
+
 def _coco_files(root: Path) -> dict[str, Path]:
     out: dict[str, Path] = {}
     ann = root / "annotations"
     jsons = sorted(ann.glob("*.json")) if ann.is_dir() else []
+    jsons = sorted(jsons, key=lambda p: (not p.stem.startswith("instances"), p.stem.startswith(_COCO_OTHER_TASKS)))
     for split in SPLITS:
         for alias in _SPLIT_ALIASES[split]:
-            hit = [p for p in jsons if re.search(rf"(^|[_\-.]){alias}(\d*|[_\-.])", p.stem)]
+            hit = [p for p in jsons if re.search(rf"(^|[_\-.]){alias}(\d*|[_\-.]|$)", p.stem)]
+            hit = [p for p in hit if not p.stem.startswith(_COCO_OTHER_TASKS)] or hit
             folder = sorted((root / alias).glob("*.json")) if (root / alias).is_dir() else []
             if hit or folder:
                 out[split] = (hit or folder)[0]
@@ -301,11 +326,21 @@ def _coco_files(root: Path) -> dict[str, Path]:
     return out
 
 
-def _coco_image(json_path: Path, root: Path, split_dir: str, name: str) -> Path:
-    for base in (json_path.parent, root, root / "images", root / split_dir, root / "images" / split_dir):
+def _coco_image_folders(json_path: Path, root: Path) -> list[Path]:
+    """Where a COCO file's images may be: next to the JSON, the root, ``images/``, and for a file named like
+    ``instances_train2017.json`` the split's folder (``train2017/``, ``images/train2017/``)."""
+    folders = [json_path.parent, root, root / "images"]
+    for part in dict.fromkeys([json_path.parent.name, *re.split(r"[_\-.]", json_path.stem)]):
+        if part and part != "annotations":
+            folders += [root / part, root / "images" / part]
+    return [f for f in dict.fromkeys(folders) if f.is_dir()]
+
+
+def _coco_image(folders: list[Path], name: str) -> Path | None:
+    for base in folders:
         if (base / name).is_file():
             return base / name
-    return json_path.parent / name
+    return None
 
 
 def _read_coco(root: Path, classes: list[str] | None, issues: BoxIssues):
@@ -315,29 +350,51 @@ def _read_coco(root: Path, classes: list[str] | None, issues: BoxIssues):
     for split, path in files.items():
         try:
             coco = read_coco_json(path)
-        except (OSError, ValueError) as e:
-            raise MNv4Error(f"{path}: cannot read it as COCO JSON ({' '.join(str(e).split())})") from None
-        cats = sorted(coco["categories"], key=lambda c: c["id"])
+        except (OSError, ValueError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+            raise MNv4Error(f"{path}: cannot read it as COCO JSON ({' '.join(str(e).split())[:200]})") from None
+        cats = sorted(coco["categories"], key=lambda c: (isinstance(c["id"], str), str(c["id"]).zfill(12)))
         names = [str(c["name"]) for c in cats]
         found = found or names
         index = _label_map(found, classes)
         cat_to_label = {c["id"]: index.get(str(c["name"]), -1) for c in cats}
         by_image: dict[Any, list[dict]] = {}
         for a in coco["annotations"]:
-            by_image.setdefault(a.get("image_id"), []).append(a)
+            if isinstance(a, dict):
+                by_image.setdefault(a.get("image_id"), []).append(a)
+            else:
+                issues.add("malformed_label")
+        folders = _coco_image_folders(path, root)
         records = []
         for im in coco["images"]:
-            boxes, labels = coco_boxes(by_image.get(im.get("id"), []), cat_to_label, issues)
-            path_i = _coco_image(path, root, path.parent.name, str(im.get("file_name", "")))
-            size = (int(im["width"]), int(im["height"])) if im.get("width") and im.get("height") else None
-            if not path_i.is_file():
+            if not isinstance(im, dict):
+                issues.add("malformed_label")
+                continue
+            boxes, labels, areas, crowd, crowd_labels = coco_boxes(by_image.get(im.get("id"), []), cat_to_label, issues)
+            path_i = _coco_image(folders, str(im.get("file_name", "")))
+            if path_i is None:
                 issues.add("missing_image")
                 continue
-            rec = _record(path_i, boxes, labels, issues, size)
-            if rec is not None:
-                records.append(rec)
+            # The file's stated size saves opening 100k+ headers; a wrong one is corrected when the image is
+            # loaded (DetectionDataset) and evaluation compares in the stated frame (evaluate.predict_records).
+            size = (_positive_int(im.get("width")), _positive_int(im.get("height")))
+            size = image_size(path_i) if None in size else size
+            if size is None:
+                issues.add("unreadable_image")
+                continue
+            b, lab, keep = sanitize_boxes_kept(boxes, labels, size[0], size[1], issues)
+            rec = DetRecord(str(path_i), size[0], size[1], b, lab, areas=areas[keep])
+            rec.crowd_boxes, rec.crowd_labels = crowd, crowd_labels
+            records.append(rec)
         splits[split] = records
     return found or [], splits
+
+
+def _positive_int(value: Any) -> int | None:
+    try:
+        n = int(value)
+    except (TypeError, ValueError):
+        return None
+    return n if n > 0 else None
 
 
 # ---------------------------------------------------------------------------------------------- torch side

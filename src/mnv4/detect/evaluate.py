@@ -43,7 +43,7 @@ def predict_records(
     model: nn.Module,
     records: list[DetRecord],
     size: int,
-    mode: str = "letterbox",
+    mode: str | None = None,
     device: torch.device | str = "cpu",
     batch_size: int = 16,
     workers: int = 0,
@@ -51,12 +51,14 @@ def predict_records(
 ) -> list[dict[str, Any] | None]:
     """One ``{"boxes", "scores", "labels"}`` (CPU tensors, boxes in the original image's pixels) per record,
     None for an unreadable image (named in ``bad``). ``model`` is any torchvision-style detector taking a list
-    of [0, 1] images of ``size`` x ``size``."""
-    ds = DetectionDataset(records, DetectionAugment(size, mode=mode))
+    of [0, 1] images of ``size`` x ``size``; ``mode`` (letterbox | fixed) defaults to the detector's own
+    (``Detector.resize``, the mode it was trained with)."""
+    ds = DetectionDataset(records, DetectionAugment(size, mode=mode or resize_mode(model)))
     loader = DataLoader(ds, batch_size=batch_size, num_workers=workers, collate_fn=collate_detection)
     was_training = model.training
     model.eval()
     out: dict[int, dict[str, Any]] = {}
+    by_id = {r.image_id: r for r in records}
     try:
         for images, targets, broken in loader:
             if bad is not None:
@@ -66,10 +68,22 @@ def predict_records(
             preds = model(list(images.to(device)))
             for p, t in zip(preds, targets):
                 boxes = unletterbox(p["boxes"].float().cpu(), t["letterbox"])
+                r = by_id[t["image_id"]]
+                w, h = t["letterbox"][3:]
+                if r.width and r.height and (w, h) != (r.width, r.height):
+                    # the annotation file stated another size (COCO's width/height): its boxes, the ground
+                    # truth, are in that frame, so the predictions go there too
+                    boxes = boxes * torch.tensor([r.width / w, r.height / h] * 2)
                 out[t["image_id"]] = {"boxes": boxes, "scores": p["scores"].float().cpu(), "labels": p["labels"].cpu()}
     finally:
         model.train(was_training)
     return [out.get(r.image_id) for r in records]
+
+
+def resize_mode(model: nn.Module) -> str:
+    """The resize mode a detector (or an :class:`ArtefactDetector` of one) was trained with."""
+    inner = getattr(model, "detector", model)
+    return getattr(inner, "resize", None) or "letterbox"
 
 
 def evaluate_detector(
@@ -102,7 +116,7 @@ def letterboxed_images(
     if not paths:
         raise MNv4Error(f"no images found in {folder}")
     random.Random(seed).shuffle(paths)
-    ds = DetectionDataset(image_records(paths), DetectionAugment(detector.image_size))
+    ds = DetectionDataset(image_records(paths), DetectionAugment(detector.image_size, mode=detector.resize))
     images: list[torch.Tensor] = []
     for i in range(len(ds)):
         if len(images) >= limit:

@@ -158,11 +158,12 @@ def _realistic(detector: Detector, samples: torch.Tensor) -> tuple[Detector, str
 def _sidecar(detector: Detector, path: Path, layout: str, **extra: Any) -> Path:
     from .evaluate import sidecar_path
 
+    how = "letterboxed to S (aspect kept, padded with 114 grey)" if detector.resize == "letterbox" else "stretched to S"
     info = {
         "config": detector.config,
         "classes": detector.classes,
         "image_size": detector.image_size,
-        "input": "normalised RGB [B, 3, S, S]: (pixels / 255 - mean) / std, letterboxed to S",
+        "input": f"normalised RGB [B, 3, S, S]: (pixels / 255 - mean) / std, {how}",
         "output": layout,
         **extra,
     }
@@ -351,9 +352,9 @@ def export_detector(
     *,
     with_nms: bool = False,
     precision: str = "fp32",
-    score_thresh: float = 0.05,
-    nms_thresh: float = 0.5,
-    max_det: int = 100,
+    score_thresh: float | None = None,
+    nms_thresh: float | None = None,
+    max_det: int | None = None,
     samples: int = 8,
     images: torch.Tensor | None = None,
     eval_data: str | os.PathLike | None = None,
@@ -375,6 +376,12 @@ def export_detector(
     from ..deploy.parity import ParityError
 
     info = get_format(fmt)
+    # Defaults: the eager detector's own decoding (RetinaNet 0.05 / 0.5, SSDLite 0.001 / 0.55, 100 boxes),
+    # so the graph gives what the eager model gives.
+    m = detector.model
+    score_thresh = m.score_thresh if score_thresh is None else score_thresh
+    nms_thresh = m.nms_thresh if nms_thresh is None else nms_thresh
+    max_det = m.detections_per_img if max_det is None else max_det
     check_float("score_thresh", score_thresh, 0.0, 1.0)
     check_float("nms_thresh", nms_thresh, 0.0, 1.0)
     check_int("max_det", max_det, 1)

@@ -14,6 +14,7 @@ from .anchors import AUTO, AUTO_OPTIONS
 from .io import DETECTOR_FORMAT, is_detector_config
 from .model import BOX_LOSSES, RETINANET_OPTIONS, SSDLITE_OPTIONS, Detector, feature_levels
 from .registry import split_detector_name
+from .transforms import RESIZE_MODES
 
 __all__ = ["create_detector", "build_from_config", "load_detector"]
 
@@ -160,6 +161,7 @@ def create_detector(
     pretrained: str | bool | None = None,
     checkpoint: str | os.PathLike | None = None,
     drop_path_rate: float = 0.0,
+    resize: str = "letterbox",
     **head_options: Any,
 ) -> Detector:
     """Build a detector (docs/detection.md).
@@ -173,19 +175,23 @@ def create_detector(
         image_size: the square input side the data pipeline letterboxes to.
         backbone_checkpoint: an mnv4 or timm classification checkpoint for the backbone (head keys ignored).
         pretrained: True or a timm weight tag for the backbone, downloaded from the hub.
-        checkpoint: a saved detector (``save_detector``); everything else is read from it.
+        checkpoint: a saved detector (``save_detector``); everything else is read from it. With other
+            ``classes`` (or ``num_classes``) its class-score layers start fresh (:func:`with_new_classes`).
         drop_path_rate: the backbone's stochastic depth (the paper: 0.2).
+        resize: how images reach ``image_size``: ``letterbox`` (aspect kept, padded) or ``fixed`` (stretched);
+            saved with the detector so evaluation, prediction and export calibration resize as training did.
         **head_options: RETINANET_OPTIONS / SSDLITE_OPTIONS overrides (``width``, ``num_convs``, ...).
     """
     if checkpoint is not None:
         detector = load_detector(checkpoint)
-        if (num_classes is not None and num_classes != detector.num_classes) or (
-            classes is not None and list(classes) != detector.classes
-        ):
-            raise MNv4Error(f"{checkpoint} holds a detector of {detector.num_classes} classes; drop `num_classes`")
+        if classes is None and num_classes is not None and num_classes != detector.num_classes:
+            classes = [str(i) for i in range(num_classes)]
+        if classes is not None and list(classes) != detector.classes:
+            return with_new_classes(detector, _classes(None, classes))
         return detector
     names = _classes(num_classes, classes)
     check_int("image_size", image_size, 32)
+    check_choice("resize", resize, RESIZE_MODES)
     check_float("drop_path_rate", drop_path_rate, 0.0, 1.0, hi_open=True)
     if isinstance(model, ModelSpec):
         head = check_choice("head", head or "retinanet", _DEFAULTS)
@@ -208,6 +214,7 @@ def create_detector(
         "backbone": body.spec.name,
         "classes": names,
         "image_size": image_size,
+        "resize": resize,
         "drop_path_rate": drop_path_rate,
         "head_options": opts,
         "preprocess": {"mean": list(pre.mean), "std": list(pre.std)} if pre else _default_preprocess(),
@@ -224,6 +231,24 @@ def _default_preprocess() -> dict[str, list[float]]:
 
     pre = Preprocess()
     return {"mean": list(pre.mean), "std": list(pre.std)}
+
+
+def with_new_classes(detector: Detector, classes: list[str]) -> Detector:
+    """``detector`` for another class list (fine-tuning on new data): every weight is kept except the class
+    scores' layers, which start fresh (torchvision's initialisation, RetinaNet's prior-probability bias).
+
+    The class-dependent layers are found by shape, building the config at two class counts, so the same
+    count under other names also gets a fresh classifier (its old rows would mean other classes)."""
+    cfg = {**detector.config, "classes": list(classes)}
+    fresh = build_from_config(cfg)
+    probe = build_from_config({**cfg, "classes": [*classes, "\0probe"]}).state_dict()
+    own = fresh.state_dict()
+    class_keys = {k for k, v in own.items() if k in probe and probe[k].shape != v.shape}
+    kept = {k: v for k, v in detector.state_dict().items() if k in own and k not in class_keys}
+    fresh.load_state_dict(kept, strict=False)
+    fresh.backbone_source = getattr(detector, "backbone_source", None)
+    fresh.replaced_classes = list(detector.classes)
+    return fresh
 
 
 def load_detector(path: str | os.PathLike) -> Detector:

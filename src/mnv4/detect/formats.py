@@ -48,7 +48,8 @@ ISSUES = {
     "unknown_class": "boxes of unknown classes dropped",
     "class_out_of_range": "boxes with a class id out of range dropped",
     "malformed_label": "malformed label lines dropped",
-    "crowd_box": "COCO crowd regions left out",
+    "unreadable_label_file": "images whose label file cannot be parsed dropped",
+    "crowd_box": "COCO crowd regions kept out of training (ignored in evaluation)",
     "missing_label_file": "images without a label file (used as negatives)",
     "missing_image": "annotated images whose file is missing dropped",
     "unreadable_image": "unreadable images dropped",
@@ -65,6 +66,12 @@ class DetRecord:
     boxes: np.ndarray  # float32 [N, 4] xyxy pixels of the (EXIF-oriented) image
     labels: np.ndarray  # int64 [N], 0..C-1
     image_id: int = 0
+    # COCO only. areas: the annotations' own `area` (a segment's area), which COCO's small / medium / large
+    # split uses; None: box areas. crowd: iscrowd regions, never trained on; evaluation ignores detections
+    # on them as COCO's does, instead of counting them as false positives.
+    areas: np.ndarray | None = None  # float32 [N]
+    crowd_boxes: np.ndarray = field(default_factory=lambda: np.zeros((0, 4), np.float32))
+    crowd_labels: np.ndarray = field(default_factory=lambda: np.zeros((0,), np.int64))
 
 
 @dataclass
@@ -92,6 +99,14 @@ def sanitize_boxes(
     boxes: np.ndarray, labels: np.ndarray, width: int, height: int, issues: BoxIssues, min_size: float = 1.0
 ) -> tuple[np.ndarray, np.ndarray]:
     """Clip boxes to the image and drop the unusable ones (counted in ``issues``); labels < 0 mark unknown classes."""
+    b, lab, _ = sanitize_boxes_kept(boxes, labels, width, height, issues, min_size)
+    return b, lab
+
+
+def sanitize_boxes_kept(
+    boxes: np.ndarray, labels: np.ndarray, width: int, height: int, issues: BoxIssues, min_size: float = 1.0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`sanitize_boxes` plus the boolean mask of the input boxes kept (to filter per-box extras)."""
     b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
     lab = np.asarray(labels, dtype=np.int64).reshape(-1)
     keep = lab >= 0
@@ -114,7 +129,7 @@ def sanitize_boxes(
     issues.add("degenerate_box", int((keep & small).sum()))
     keep &= ~small
     issues.add("clipped_box", int((keep & was_clipped).sum()))
-    return clipped[keep].astype(np.float32), lab[keep]
+    return clipped[keep].astype(np.float32), lab[keep], keep
 
 
 _TRANSPOSED = (5, 6, 7, 8)  # EXIF orientations that swap width and height
@@ -181,7 +196,9 @@ def read_yolo_txt(
     (counted as ``class_out_of_range``). Lines of more than 5 numbers are polygons (YOLO segmentation
     labels): their bounding box is used."""
     boxes, labels = [], []
-    for line in Path(path).read_text().splitlines():
+    # utf-8-sig: a byte-order mark (Windows editors) is not part of the first class id. Another encoding
+    # raises UnicodeDecodeError (a ValueError): the reader drops that image and counts it.
+    for line in Path(path).read_text(encoding="utf-8-sig").splitlines():
         parts = line.split()
         if not parts:
             continue
@@ -221,37 +238,53 @@ def write_yolo_txt(path: str | os.PathLike, record: DetRecord) -> Path:
 
 # ---------------------------------------------------------------------------------------------- COCO
 def read_coco_json(path: str | os.PathLike) -> dict:
-    """The parsed COCO file (``images``, ``annotations``, ``categories``); a broken file raises ValueError."""
-    with open(path) as f:
+    """The parsed COCO file (``images``, ``annotations``, ``categories``); a broken file raises ValueError
+    naming what is wrong (the reader turns it into one line naming the file)."""
+    with open(path, encoding="utf-8-sig") as f:
         data = json.load(f)
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
         raise ValueError("not a COCO detection file (no `images` list)")
-    data.setdefault("annotations", [])
-    data.setdefault("categories", [])
+    for key in ("annotations", "categories"):
+        if data.get(key) is None:
+            data[key] = []
+        if not isinstance(data[key], list):
+            raise ValueError(f"`{key}` must be a list, not {type(data[key]).__name__}")
+    for i, c in enumerate(data["categories"]):
+        if not isinstance(c, dict) or "name" not in c or not isinstance(c.get("id"), int | str):
+            raise ValueError(f"categories[{i}] must be an object with `id` and `name`; got {str(c)[:80]}")
     return data
 
 
-def coco_boxes(anns: list[dict], cat_to_label: dict[int, int], issues: BoxIssues) -> tuple[np.ndarray, np.ndarray]:
-    """xyxy boxes (unsanitised) and labels of one image's COCO annotations; unknown categories get -1."""
-    boxes, labels = [], []
+def coco_boxes(
+    anns: list[dict], cat_to_label: dict[int, int], issues: BoxIssues
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """One image's COCO annotations as (xyxy boxes (unsanitised), labels (-1: unknown category), areas (the
+    annotation's ``area``, else the box's), crowd boxes, crowd labels). Malformed entries are counted."""
+    boxes, labels, areas, crowd, crowd_labels = [], [], [], [], []
     for a in anns:
-        if a.get("iscrowd", 0):
-            issues.add("crowd_box")
-            continue
-        bbox = a.get("bbox")
+        bbox = a.get("bbox") if isinstance(a, dict) else None
         if not isinstance(bbox, list | tuple) or len(bbox) != 4:
             issues.add("malformed_label")
             continue
         try:
             x, y, w, h = (float(v) for v in bbox)
+            area = float(a["area"]) if isinstance(a.get("area"), int | float) else w * h
         except (TypeError, ValueError):
             issues.add("malformed_label")
             continue
+        label = cat_to_label.get(a.get("category_id"), -1)
+        if a.get("iscrowd", 0):
+            issues.add("crowd_box")
+            if label >= 0:
+                crowd.append([x, y, x + w, y + h])
+                crowd_labels.append(label)
+            continue
         boxes.append([x, y, x + w, y + h])
-        labels.append(cat_to_label.get(a.get("category_id"), -1))
-    if not boxes:
-        return _empty()
-    return np.asarray(boxes, np.float32), np.asarray(labels, np.int64)
+        labels.append(label)
+        areas.append(area)
+    b, lab = (np.asarray(boxes, np.float32), np.asarray(labels, np.int64)) if boxes else _empty()
+    cb, cl = (np.asarray(crowd, np.float32), np.asarray(crowd_labels, np.int64)) if crowd else _empty()
+    return b, lab, np.asarray(areas, np.float32), cb, cl
 
 
 def write_coco_json(
@@ -277,11 +310,16 @@ def write_coco_json(
                 "image_id": image_id,
                 "category_id": int(label) + 1,
                 "bbox": [x1, y1, w, h],
-                "area": w * h,
+                "area": float(r.areas[j]) if r.areas is not None else w * h,
                 "iscrowd": 0,
             }
             if scores is not None:
                 ann["score"] = float(scores[len(images) - 1][j])
             anns.append(ann)
+        if scores is None:
+            for (x1, y1, x2, y2), label in zip(r.crowd_boxes.tolist(), r.crowd_labels.tolist()):
+                box = [x1, y1, x2 - x1, y2 - y1]
+                crowd = {"id": len(anns) + 1, "image_id": image_id, "category_id": int(label) + 1, "bbox": box}
+                anns.append({**crowd, "area": box[2] * box[3], "iscrowd": 1})
     cats = [{"id": i + 1, "name": name} for i, name in enumerate(classes)]
     return atomic_write_json(path, {"images": images, "annotations": anns, "categories": cats})

@@ -66,10 +66,17 @@ def coco_dicts(
     images, anns, dets = [], [], []
     for i, (r, p) in enumerate(zip(records, predictions)):
         images.append({"id": i + 1, "width": int(r.width), "height": int(r.height)})
-        for (x1, y1, x2, y2), label in zip(np.asarray(r.boxes).tolist(), np.asarray(r.labels).tolist()):
+        areas = getattr(r, "areas", None)
+        for j, ((x1, y1, x2, y2), label) in enumerate(zip(np.asarray(r.boxes).tolist(), np.asarray(r.labels).tolist())):
             w, h = x2 - x1, y2 - y1
             ann = {"id": len(anns) + 1, "image_id": i + 1, "category_id": int(label) + 1, "bbox": [x1, y1, w, h]}
-            anns.append({**ann, "area": w * h, "iscrowd": 0})
+            anns.append({**ann, "area": float(areas[j]) if areas is not None else w * h, "iscrowd": 0})
+        # COCO crowd regions: a detection matched to one is neither a true nor a false positive.
+        crowd = zip(np.asarray(r.crowd_boxes).tolist(), np.asarray(r.crowd_labels).tolist())
+        for (x1, y1, x2, y2), label in crowd:
+            w, h = x2 - x1, y2 - y1
+            ann = {"id": len(anns) + 1, "image_id": i + 1, "category_id": int(label) + 1, "bbox": [x1, y1, w, h]}
+            anns.append({**ann, "area": w * h, "iscrowd": 1})
         boxes, scores, labels = (_numpy(p[k]) for k in ("boxes", "scores", "labels"))
         for (x1, y1, x2, y2), s, label in zip(boxes.reshape(-1, 4).tolist(), scores.tolist(), labels.tolist()):
             det = {"image_id": i + 1, "category_id": int(label) + 1, "bbox": [x1, y1, x2 - x1, y2 - y1]}
@@ -91,10 +98,11 @@ def coco_metrics(records: list[DetRecord], predictions: list[dict[str, Any]], cl
     if len(records) != len(predictions):
         raise ValueError(f"{len(records)} images but {len(predictions)} predictions")
     gt_dict, dets = coco_dicts(records, predictions, classes)
-    out = DetectionMetrics(num_images=len(records), num_boxes=len(gt_dict["annotations"]), num_detections=len(dets))
-    present = {a["category_id"] for a in gt_dict["annotations"]}
+    boxes = [a for a in gt_dict["annotations"] if not a["iscrowd"]]
+    out = DetectionMetrics(num_images=len(records), num_boxes=len(boxes), num_detections=len(dets))
+    present = {a["category_id"] for a in boxes}
     out.per_class_AP = {c: (0.0 if k + 1 in present else None) for k, c in enumerate(classes)}
-    if not dets or not gt_dict["annotations"]:
+    if not dets or not boxes:
         return out  # nothing detected (or nothing to find): every AP is 0, as COCO would give
     gt = COCO(gt_dict)
     ev = COCOeval_faster(gt, gt.loadRes(dets), iouType="bbox", print_function=lambda *a, **k: None)

@@ -172,6 +172,9 @@ class Detector(nn.Module):
         self.config = config
         self.classes: list[str] = list(config["classes"])
         self.image_size: int = int(config["image_size"])
+        # How images reach image_size (detect/transforms.py): the mode it was trained with, which evaluation,
+        # prediction and export calibration must use too. Files from before the key: letterbox.
+        self.resize: str = str(config.get("resize", "letterbox"))
         self.head_kind: str = config["head"]
         num_classes = len(self.classes)
         opts = config["head_options"]

@@ -180,4 +180,38 @@ def resolve_detect_config(
         head_default = HEAD_DEFAULTS.get(name, {}).get(fields.get("head") or DetectConfig.head)
         if head_default is not None:
             fields["head_options"] = dict(head_default)
+    if fields.get("checkpoint"):
+        _follow_checkpoint(fields, explicit)
     return DetectConfig.from_dict(fields)
+
+
+def _follow_checkpoint(fields: dict[str, Any], explicit: set[str]) -> None:
+    """Fine-tuning a saved detector: its head, backbone, input size and resize mode fill the fields the user
+    did not set, so the run is named, sized and anchored as the detector is (its anchors and feature grid are
+    fixed to its input size). An explicit head or size that contradicts the file is one error."""
+    from ..weights.io import read_checkpoint
+    from .io import is_detector_config
+
+    path = fields["checkpoint"]
+    _, saved = read_checkpoint(path)
+    if not is_detector_config(saved):
+        raise MNv4Error(
+            f"--checkpoint {path} is not an mnv4 detector; a classifier's weights go to --backbone-checkpoint"
+        )
+    have = {"head": saved["head"], "input_size": int(saved["image_size"])}
+    for key, value in have.items():
+        if key in explicit and fields.get(key) not in (None, value):
+            flag = key.replace("_", "-")
+            raise MNv4Error(
+                f"--{flag} {fields[key]} contradicts {path} (head {saved['head']}, input size {have['input_size']} "
+                f"px); drop --{flag}: a saved detector keeps its head and input size (its anchors and feature "
+                "grid are built for them)"
+            )
+        fields[key] = value
+    if "model" not in explicit:
+        fields["model"] = saved.get("spec") or saved["backbone"]
+    if "resize" not in explicit:
+        fields["resize"] = saved.get("resize", "letterbox")
+    if "head_options" in explicit and fields.get("head_options"):
+        raise MNv4Error(f"{path} brings its own head and anchors; drop the head options")
+    fields.pop("head_options", None)

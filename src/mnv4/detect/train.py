@@ -159,8 +159,17 @@ class DetectionTrainer(Trainer):
                 pretrained=pretrained,
                 checkpoint=cfg.checkpoint,
                 drop_path_rate=cfg.drop_path,
+                resize=cfg.resize,
                 **options,
             )
+            if cfg.checkpoint is not None:  # fine-tuned in this run's mode: saved with it (Detector.resize)
+                model.resize = model.config["resize"] = cfg.resize
+                old = getattr(model, "replaced_classes", None)
+                if old is not None:
+                    self.say(
+                        f"{cfg.checkpoint} detects {', '.join(old)}; for {', '.join(model.classes)} its class-score "
+                        "layers start fresh, every other weight is kept"
+                    )
         pre = getattr(model, "config", {}).get("preprocess", {})
         mean, std = tuple(pre.get("mean", Preprocess.mean)), tuple(pre.get("std", Preprocess.std))
         # The trainer reads input_size from here; the detector normalises with mean/std itself.
