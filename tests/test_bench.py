@@ -69,7 +69,7 @@ def no_subprocess(monkeypatch):
         (dict(repeats=0), InvalidValue, "`repeats` 0 is invalid: must be >= 1"),
         (dict(warmup=-1), InvalidValue, "`warmup` -1 is invalid: must be >= 0"),
         (dict(threads=0), InvalidValue, "`threads` 0 is invalid: must be >= 1"),
-        (dict(budget_s=0.0), InvalidValue, "`budget_s` 0.0 is invalid: must be > 0"),
+        (dict(budget_s=-1.0), InvalidValue, "`budget_s` -1.0 is invalid: must be >= 0"),
         (dict(input_size=8), InvalidValue, "`input_size` 8 is invalid: must be >= 16"),
         (dict(timeout=-1.0), InvalidValue, "`timeout` -1.0 is invalid"),
         # valid pieces, but nothing to measure: torch runs fp32 only
@@ -91,6 +91,11 @@ def test_a_named_runtime_that_cannot_run_is_an_error(no_subprocess, monkeypatch)
     monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "openvino" else real(n, *a))
     with pytest.raises(MNv4Error, match=r"pip install 'mnv4\[openvino\]'"):
         bench(models=["mnv4_conv_small"], runtimes=["openvino"])
+    # a precision whose package is missing (OpenVINO INT8 needs nncf) names its extra too
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "nncf" else real(n, *a))
+    with pytest.raises(MNv4Error, match=r"nncf.*pip install 'mnv4\[openvino\]'"):
+        bench(models=["mnv4_conv_small"], runtimes=["openvino", "torch"], precisions=["fp32", "int8"])
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "openvino" else real(n, *a))
     # among the defaults, a missing runtime is skipped instead
     todo = check_bench_request(BenchRequest(("mnv4_conv_small",), None, ("fp32",)))
     assert "openvino" not in {m.runtime for m in todo} and "torch" in {m.runtime for m in todo}
@@ -138,7 +143,10 @@ def test_cli_bench_errors_name_the_flags(no_subprocess, tmp_path, capsys):
     assert main([*base, "-m", "nope"]) == 2
     assert "--model 'nope' is invalid" in capsys.readouterr().err
     assert main([*base, "--budget", "-1"]) == 2
-    assert "--budget -1.0 is invalid: must be > 0" in capsys.readouterr().err
+    assert "--budget -1.0 is invalid: must be >= 0" in capsys.readouterr().err  # 0: no budget
+    (tmp_path / "file.txt").write_text("x")
+    assert main([*base, "-o", str(tmp_path / "file.txt" / "b")]) == 2  # before any measuring (no_subprocess)
+    assert "file.txt is a file, so no folder can be made under it" in capsys.readouterr().err
 
 
 def test_a_hung_measurement_becomes_an_error_row():

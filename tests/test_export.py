@@ -721,6 +721,67 @@ def test_int8_bar_includes_top1_agreement():
     assert compare(ref, ref.copy(), ParityReport("onnx", "int8", "q.onnx", 16, [3, 8, 8]), CRITERIA["int8"]).passed
 
 
+def test_random_weight_int8_bar_fails_an_artefact_that_ignores_its_input():
+    """Random weights give every input nearly the same logits: an output equal to their mean for every
+    input scores a plain cosine near 0.6 (over the 0.5 bar), so the bar also asks what varies with the
+    input to follow it (the centred cosine); a real INT8 rounding of the outputs passes."""
+    import dataclasses
+
+    from mnv4.deploy.export import RANDOM_INT8_MIN_CENTRED_COSINE, RANDOM_INT8_MIN_COSINE
+    from mnv4.deploy.parity import CRITERIA, ParityReport, compare
+
+    rng = np.random.default_rng(0)
+    ref = (3.0 + rng.normal(0, 0.3, (1, 10)) + rng.normal(0, 0.25, (16, 10))).astype(np.float32)
+    constant = np.repeat(ref.mean(0, keepdims=True), 16, 0)
+    bar = dataclasses.replace(
+        CRITERIA["int8"], min_cosine=RANDOM_INT8_MIN_COSINE, min_top1=None,
+        min_centred_cosine=RANDOM_INT8_MIN_CENTRED_COSINE,
+    )  # fmt: skip
+    report = compare(ref, constant, ParityReport("onnx", "int8", "q.onnx", 16, [3, 8, 8]), bar)
+    assert report.cosine > RANDOM_INT8_MIN_COSINE and abs(report.centred_cosine) < 1e-5
+    assert not report.passed and "do not follow its inputs" in report.failures[0]
+    rounded = np.round(ref / 0.1) * 0.1 + rng.normal(0, 0.05, ref.shape)  # int8-like error
+    assert compare(ref, rounded, ParityReport("onnx", "int8", "q.onnx", 16, [3, 8, 8]), bar).passed
+
+
+def test_a_new_export_removes_the_old_report_before_writing(tiny, tmp_path, monkeypatch):
+    """If the export dies between writing the artefact and checking it, no earlier PASS is left beside it."""
+    from mnv4.deploy import export as export_module
+
+    out = tmp_path / "m.pt"
+    export(tiny, "torchscript", out, input_size=RES, samples=2, verbose=False)
+    assert parity_path(out).is_file()
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(export_module, "_check_numerics", killed)
+    with pytest.raises(KeyboardInterrupt):
+        export(tiny, "torchscript", out, input_size=RES, samples=2, verbose=False)
+    assert out.is_file() and not parity_path(out).exists()
+
+
+def test_one_check_input_still_checks_the_dynamic_batch(tiny, tmp_path):
+    result = export(tiny, "torchscript", tmp_path / "m.pt", input_size=RES, samples=1, verbose=False)
+    assert result.report.batch_sizes == [1, 2] and result.report.dynamic_batch is True
+
+
+def test_given_data_of_the_wrong_shape_is_one_error(tiny, tmp_path):
+    with pytest.raises(MNv4Error, match=rf"`check_data` must be preprocessed images \[N, C, {RES}, {RES}\]"):
+        export(tiny, "torchscript", tmp_path / "m.pt", input_size=RES, check_data=torch.zeros(2, 3, RES + 8, RES + 8))
+    assert not (tmp_path / "m.pt").exists()
+
+
+@pytest.mark.parametrize("kind", ["file on the way", "folder at the end"])
+def test_an_output_path_that_cannot_be_written_fails_before_any_work(tiny, tmp_path, kind):
+    (tmp_path / "weights.safetensors").write_bytes(b"x")
+    (tmp_path / "m.pt").mkdir()
+    out = tmp_path / "weights.safetensors" / "m.pt" if kind == "file on the way" else tmp_path / "m.pt"
+    match = "is a file, so no file can be made under it" if kind == "file on the way" else "is a folder, not a file"
+    with pytest.raises(MNv4Error, match=match):
+        export(tiny, "torchscript", out, input_size=RES, samples=2, verbose=False)
+
+
 def test_output_folder_gets_the_default_name(tiny, tmp_path):
     folder = tmp_path / "new" / ""  # a path ending in a separator: a folder, made if missing
     result = export(tiny, "torchscript", f"{folder}{os.sep}", input_size=RES, samples=2, verbose=False)

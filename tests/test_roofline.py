@@ -355,6 +355,26 @@ def test_cli_roofline_errors(tmp_path, capsys):
     assert err.startswith("mnv4: error: normalize must be") and err.count("\n") == 1
 
 
+def test_cli_sweep_reports_only_ridge_points_it_swept(tmp_path, capsys):
+    """Beyond --max-ridge the curve has no values: those devices are named, not given the curve's end."""
+    out = str(tmp_path / "x.png")
+    assert main(["roofline", "--sweep", "mnv4_conv_small", "--max-ridge", "10", "--output", out]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[1:] == ["RP", "0", "RP", "10"]
+    assert any(line.startswith("beyond --max-ridge 10, not in the table: ") for line in lines)
+    assert sweep_points(10) == [0.0, 10.0]
+
+
+def test_cli_calibrate_refuses_an_unreadable_profile_name_before_measuring(tmp_path, capsys, monkeypatch):
+    import subprocess
+
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: pytest.fail("a process was started"))
+    models = ["mnv4_conv_small_035", "mnv4_conv_small_050", "mnv4_conv_small"]
+    assert main(["roofline", "calibrate", *models, "--runtime", "torch", "--save", str(tmp_path / "fit.txt")]) == 2
+    err = capsys.readouterr().err
+    assert "must end in .yaml, .yml or .json" in err and err.count("\n") == 1
+
+
 @pytest.mark.slow
 def test_cli_calibrate_then_use_the_profile(tmp_path, capsys):
     saved = tmp_path / "this.yaml"

@@ -71,6 +71,27 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     return path
 
 
+def check_output_path(path: str | os.PathLike, field: str, folder: bool = False) -> Path:
+    """``path`` if a file (``folder``: a folder) can be written there, else one error naming ``field``, so a
+    command fails before its work rather than after it: a file where a folder is needed (on the way or at
+    the end), a folder where a file goes, or a place this user cannot write to."""
+    from .errors import MNv4Error
+
+    path = Path(path)
+    what = "folder" if folder else "file"
+    if path.exists() and path.is_dir() != folder:
+        kind = "a folder" if path.is_dir() else "a file"
+        raise MNv4Error(f"`{field}` {path} is {kind}, not a {what}; choose another path")
+    parent = path if folder else path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise MNv4Error(f"`{field}` {path}: {parent} is a file, so no {what} can be made under it; choose another path")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise MNv4Error(f"`{field}` {path}: {parent} is not writable by this user; choose another path")
+    return path
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 

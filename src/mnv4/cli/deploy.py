@@ -35,14 +35,14 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from pathlib import Path
 
     from ..deploy.bench import available_runtimes, bench, pareto_plot, write_table
     from ..deploy.requests import BenchRequest
     from ..deploy.zoo import default_models
+    from ..files import check_output_path
     from ..perf.latency import LatencyProtocol
 
-    out = Path(args.output)
+    out = check_output_path(args.output, "output", folder=True)  # before minutes of measuring
     protocol = A.request_from_args(LatencyProtocol, args, budget_s=args.budget_s or None)  # --budget 0: none
     models = tuple(A.resolve_models(args) or default_models())
     request = A.request_from_args(
@@ -60,9 +60,13 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _profiles_for(models: list[str], res: int | None, dtype: str):
+    from ..deploy.requests import MAX_INPUT_SIZE, MIN_INPUT_SIZE
     from ..deploy.zoo import build, is_baseline, native_resolution
+    from ..errors import check_int
     from ..perf.counting import profile
 
+    if res is not None:
+        check_int("input_size", res, MIN_INPUT_SIZE, MAX_INPUT_SIZE)
     out = []
     for name in models:
         target = build(name, realistic=False)[0] if is_baseline(name) else name  # counting needs no weights
@@ -96,6 +100,7 @@ def _cmd_roofline_predict(args: argparse.Namespace) -> int:
 
 def _cmd_roofline_sweep(args: argparse.Namespace) -> int:
     from ..models.registry import PUBLISHED
+    from ..perf.hardware import BUILTIN_PROFILES
     from ..perf.roofline import plot_sweep, sweep_points, sweep_table
 
     models = A.resolve_models(args) or list(PUBLISHED)
@@ -106,15 +111,25 @@ def _cmd_roofline_sweep(args: argparse.Namespace) -> int:
     _, rps, rel = plot_sweep(profiles, out, max_ridge=args.max_ridge, normalize=args.normalize)
     table = sweep_table(rps, rel, sweep_points(args.max_ridge))
     A.print_table(table[0], table[1:])
+    beyond = [h for h in BUILTIN_PROFILES.values() if h.ridge_point > args.max_ridge]
+    if beyond:
+        names = ", ".join(f"{h.name} (RP {h.ridge_point:g})" for h in beyond)
+        print(f"beyond --max-ridge {args.max_ridge:g}, not in the table: {names}; raise --max-ridge to include them")
     print(f"wrote {out}")
     return 0
 
 
 def _cmd_roofline_calibrate(args: argparse.Namespace) -> int:
     from dataclasses import replace
+    from pathlib import Path
 
     from ..deploy.roofline_fit import CALIBRATION_PROTOCOL, calibrate
+    from ..files import check_output_path
 
+    if args.output:  # checked before minutes of measuring: --hardware reads .yaml / .yml / .json only
+        if Path(args.output).suffix.lower() not in (".yaml", ".yml", ".json"):
+            raise MNv4Error(f"`output` {args.output} must end in .yaml, .yml or .json (what --hardware reads)")
+        check_output_path(args.output, "output")
     result = calibrate(
         A.resolve_models(args) or None,
         runtime=args.runtime,

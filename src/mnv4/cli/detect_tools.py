@@ -20,7 +20,11 @@ def is_detector_request(args: argparse.Namespace) -> bool:
     name = A.resolve_model(args)
     if getattr(args, "with_nms", False) or (isinstance(name, str) and is_detector_name(name)):
         return True
-    path = getattr(args, "checkpoint", None)
+    return _is_detector_file(getattr(args, "checkpoint", None))
+
+
+def _is_detector_file(path: str | None) -> bool:
+    """Whether ``path`` is a saved detector (read from the safetensors metadata, no weights loaded)."""
     if not path or not Path(path).is_file():
         return False
     from ..detect.io import is_detector_config
@@ -110,6 +114,12 @@ def _detector(args: argparse.Namespace, verb: str, default_size: int):
 
     name = A.resolve_model(args)
     if args.checkpoint:
+        if (
+            getattr(args, "with_nms", False)
+            and Path(args.checkpoint).is_file()
+            and not _is_detector_file(args.checkpoint)
+        ):
+            raise MNv4Error(f"--with-nms is for detectors; {args.checkpoint} is not one (export it without --with-nms)")
         if args.input_size is not None:
             raise MNv4Error(f"a saved detector {verb} at its own image size; drop `input_size`")
         if name is not None:

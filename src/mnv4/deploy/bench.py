@@ -305,6 +305,11 @@ def check_bench_request(request: BenchRequest) -> list[Measurement]:
                 raise MNv4Error(f"{r} cannot run on this platform (it needs {', '.join(fmt.predicts_on)})")
             if fmt is not None:
                 fmt.require("fp32")
+                # a precision the runtime offers but whose package is missing (OpenVINO INT8 needs nncf):
+                # named with its extra, as a missing runtime is, rather than left out of the table
+                for p in precisions:
+                    if p in runtime_precisions(r):
+                        fmt.require(p)
     todo = [
         Measurement(m, r, p, request)
         for m in models

@@ -80,7 +80,12 @@ def load_images(
         raise MNv4Error(f"{what} folder not found: {root}")
     files, class_dirs = _candidates(root, seed)
     if not files:
-        raise MNv4Error(f"no images found in {root}")
+        from ..data.images import IMAGE_SUFFIXES
+
+        raise MNv4Error(
+            f"no images found in the {what} folder {root} (looked for {', '.join(IMAGE_SUFFIXES)} files, "
+            "directly in it or one folder per class); give a folder of images"
+        )
     tf = eval_transform(preprocess, input_size=input_size)
     log = bad_log if bad_log is not None else BadImageLog(verbose=False)
     tensors, classes, unreadable = [], [], []

@@ -41,6 +41,10 @@ class Criteria:
     max_rel: float | None
     min_cosine: float | None
     min_top1: float | None
+    # The cosine of the outputs with each output's mean over the inputs taken out: what varies with the
+    # input. Random weights give every input nearly the same logits, and that shared offset alone lifts
+    # the plain cosine of an artefact that ignores its input to ~0.6; centred, such an output scores 0.
+    min_centred_cosine: float | None = None
 
 
 # fp32 runtimes reorder float sums (1e-6-ish); fp16 keeps ~3 significant digits; int8 is judged on
@@ -71,6 +75,7 @@ class ParityReport:
     max_abs_diff: float | None = None
     max_rel_diff: float | None = None
     cosine: float | None = None
+    centred_cosine: float | None = None  # see Criteria.min_centred_cosine; None with one input
     top1_agreement: float | None = None
     batch_sizes: list[int] = field(default_factory=list)
     dynamic_batch: bool | None = None
@@ -143,6 +148,8 @@ def compare(
     report.max_abs_diff = float(diff.max())
     report.max_rel_diff = report.max_abs_diff / scale
     report.cosine = _cosine(reference, output)
+    if len(reference) > 1:
+        report.centred_cosine = _cosine(reference - reference.mean(0), output - output.mean(0))
     flat_ref, flat_out = reference.reshape(len(reference), -1), output.reshape(len(output), -1)
     report.top1_agreement = float((flat_ref.argmax(1) == flat_out.argmax(1)).mean())
     if labels is not None and len(labels) == len(reference):
@@ -156,6 +163,11 @@ def compare(
         report.failures.append(f"relative diff {report.max_rel_diff:.3g} > {criteria.max_rel:g}")
     if criteria.min_cosine is not None and not report.cosine >= criteria.min_cosine:
         report.failures.append(f"cosine {report.cosine:.6f} < {criteria.min_cosine:g}")
+    bar = criteria.min_centred_cosine
+    if bar is not None and report.centred_cosine is not None and not report.centred_cosine >= bar:
+        report.failures.append(
+            f"centred cosine {report.centred_cosine:.4f} < {bar:g} (the artefact's outputs do not follow its inputs)"
+        )
     if criteria.min_top1 is not None and not report.top1_agreement >= criteria.min_top1:
         report.failures.append(f"top-1 agreement {report.top1_agreement:.2%} < {criteria.min_top1:.0%}")
     report.passed = not report.failures

@@ -201,11 +201,15 @@ def analyze_folders(
     """:func:`analyze` on image folders (``samples`` calibration images; ``eval_dir``: labelled images
     to measure on, up to ``samples`` of them), saved as ``output/sensitivity.json`` and ``.png``."""
     from ..errors import check_int
-    from ..files import atomic_write_json
+    from ..files import atomic_write_json, check_output_path
     from ..models.meta import weights_meta
     from .inputs import load_images
+    from .requests import MAX_INPUT_SIZE, MIN_INPUT_SIZE
 
-    check_int("samples", samples, 2)
+    check_int("calib_samples", samples, 2)  # named as the CLI's --calib-samples
+    if input_size is not None:
+        check_int("input_size", input_size, MIN_INPUT_SIZE, MAX_INPUT_SIZE)
+    check_output_path(output, "output", folder=True)
     meta = weights_meta(model)
     classes = list(meta.class_names) if meta.class_names else None
     calib = load_images(

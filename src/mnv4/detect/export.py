@@ -28,7 +28,7 @@ from torch import nn
 from torchvision.ops import box_iou, clip_boxes_to_image, nms
 
 from ..errors import MNv4Error, check_float, check_int
-from ..files import atomic_write_json
+from ..files import atomic_write_json, check_output_path
 from ..models.meta import update_weights_meta
 from ..threads import torch_threads
 from .model import Detector
@@ -394,6 +394,7 @@ def export_detector(
     _check_eval_data(eval_data)
     name = f"{detector.head_kind}_{detector.config['backbone']}_{detector.image_size}"
     path = artefact_path(output, f"{name}_{'nms' if with_nms else precision}{info.suffix}", info)
+    check_output_path(path, "output", folder=info.suffix == ".mlpackage")
     detector = detector.eval().float()
     if not with_nms:
         failed = None

@@ -46,7 +46,7 @@ class LatencyProtocol:
         check_int("repeats", self.repeats, 1)
         check_int("warmup", self.warmup, 0)
         if self.budget_s is not None:
-            check_float("budget_s", self.budget_s, 0.0, lo_open=True)
+            check_float("budget_s", self.budget_s, 0.0)  # 0: no budget, as on the command line (--budget 0)
         return self
 
 
@@ -87,7 +87,7 @@ def measure_latency(
 ) -> LatencyResult:
     """Time ``fn()`` (one batch-1 inference) with the paper's protocol.
 
-    ``budget_s`` caps each repeat's wall time (None = always ``runs``); the warm-up is not timed.
+    ``budget_s`` caps each repeat's wall time (None or 0 = always ``runs``); the warm-up is not timed.
     ``clock="thread"`` measures this thread's CPU time instead of the wall clock: time spent waiting
     for the CPU on a shared machine is left out (the NAS latency table's clock, docs/nas.md).
     """
@@ -103,7 +103,7 @@ def measure_latency(
         while n < runs:
             fn()
             n += 1
-            if budget_s is not None and n >= min_runs and time.perf_counter() - start_wall > budget_s:
+            if budget_s and n >= min_runs and time.perf_counter() - start_wall > budget_s:  # 0 / None: no budget
                 break
         means.append((tick() - start) / n * 1e3)
         done.append(n)

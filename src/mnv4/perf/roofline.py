@@ -176,9 +176,10 @@ def fit_hardware(
 
 
 def sweep_points(max_ridge: float = 500.0, hardware: Sequence[str | HardwareProfile] | None = None) -> list[float]:
-    """The ridge points a sweep table reports: 0 (pure MACs), each device's, 100 and ``max_ridge``."""
+    """The ridge points a sweep table reports: 0 (pure MACs), each device's, 100 and ``max_ridge`` -- those
+    within the swept range only (beyond it the curve has no values, and interpolation would repeat its end)."""
     devices = [get_profile(h).ridge_point for h in (hardware or list(BUILTIN_PROFILES))]
-    return sorted({0.0, 100.0, float(max_ridge), *devices})
+    return sorted(rp for rp in {0.0, 100.0, float(max_ridge), *devices} if rp <= max_ridge)
 
 
 def sweep_table(rps: np.ndarray, rel: dict[str, np.ndarray], points: Sequence[float]) -> list[list[str]]:
