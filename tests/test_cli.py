@@ -106,3 +106,27 @@ def test_every_command_that_runs_a_model_takes_threads():
         if name not in no_compute and not any("--threads" in a.option_strings for a in parser._actions)
     ]
     assert not missing
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["eval", "--checkpoint", "x.safetensors", "--seed", "-1"], "--seed: expected an integer >= 0"),
+        (["detect", "eval", "--checkpoint", "x.safetensors", "--seed", "-1"], "--seed: expected an integer >= 0"),
+        (["train", "--logger", "foo"], "--logger 'foo' is invalid"),
+        (["roofline", "sweep", "-m", "mnv4_conv_small", "--max-ridge", "inf"], "expected a number > 0, got 'inf'"),
+    ],
+)
+def test_shared_flags_are_checked_alike_and_named(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_a_reader_that_leaves_early_is_no_error():
+    """`mnv4 models -v | head -1`: the pipe closes; the command stops quietly with 141, as Unix tools do."""
+
+    proc = subprocess.run(
+        f"{sys.executable} -m mnv4.cli models -v | head -1", shell=True, capture_output=True, text=True, timeout=120
+    )
+    assert proc.stdout.startswith("model") and "error" not in proc.stderr.lower()

@@ -782,6 +782,17 @@ def test_an_output_path_that_cannot_be_written_fails_before_any_work(tiny, tmp_p
         export(tiny, "torchscript", out, input_size=RES, samples=2, verbose=False)
 
 
+def test_the_default_name_carries_an_input_contract_other_than_the_default():
+    from mnv4.deploy.export import default_artefact_name
+    from mnv4.deploy.requests import ExportRequest
+
+    onnx = get_format("onnx")
+    assert default_artefact_name("m", 64, ExportRequest("onnx"), onnx) == "m_64_fp32.onnx"
+    camera = ExportRequest("onnx", input_layout="nhwc", input_dtype="uint8", batch="1")
+    assert default_artefact_name("m", 64, camera, onnx) == "m_64_fp32_nhwc_uint8_b1.onnx"
+    assert default_artefact_name("m", 64, ExportRequest("onnx", batch="dynamic"), onnx) == "m_64_fp32.onnx"
+
+
 def test_output_folder_gets_the_default_name(tiny, tmp_path):
     folder = tmp_path / "new" / ""  # a path ending in a separator: a folder, made if missing
     result = export(tiny, "torchscript", f"{folder}{os.sep}", input_size=RES, samples=2, verbose=False)

@@ -48,6 +48,11 @@ def test_search_resume_then_profile_and_train_the_spec(tmp_path, capsys, monkeyp
     assert main([*argv, "--max-steps", "8"]) == 0
     out = capsys.readouterr().out
     assert "stopped at step 8 of" in out and "(max_steps)" in out and "mnv4 search --resume s" in out
+    # a setting a resume may not change is refused by name, not dropped; a new search there needs --exist-ok
+    assert main(["search", "--resume", "s", "--lr", "0.5", "--target-macs", "0.2", *common]) == 2
+    assert "--lr, --target-macs cannot change" in capsys.readouterr().err
+    assert main([*argv, "--max-steps", "1"]) == 2
+    assert "or replace it with --exist-ok" in capsys.readouterr().err
     # resumed through another spelling of the folder, with a setting a resume may change
     code = main(["search", "--resume", str(tmp_path / "s"), "--workers", "1", *common])
     out, err = capsys.readouterr()

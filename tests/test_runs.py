@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -37,6 +38,29 @@ def test_an_existing_run_is_never_overwritten(tmp_path):
     assert any("replacing the run" in line and "metrics.csv" in line for line in lines)
     rows = (second.run_dir / "metrics.csv").read_text().strip().splitlines()
     assert len(rows) == 2  # a fresh file, not the old one appended to
+
+
+def test_a_run_that_failed_before_its_first_step_does_not_block_the_next(tmp_path, monkeypatch):
+    """A tracker that would not start (say) fails the run after its config.yaml is written: the folder
+    holds nothing to continue or lose, so the corrected command runs there instead of being refused."""
+    from mnv4.train import trackers
+
+    data = tiny_digits(64, 16)
+    cfg = tiny_cfg(tmp_path, epochs=1)
+
+    def no_tracker(*args, **kwargs):
+        raise MNv4Error("tensorboard is not installed")
+
+    monkeypatch.setattr(trackers, "open_trackers", no_tracker)
+    with pytest.raises(MNv4Error, match="tensorboard"):
+        train(cfg, data=data, progress=False)
+    monkeypatch.undo()
+    run_dir = Path(cfg.output)
+    assert (run_dir / "config.yaml").is_file() and not (run_dir / "last.pt").exists()
+    result = train(cfg, data=data, progress=False)
+    assert result.run_dir == run_dir and (run_dir / "summary.json").is_file()
+    with pytest.raises(MNv4Error, match="already holds a run"):  # now it has trained: refused as before
+        train(cfg, data=data, progress=False)
 
 
 def test_default_run_names_never_collide(tmp_path, monkeypatch):

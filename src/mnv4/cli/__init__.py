@@ -208,6 +208,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print("mnv4: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `mnv4 models -v | head -1`: the reader left; stop quietly, as Unix tools do
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+        return 141
     except Exception as e:  # anything unexpected still gets one line unless --debug
         if args.debug:
             raise

@@ -75,7 +75,7 @@ def _number(kind: type, lo: float, name: str):
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {name}, got {text!r}") from None
-        if value < lo or value != value:
+        if value < lo or value != value or value == float("inf"):
             raise argparse.ArgumentTypeError(f"expected {name}, got {text!r}")
         return value
 
@@ -252,6 +252,11 @@ def print_table(header: Sequence[str], rows: Sequence[Sequence[Any]], file=None)
 _FIELD = re.compile(r"`([A-Za-z_][A-Za-z0-9_.]*)`")
 
 
+# Library fields whose flag has another dest: TrainConfig.loggers <- --logger, SearchConfig.resolution <-
+# --input-size.
+_FIELD_ALIASES = {"loggers": "logger", "resolution": "input_size"}
+
+
 def render_message(message: str, parser: argparse.ArgumentParser | None, fallback: str | None = None) -> str:
     """Rewrite the library's `field` names into this command's flags (``--batch-size``).
 
@@ -267,6 +272,7 @@ def render_message(message: str, parser: argparse.ArgumentParser | None, fallbac
 
     def sub(m: re.Match) -> str:
         field = m.group(1)
+        field = field if field in flags else _FIELD_ALIASES.get(field, field)
         if field in flags:
             return flags[field]
         return fallback.format(field) if fallback else field

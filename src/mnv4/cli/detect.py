@@ -172,7 +172,7 @@ def register(sub) -> None:
     _data_flags(p, "digits")
     p.add_argument("--split", default="val", choices=("train", "val", "test"), help="which split to evaluate")
     p.add_argument("--val-split", type=float, default=0.2, help="as in training, for datasets without a val split")
-    p.add_argument("--seed", type=int, default=0, help="split seed, as in training")
+    p.add_argument("--seed", type=A.nonneg_int, default=0, help="split seed, as in training")
     A.add_batch_size(p, 16)
     A.add_workers(p)
     A.add_device(p)

@@ -11,9 +11,10 @@ __all__ = ["register"]
 
 def _cmd_analyze(args: argparse.Namespace) -> int:
     from ..deploy.sensitivity import analyze_folders
-    from .models import load_model
+    from .models import announce_weights, load_model
 
     model = load_model(args)
+    announce_weights(model, "the ranking is of a random network, not of trained weights")
     progress = False if args.no_progress else None
     report, js, png = analyze_folders(
         model, args.calib, args.output, args.eval, args.calib_samples, args.input_size, progress

@@ -46,7 +46,12 @@ def _resume_config(args: argparse.Namespace):
     saved = load_training_state(path).get("extra", {}).get("search_config")
     if saved is None:
         raise MNv4Error(f"{path} is not a search checkpoint; resume training runs with `mnv4 train --resume`")
-    requested = {field: getattr(args, field, None) for field in RESUME_MAY_CHANGE}
+    # every setting given on the command line: those a resume may change are taken, any other that differs
+    # from the saved search is refused by name (as `mnv4 train --resume`), never silently dropped
+    names = {f.name for f in dataclasses.fields(SearchConfig)} - {"output"}
+    requested = {n: getattr(args, n) for n in names if hasattr(args, n)}
+    requested.update(resolution=args.input_size, distill=tuple(args.distill) if args.distill else None)
+    requested["output"] = args.output
     return SearchConfig.from_dict({**resumed_fields(saved, requested, RESUME_MAY_CHANGE), "output": str(path.parent)})
 
 
@@ -68,6 +73,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
             resume=bool(args.resume),
             max_steps=args.max_steps,
             progress=False if args.no_progress else None,
+            exist_ok=args.exist_ok,
         )
     finally:
         teardown()
@@ -119,5 +125,6 @@ def register(sub) -> None:
     A.add_workers(p, default=None)
     p.add_argument("--resume", default=None, metavar="DIR", help="continue the search saved in DIR")
     p.add_argument("--max-steps", type=A.positive_int, default=None, help="stop after N steps, resumable from there")
+    p.add_argument("--exist-ok", action="store_true", help="start a new search in --output even if it holds one")
     A.add_progress(p)
     p.set_defaults(func=_cmd_search)

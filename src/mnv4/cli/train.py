@@ -315,7 +315,7 @@ def register(sub) -> None:
     )
     p.add_argument("--data-root", default=None, help="cache folder of cifar10 / fashion-mnist")
     p.add_argument("--val-split", type=float, default=0.2, help="as used in training, for folders without val/")
-    p.add_argument("--seed", type=int, default=0, help="split seed, as used in training")
+    p.add_argument("--seed", type=A.nonneg_int, default=0, help="split seed, as used in training")
     A.add_input_size(p)
     A.add_batch_size(p, 128)
     A.add_workers(p)

@@ -69,8 +69,8 @@ __all__ = [
 _RECALIBRATION_BATCHES, _RECALIBRATION_BATCH = 4, 8
 RANDOM_INT8_MIN_COSINE = 0.5  # INT8 parity bar for random weights (see _criteria)
 # ... and on what varies with the input (parity.Criteria.min_centred_cosine): real random-weight INT8
-# exports give 0.62-0.90 (Conv-S / Hybrid-M at 96 px on ONNX Runtime, OpenVINO, LiteRT; docs/deploy.md),
-# an artefact that ignores its input 0.
+# exports give 0.46-0.90, an artefact that ignores its input 0 (benchmarks/int8_random_bar.py,
+# docs/deploy.md "Pass thresholds").
 RANDOM_INT8_MIN_CENTRED_COSINE = 0.3
 
 
@@ -129,6 +129,20 @@ def artefact_path(output: str | os.PathLike | None, default_name: str, info: For
     if text.endswith(("/", os.sep)) or (path.is_dir() and path.suffix.lower() != info.suffix):
         return path / default_name
     return path
+
+
+def default_artefact_name(name: str, input_size: int, request: ExportRequest, info: Format) -> str:
+    """``<model>_<res>_<precision>[_<layout>][_<dtype>][_b<N>].<ext>``: an input contract other than the
+    default (NCHW float32, the format's own batch) is in the name, so a camera-ready export does not
+    replace the float one in the same folder."""
+    parts = [name, str(input_size), request.precision]
+    if request.input_layout != "nchw":
+        parts.append(request.input_layout)
+    if request.input_dtype != "float32":
+        parts.append(request.input_dtype)
+    if request.batch is not None and request.batch_for(info) != (None if info.dynamic_batch else 1):
+        parts.append(f"b{request.batch_for(info)}")
+    return "_".join(parts) + info.suffix
 
 
 def never_given_weights(model: nn.Module) -> bool:
@@ -198,7 +212,7 @@ def export(
     input_size = request.input_size or weights_meta(model).preprocess.input_size
     check_int("input_size", input_size, MIN_INPUT_SIZE, MAX_INPUT_SIZE)
     name = getattr(getattr(model, "spec", None), "name", type(model).__name__)
-    path = artefact_path(request.output, f"{name}_{input_size}_{request.precision}{info.suffix}", info)
+    path = artefact_path(request.output, default_artefact_name(name, input_size, request, info), info)
     if path.suffix.lower() != info.suffix:
         raise MNv4Error(f"a {info.name} artefact must end in {info.suffix}, got {path.name} (`output`)")
     check_output_path(path, "output", folder=info.suffix == ".mlpackage")

@@ -91,6 +91,12 @@ class DetectionTrainer(Trainer):
         from ..train.distributed import setup as dist_setup
 
         cfg = self.cfg
+        try:  # the evaluator of every epoch end: missing, it would end the run after a whole epoch
+            import faster_coco_eval  # noqa: F401
+        except ImportError:
+            from ..errors import missing_extra
+
+            raise missing_extra("faster-coco-eval", "detect") from None
         info = dist_setup(cfg.device)
         if self.det_data is None:
             with _rank_zero_first(info):  # rank 0 makes the digits cache; the others then read it

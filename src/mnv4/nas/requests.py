@@ -125,6 +125,7 @@ class SearchConfig:
         check_int("eval_subnets", self.eval_subnets, 0)
         check_int("calib_batches", self.calib_batches, 1)
         check_int("workers", self.workers, 0)
+        check_int("seed", self.seed, 0)
         check_int("threads", self.threads, 1)
         check_int("save_every_steps", self.save_every_steps, 0)
         if self.resolution is not None:

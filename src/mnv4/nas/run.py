@@ -27,10 +27,11 @@ def search(
     max_steps: int | None = None,
     progress: bool | None = None,
     log=None,
+    exist_ok: bool = False,
 ) -> SearchResult | SearchStopped:
     """Run (or, with ``resume``, continue) a search; under torchrun every process calls this with the
     same ``cfg``. Returns :class:`SearchStopped` when ``max_steps`` or a stop request ended it early
-    (resumable)."""
+    (resumable). ``exist_ok``: start in an ``output`` that holds a run, replacing it (as ``mnv4 train``)."""
     from ..data.datasets import DataBundle, load_data
     from ..train.distributed import setup
 
@@ -60,4 +61,5 @@ def search(
     cost_model = _cost_model(cfg, res, len(data.class_names), info, progress, log)
     _check_reachable(cfg, cost_model)
     trainer = trainer_class(cfg, split, cost_model, progress, log)
+    trainer.exist_ok = exist_ok
     return trainer.run(resume=out / LAST if resume else None, max_steps=max_steps)

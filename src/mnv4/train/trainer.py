@@ -69,6 +69,7 @@ CONFIG = "config.yaml"
 # What a run writes; a folder holding any of these holds a run.
 RUN_FILES = (CONFIG, METRICS_FILE, SUMMARY, LAST, BEST, LAST_WEIGHTS, LAST_EMA, "curves.png", "tensorboard")
 RUN_FILES += ("wandb", TRACKERS_FILE)  # experiment trackers (mnv4.train.trackers)
+_TRAINED_FILES = (METRICS_FILE, SUMMARY, LAST, BEST, LAST_WEIGHTS, LAST_EMA)  # a run that took steps
 
 
 @dataclass
@@ -479,6 +480,11 @@ class Trainer:
             elif cfg.output:
                 run_dir = Path(cfg.output)
                 existing = [f for f in RUN_FILES if (run_dir / f).exists()]
+                # a run that failed before its first step (a tracker that would not start, say) left only
+                # its config and tracker folders: nothing to continue or lose, so the folder is reused
+                # rather than refused (its --resume has no checkpoint to continue from)
+                if not any(f in _TRAINED_FILES for f in existing):
+                    existing = []
                 if existing and not self.exist_ok:
                     raise MNv4Error(
                         f"{run_dir} already holds a run ({', '.join(existing[:4])}); continue it with `resume`, "
