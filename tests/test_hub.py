@@ -182,6 +182,22 @@ def test_bad_input_is_one_clear_error(tmp_path, monkeypatch, capsys):
     assert len(err) == 1 and err[0].startswith("mnv4: error: ") and "does not exist" in err[0]
 
 
+def test_what_is_not_a_trained_classifier_is_named_with_what_to_do(tmp_path, tiny_hybrid_spec):
+    from mnv4.detect import create_detector, save_detector
+
+    det = save_detector(create_detector(tiny_hybrid_spec, classes=["a"], image_size=64), tmp_path / "det.safetensors")
+    with pytest.raises(MNv4Error, match="holds a detector; `mnv4 hub push` shares classifiers only"):
+        mnv4.push_to_hub(det, "me/x", local_dir=tmp_path / "r")
+    (tmp_path / "found").mkdir()
+    (tmp_path / "found" / "spec.json").write_text("{}")
+    with pytest.raises(MNv4Error, match="an `mnv4 search` result, not a trained model; train its architecture"):
+        mnv4.push_to_hub(tmp_path / "found", "me/x", local_dir=tmp_path / "r")
+    (tmp_path / "stopped").mkdir()
+    (tmp_path / "stopped" / "config.yaml").write_text("model: mnv4_conv_small\n")
+    with pytest.raises(MNv4Error, match="holds no weights yet .*mnv4 train --resume"):
+        mnv4.push_to_hub(tmp_path / "stopped", "me/x", local_dir=tmp_path / "r")
+
+
 def test_the_reproducing_command_parses_back_to_the_run_config():
     from mnv4.train import resolve_config
 

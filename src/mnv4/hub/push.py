@@ -67,13 +67,51 @@ def load_source(source: str | os.PathLike | nn.Module) -> Source:
     path = Path(source)
     if not path.exists():
         raise MNv4Error(f"{path} does not exist; pass a training run folder or a checkpoint")
+    _refuse_detectors(path)
+    if path.is_dir() and (path / "spec.json").is_file() and not (path / _RUN_SUMMARY).exists():
+        raise MNv4Error(
+            f"{path} is an `mnv4 search` result, not a trained model; train its architecture with "
+            f"`mnv4 train --spec {path / 'spec.json'} ...`, then push that run"
+        )
     if path.is_dir() and (path / _RUN_SUMMARY).exists():
         return _read_run(path)
     if path.is_dir() and (path / "config.yaml").exists():
-        raise MNv4Error(f"{path} is a run that has not finished (no {_RUN_SUMMARY}); push its best.safetensors")
+        if (path / "best.safetensors").is_file():
+            raise MNv4Error(f"{path} is a run that has not finished (no {_RUN_SUMMARY}); push its best.safetensors")
+        raise MNv4Error(
+            f"{path} is a run that has not finished and holds no weights yet (no best.safetensors); "
+            f"continue it with `mnv4 train --resume {path}`"
+        )
     from ..factory import create_model
 
     return Source(create_model(checkpoint=path))
+
+
+def _refuse_detectors(path: Path) -> None:
+    """Hub sharing is for classifiers (the model card, timm loading); a detector gets one clear line."""
+    from ..detect.io import is_detector_config
+    from ..weights.io import read_checkpoint
+
+    if path.is_dir():
+        try:
+            task = json.loads((path / _RUN_SUMMARY).read_text()).get("task")
+        except (OSError, ValueError, AttributeError):
+            task = None  # no summary, or one _read_run will report
+        file = path / "best.safetensors"
+        if task != "detection" and not (file.is_file() and (path / "config.yaml").is_file()):
+            return
+    else:
+        file = path
+    if file.is_file() and file.suffix == ".safetensors":
+        try:
+            _, cfg = read_checkpoint(file)
+        except MNv4Error:
+            return  # not readable as a checkpoint: the classifier path reports it
+        if is_detector_config(cfg):
+            raise MNv4Error(
+                f"{path} holds a detector; `mnv4 hub push` shares classifiers only (share the detector's "
+                ".safetensors file as it is: `mnv4 detect eval|predict --checkpoint` and `load_detector` read it)"
+            )
 
 
 def _facts(src: Source, repo_id: str, license: str, dataset: str | None) -> CardFacts:
