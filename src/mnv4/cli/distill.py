@@ -87,6 +87,10 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
 
         raise MNv4Error("`teacher` and `data` are required (or --ensemble FILE FILE ... to join teacher files)")
     if args.mode == "frozen":
+        if args.resume or args.max_steps:
+            from ..errors import MNv4Error
+
+            raise MNv4Error("`resume` / `max_steps` are for --mode full; a frozen fit is one short pass, rerun it")
         return _cmd_frozen(args)
     from ..train.distributed import teardown
 
@@ -102,6 +106,8 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
             teacher_checkpoint=args.teacher_checkpoint,
             progress=False if args.no_progress else None,
             exist_ok=args.exist_ok,
+            resume=args.resume,
+            max_steps=args.max_steps,
             **overrides,
         )
     finally:
@@ -180,6 +186,10 @@ def _add_finetune(g) -> None:
     A.add_threads(p)
     A.add_loggers(p)
     A.add_progress(p)
+    p.add_argument(
+        "--resume", default=None, metavar="DIR", help="continue the stopped fine-tuning in DIR (same --teacher, --data)"
+    )
+    p.add_argument("--max-steps", type=A.positive_int, default=None, help="stop after N steps, resumable from there")
     p.set_defaults(func=_cmd_finetune)
 
 

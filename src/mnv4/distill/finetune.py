@@ -61,21 +61,34 @@ def finetune_teacher(
     log=None,
     exist_ok: bool = False,
     resume: str | Path | None = None,
+    max_steps: int | None = None,
     **overrides: Any,
 ) -> TrainResult:
     """Fine-tune ``teacher`` (see :func:`~mnv4.distill.teachers.load_teacher`) on ``data``'s labelled
     images at ``input_size`` (default: the teacher's own); ``crop_pct`` sets the evaluation crop saved with the
-    teacher (1.0 for small images whose border matters); ``overrides`` are training config fields."""
+    teacher (1.0 for small images whose border matters); ``overrides`` are training config fields.
+    ``resume``: a stopped fine-tuning's folder (or ``last.pt``) to continue, with its saved settings (the
+    ``overrides`` a resume may change, as ``mnv4 train --resume``; others that differ are refused);
+    ``max_steps``: stop after that many steps, resumable."""
     from ..train.config import resolve_config
 
-    resolve_config(recipe, data=data, output=output, **overrides)  # bad options fail before the teacher loads
+    saved = None
+    if resume is not None:
+        from ..train.runs import checkpoint_file, resumed_train_config
+
+        resume = checkpoint_file(resume)
+        requested = {"data": data, "input_size": input_size, **overrides}
+        saved = resumed_train_config(resume, requested)
+        output, input_size = saved.output, saved.input_size
+    else:
+        resolve_config(recipe, data=data, output=output, **overrides)  # bad options fail before the teacher loads
     t = load_teacher(teacher, teacher_checkpoint, input_size, device="cpu")
     family = t.identity["family"]
     if family == "mnv4":
         raise MNv4Error(
             f"{teacher} is a MobileNetV4: fine-tune it with the trainer's finetune recipe (mnv4 train) instead"
         )
-    cfg = resolve_config(recipe, data=data, output=output, input_size=input_size or t.input_size, **overrides)
+    cfg = saved or resolve_config(recipe, data=data, output=output, input_size=input_size or t.input_size, **overrides)
     bundle = load_data(cfg.data, cfg.data_root, cfg.val_split, cfg.seed)
     net = t.model
     for p in net.parameters():
@@ -98,4 +111,8 @@ def finetune_teacher(
         log=log,
         exist_ok=exist_ok,
     )
-    return trainer.run(resume)
+    # the command that continues this run, named in the stop line (Trainer.resume_command)
+    trainer.command = f"mnv4 distill finetune --teacher {teacher} --data {data}" + (
+        f" --teacher-checkpoint {teacher_checkpoint}" if teacher_checkpoint else ""
+    )
+    return trainer.run(resume, max_steps)
