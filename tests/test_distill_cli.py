@@ -85,6 +85,27 @@ def test_command_line_errors_are_one_line(tmp_path, teacher_file, capsys):
 
 
 @pytest.mark.slow
+def test_a_stopped_teacher_fine_tuning_resumes_with_the_command_it_names(tmp_path, capsys):
+    timm = pytest.importorskip("timm")
+    photos = make_folder(tmp_path / "photos" / "train", per_class=4).parent
+    make_folder(photos / "val", per_class=2, seed=9)
+    weights = tmp_path / "init.pth"
+    torch.save(timm.create_model("test_efficientnet", num_classes=3).state_dict(), weights)
+    run = tmp_path / "teacher"
+    base = ["distill", "finetune", "--teacher", "timm:test_efficientnet", "--data", str(photos)]
+    base += ["--teacher-checkpoint", str(weights)]
+    argv = [*base, "--input-size", "32", "--epochs", "1", "-b", "4", "--no-progress"]
+    assert main([*argv, "-o", str(run), "--max-steps", "1"]) == 0
+    out = capsys.readouterr().out
+    named = f"mnv4 distill finetune --teacher timm:test_efficientnet --data {photos} --teacher-checkpoint {weights}"
+    assert f"continue with: {named} --resume {run}" in out
+    assert main([*base, "--resume", str(run), "--lr", "0.5", "--no-progress"]) == 2
+    assert "--lr cannot change" in capsys.readouterr().err
+    assert main([*base, "--resume", str(run), "--no-progress"]) == 0
+    assert "use it as --teacher" in capsys.readouterr().out and (run / "best.safetensors").is_file()
+
+
+@pytest.mark.slow
 def test_finetune_a_timm_teacher_and_label_with_it(tmp_path, capsys):
     timm = pytest.importorskip("timm")
     photos = make_folder(tmp_path / "photos" / "train", per_class=8).parent
