@@ -48,10 +48,8 @@ def _resume_config(args: argparse.Namespace):
         raise MNv4Error(f"{path} is not a search checkpoint; resume training runs with `mnv4 train --resume`")
     # every setting given on the command line: those a resume may change are taken, any other that differs
     # from the saved search is refused by name (as `mnv4 train --resume`), never silently dropped
-    names = {f.name for f in dataclasses.fields(SearchConfig)} - {"output"}
-    requested = {n: getattr(args, n) for n in names if hasattr(args, n)}
+    requested = {f.name: getattr(args, f.name) for f in dataclasses.fields(SearchConfig) if hasattr(args, f.name)}
     requested.update(resolution=args.input_size, distill=tuple(args.distill) if args.distill else None)
-    requested["output"] = args.output
     return SearchConfig.from_dict({**resumed_fields(saved, requested, RESUME_MAY_CHANGE), "output": str(path.parent)})
 
 

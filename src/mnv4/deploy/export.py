@@ -217,9 +217,10 @@ def export(
         raise MNv4Error(f"a {info.name} artefact must end in {info.suffix}, got {path.name} (`output`)")
     check_output_path(path, "output", folder=info.suffix == ".mlpackage")
     for field, data in (("calib_data", calib_data), ("check_data", check_data)):
+        if data is None:
+            continue
         shape = tuple(data.shape) if isinstance(data, torch.Tensor) else type(data).__name__
-        if data is not None and (not isinstance(data, torch.Tensor) or data.ndim != 4 or not len(data) or
-                                 tuple(data.shape[2:]) != (input_size, input_size)):  # fmt: skip
+        if not isinstance(data, torch.Tensor) or data.ndim != 4 or not len(data) or shape[2:] != (input_size,) * 2:
             raise MNv4Error(
                 f"`{field}` must be preprocessed images [N, C, {input_size}, {input_size}] at the export's "
                 f"input size; got {shape}"

@@ -314,11 +314,11 @@ def _coco_files(root: Path) -> dict[str, Path]:
     out: dict[str, Path] = {}
     ann = root / "annotations"
     jsons = sorted(ann.glob("*.json")) if ann.is_dir() else []
+    # instances_* first, the other tasks' files last: a split takes the first file that names it
     jsons = sorted(jsons, key=lambda p: (not p.stem.startswith("instances"), p.stem.startswith(_COCO_OTHER_TASKS)))
     for split in SPLITS:
         for alias in _SPLIT_ALIASES[split]:
-            hit = [p for p in jsons if re.search(rf"(^|[_\-.]){alias}(\d*|[_\-.]|$)", p.stem)]
-            hit = [p for p in hit if not p.stem.startswith(_COCO_OTHER_TASKS)] or hit
+            hit = [p for p in jsons if re.search(rf"(^|[_\-.]){alias}(\d*|[_\-.])", p.stem)]
             folder = sorted((root / alias).glob("*.json")) if (root / alias).is_dir() else []
             if hit or folder:
                 out[split] = (hit or folder)[0]
