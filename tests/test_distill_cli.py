@@ -84,13 +84,19 @@ def test_command_line_errors_are_one_line(tmp_path, teacher_file, capsys):
         assert len(err.splitlines()) == 1 and message.replace("`", "") in err.replace("`", ""), err
 
 
+def _photos_and_timm_teacher(tmp_path, per_class: int, classes: int):
+    """A train/val photo folder (3 classes) and initial weights of timm's test_efficientnet with ``classes``."""
+    timm = pytest.importorskip("timm")
+    photos = make_folder(tmp_path / "photos" / "train", per_class=per_class).parent
+    make_folder(photos / "val", per_class=per_class // 2, seed=9)
+    weights = tmp_path / "init.pth"
+    torch.save(timm.create_model("test_efficientnet", num_classes=classes).state_dict(), weights)
+    return photos, weights
+
+
 @pytest.mark.slow
 def test_a_stopped_teacher_fine_tuning_resumes_with_the_command_it_names(tmp_path, capsys):
-    timm = pytest.importorskip("timm")
-    photos = make_folder(tmp_path / "photos" / "train", per_class=4).parent
-    make_folder(photos / "val", per_class=2, seed=9)
-    weights = tmp_path / "init.pth"
-    torch.save(timm.create_model("test_efficientnet", num_classes=3).state_dict(), weights)
+    photos, weights = _photos_and_timm_teacher(tmp_path, per_class=4, classes=3)
     run = tmp_path / "teacher"
     base = ["distill", "finetune", "--teacher", "timm:test_efficientnet", "--data", str(photos)]
     base += ["--teacher-checkpoint", str(weights)]
@@ -107,11 +113,7 @@ def test_a_stopped_teacher_fine_tuning_resumes_with_the_command_it_names(tmp_pat
 
 @pytest.mark.slow
 def test_finetune_a_timm_teacher_and_label_with_it(tmp_path, capsys):
-    timm = pytest.importorskip("timm")
-    photos = make_folder(tmp_path / "photos" / "train", per_class=8).parent
-    make_folder(photos / "val", per_class=4, seed=9)
-    weights = tmp_path / "init.pth"
-    torch.save(timm.create_model("test_efficientnet", num_classes=5).state_dict(), weights)  # 5 classes: replaced
+    photos, weights = _photos_and_timm_teacher(tmp_path, per_class=8, classes=5)  # 5 classes: replaced
     run = tmp_path / "teacher"
     argv = [
         "distill",
