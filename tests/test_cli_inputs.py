@@ -18,7 +18,8 @@ TRAIN_CASES = [
     (["--epochs", "-1"], "--epochs -1.0 is invalid: must be > 0"),
     (["--epochs", "0"], "--epochs 0.0 is invalid: must be > 0"),
     (["--batch-size", "0"], "argument -b/--batch-size: expected an integer >= 1, got '0'"),
-    (["--input-size", "0"], "argument --input-size: expected an integer >= 1, got '0'"),
+    (["--input-size", "0"], "argument --input-size: expected an integer from 16 to 2048, got '0'"),
+    (["--input-size", "30000"], "argument --input-size: expected an integer from 16 to 2048, got '30000'"),
     (["--micro-batch", "0"], "--micro-batch 0 is invalid: must be >= 1"),
     (["--grad-clip", "-1"], "--grad-clip -1.0 is invalid: must be >= 0"),
     (["--set", "drop_path=-1"], "--set drop_path -1 is invalid: must be >= 0 and < 1"),
@@ -96,6 +97,14 @@ def test_predict_and_eval_bad_inputs(tmp_path, capsys):
     assert "--device 'banana' is invalid" in _one_line_error(capsys)
     assert main(["predict", str(tmp_path / "junk")]) == 2
     assert "no model given; pass --model" in _one_line_error(capsys)
+    # A typo in the size is refused in one line, never an out-of-memory kill (CLI and library alike).
+    for cmd in (["predict", str(tmp_path / "junk")], ["eval"]):
+        assert main([*cmd, "--checkpoint", str(ck), "--input-size", "30000"]) == 2
+        assert "--input-size: expected an integer from 16 to 2048, got '30000'" in _one_line_error(capsys)
+    (tmp_path / "ok").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "ok" / "a.png")
+    with pytest.raises(mnv4.errors.InvalidValue, match="`input_size` 30000 is invalid: must be >= 16 and <= 2048"):
+        next(mnv4.predict(model, tmp_path / "ok", input_size=30000))
 
 
 def test_predict_reads_every_image_mode_in_batches_with_json_and_csv(tmp_path, capsys):

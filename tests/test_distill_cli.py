@@ -107,6 +107,8 @@ def test_a_stopped_teacher_fine_tuning_resumes_with_the_command_it_names(tmp_pat
     assert f"continue with: {named} --resume {run}" in out
     assert main([*base, "--resume", str(run), "--lr", "0.5", "--no-progress"]) == 2
     assert "--lr cannot change" in capsys.readouterr().err
+    assert main([*base, "--resume", str(run), "-o", str(tmp_path / "other"), "--no-progress"]) == 2
+    assert "is not the run being resumed" in capsys.readouterr().err
     assert main([*base, "--resume", str(run), "--no-progress"]) == 0
     assert "use it as --teacher" in capsys.readouterr().out and (run / "best.safetensors").is_file()
 

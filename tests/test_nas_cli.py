@@ -51,6 +51,8 @@ def test_search_resume_then_profile_and_train_the_spec(tmp_path, capsys, monkeyp
     # a setting a resume may not change is refused by name, not dropped; a new search there needs --exist-ok
     assert main(["search", "--resume", "s", "--lr", "0.5", "--target-macs", "0.2", *common]) == 2
     assert "--lr, --target-macs cannot change" in capsys.readouterr().err
+    assert main(["search", "--resume", "s", "-o", "other", *common]) == 2
+    assert "--output 'other' is not the run being resumed" in capsys.readouterr().err
     assert main([*argv, "--max-steps", "1"]) == 2
     assert "or replace it with --exist-ok" in capsys.readouterr().err
     # resumed through another spelling of the folder, with a setting a resume may change

@@ -236,6 +236,9 @@ def test_max_steps_cli_prints_a_resume_command_that_works(tmp_path, capsys, monk
     assert main([*argv, "--max-steps", "1"]) == 0
     said = capsys.readouterr().out
     assert f"continue with: mnv4 train --resume {out}" in said and said.count("stopped at step") == 1  # once
+    # an -o naming another folder is refused, not ignored (the results would not be where the user looks)
+    assert main(["train", "--resume", str(out), "-o", str(tmp_path / "elsewhere"), "--no-progress"]) == 2
+    assert "is not the run being resumed" in capsys.readouterr().err and not (tmp_path / "elsewhere").exists()
     assert main(["train", "--resume", str(out), "--no-progress"]) == 0
     assert json.loads((out / "summary.json").read_text())["steps"] == 3
     assert main(["train", "--resume", str(out), "--lr", "0.1", "--no-progress"]) == 2

@@ -130,6 +130,35 @@ def test_a_missing_tracker_package_is_one_error_before_training(tmp_path, monkey
         tiny_cfg(tmp_path, loggers=("neptune",))
 
 
+def test_a_tracker_that_cannot_start_is_one_line_saying_what_to_do(tmp_path, monkeypatch):
+    """W&B without a login (a fresh HOME, no key, online mode) and an MLflow store the client cannot open
+    end in one MNv4Error naming the tracker, its cause and the settings that fix it; nothing is trained."""
+    require("wandb")
+    for var in ("WANDB_API_KEY", "WANDB_DIR"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb-config"))
+    monkeypatch.setenv("WANDB_MODE", "online")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    # a process of its own: wandb keeps its first settings (another test's offline mode) for the process
+    proc = run_mnv4(["train", "--epochs", "0.01", "--logger", "wandb", "-o", str(tmp_path / "run"), "--no-progress"])
+    err = proc.stderr.strip()
+    assert proc.returncode == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith("mnv4: error: wandb could not start a run (") and "log in with `wandb login`" in err
+    assert err.endswith("or drop wandb from --logger") and not (tmp_path / "run" / "metrics.csv").exists()
+
+    def refuse(self, *a):
+        raise RuntimeError("unsupported URI 'sqlite:///mlflow.db'. See the docs.\nsecond line")
+
+    monkeypatch.setattr("mnv4.train.trackers._Mlflow.__init__", refuse)
+    with pytest.raises(MNv4Error) as e:
+        train(tiny_cfg(tmp_path, loggers=("mlflow",)), data=tiny_digits(64, 32), progress=False)
+    assert str(e.value).startswith(
+        "mlflow could not start a run (RuntimeError: unsupported URI 'sqlite:///mlflow.db');"
+    )
+    assert "MLFLOW_TRACKING_URI" in str(e.value) and "second line" not in str(e.value)
+
+
 def test_logger_flag_parses_to_the_config_field(tmp_path):
     args = build_parser().parse_args(["train", "--logger", "wandb,mlflow"])
     assert args.logger == ("wandb", "mlflow")

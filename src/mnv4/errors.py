@@ -18,7 +18,16 @@ __all__ = [
     "check_int",
     "check_float",
     "check_choice",
+    "check_input_size",
+    "MIN_INPUT_SIZE",
+    "MAX_INPUT_SIZE",
 ]
+
+# The input resolutions every command and library entry accepts. Sanity bounds, not what a network
+# needs (any size runs; MNv4's stages see a 1x1 map below 32 px): small digit-style models run at
+# 16 px, and above 2048 px one image's activations alone take gigabytes (a typo like 30000 would
+# end in an out-of-memory kill instead of this message).
+MIN_INPUT_SIZE, MAX_INPUT_SIZE = 16, 2048
 
 
 class MNv4Error(Exception):
@@ -56,6 +65,11 @@ def check_int(field: str, value: Any, lo: int | None = None, hi: int | None = No
     if (lo is not None and value < lo) or (hi is not None and value > hi):
         raise InvalidValue(field, value, _describe(lo, hi, False, False))
     return value
+
+
+def check_input_size(value: Any, field: str = "input_size") -> int:
+    """An input resolution in [MIN_INPUT_SIZE, MAX_INPUT_SIZE]: the one range every entry point uses."""
+    return check_int(field, value, MIN_INPUT_SIZE, MAX_INPUT_SIZE)
 
 
 def check_float(

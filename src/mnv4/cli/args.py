@@ -28,7 +28,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from ..errors import MNv4Error
+from ..errors import MAX_INPUT_SIZE, MIN_INPUT_SIZE, MNv4Error
 
 __all__ = [
     "Formatter",
@@ -69,13 +69,13 @@ def add_hidden_alias(parser: argparse.ArgumentParser, *flags: str, dest: str, **
     parser.add_argument(*flags, dest=dest, default=argparse.SUPPRESS, help=argparse.SUPPRESS, **kw)
 
 
-def _number(kind: type, lo: float, name: str):
+def _number(kind: type, lo: float, name: str, hi: float = float("inf")):
     def parse(text: str):
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {name}, got {text!r}") from None
-        if value < lo or value != value or value == float("inf"):
+        if value < lo or value != value or value == float("inf") or value > hi:
             raise argparse.ArgumentTypeError(f"expected {name}, got {text!r}")
         return value
 
@@ -86,6 +86,8 @@ def _number(kind: type, lo: float, name: str):
 positive_int = _number(int, 1, "an integer >= 1")
 nonneg_int = _number(int, 0, "an integer >= 0")
 positive_float = _number(float, 1e-300, "a number > 0")
+# Every command's --input-size, in the library's one range (mnv4.errors.MIN_INPUT_SIZE / MAX_INPUT_SIZE).
+input_size_int = _number(int, MIN_INPUT_SIZE, f"an integer from {MIN_INPUT_SIZE} to {MAX_INPUT_SIZE}", MAX_INPUT_SIZE)
 
 
 def model_list(text: str) -> list[str]:
@@ -166,12 +168,12 @@ def add_input_size(parser: argparse.ArgumentParser, help: str | None = None, des
     parser.add_argument(
         "--input-size",
         dest=dest,
-        type=positive_int,
+        type=input_size_int,
         default=None,
         metavar="N",
         help=help or "input resolution in pixels (default: the weights' own)",
     )
-    add_hidden_alias(parser, "--res", "--img-size", "--imgsz", dest=dest, type=positive_int)
+    add_hidden_alias(parser, "--res", "--img-size", "--imgsz", dest=dest, type=input_size_int)
 
 
 def add_batch_size(parser: argparse.ArgumentParser, default: int | None, help: str = "images per batch") -> None:

@@ -60,13 +60,12 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _profiles_for(models: list[str], res: int | None, dtype: str):
-    from ..deploy.requests import MAX_INPUT_SIZE, MIN_INPUT_SIZE
     from ..deploy.zoo import build, is_baseline, native_resolution
-    from ..errors import check_int
+    from ..errors import check_input_size
     from ..perf.counting import profile
 
     if res is not None:
-        check_int("input_size", res, MIN_INPUT_SIZE, MAX_INPUT_SIZE)
+        check_input_size(res)
     out = []
     for name in models:
         target = build(name, realistic=False)[0] if is_baseline(name) else name  # counting needs no weights

@@ -11,6 +11,8 @@ import argparse
 from ..distill.requests import FROZEN_COMMAND, LABEL_COMMAND, FrozenConfig, LabelConfig
 from . import args as A
 
+TEACHER_RUN = "runs/teacher"  # distill finetune's run folder when -o is not given (not on a resume: it stays put)
+
 __all__ = ["register"]
 
 
@@ -44,7 +46,7 @@ def _cmd_frozen(args: argparse.Namespace) -> int:
 
     # flags shared with the full mode default to None there (the finetune recipe's); frozen takes its config's
     unset = {k: getattr(FrozenConfig, k) for k in ("batch_size", "workers", "seed") if getattr(args, k) is None}
-    cfg = A.request_from_args(FrozenConfig, args, out=args.output, **unset)
+    cfg = A.request_from_args(FrozenConfig, args, out=args.output or TEACHER_RUN, **unset)
     res = frozen_teacher(cfg, progress=False if args.no_progress else None)
     s = res.summary
     val = s.get("val")
@@ -101,7 +103,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
         res = finetune_teacher(
             args.teacher,
             args.data,
-            args.output,
+            args.output if args.resume else args.output or TEACHER_RUN,  # a resume stays in its folder
             input_size=args.input_size,
             teacher_checkpoint=args.teacher_checkpoint,
             progress=False if args.no_progress else None,
@@ -170,7 +172,7 @@ def _add_finetune(g) -> None:
         help="instead of training: join these teacher files into one teacher (probabilities averaged) in OUTPUT; "
         "with --data, print its val top-1",
     )
-    A.add_output(p, help="run folder; its best.safetensors is the teacher", default="runs/teacher")
+    A.add_output(p, help=f"run folder; its best.safetensors is the teacher (default: {TEACHER_RUN})")
     A.add_input_size(p, help="resolution to fine-tune and label at (default: the teacher's own)")
     _add_frozen_options(p)
     p.add_argument("--epochs", type=float, default=None, help="default: the finetune recipe's")

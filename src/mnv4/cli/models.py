@@ -143,14 +143,13 @@ def _cmd_models(args: argparse.Namespace) -> int:
 
 
 def _cmd_profile(args: argparse.Namespace) -> int:
-    from ..deploy.requests import MAX_INPUT_SIZE, MIN_INPUT_SIZE
-    from ..errors import check_int
+    from ..errors import check_input_size
     from ..models.meta import weights_meta
     from ..perf import profile
     from .detect_tools import detector_profile
 
     if args.input_size is not None:
-        check_int("input_size", args.input_size, MIN_INPUT_SIZE, MAX_INPUT_SIZE)  # as export and bench
+        check_input_size(args.input_size)
     prof = detector_profile(args)  # None unless the model is a detector
     if prof is None:
         model = load_model(args)

@@ -40,9 +40,10 @@ def _label(data: str) -> str:
 
 def _resume_config(args: argparse.Namespace):
     from ..train.checkpoint import load_training_state
-    from ..train.runs import checkpoint_file, resumed_fields
+    from ..train.runs import check_resume_output, checkpoint_file, resumed_fields
 
     path = checkpoint_file(args.resume)
+    check_resume_output(args.output, path)
     saved = load_training_state(path).get("extra", {}).get("search_config")
     if saved is None:
         raise MNv4Error(f"{path} is not a search checkpoint; resume training runs with `mnv4 train --resume`")

@@ -8,6 +8,7 @@ import torch
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2 as T
 
+from ..errors import check_input_size
 from ..models.registry import Preprocess
 
 __all__ = ["eval_transform", "interpolation_mode", "train_transform", "batch_mix"]
@@ -23,6 +24,8 @@ def interpolation_mode(name: str) -> InterpolationMode:
 def eval_transform(pp: Preprocess, input_size: int | None = None, crop_pct: float | None = None) -> T.Compose:
     """PIL image / uint8 tensor -> normalised float tensor, as the weights were evaluated (timm-style
     resize of the shorter side to ``size / crop_pct``, then a centre crop of ``size``)."""
+    if input_size is not None:
+        check_input_size(input_size)  # an override from a user: a typo must not become an OOM kill
     size = input_size or pp.input_size
     crop = crop_pct or pp.crop_pct
     interp = interpolation_mode(pp.interpolation)

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from ..data.images import BadImage, BadImageLog
-from ..errors import MNv4Error, check_int
+from ..errors import MNv4Error, check_input_size
 from ..files import check_output_path
 from ..host import int8_support
 from ..models.meta import weights_meta
@@ -210,7 +210,7 @@ def export(
     info = request.validated(has_calib_data=calib_data is not None)
     model = model.eval().float()
     input_size = request.input_size or weights_meta(model).preprocess.input_size
-    check_int("input_size", input_size, MIN_INPUT_SIZE, MAX_INPUT_SIZE)
+    check_input_size(input_size)
     name = getattr(getattr(model, "spec", None), "name", type(model).__name__)
     path = artefact_path(request.output, default_artefact_name(name, input_size, request, info), info)
     if path.suffix.lower() != info.suffix:

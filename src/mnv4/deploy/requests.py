@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import InvalidValue, MNv4Error, check_float, check_int
+from ..errors import MAX_INPUT_SIZE, MIN_INPUT_SIZE, InvalidValue, MNv4Error, check_float, check_input_size, check_int
 from ..perf.latency import LatencyProtocol
 from ..requests import option
 from .formats import FORMATS, PRECISIONS, Format, get_format
@@ -36,9 +36,6 @@ __all__ = [
     "ALL_RUNTIMES",
 ]
 
-# Sanity bounds, not what a network needs (any size runs; MNv4's stages see a 1x1 map below 32 px):
-# small digit-style models run at 16 px, and above 2048 px batch-1 activations get huge.
-MIN_INPUT_SIZE, MAX_INPUT_SIZE = 16, 2048
 # In-process torch runtimes (no artefact): name -> what runs. Exported runtimes come from FORMATS.
 TORCH_RUNTIMES: dict[str, str] = {
     "torch": "eager PyTorch, the model as built",
@@ -217,7 +214,7 @@ class ExportRequest:
         info.require(self.precision)
         self._check_inputs(info)
         if self.input_size is not None:
-            check_int("input_size", self.input_size, MIN_INPUT_SIZE, MAX_INPUT_SIZE)
+            check_input_size(self.input_size)
         check_int("samples", self.samples, 1)
         check_int("calib_samples", self.calib_samples, 1)
         if self.min_top1 is not None:
@@ -270,7 +267,7 @@ class BenchRequest:
     def checked_numbers(self) -> None:
         """The numeric fields and folders (the names are checked against the runtimes in mnv4.deploy.bench)."""
         if self.input_size is not None:
-            check_int("input_size", self.input_size, MIN_INPUT_SIZE, MAX_INPUT_SIZE)
+            check_input_size(self.input_size)
         if self.threads is not None:
             check_int("threads", self.threads, 1)
         self.protocol.validated()

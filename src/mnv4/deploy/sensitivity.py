@@ -200,15 +200,14 @@ def analyze_folders(
 ) -> tuple[SensitivityReport, Path, Path]:
     """:func:`analyze` on image folders (``samples`` calibration images; ``eval_dir``: labelled images
     to measure on, up to ``samples`` of them), saved as ``output/sensitivity.json`` and ``.png``."""
-    from ..errors import check_int
+    from ..errors import check_input_size, check_int
     from ..files import atomic_write_json, check_output_path
     from ..models.meta import weights_meta
     from .inputs import load_images
-    from .requests import MAX_INPUT_SIZE, MIN_INPUT_SIZE
 
     check_int("calib_samples", samples, 2)  # named as the CLI's --calib-samples
     if input_size is not None:
-        check_int("input_size", input_size, MIN_INPUT_SIZE, MAX_INPUT_SIZE)
+        check_input_size(input_size)
     check_output_path(output, "output", folder=True)
     meta = weights_meta(model)
     classes = list(meta.class_names) if meta.class_names else None

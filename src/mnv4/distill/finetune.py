@@ -52,7 +52,7 @@ class TeacherTrainer(Trainer):
 def finetune_teacher(
     teacher: str,
     data: str,
-    output: str,
+    output: str | None,
     input_size: int | None = None,
     crop_pct: float | None = None,
     teacher_checkpoint: str | None = None,
@@ -74,9 +74,10 @@ def finetune_teacher(
 
     saved = None
     if resume is not None:
-        from ..train.runs import checkpoint_file, resumed_train_config
+        from ..train.runs import check_resume_output, checkpoint_file, resumed_train_config
 
         resume = checkpoint_file(resume)
+        check_resume_output(output, resume)
         requested = {"data": data, "input_size": input_size, **overrides}
         saved = resumed_train_config(resume, requested)
         output, input_size = saved.output, saved.input_size

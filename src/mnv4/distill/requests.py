@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..errors import check_choice, check_float, check_int
+from ..errors import check_choice, check_float, check_input_size, check_int
 from ..requests import option
 from .policies import POLICIES, VIEW_POLICIES, AugPolicy, get_policy
 
@@ -84,7 +84,7 @@ class LabelConfig:
             check_float("crop_min", self.crop_min, 0.0, 1.0, lo_open=True)
         check_int("replicas", self.replicas, 1)
         if self.teacher_size is not None:
-            check_int("teacher_size", self.teacher_size, 8, 4096)
+            check_input_size(self.teacher_size, "teacher_size")
         if self.record_size is not None:
             check_int("record_size", self.record_size, 8, 4096)
         check_int("jpeg_quality", self.jpeg_quality, 1, 100)

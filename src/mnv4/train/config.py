@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..data.sampling import parse_mix
-from ..errors import InvalidValue, MNv4Error, check_choice, check_float, check_int
+from ..errors import MAX_INPUT_SIZE, MIN_INPUT_SIZE, InvalidValue, MNv4Error, check_choice, check_float, check_int
 from ..files import read_mapping
 from ..models.mobilenetv4 import DROP_PATH_SCHEDULES
 from .recipes import Recipe, get_recipe
@@ -111,7 +111,7 @@ _RULES: dict[str, tuple] = {
     "precision": ("fp32", "bf16", "fp16"),
     "max_nonfinite_steps": ("int", 1, None, False, False, False),
     "layer_decay": ("float", 0.0, 1.0, True, False, False),
-    "input_size": ("int", 8, 4096, False, False, True),
+    "input_size": ("int", MIN_INPUT_SIZE, MAX_INPUT_SIZE, False, False, True),
     "val_split": ("float", 0.0, 1.0, True, True, False),
     "seed": ("int", 0, 2**63 - 1, False, False, False),
     "workers": ("int", 0, 256, False, False, False),

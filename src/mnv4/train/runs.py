@@ -26,6 +26,7 @@ __all__ = [
     "resumed_fields",
     "TRAIN_RESUME_MAY_CHANGE",
     "resumed_train_config",
+    "check_resume_output",
     "stop_line",
     "exit_code",
     "plain",
@@ -99,9 +100,21 @@ def resumed_train_config(
     changes a resume may make (``may_change``, by default :data:`TRAIN_RESUME_MAY_CHANGE`; see
     :func:`resumed_fields`), rebuilt as ``config_cls`` (a TrainConfig subclass for other trainers)."""
     checkpoint = Path(checkpoint)
+    check_resume_output(requested.get("output"), checkpoint)
     fields = resumed_fields(load_training_state(checkpoint)["config"], requested, may_change)
     fields["output"] = str(checkpoint.parent)  # the run continues where it is
     return config_cls.from_dict(fields)
+
+
+def check_resume_output(output: str | os.PathLike | None, checkpoint: str | os.PathLike) -> None:
+    """A resumed run continues in its own folder: an ``output`` that names another folder is refused
+    rather than ignored (the user would look for the results there)."""
+    run = Path(checkpoint).parent
+    if output is not None and Path(output).resolve() != run.resolve():
+        raise MNv4Error(
+            f"`output` {str(output)!r} is not the run being resumed ({run}); a resumed run continues in its own "
+            "folder: drop `output`, or pass the run folder to `resume` alone"
+        )
 
 
 def stop_line(step: int, total_steps: int, reason: str | None, checkpoint: Path, command: str) -> str:

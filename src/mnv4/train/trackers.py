@@ -25,6 +25,23 @@ __all__ = ["LOGGERS", "TRACKERS_FILE", "Tracker", "open_trackers"]
 LOGGERS = ("tensorboard", "wandb", "mlflow")
 TRACKERS_FILE = "trackers.json"
 _PARAM_CHARS = 500  # MLflow's limit on one parameter value
+# What to do when a tracker cannot start a run (no W&B login; an MLflow store this install cannot open:
+# MLflow 3's default is a SQLite database, which the mlflow-skinny client of the `mlflow` extra lacks).
+_START_HINTS = {
+    "wandb": "log in with `wandb login` or set WANDB_API_KEY (WANDB_MODE=offline logs into the run folder "
+    "without an account)",
+    "mlflow": "point MLFLOW_TRACKING_URI at a tracking server (http://HOST:PORT) or at a local store "
+    "(file:./mlruns with MLFLOW_ALLOW_FILE_STORE=true)",
+}
+
+
+def _start_error(name: str, error: Exception) -> MNv4Error:
+    """A tracker's own start-up exception as one line: its first sentence, then what to do."""
+    cause = (str(error).strip().splitlines() or [""])[0].split(". ")[0][:160]
+    return MNv4Error(
+        f"{name} could not start a run ({type(error).__name__}: {cause}); {_START_HINTS[name]}, "
+        f"or drop {name} from `loggers`"
+    )
 
 
 class Tracker(Protocol):
@@ -152,7 +169,12 @@ def open_trackers(
                 out.append(_TensorBoard(run_dir))
             elif name in ("wandb", "mlflow"):
                 cls = _Wandb if name == "wandb" else _Mlflow
-                tracker = cls(run_dir, config, ids.get(name))
+                try:
+                    tracker = cls(run_dir, config, ids.get(name))
+                except MNv4Error:
+                    raise
+                except Exception as e:  # noqa: BLE001 - any library's start-up failure becomes one line
+                    raise _start_error(name, e) from e
                 ids[name] = tracker.run_id
                 out.append(tracker)
             else:
