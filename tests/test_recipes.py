@@ -85,3 +85,16 @@ def test_recipes_command_lists_and_shows(capsys):
     assert main(["recipes", "--show", "paper-conv-large"]) == 0
     shown = capsys.readouterr().out
     assert "drop_path_schedule: flat" in shown and "mix_prob: 0.2" in shown
+    # every config field --set takes is shown (run fields too: teacher_temperature, eval_every...), as YAML
+    # that resolves back to the recipe's config
+    import dataclasses
+
+    import yaml
+
+    from mnv4.train.config import TrainConfig
+
+    fields = yaml.safe_load(shown)
+    assert set(fields) == {f.name for f in dataclasses.fields(TrainConfig)} - {"recipe"}
+    assert fields["teacher_temperature"] == 1.0 and fields["eval_every"] == 1
+    cfg = resolve_config("paper-conv-large", **fields)
+    assert cfg == resolve_config("paper-conv-large")

@@ -244,8 +244,24 @@ def _cmd_recipes(args: argparse.Namespace) -> int:
     from ..train.recipes import RECIPES, get_recipe
 
     if args.show:
-        d = {k: (list(v) if isinstance(v, tuple) else v) for k, v in get_recipe(args.show).to_dict().items()}
+        import dataclasses
+
+        from ..train.config import TrainConfig
+
+        def plain(v):
+            return list(v) if isinstance(v, tuple) else v
+
+        d = {k: plain(v) for k, v in get_recipe(args.show).to_dict().items()}
         print(yaml.safe_dump(d, sort_keys=False, width=100), end="")
+        # the fields a recipe does not set (where the run reads and writes, teachers, trackers): every
+        # recipe starts from these defaults, and --set / --config take them as they take the rest
+        run = {
+            f.name: plain(f.default if f.default is not dataclasses.MISSING else f.default_factory())
+            for f in dataclasses.fields(TrainConfig)
+            if f.name not in d and f.name != "recipe"
+        }
+        print("# run fields, the same defaults for every recipe (set them with their flags, --set or --config):")
+        print(yaml.safe_dump(run, sort_keys=False, width=100), end="")
         return 0
     rows = [
         (r.name, str(r.model or "(checkpoint)"), str(r.data or "-"), f"{r.epochs:g}", str(r.batch_size), f"{r.lr:g}")
