@@ -34,6 +34,8 @@ TRAIN_CASES = [
     (["--set", "betas=[0.9]"], "--set betas [0.9] is invalid: must be two numbers"),
     (["--set", "crop_scale=[0.9,0.1]"], "--set crop_scale [0.9, 0.1] is invalid: the first value must not exceed"),
     (["--workers", "-1"], "argument -j/--workers: expected an integer >= 0, got '-1'"),
+    (["--threads", "100000"], "argument --threads: expected an integer from 1 to 1024, got '100000'"),
+    (["--config", "x.png"], "config file not found: x.png"),
     (["--recipe", "nope"], "unknown recipe 'nope'"),
     (["--model", "mnv4_nope"], "unknown model 'mnv4_nope'"),
 ]
@@ -336,3 +338,56 @@ def test_eval_without_data_for_other_classes_is_one_line(tmp_path, capsys):
     model.class_names = ["a", "b", "c"]
     assert main(["eval", "--checkpoint", str(mnv4.save_model(model, tmp_path / "m.safetensors"))]) == 2
     assert "--data is required: the labelled images to evaluate on" in _one_line_error(capsys)
+
+
+def _file(tmp_path):
+    f = tmp_path / "file"
+    f.write_text("a file, not a folder")
+    return f
+
+
+OUTPUT_CASES = [  # (argv with {f} = an existing file, the flag named) -- refused before any work
+    (["train", "-o", "{f}/sub"], "--output {f}/sub: {f} is a file, so no folder can be made under it"),
+    (["eval", "-m", "mnv4_conv_small_035", "-o", "{f}/cm.png"], "--output {f}/cm.png: {f} is a file"),
+    (["eval", "-m", "mnv4_conv_small_035", "-o", "{d}"], "--output {d} is a folder, not a file"),
+    (["plot", "{d}", "-o", "{f}/c.png"], "--output {f}/c.png: {f} is a file"),
+    (["convert", "{f}", "{f}/x.safetensors"], "dst {f}/x.safetensors: {f} is a file"),
+    (["search", "--data", "digits", "-o", "{f}"], "--output {f} is a file, not a folder"),
+    (["distill", "label", "--teacher", "t", "--data", "{d}", "-o", "{f}"], "--output {f} is a file, not a folder"),
+    (["detect", "eval", "--checkpoint", "{f}", "-o", "{f}/pr.png"], "--output {f}/pr.png: {f} is a file"),
+    (["detect", "predict", "{f}", "--checkpoint", "{f}", "--save-images", "{f}"], "--save-images {f} is a file"),
+    (["hub", "push", "{f}", "--repo-id", "a/b", "--local-dir", "{f}"], "--local-dir {f} is a file, not a folder"),
+    (["roofline", "sweep", "-o", "{f}/s.png"], "--output {f}/s.png: {f} is a file"),
+]
+
+
+@pytest.mark.parametrize("argv,message", OUTPUT_CASES, ids=[" ".join(c[0][:2]) for c in OUTPUT_CASES])
+def test_an_impossible_output_path_is_refused_before_any_work(argv, message, tmp_path, capsys):
+    f, d = _file(tmp_path), tmp_path / "folder"
+    d.mkdir()
+    fill = {"f": str(f), "d": str(d)}
+    assert main([a.format(**fill) for a in argv]) == 2
+    assert message.format(**fill) in _one_line_error(capsys)
+
+
+def test_a_config_file_of_the_users_in_the_run_folder_is_never_overwritten(tmp_path, capsys):
+    run = tmp_path / "exp"
+    run.mkdir()
+    mine = run / "config.yaml"
+    mine.write_text("# my experiment\nepochs: 0.01\n")
+    assert main(["train", "--config", str(mine), "-o", str(run), "--no-progress"]) == 2
+    assert "config.yaml was not written by a run (your own config?)" in _one_line_error(capsys)
+    assert mine.read_text() == "# my experiment\nepochs: 0.01\n" and sorted(p.name for p in run.iterdir()) == [
+        "config.yaml"
+    ]
+
+
+def test_spec_and_config_files_that_are_not_text_or_not_specs(tmp_path, capsys):
+    png = tmp_path / "x.png"
+    Image.new("RGB", (4, 4)).save(png)
+    for argv in (["train", "--config", str(png)], ["profile", "--spec", str(png)]):
+        assert main(argv) == 2
+        assert "is not a text file (YAML or JSON)" in _one_line_error(capsys)
+    (tmp_path / "cfg.json").write_text('{"epochs": 1}')
+    assert main(["profile", "--spec", str(tmp_path / "cfg.json")]) == 2
+    assert "is not a model spec: it has no 'name' field" in _one_line_error(capsys)

@@ -182,3 +182,21 @@ def test_onnx_int8_raw_export_goes_through_the_classifier_route(detector, tmp_pa
     )  # fmt: skip
     report = json.loads((tmp_path / "q.onnx.parity.json").read_text())
     assert report["passed"] and report["precision"] == "int8" and report["cosine"] > 0.9
+
+
+def test_export_checks_the_evaluation_set_before_writing_anything(tiny_hybrid_spec, tmp_path):
+    det = create_detector(tiny_hybrid_spec, num_classes=2, image_size=SIZE, width=16, num_convs=1)
+    (tmp_path / "photos" / "cat").mkdir(parents=True)  # a classification folder, not a detection set
+    with pytest.raises(MNv4Error, match="is not a detection dataset"):
+        export_detector(det, "onnx", tmp_path / "d.onnx", eval_data=tmp_path / "photos")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["photos"]
+
+
+def test_drawn_images_never_replace_the_images_read(tmp_path):
+    from mnv4.detect.predict import check_drawn_paths, drawn_paths
+
+    imgs = [tmp_path / "a.png", tmp_path / "sub" / "a.jpg", tmp_path / "b.jpg"]
+    assert [p.name for p in drawn_paths(imgs, tmp_path / "out")] == ["a.png", "a-2.png", "b.png"]
+    check_drawn_paths(imgs, tmp_path / "out")  # another folder: fine
+    with pytest.raises(MNv4Error, match=r"the drawn a.png would replace the input image .*a.png; choose another"):
+        check_drawn_paths(imgs, tmp_path)

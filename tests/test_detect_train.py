@@ -99,6 +99,11 @@ def test_resume_is_bit_exact(tmp_path, tiny_hybrid_spec):
     summary = json.loads((tmp_path / "full" / "summary.json").read_text())
     assert summary["task"] == "detection"
     assert summary["anchor_coverage"]["boxes"] > 0 and 0.0 <= summary["anchor_coverage"]["covered"] <= 1.0
+    from mnv4.errors import MNv4Error
+    from mnv4.train.runs import resumed_train_config
+
+    with pytest.raises(MNv4Error, match="is a detection training run; continue it with `mnv4 detect train --resume"):
+        resumed_train_config(tmp_path / "cut" / "last.pt", {})  # the classification trainer's config
 
 
 def test_auto_anchors_are_fitted_before_training_and_saved_as_numbers(tmp_path, tiny_hybrid_spec):

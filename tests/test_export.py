@@ -745,20 +745,26 @@ def test_random_weight_int8_bar_fails_an_artefact_that_ignores_its_input():
 
 
 def test_a_new_export_removes_the_old_report_before_writing(tiny, tmp_path, monkeypatch):
-    """If the export dies between writing the artefact and checking it, no earlier PASS is left beside it."""
+    """If the export dies between writing the artefact and checking it, no earlier PASS is left beside the new
+    artefact: the previous artefact and its own report come back together (previous_artefact_kept)."""
     from mnv4.deploy import export as export_module
 
     out = tmp_path / "m.pt"
     export(tiny, "torchscript", out, input_size=RES, samples=2, verbose=False)
-    assert parity_path(out).is_file()
+    before = out.read_bytes(), parity_path(out).read_bytes()
+
+    seen = []
 
     def killed(*args, **kwargs):
+        seen.append(parity_path(out).exists())
         raise KeyboardInterrupt
 
     monkeypatch.setattr(export_module, "_check_numerics", killed)
     with pytest.raises(KeyboardInterrupt):
         export(tiny, "torchscript", out, input_size=RES, samples=2, verbose=False)
-    assert out.is_file() and not parity_path(out).exists()
+    assert seen == [False]  # while the new artefact was being checked, no report stood beside it
+    assert (out.read_bytes(), parity_path(out).read_bytes()) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt", "m.pt.parity.json"]
 
 
 def test_one_check_input_still_checks_the_dynamic_batch(tiny, tmp_path):
@@ -879,3 +885,43 @@ def test_litert_runs_multi_query_attention_without_transposes(tmp_path):
     y = run_native("litert", tmp_path / "tokens.tflite", x.numpy())
     with torch.no_grad():
         np.testing.assert_allclose(y, model(x).numpy(), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("suffix", [".onnx", ".xml"])
+def test_a_failed_export_never_replaces_the_previous_artefact(tmp_path, suffix):
+    """previous_artefact_kept: a new artefact that fails parity goes to NAME.failed.EXT with its report (OpenVINO's
+    .bin beside its .xml) and the previous files come back unchanged; a crash midway removes the partial new
+    files; a pass replaces the previous ones; with nothing there before, a failed artefact stays in place."""
+    from mnv4.deploy.writers import previous_artefact_kept
+
+    path = tmp_path / f"m{suffix}"
+    group = [path, tmp_path / f"m{suffix}.parity.json"] + ([tmp_path / "m.bin"] if suffix == ".xml" else [])
+
+    def write(tag):
+        for p in group:
+            p.write_text(tag)
+
+    write("good")
+    kept = rf"m\.failed{suffix} failed its parity check.*the previous m{suffix} is kept"
+    with pytest.raises(ParityError, match=kept):
+        with previous_artefact_kept(path):
+            write("bad")
+            raise ParityError(f"{path} failed its parity check: cosine 0.1 < 0.95 (see {path}.parity.json)")
+    assert all(p.read_text() == "good" for p in group)
+    failed = sorted(p.name for p in tmp_path.iterdir() if ".failed" in p.name)
+    assert failed == sorted(p.name.replace("m.", "m.failed.", 1) for p in group)
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no backup folder left
+    with pytest.raises(RuntimeError, match="converter crashed"):
+        with previous_artefact_kept(path):
+            path.write_text("half")
+            raise RuntimeError("converter crashed")
+    assert all(p.read_text() == "good" for p in group)
+    with previous_artefact_kept(path):
+        write("new")
+    assert all(p.read_text() == "new" for p in group)
+    fresh = tmp_path / "fresh.onnx"
+    with pytest.raises(ParityError):
+        with previous_artefact_kept(fresh):
+            fresh.write_text("bad")
+            raise ParityError(f"{fresh} failed")
+    assert fresh.read_text() == "bad"  # nothing to protect: left in place for inspection

@@ -177,7 +177,18 @@ def test_bad_input_is_one_clear_error(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "huggingface_hub", None)
     with pytest.raises(MNv4Error, match=r"pip install 'mnv4\[hub\]'"):
         mnv4.push_to_hub(model, "me/x")
-    assert main(["hub", "push", str(tmp_path / "missing"), "--repo-id", "me/x", "--local-dir", str(tmp_path)]) == 2
+    # a folder with someone's files is never written over; an earlier push's folder is updated in place
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "README.md").write_text("my notes")
+    with pytest.raises(MNv4Error, match=r"holds files that are not an mnv4 repository folder \(README.md\)"):
+        mnv4.push_to_hub(model, "me/x", local_dir=tmp_path / "mine")
+    assert (tmp_path / "mine" / "README.md").read_text() == "my notes"
+    again = tmp_path / "pushed"
+    mnv4.push_to_hub(model, "me/x", local_dir=again)
+    assert mnv4.push_to_hub(model, "me/x", local_dir=again) == str(again)
+    assert (
+        main(["hub", "push", str(tmp_path / "missing"), "--repo-id", "me/x", "--local-dir", str(tmp_path / "n")]) == 2
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("mnv4: error: ") and "does not exist" in err[0]
 

@@ -239,6 +239,8 @@ def test_max_steps_cli_prints_a_resume_command_that_works(tmp_path, capsys, monk
     # an -o naming another folder is refused, not ignored (the results would not be where the user looks)
     assert main(["train", "--resume", str(out), "-o", str(tmp_path / "elsewhere"), "--no-progress"]) == 2
     assert "is not the run being resumed" in capsys.readouterr().err and not (tmp_path / "elsewhere").exists()
+    assert main(["detect", "train", "--resume", str(out), "--no-progress"]) == 2  # the other trainer's run
+    assert f"is a classification training run; continue it with `mnv4 train --resume {out}`" in capsys.readouterr().err
     assert main(["train", "--resume", str(out), "--no-progress"]) == 0
     assert json.loads((out / "summary.json").read_text())["steps"] == 3
     assert main(["train", "--resume", str(out), "--lr", "0.1", "--no-progress"]) == 2

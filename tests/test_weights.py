@@ -151,3 +151,26 @@ def test_pretrained_errors():
 def test_list_models_with_tags():
     tagged = mnv4.list_models("*conv_small*", pretrained=True)
     assert "mnv4_conv_small.e2400_r224_in1k" in tagged and len(tagged) == 4
+
+
+@pytest.mark.parametrize(
+    "name, content, kind",
+    [
+        ("cfg.json", b'{"epochs": 3}', "a JSON text file"),
+        ("cfg.yaml", b"epochs: 3\n", "a text file"),
+        ("x.pt", b"\x89PNG\r\n\x1a\n" + b"\x00" * 20, "a PNG image"),
+        ("x.pth", b"\xff\xd8\xff\xe0" + b"\x00" * 20, "a JPEG image"),
+    ],
+)
+def test_a_file_that_is_evidently_no_checkpoint_is_named_as_what_it_is(tmp_path, name, content, kind):
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(mnv4.MNv4Error, match=f"is not a checkpoint \\({kind}\\); pass a .safetensors or .pt"):
+        mnv4.create_model(checkpoint=tmp_path / name)
+
+
+def test_a_detector_file_given_to_the_classifier_side_says_where_it_goes(tmp_path, tiny_hybrid_spec):
+    from mnv4.detect import create_detector, save_detector
+
+    det = save_detector(create_detector(tiny_hybrid_spec, classes=["a"], image_size=64), tmp_path / "det.safetensors")
+    with pytest.raises(mnv4.MNv4Error, match="is a detector, not a classifier: use it with `mnv4 detect eval"):
+        mnv4.create_model(checkpoint=det)

@@ -92,6 +92,11 @@ def create_model(
     sd = cfg = None
     if checkpoint is not None:
         sd, cfg = read_checkpoint(checkpoint)
+        if cfg and cfg.get("format") == "mnv4-detector":  # mnv4.detect.io.DETECTOR_FORMAT (not imported: torch-light)
+            raise MNv4Error(
+                f"{checkpoint} is a detector, not a classifier: use it with `mnv4 detect eval|predict` or "
+                "`mnv4 export` (in Python: mnv4.detect.load_detector); classifier commands take classifier weights"
+            )
     spec, entry = _resolve_spec(name, cfg, sd)
 
     tag_name = split_name(name)[1] if isinstance(name, str) else None

@@ -120,8 +120,12 @@ def read_mapping(path: str | os.PathLike, what: str, holds: str) -> dict[str, An
         text = path.read_text()
     except FileNotFoundError:
         raise MNv4Error(f"{what} not found: {path}") from None
+    except IsADirectoryError:
+        raise MNv4Error(f"{what} {path} is a folder; pass the file") from None
     except OSError as e:
         raise MNv4Error(f"cannot read {what} {path}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise MNv4Error(f"{what} {path} is not a text file (YAML or JSON); pass the {what}") from None
     is_json = path.suffix.lower() == ".json"
     try:
         data = json.loads(text) if is_json else yaml.safe_load(text)

@@ -19,7 +19,7 @@ import warnings
 from collections.abc import Iterator, Sequence
 
 from ..errors import MNv4Error
-from .args import Formatter, render_message
+from .args import Formatter, check_outputs, render_message
 
 __all__ = ["main", "build_parser"]
 
@@ -195,6 +195,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _one_line_warnings()
     sub = getattr(args, "_parser", parser)
     try:
+        check_outputs(args)  # every command's output paths, before its work
         with quiet_third_party(args.debug), process_threads(args):
             result = args.func(args)
     except MNv4Error as e:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from ..errors import MNv4Error
 from . import args as A
@@ -39,10 +40,9 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from ..deploy.bench import available_runtimes, bench, pareto_plot, write_table
     from ..deploy.requests import BenchRequest
     from ..deploy.zoo import default_models
-    from ..files import check_output_path
     from ..perf.latency import LatencyProtocol
 
-    out = check_output_path(args.output, "output", folder=True)  # before minutes of measuring
+    out = Path(args.output)  # checked before the command ran (kind="folder")
     protocol = A.request_from_args(LatencyProtocol, args, budget_s=args.budget_s or None)  # --budget 0: none
     models = tuple(A.resolve_models(args) or default_models())
     request = A.request_from_args(
@@ -120,15 +120,13 @@ def _cmd_roofline_sweep(args: argparse.Namespace) -> int:
 
 def _cmd_roofline_calibrate(args: argparse.Namespace) -> int:
     from dataclasses import replace
-    from pathlib import Path
 
     from ..deploy.roofline_fit import CALIBRATION_PROTOCOL, calibrate
-    from ..files import check_output_path
 
-    if args.output:  # checked before minutes of measuring: --hardware reads .yaml / .yml / .json only
-        if Path(args.output).suffix.lower() not in (".yaml", ".yml", ".json"):
-            raise MNv4Error(f"`output` {args.output} must end in .yaml, .yml or .json (what --hardware reads)")
-        check_output_path(args.output, "output")
+    # checked before minutes of measuring: --hardware reads .yaml / .yml / .json only (the path itself was
+    # checked before the command ran, kind="file")
+    if args.output and Path(args.output).suffix.lower() not in (".yaml", ".yml", ".json"):
+        raise MNv4Error(f"`output` {args.output} must end in .yaml, .yml or .json (what --hardware reads)")
     result = calibrate(
         A.resolve_models(args) or None,
         runtime=args.runtime,
@@ -205,13 +203,15 @@ def _add_bench(sub) -> None:
     A.add_input_size(p, help="resolution for all models (default: each model's)")
     p.add_argument(
         "--threads",
-        type=A.positive_int,
+        type=A.threads_int,
         default=None,
         metavar="N",
         help=f"CPU threads (default: {DEFAULT_BENCH_THREADS}, with a warning when the machine is busy)",
     )
     A.add_request_flags(p, LatencyProtocol)
-    A.add_output(p, help="folder for bench.md, bench.csv, pareto.png and the artefacts", default="bench_out")
+    A.add_output(
+        p, help="folder for bench.md, bench.csv, pareto.png and the artefacts", default="bench_out", kind="folder"
+    )
     A.add_progress(p)
     p.set_defaults(func=_cmd_bench)
 
@@ -242,7 +242,7 @@ def _add_roofline(sub) -> None:
     A.add_input_size(p)
     p.add_argument("--max-ridge", type=A.positive_float, default=500.0, help="largest ridge point (MACs/byte)")
     p.add_argument("--normalize", default="macs", help="'macs' (own MAC-only latency) or a model name")
-    A.add_output(p, help="plot path (.png)", default="roofline_sweep.png")
+    A.add_output(p, help="plot path (.png)", default="roofline_sweep.png", kind="file")
     p.set_defaults(func=_cmd_roofline_sweep)
 
     p = g.add_parser("calibrate", help="time models on this machine, fit its roofline, report rank correlation")
@@ -253,7 +253,7 @@ def _add_roofline(sub) -> None:
     p.add_argument("--dtype", default="float32", choices=dtypes, help="element width for bytes moved")
     A.add_threads(p, default=DEFAULT_BENCH_THREADS, help="CPU threads of each measurement", process=False)
     A.add_request_flags(p, LatencyProtocol, only=("runs", "repeats"), defaults=CALIBRATION_PROTOCOL)
-    A.add_output(p, help="write the fitted profile (.yaml/.json) for --hardware")
+    A.add_output(p, help="write the fitted profile (.yaml/.json) for --hardware", kind="file")
     A.add_hidden_alias(p, "--save", dest="output")
     A.add_progress(p)
     p.set_defaults(func=_cmd_roofline_calibrate)

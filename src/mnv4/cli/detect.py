@@ -112,13 +112,17 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def _cmd_predict(args: argparse.Namespace) -> int:
     from ..data.images import BadImageLog, find_images
     from ..detect.evaluate import image_records, predict_records
-    from ..detect.predict import draw_predictions, prediction_rows, write_rows
+    from ..detect.predict import check_drawn_paths, draw_predictions, prediction_rows, write_rows
 
     if not 0.0 <= args.score_threshold <= 1.0:
         raise MNv4Error(f"`score_threshold` {args.score_threshold} is invalid: must be within 0 and 1")
     paths = find_images(args.images)
     if not paths:
         raise MNv4Error("no image files found in the given folders")
+    if args.output and Path(args.output).resolve() in {Path(p).resolve() for p in paths}:
+        raise MNv4Error(f"`output` {args.output} is one of the input images; choose another file")
+    if args.save_images:  # before predicting: the drawn images must not replace the ones read
+        check_drawn_paths(paths, args.save_images)
     det, device = _load(args)
     records = image_records(paths)
     bad = BadImageLog()
@@ -177,7 +181,7 @@ def register(sub) -> None:
     A.add_workers(p)
     A.add_device(p)
     A.add_threads(p)
-    A.add_output(p, help="PR-curve PNG (default: next to the checkpoint)")
+    A.add_output(p, help="PR-curve PNG (default: next to the checkpoint)", kind="file")
     p.add_argument("--json", action="store_true", help="print the metrics as one JSON object (other lines: stderr)")
     p.set_defaults(func=_cmd_eval)
 
@@ -186,8 +190,9 @@ def register(sub) -> None:
     p.add_argument("--checkpoint", required=True, help="a detector .safetensors")
     p.add_argument("--score-threshold", type=float, default=0.3, help="keep boxes scoring at least this")
     p.add_argument("--format", default="jsonl", choices=("jsonl", "csv"), help="one JSON object per image, or CSV")
-    A.add_output(p, help="write the boxes to this file (default: stdout)")
+    A.add_output(p, help="write the boxes to this file (default: stdout)", kind="file")
     p.add_argument("--save-images", default=None, metavar="DIR", help="also write each image with its boxes drawn")
+    A.declare_outputs(p, save_images="folder")
     A.add_batch_size(p, 8)
     A.add_workers(p)
     A.add_device(p)

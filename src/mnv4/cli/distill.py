@@ -140,7 +140,7 @@ def _add_label(g) -> None:
         epilog="Then: mnv4 train --distill DIR [--distill DIR2 ...] --mix 1:1:2 --data LABELLED_VAL_DATA",
     )
     A.add_request_flags(p, LabelConfig, defaults=LABEL_COMMAND)
-    A.add_output(p, help="folder for the shards and manifest.json (a killed run continues there)")
+    A.add_output(p, help="folder for the shards and manifest.json (a killed run continues there)", kind="folder")
     A.add_batch_size(p, LABEL_COMMAND.batch_size, help="images per teacher batch")
     A.add_workers(p, LABEL_COMMAND.workers)
     A.add_device(p, LABEL_COMMAND.device)
@@ -172,7 +172,7 @@ def _add_finetune(g) -> None:
         help="instead of training: join these teacher files into one teacher (probabilities averaged) in OUTPUT; "
         "with --data, print its val top-1",
     )
-    A.add_output(p, help=f"run folder; its best.safetensors is the teacher (default: {TEACHER_RUN})")
+    A.add_output(p, help=f"run folder; its best.safetensors is the teacher (default: {TEACHER_RUN})", kind="folder")
     A.add_input_size(p, help="resolution to fine-tune and label at (default: the teacher's own)")
     _add_frozen_options(p)
     p.add_argument("--epochs", type=float, default=None, help="default: the finetune recipe's")

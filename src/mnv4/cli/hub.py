@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from . import args as A
+
 __all__ = ["register"]
 
 
@@ -44,6 +46,7 @@ def register(sub) -> None:
     p.add_argument(
         "--local-dir", default=None, metavar="DIR", help="write the repository folder here instead of uploading it"
     )
+    A.declare_outputs(p, local_dir="folder")
     p.add_argument("--license", default="apache-2.0", help="Hub licence id for the card and config.json")
     p.add_argument("--dataset", default=None, metavar="HUB_DATASET_ID", help="training data's Hub id for the card")
     p.set_defaults(func=_cmd_push)

@@ -269,6 +269,7 @@ def register(sub) -> None:
     )
     p.add_argument("src", help="timm or mnv4 .safetensors / .pth / .bin file or hub folder")
     p.add_argument("dst", help="output .safetensors path")
+    A.declare_outputs(p, dst="file")
     p.add_argument(
         "--to",
         choices=("mnv4", "timm"),

@@ -45,7 +45,7 @@ def register(sub) -> None:
     p.add_argument("--calib-samples", type=A.positive_int, default=64, metavar="N", help="images used (each set)")
     A.add_input_size(p, help="input resolution (default: the model's)")
     p.add_argument("--top", type=A.positive_int, default=15, metavar="N", help="layers printed")
-    A.add_output(p, help="folder for sensitivity.json and sensitivity.png", default="sensitivity")
+    A.add_output(p, help="folder for sensitivity.json and sensitivity.png", default="sensitivity", kind="folder")
     A.add_threads(p)
     A.add_progress(p)
     p.set_defaults(func=_cmd_analyze)

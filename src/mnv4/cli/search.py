@@ -119,7 +119,7 @@ def register(sub) -> None:
     A.add_soft_labels(p, "the super-network")
     A.add_input_size(p, help="search resolution (default: the dataset's own, else 224)")
     A.add_batch_size(p, None, help=f"super-network batch (default {SearchConfig.batch_size})")
-    A.add_output(p, help="result folder (default: runs/search-DATA, suffixed -2, -3... when taken)")
+    A.add_output(p, help="result folder (default: runs/search-DATA, suffixed -2, -3... when taken)", kind="folder")
     A.add_device(p, default=None)
     A.add_workers(p, default=None)
     p.add_argument("--resume", default=None, metavar="DIR", help="continue the search saved in DIR")

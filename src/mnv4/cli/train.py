@@ -75,7 +75,7 @@ def add_config_flags(
     A.add_weights(p, checkpoint_help=weights)
     A.add_input_size(p, help=input_size)
     A.add_batch_size(p, None, help=batch)
-    A.add_output(p, help=output)
+    A.add_output(p, help=output, kind="folder")
     A.add_device(p, default=None)
     A.add_workers(p, default=None)
     for flags, field, typ, text in field_flags:
@@ -337,7 +337,7 @@ def register(sub) -> None:
     A.add_workers(p)
     A.add_device(p)
     A.add_threads(p)
-    A.add_output(p, help="confusion-matrix PNG (default: next to the checkpoint)")
+    A.add_output(p, help="confusion-matrix PNG (default: next to the checkpoint)", kind="file")
     p.add_argument("--json", action="store_true", help="also print the metrics as one JSON line")
     A.add_progress(p)
     p.set_defaults(func=_cmd_eval)
@@ -348,6 +348,6 @@ def register(sub) -> None:
 
     p = sub.add_parser("plot", help="PNG of a run's training curves (from its metrics.csv)")
     p.add_argument("run_dir", help="a training run folder")
-    A.add_output(p, help="output PNG (default: RUN_DIR/curves.png)")
+    A.add_output(p, help="output PNG (default: RUN_DIR/curves.png)", kind="file")
     A.add_threads(p)
     p.set_defaults(func=_cmd_plot)

@@ -51,7 +51,7 @@ from .parity import (
 from .ptq import PTQSettings
 from .requests import MAX_INPUT_SIZE, MIN_INPUT_SIZE, ExportRequest
 from .runners import RunOptions
-from .writers import WriteJob, export_program, write_atomically
+from .writers import WriteJob, export_program, previous_artefact_kept, write_atomically
 
 __all__ = [
     "ExportRequest",
@@ -226,47 +226,48 @@ def export(
                 f"input size; got {shape}"
             )
 
-    int8 = request.precision == "int8"
-    ins = _inputs(
-        model, input_size, request.samples, request.calib_samples, request.calib_dir, request.eval_dir,
-        int8 and calib_data is None, progress,
-    )  # fmt: skip
-    if check_data is not None:
-        ins = replace(ins, x=check_data.float(), labels=None, source=f"{len(check_data)} given images")
-    calib = calib_data.float() if calib_data is not None and int8 else ins.calib
-    model, weights, random_weights = _weights_to_export(model, request, input_size, calib)
-    # The artefact is fed raw inputs (layout, dtype); eager gets them converted by the graph's own
-    # arithmetic, so the check covers the conversion too.
-    fmt_in = input_format(request, model)
-    raw = fmt_in.to_raw(ins.x)
-    batch = request.batch_for(info)
-    kept = _float_layers(model, request, calib, progress)
-    raw_calib = None if calib is None else fmt_in.to_raw(calib)
-    # An earlier export's report must not outlive its artefact: if this run dies between writing the
-    # new artefact and checking it, no PASS of another file is left beside it.
-    parity_path(path).unlink(missing_ok=True)
-    with _converter_output(progress):
-        float_ends = _write(model, info, path, request, raw, raw_calib, batch, kept, ins.labels)
+    with previous_artefact_kept(path):  # a failed export never replaces a good one (docs/deploy.md)
+        int8 = request.precision == "int8"
+        ins = _inputs(
+            model, input_size, request.samples, request.calib_samples, request.calib_dir, request.eval_dir,
+            int8 and calib_data is None, progress,
+        )  # fmt: skip
+        if check_data is not None:
+            ins = replace(ins, x=check_data.float(), labels=None, source=f"{len(check_data)} given images")
+        calib = calib_data.float() if calib_data is not None and int8 else ins.calib
+        model, weights, random_weights = _weights_to_export(model, request, input_size, calib)
+        # The artefact is fed raw inputs (layout, dtype); eager gets them converted by the graph's own
+        # arithmetic, so the check covers the conversion too.
+        fmt_in = input_format(request, model)
+        raw = fmt_in.to_raw(ins.x)
+        batch = request.batch_for(info)
+        kept = _float_layers(model, request, calib, progress)
+        raw_calib = None if calib is None else fmt_in.to_raw(calib)
+        # An earlier export's report must not outlive its artefact: if this run dies between writing the
+        # new artefact and checking it, no PASS of another file is left beside it.
+        parity_path(path).unlink(missing_ok=True)
+        with _converter_output(progress):
+            float_ends = _write(model, info, path, request, raw, raw_calib, batch, kept, ins.labels)
 
-    report = _new_report(info, request, path, ins, weights, random_weights, float_ends)
-    report.input_shape, report.input_format = list(raw.shape[1:]), fmt_in.describe()
-    report.float_layers = list(kept)
-    report.ptq = request.ptq().chosen() if int8 else {}
-    reference = _eager(model, fmt_in.to_model(raw))
-    if not info.can_run():
-        _check_structure(info, path, _rows(raw, batch or 1), reference, report)
-    else:
-        criteria = _criteria(request, random_weights)
-        _check_numerics(info, path, request, (raw, ins.labels), batch, reference, report, criteria, progress)
-        if kept:
-            with _converter_output(progress):
-                _keep_float_cost(model, info, path, request, (raw, raw_calib, batch), reference, report)
-    save_report(report)
-    if verbose:
-        print(report.summary())
-    if not report.passed:
-        raise ParityError(f"{path} failed its parity check: {'; '.join(report.failures)} (see {path}.parity.json)")
-    return ExportResult(path, report)
+        report = _new_report(info, request, path, ins, weights, random_weights, float_ends)
+        report.input_shape, report.input_format = list(raw.shape[1:]), fmt_in.describe()
+        report.float_layers = list(kept)
+        report.ptq = request.ptq().chosen() if int8 else {}
+        reference = _eager(model, fmt_in.to_model(raw))
+        if not info.can_run():
+            _check_structure(info, path, _rows(raw, batch or 1), reference, report)
+        else:
+            criteria = _criteria(request, random_weights)
+            _check_numerics(info, path, request, (raw, ins.labels), batch, reference, report, criteria, progress)
+            if kept:
+                with _converter_output(progress):
+                    _keep_float_cost(model, info, path, request, (raw, raw_calib, batch), reference, report)
+        save_report(report)
+        if verbose:
+            print(report.summary())
+        if not report.passed:
+            raise ParityError(f"{path} failed its parity check: {'; '.join(report.failures)} (see {path}.parity.json)")
+        return ExportResult(path, report)
 
 
 def _weights_to_export(

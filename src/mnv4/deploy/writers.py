@@ -10,12 +10,13 @@ recorded in :data:`mnv4.deploy.formats.FORMATS`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import tempfile
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -31,6 +32,7 @@ __all__ = [
     "WriteJob",
     "export_program",
     "write_atomically",
+    "previous_artefact_kept",
     "write_onnx",
     "write_openvino",
     "write_litert",
@@ -87,6 +89,69 @@ def write_atomically(path: Path, write: Callable[[Path], None]) -> Path:
                 shutil.rmtree(dest)
             os.replace(item, dest)
     return path
+
+
+def _artefact_group(path: Path) -> list[Path]:
+    """The files one export leaves at ``path``: the artefact (OpenVINO: .xml + .bin), its parity report and
+    a detector's sidecar."""
+    group = [path, Path(f"{path}.parity.json"), Path(f"{path}.detector.json")]
+    if path.suffix.lower() == ".xml":
+        group.insert(1, path.with_suffix(".bin"))
+    return group
+
+
+def _failed_name(member: Path, path: Path) -> Path:
+    """``m.onnx`` -> ``m.failed.onnx``, ``m.onnx.parity.json`` -> ``m.failed.onnx.parity.json`` (OpenVINO's
+    ``m.bin`` -> ``m.failed.bin``, still beside its .xml)."""
+    return member.with_name(f"{path.stem}.failed{member.name[len(path.stem) :]}")
+
+
+def _remove(p: Path) -> None:
+    if p.is_dir() and not p.is_symlink():
+        shutil.rmtree(p)
+    elif p.exists() or p.is_symlink():
+        p.unlink()
+
+
+@contextlib.contextmanager
+def previous_artefact_kept(path: Path) -> Iterator[None]:
+    """An export over an existing artefact never loses it: the previous files are moved aside first; a new
+    artefact that fails its parity check is moved to ``NAME.failed.EXT`` (with its report, for inspection)
+    and the previous one is put back; any other failure removes the new files and puts it back; success
+    discards it. With no previous artefact this does nothing (a failed one stays at ``path``)."""
+    from .parity import ParityError
+
+    path = Path(path)
+    if not (path.exists() or path.is_symlink()):
+        yield
+        return
+    backup = Path(tempfile.mkdtemp(prefix=f".{path.name}.previous.", dir=path.parent))
+    for member in _artefact_group(path):
+        if member.exists() or member.is_symlink():
+            os.replace(member, backup / member.name)
+
+    def restore() -> None:
+        for item in backup.iterdir():
+            os.replace(item, path.parent / item.name)
+        backup.rmdir()
+
+    try:
+        yield
+    except ParityError as e:
+        for member in _artefact_group(path):
+            if member.exists():
+                target = _failed_name(member, path)
+                _remove(target)
+                os.replace(member, target)
+        restore()
+        failed = _failed_name(path, path)
+        raise ParityError(f"{str(e).replace(str(path), str(failed))}; the previous {path.name} is kept") from None
+    except BaseException:
+        for member in _artefact_group(path):
+            _remove(member)
+        restore()
+        raise
+    shutil.rmtree(backup)
 
 
 def _onnx_program(model: nn.Module, example: torch.Tensor, target: Path, job: WriteJob) -> None:

@@ -297,8 +297,14 @@ def _export_raw(
 
 
 def _check_eval_data(data: str | os.PathLike | None) -> None:
-    if data is not None and str(data).lower() != "digits" and not Path(data).is_dir():
+    """Before any export: the evaluation set exists and is laid out as a detection dataset."""
+    if data is None or str(data).lower() == "digits":
+        return
+    if not Path(data).is_dir():
         raise MNv4Error(f"detection evaluation set not found: {data}; give a COCO, VOC or YOLO folder, or digits")
+    from .data import detect_format
+
+    detect_format(Path(data))  # one error naming the folder when it is none of COCO, VOC, YOLO
 
 
 def compare_ap(
@@ -374,6 +380,7 @@ def export_detector(
     from ..deploy.export import artefact_path
     from ..deploy.formats import get_format
     from ..deploy.parity import ParityError
+    from ..deploy.writers import previous_artefact_kept
 
     info = get_format(fmt)
     # Defaults: the eager detector's own decoding (RetinaNet 0.05 / 0.5, SSDLite 0.001 / 0.55, 100 boxes),
@@ -395,39 +402,40 @@ def export_detector(
     name = f"{detector.head_kind}_{detector.config['backbone']}_{detector.image_size}"
     path = artefact_path(output, f"{name}_{'nms' if with_nms else precision}{info.suffix}", info)
     check_output_path(path, "output", folder=info.suffix == ".mlpackage")
-    detector = detector.eval().float()
-    if not with_nms:
-        failed = None
-        try:
-            _export_raw(detector, fmt, path, precision, (samples, images), threads, verbose, export_options)
-        except ParityError as e:  # the AP of an artefact that failed its check is still worth knowing
-            failed = e
-        if eval_data is not None and path.exists():
-            compare_ap(detector, path, eval_data, split, threads=threads, verbose=verbose)
-        if failed is not None:
-            raise failed
+    with previous_artefact_kept(path):  # a failed export never replaces a good one (docs/deploy.md)
+        detector = detector.eval().float()
+        if not with_nms:
+            failed = None
+            try:
+                _export_raw(detector, fmt, path, precision, (samples, images), threads, verbose, export_options)
+            except ParityError as e:  # the AP of an artefact that failed its check is still worth knowing
+                failed = e
+            if eval_data is not None and path.exists():
+                compare_ap(detector, path, eval_data, split, threads=threads, verbose=verbose)
+            if failed is not None:
+                raise failed
+            return path
+        _check_nms_request(fmt, precision)
+        info.require("fp32")
+        if path.suffix.lower() != info.suffix:
+            raise MNv4Error(f"a {fmt} artefact must end in {info.suffix}, got {path.name} (`output`)")
+        x, source = _inputs(detector, samples, images)
+        detector, weights = _realistic(detector, x)
+        module = NMSNetwork(detector, score_thresh, nms_thresh, max_det).eval()
+        _write_nms_graph(module, x[:1], fmt, path)
+        report = _nms_parity(module, path, fmt, x, threads)
+        report.update(format=fmt, artefact=str(path), inputs=source, weights=weights, min_match_iou=MIN_MATCH_IOU)
+        if not report["detections"]:
+            # an untrained RetinaNet starts every score at its 0.01 prior, under any useful threshold
+            report["note"] = "no detection above score_thresh to compare: pass trained weights or real `images`"
+        atomic_write_json(path.with_name(path.name + ".parity.json"), report)
+        _sidecar(detector, path, "[N, 6] detections: x1, y1, x2, y2 (pixels), score, label", head=detector.head_kind)
+        if verbose:
+            print(
+                f"{fmt} with NMS: {report['detections']} detections on {len(x)} inputs ({source}), "
+                f"min matched IoU {report['min_iou']:.4f}, classes {'equal' if report['same_class'] else 'DIFFER'}"
+                + (f" ({report['note']})" if "note" in report else "")
+            )
+        if not report["passed"]:
+            raise ParityError(f"{path} failed its parity check: {'; '.join(report['failures'])}")
         return path
-    _check_nms_request(fmt, precision)
-    info.require("fp32")
-    if path.suffix.lower() != info.suffix:
-        raise MNv4Error(f"a {fmt} artefact must end in {info.suffix}, got {path.name} (`output`)")
-    x, source = _inputs(detector, samples, images)
-    detector, weights = _realistic(detector, x)
-    module = NMSNetwork(detector, score_thresh, nms_thresh, max_det).eval()
-    _write_nms_graph(module, x[:1], fmt, path)
-    report = _nms_parity(module, path, fmt, x, threads)
-    report.update(format=fmt, artefact=str(path), inputs=source, weights=weights, min_match_iou=MIN_MATCH_IOU)
-    if not report["detections"]:
-        # an untrained RetinaNet starts every score at its 0.01 prior, under any useful threshold
-        report["note"] = "no detection above score_thresh to compare: pass trained weights or real `images`"
-    atomic_write_json(path.with_name(path.name + ".parity.json"), report)
-    _sidecar(detector, path, "[N, 6] detections: x1, y1, x2, y2 (pixels), score, label", head=detector.head_kind)
-    if verbose:
-        print(
-            f"{fmt} with NMS: {report['detections']} detections on {len(x)} inputs ({source}), "
-            f"min matched IoU {report['min_iou']:.4f}, classes {'equal' if report['same_class'] else 'DIFFER'}"
-            + (f" ({report['note']})" if "note" in report else "")
-        )
-    if not report["passed"]:
-        raise ParityError(f"{path} failed its parity check: {'; '.join(report['failures'])}")
-    return path

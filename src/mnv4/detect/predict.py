@@ -66,6 +66,35 @@ def write_rows(rows: list[dict[str, Any]], fmt: str, output: str | os.PathLike |
         sys.stdout.write(buf.getvalue())
 
 
+def drawn_paths(images: list[str | os.PathLike], folder: str | os.PathLike) -> list[Path]:
+    """Where :func:`draw_predictions` writes each image: ``folder/STEM.png``, clashing stems suffixed ``-2``,
+    ``-3``... (known before predicting, so a command can refuse a folder that would overwrite an input)."""
+    used: set[str] = set()
+    out = []
+    for path in images:
+        stem = name = Path(path).stem
+        n = 1
+        while f"{name}.png" in used:
+            n += 1
+            name = f"{stem}-{n}"
+        used.add(f"{name}.png")
+        out.append(Path(folder) / f"{name}.png")
+    return out
+
+
+def check_drawn_paths(images: list[str | os.PathLike], folder: str | os.PathLike) -> None:
+    """Refuse a ``folder`` where a drawn image would replace one of the ``images`` being read."""
+    from ..errors import MNv4Error
+
+    inputs = {Path(p).resolve() for p in images}
+    for source, target in zip(images, drawn_paths(images, folder)):
+        if target.resolve() in inputs:
+            raise MNv4Error(
+                f"`save_images` {folder}: the drawn {target.name} would replace the input image {source}; "
+                "choose another folder"
+            )
+
+
 def draw_predictions(
     records: list[DetRecord],
     preds: list[dict[str, Any] | None],
@@ -74,15 +103,16 @@ def draw_predictions(
     folder: str | os.PathLike,
 ) -> int:
     """Write each readable image with its boxes drawn (torchvision's draw_bounding_boxes) to ``folder``;
-    returns how many were written. Names keep the source's stem; clashes get a numeric suffix."""
+    returns how many were written. Names keep the source's stem; clashes get a numeric suffix
+    (:func:`drawn_paths`); a name that is one of the images read is refused (:func:`check_drawn_paths`)."""
     from torchvision.transforms.v2.functional import pil_to_tensor, to_pil_image
     from torchvision.utils import draw_bounding_boxes
 
     folder = Path(folder)
+    check_drawn_paths([r.path for r in records], folder)
     folder.mkdir(parents=True, exist_ok=True)
-    used: set[str] = set()
     written = 0
-    for r, p in zip(records, preds):
+    for r, p, target in zip(records, preds, drawn_paths([r.path for r in records], folder)):
         if p is None:
             continue
         boxes, scores, labels = _kept(p, threshold)
@@ -90,13 +120,7 @@ def draw_predictions(
         text = [f"{classes[int(lab)]} {float(s):.2f}" for lab, s in zip(labels, scores)]
         width = max(1, round(max(image.shape[-2:]) / 320))
         drawn = draw_bounding_boxes(image, boxes, text, colors="red", width=width) if len(boxes) else image
-        name = Path(r.path).stem
-        n = 1
-        while f"{name}.png" in used:
-            n += 1
-            name = f"{Path(r.path).stem}-{n}"
-        used.add(f"{name}.png")
         pil = to_pil_image(drawn)
-        atomic_write(folder / f"{name}.png", lambda tmp, im=pil: im.save(tmp, format="PNG"))
+        atomic_write(target, lambda tmp, im=pil: im.save(tmp, format="PNG"))
         written += 1
     return written

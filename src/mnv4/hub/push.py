@@ -140,6 +140,32 @@ def _facts(src: Source, repo_id: str, license: str, dataset: str | None) -> Card
     )
 
 
+_REPO_FILES = ("model.safetensors", "config.json", "spec.json", "README.md")  # what write_repo writes
+
+
+def _check_local_dir(folder: Path) -> None:
+    """``local_dir`` is empty (or new), or an earlier push's folder (only the repository files, its
+    config.json one that mnv4 wrote), which is then updated; any other content is never overwritten."""
+    if not folder.is_dir():
+        return
+    if (folder / _RUN_SUMMARY).exists():
+        raise MNv4Error(f"`local_dir` {folder} holds a training run; pick an empty folder for the repository")
+    names = sorted(p.name for p in folder.iterdir())
+    others = [n for n in names if n not in _REPO_FILES]
+    ours = False
+    if "config.json" in names:
+        try:
+            ours = isinstance(json.loads((folder / "config.json").read_text()).get("mnv4"), dict)
+        except (OSError, ValueError, AttributeError):
+            ours = False
+    if others or (names and not ours):
+        shown = ", ".join((others or names)[:4])
+        raise MNv4Error(
+            f"`local_dir` {folder} already holds files that are not an mnv4 repository folder ({shown}); "
+            "pick an empty folder (an earlier push's folder is updated in place)"
+        )
+
+
 def write_repo(src: Source, folder: str | os.PathLike, facts: CardFacts) -> Path:
     """Write the repository's files into ``folder`` (each atomically)."""
     from safetensors.torch import save_file
@@ -204,13 +230,12 @@ def push_to_hub(
     """
     if not _REPO_ID.match(repo_id):
         raise MNv4Error(f"`repo_id` {repo_id!r} is not a Hub repository id; write OWNER/NAME (letters, digits, . _ -)")
+    if local_dir is not None:
+        _check_local_dir(Path(local_dir))  # before loading anything
     src = load_source(source)
     facts = _facts(src, repo_id, license, dataset)
     if local_dir is not None:
-        local = Path(local_dir)
-        if (local / _RUN_SUMMARY).exists():
-            raise MNv4Error(f"`local_dir` {local} holds a training run; pick an empty folder for the repository")
-        return str(write_repo(src, local, facts))
+        return str(write_repo(src, Path(local_dir), facts))
     with tempfile.TemporaryDirectory(prefix="mnv4-hub-") as tmp:
         write_repo(src, tmp, facts)
         return _upload(Path(tmp), repo_id, private, token, commit_message)

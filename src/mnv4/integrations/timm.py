@@ -126,7 +126,7 @@ def register_spec(spec: ModelSpec | dict | str | os.PathLike, name: str | None =
     """Make a custom architecture a timm model: ``spec`` is a :class:`ModelSpec`, its dict, a ``spec.json``
     (``mnv4 search`` writes one) or the search's output folder. Returns the timm name (default: the spec's).
     A name timm already has for a model of its own is refused, so nothing of timm's is shadowed."""
-    from ..nas.report import read_spec_file
+    from ..models.specs import read_spec_file
 
     if isinstance(spec, (str, os.PathLike)):
         path = Path(spec)

@@ -30,6 +30,7 @@ __all__ = [
     "mqa",
     "mhsa",
     "MODEL_SPECS",
+    "read_spec_file",
 ]
 
 
@@ -352,3 +353,22 @@ HYBRID_LARGE = ModelSpec(
 MODEL_SPECS: dict[str, ModelSpec] = {
     s.name: s for s in (CONV_SMALL, CONV_MEDIUM, HYBRID_MEDIUM, CONV_LARGE, HYBRID_LARGE)
 }
+
+
+def read_spec_file(path: Any) -> ModelSpec:
+    """The one reader of spec files: a JSON (or YAML) ``ModelSpec.to_dict`` mapping, such as the ``spec.json``
+    that ``mnv4 search`` writes, or one wrapped as ``{"spec": {...}}``. Every failure (missing, unreadable,
+    not text, not a spec) is one MNv4Error naming the file."""
+    from ..errors import MNv4Error
+    from ..files import read_mapping
+
+    d = read_mapping(path, "spec file", "a model spec: name, stem, stages, ...")
+    d = d.get("spec", d) if isinstance(d.get("spec"), dict) else d
+    try:
+        return ModelSpec.from_dict(d)
+    except KeyError as e:
+        raise MNv4Error(
+            f"{path} is not a model spec: it has no {e.args[0]!r} field (what `mnv4 search` writes)"
+        ) from None
+    except (TypeError, ValueError, AttributeError) as e:
+        raise MNv4Error(f"{path} is not a model spec ({' '.join(str(e).split())})") from None

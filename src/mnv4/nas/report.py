@@ -11,7 +11,14 @@ from pathlib import Path
 from typing import Any
 
 from ..files import atomic_write_json, atomic_write_text
-from ..models.specs import AttentionSpec, ConvBNSpec, FusedIBSpec, ModelSpec, UIBSpec
+from ..models.specs import (
+    AttentionSpec,
+    ConvBNSpec,
+    FusedIBSpec,
+    ModelSpec,
+    UIBSpec,
+    read_spec_file,  # noqa: F401 - re-exported: the reader of a search's spec.json
+)
 from ..plotting import pyplot, save_figure
 from .compact import spec_to_string
 from .space import Arch
@@ -72,23 +79,6 @@ def predicted_costs(spec: ModelSpec, resolution: int, num_classes: int) -> dict[
         # The roofline counts bytes at the device's dtype (int8 for the paper's devices).
         out[f"{name}_ms"] = predict_latency(profile(model, resolution, dtype=hw.dtype), hw).latency_ms
     return out
-
-
-def read_spec_file(path: str | Path) -> ModelSpec:
-    """A ModelSpec from a search's ``spec.json`` (or any ``ModelSpec.to_dict`` JSON file)."""
-    from ..errors import MNv4Error
-
-    p = Path(path)
-    try:
-        d = json.loads(p.read_text())
-    except FileNotFoundError:
-        raise MNv4Error(f"spec file not found: {p}") from None
-    except (OSError, json.JSONDecodeError) as e:
-        raise MNv4Error(f"cannot read spec file {p}: {e}") from None
-    try:
-        return ModelSpec.from_dict(d)
-    except (KeyError, TypeError, ValueError) as e:
-        raise MNv4Error(f"{p} is not a model spec ({type(e).__name__}: {e})") from None
 
 
 def _stage_rows(spec: ModelSpec) -> list[dict[str, Any]]:

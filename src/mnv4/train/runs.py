@@ -8,6 +8,7 @@ stopped run says and exits with.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -101,7 +102,15 @@ def resumed_train_config(
     :func:`resumed_fields`), rebuilt as ``config_cls`` (a TrainConfig subclass for other trainers)."""
     checkpoint = Path(checkpoint)
     check_resume_output(requested.get("output"), checkpoint)
-    fields = resumed_fields(load_training_state(checkpoint)["config"], requested, may_change)
+    saved = load_training_state(checkpoint)["config"]
+    # a detection run's config has a head, a classification run's none: resuming one with the other's
+    # trainer would fail on the fields or the data, so it is refused naming the command that resumes it
+    is_detection, wants_detection = "head" in saved, any(f.name == "head" for f in dataclasses.fields(config_cls))
+    if is_detection != wants_detection:
+        command = "mnv4 detect train --resume" if is_detection else "mnv4 train --resume"
+        kind = "a detection" if is_detection else "a classification"
+        raise MNv4Error(f"{checkpoint.parent} is {kind} training run; continue it with `{command} {checkpoint.parent}`")
+    fields = resumed_fields(saved, requested, may_change)
     fields["output"] = str(checkpoint.parent)  # the run continues where it is
     return config_cls.from_dict(fields)
 

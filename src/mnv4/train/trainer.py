@@ -482,9 +482,15 @@ class Trainer:
                 existing = [f for f in RUN_FILES if (run_dir / f).exists()]
                 # a run that failed before its first step (a tracker that would not start, say) left only
                 # its config and tracker folders: nothing to continue or lose, so the folder is reused
-                # rather than refused (its --resume has no checkpoint to continue from)
-                if not any(f in _TRAINED_FILES for f in existing):
+                # rather than refused (its --resume has no checkpoint to continue from). A config.yaml
+                # this trainer did not write (the user's own, given as --config) is never overwritten.
+                if not any(f in _TRAINED_FILES for f in existing) and _written_by_a_run(run_dir / CONFIG):
                     existing = []
+                if existing == [CONFIG] and not self.exist_ok:
+                    raise MNv4Error(
+                        f"{run_dir / CONFIG} was not written by a run (your own config?) and a run writes its "
+                        "config.yaml there; choose another `output`, or replace it with `exist_ok`"
+                    )
                 if existing and not self.exist_ok:
                     raise MNv4Error(
                         f"{run_dir} already holds a run ({', '.join(existing[:4])}); continue it with `resume`, "
@@ -952,6 +958,17 @@ def _epoch_line(row: dict[str, Any], plan: Plan, epoch: int, elapsed: float) -> 
     return "  ".join(parts)
 
 
+_DERIVED_MARK = "# derived for this run (not inputs):\n"  # ends every config.yaml a run writes
+
+
+def _written_by_a_run(config_file: Path) -> bool:
+    """No file there, or one a run wrote (it carries the derived-values block)."""
+    try:
+        return not config_file.exists() or _DERIVED_MARK in config_file.read_text(errors="replace")
+    except OSError:
+        return False
+
+
 def _config_yaml(cfg: TrainConfig, plan: Plan, info: DistInfo) -> str:
     import yaml
 
@@ -965,8 +982,4 @@ def _config_yaml(cfg: TrainConfig, plan: Plan, info: DistInfo) -> str:
         "warmup_steps": plan.warmup_steps,
         "peak_lr": cfg.scaled_lr(),
     }
-    return (
-        yaml.safe_dump(d, sort_keys=False)
-        + "# derived for this run (not inputs):\n"
-        + yaml.safe_dump({"derived": derived}, sort_keys=False)
-    )
+    return yaml.safe_dump(d, sort_keys=False) + _DERIVED_MARK + yaml.safe_dump({"derived": derived}, sort_keys=False)

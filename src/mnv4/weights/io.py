@@ -87,6 +87,31 @@ def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
     return dict(obj)
 
 
+_IMAGE_MAGIC = {
+    b"\x89PNG": "a PNG image",
+    b"\xff\xd8\xff": "a JPEG image",
+    b"GIF8": "a GIF image",
+    b"BM": "a BMP image",
+}
+
+
+def _not_a_checkpoint(head: bytes) -> str | None:
+    """What a file evidently is when it is neither torch.save's zip (``PK``) nor pickle (``0x80``): an image
+    or text (JSON, YAML, a script) passed where weights go; None when it may be a checkpoint."""
+    if head.startswith((b"PK", b"\x80")) or not head:
+        return None
+    for magic, kind in _IMAGE_MAGIC.items():
+        if head.startswith(magic):
+            return kind
+    try:
+        text = head.decode("utf-8").lstrip()
+    except UnicodeDecodeError:
+        return None  # binary of some other kind: torch.load's refusal says the rest
+    if not text.isprintable() and any(c not in "\t\r\n" and not c.isprintable() for c in text):
+        return None  # control bytes (zeros, damage): not text either
+    return "a JSON text file" if text[:1] in "{[" else "a text file"
+
+
 def _unreadable_pickle(path: Path, e: Exception) -> str:
     """One line for a .pt that torch.load(weights_only=True) refuses: what is in the way, in our words, since
     torch's text runs to many lines with terminal colour codes."""
@@ -139,6 +164,8 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
             head = f.read(16)
         if len(head) >= 9 and head[8:9] == b"{":  # safetensors header under another extension
             sd, cfg = _read_safetensors(path)
+        elif (kind := _not_a_checkpoint(head)) is not None:
+            raise MNv4Error(f"{path} is not a checkpoint ({kind}); pass a .safetensors or .pt weights file")
         else:
             sd, cfg = _read_pickle(path), None
     sd = clean_state_dict(sd)
