@@ -3,7 +3,8 @@
 ``export(model, "onnx", "m.onnx")`` fuses the model, writes the artefact atomically, loads it back
 in its own runtime, compares its outputs with the *unfused* eager model on sample inputs (real
 images when given, seeded noise otherwise) and saves ``m.onnx.parity.json``. A failed comparison
-raises :class:`~mnv4.deploy.parity.ParityError`; the artefact and its report are left for inspection.
+raises :class:`~mnv4.deploy.parity.ParityError`; the artefact and its report are left for inspection (as
+``NAME.failed.EXT`` when an earlier artefact stood at the path: that one is kept).
 
 What differs between formats is read from their records in :data:`mnv4.deploy.formats.FORMATS`.
 The artefact holds the weights it was given: a checkpoint is exported as it is, whatever its
