@@ -391,3 +391,25 @@ def test_spec_and_config_files_that_are_not_text_or_not_specs(tmp_path, capsys):
     (tmp_path / "cfg.json").write_text('{"epochs": 1}')
     assert main(["profile", "--spec", str(tmp_path / "cfg.json")]) == 2
     assert "is not a model spec: it has no 'name' field" in _one_line_error(capsys)
+
+
+def test_labels_never_go_into_a_folder_of_something_else(bad_input_files, capsys):
+    t = bad_input_files
+    base = ["distill", "label", "--teacher", str(t / "teacher.safetensors"), "--data", str(t / "photos"), "-o"]
+    (t / "foreign").mkdir()
+    (t / "foreign" / "config.json").write_text("[1, 2]")
+    assert main([*base, str(t / "foreign")]) == 2
+    assert "holds a config.json that `mnv4 distill label` did not write" in _one_line_error(capsys)
+    (t / "run").mkdir()
+    (t / "run" / "metrics.csv").write_text("epoch,step\n")
+    assert main([*base, str(t / "run")]) == 2
+    assert "holds a training run (metrics.csv); choose another output folder" in _one_line_error(capsys)
+    assert sorted(p.name for p in (t / "run").iterdir()) == ["metrics.csv"]
+
+
+def test_a_run_refused_at_setup_leaves_no_folder_behind(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    for _ in range(2):  # a retry must not find runs/NAME taken and go on to runs/NAME-2
+        assert main(["train", "--epochs", "0.01", "--precision", "fp16", "--logger", "none", "--no-progress"]) == 2
+        assert "fp16 training needs CUDA" in _one_line_error(capsys)
+    assert not (tmp_path / "runs").exists() or list((tmp_path / "runs").iterdir()) == []

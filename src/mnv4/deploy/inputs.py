@@ -76,6 +76,8 @@ def load_images(
     from ..data.transforms import eval_transform
 
     root = Path(root)
+    if root.is_file():
+        raise MNv4Error(f"the {what} folder {root} is a file; pass the folder that holds the images")
     if not root.is_dir():
         raise MNv4Error(f"{what} folder not found: {root}")
     files, class_dirs = _candidates(root, seed)

@@ -60,9 +60,22 @@ def parse_batch(value: str | int | None) -> int | None:
 
 
 def _check_folders(*folders: tuple[str, str | os.PathLike | None, str]) -> None:
+    """Each given image folder exists and holds an image, before any work (a bench would otherwise build and
+    time every runtime before finding its calibration folder empty)."""
+    from ..data.images import IMAGE_SUFFIXES
+
     for name, folder, role in folders:
-        if folder is not None and not Path(folder).is_dir():
+        if folder is None:
+            continue
+        path = Path(folder)
+        if path.is_file():
+            raise MNv4Error(f"`{name}` {folder} is a file; pass the {role} folder that holds the images")
+        if not path.is_dir():
             raise MNv4Error(f"{role} folder not found: {folder} (`{name}`)")
+        if not any(p.suffix.lower() in IMAGE_SUFFIXES for p in path.rglob("*")):
+            raise MNv4Error(
+                f"no images in the {role} folder {folder} (`{name}`; looked for {', '.join(IMAGE_SUFFIXES)} files)"
+            )
 
 
 def _folder(flag: str, help: str):

@@ -200,6 +200,7 @@ def analyze_folders(
 ) -> tuple[SensitivityReport, Path, Path]:
     """:func:`analyze` on image folders (``samples`` calibration images; ``eval_dir``: labelled images
     to measure on, up to ``samples`` of them), saved as ``output/sensitivity.json`` and ``.png``."""
+    from ..data.images import BadImageLog
     from ..errors import check_input_size, check_int
     from ..files import atomic_write_json, check_output_path
     from ..models.meta import weights_meta
@@ -211,13 +212,14 @@ def analyze_folders(
     check_output_path(output, "output", folder=True)
     meta = weights_meta(model)
     classes = list(meta.class_names) if meta.class_names else None
+    bad = BadImageLog()  # each unreadable file named once, as every command that reads images does
     calib = load_images(
-        calib_dir, meta.preprocess, input_size, samples, 0, classes, progress=progress, what="calibration"
+        calib_dir, meta.preprocess, input_size, samples, 0, classes, bad, progress=progress, what="calibration"
     )
     eval_x = labels = None
     if eval_dir is not None:
         ev = load_images(
-            eval_dir, meta.preprocess, input_size, samples, 0, classes, progress=progress, what="evaluation"
+            eval_dir, meta.preprocess, input_size, samples, 0, classes, bad, progress=progress, what="evaluation"
         )
         eval_x, labels = ev.images, ev.labels
     report = analyze(model.eval(), calib.images, eval_x, labels, progress=progress)

@@ -330,9 +330,19 @@ def _claim(out: Path, ident: dict[str, Any], lock: DirLock) -> str | None:
     remove_orphan_temps(out)
     if (out / MANIFEST).is_file():
         return f"{out} is already complete ({MANIFEST} exists); choose another output folder"
+    run = [name for name in ("last.pt", "metrics.csv", "summary.json") if (out / name).exists()]
+    if run:  # shards mixed into a training run's folder would be a mess to separate
+        return f"{out} holds a training run ({', '.join(run)}); choose another output folder for the labels"
     if (out / CONFIG).is_file():
-        diff = _first_difference(json.loads((out / CONFIG).read_text()), ident)
+        try:
+            saved = json.loads((out / CONFIG).read_text())
+        except (OSError, ValueError):  # ValueError: not JSON, or not text at all
+            saved = None
+        if not isinstance(saved, dict) or not set(_IDENTITY) <= set(saved):
+            return f"{out} holds a {CONFIG} that `mnv4 distill label` did not write; choose an empty output folder"
+        diff = _first_difference(saved, ident)
         if diff:
+            diff = diff if len(diff) <= 160 else diff[:157] + "..."
             return (
                 f"{out} holds labels made with other settings ({diff}); resume with the same settings "
                 "or choose another output folder"

@@ -204,6 +204,7 @@ class Trainer:
         self.epoch_loss = [0.0, 0]  # sum and count of this epoch's finite step losses (kept in last.pt)
         self.stop_reason: str | None = None
         self.lock: DirLock | None = None
+        self._made_run_dir: Path | None = None  # the run folder this run created (see _unmake_run_dir)
         self.metrics: MetricsLog | None = None
         self._stop = _StopRequests()
 
@@ -498,6 +499,7 @@ class Trainer:
                     )
             else:
                 run_dir = default_run_dir(f"{_model_label(self.model)}-{self.data.name}")
+            self._made_run_dir = None if run_dir.exists() else run_dir  # removed again if setup fails
             self.lock = DirLock(run_dir, "training run").acquire()
             if not resume and cfg.output and self.exist_ok:
                 replaced = [f for f in RUN_FILES if (run_dir / f).exists()]
@@ -537,11 +539,25 @@ class Trainer:
                         self.say(self.epoch_line(row, epoch, time.perf_counter() - self.t_start))
                     self.save_checkpoint()
                 return self.finish()
+        except BaseException:
+            self._unmake_run_dir()
+            raise
         finally:
             if self.metrics is not None:
                 self.metrics.close()
             if self.lock is not None:
                 self.lock.release()
+
+    def _unmake_run_dir(self) -> None:
+        """A run refused before its first step (fp16 on a CPU, a tracker that would not start) leaves no
+        folder it made behind: retries would otherwise pile up runs/NAME-2, -3... holding only a config."""
+        made = self._made_run_dir
+        if made is None or not made.is_dir() or any((made / f).exists() for f in _TRAINED_FILES):
+            return
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+        shutil.rmtree(made, ignore_errors=True)
 
     def _stop_requested(self) -> str | None:
         if self.max_steps is not None and self.steps_this_run >= self.max_steps:
