@@ -413,3 +413,22 @@ def test_a_run_refused_at_setup_leaves_no_folder_behind(tmp_path, monkeypatch, c
         assert main(["train", "--epochs", "0.01", "--precision", "fp16", "--logger", "none", "--no-progress"]) == 2
         assert "fp16 training needs CUDA" in _one_line_error(capsys)
     assert not (tmp_path / "runs").exists() or list((tmp_path / "runs").iterdir()) == []
+
+
+def test_more_bad_input_of_plot_eval_and_export_is_one_line(tmp_path, capsys):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.csv").write_text("garbage\nx\n")
+    (tmp_path / "m.csv").write_text("epoch,step,train_loss\n1,2,abc\n")
+    cases = [
+        (["plot", str(tmp_path / "run")], "is not a metrics.csv a run wrote (no epoch and step columns)"),
+        (["plot", str(tmp_path / "m.csv")], "holds values that are not numbers"),
+        (["eval", "-m", "mnv4_conv_small", "--val-split", "1.5"], "--val-split 1.5 is invalid: must be > 0 and < 1"),
+        (
+            ["export", "-m", "mnv4_conv_small_035", "--format", "onnx", "--max-accuracy-drop", "5"],
+            "--max-accuracy-drop applies to int8 exports only; drop it or set --precision int8",
+        ),
+    ]
+    for argv, message in cases:
+        assert main(argv) == 2
+        assert message in _one_line_error(capsys)
+    assert not list(tmp_path.glob("*.png")) and not list((tmp_path / "run").glob("*.png"))

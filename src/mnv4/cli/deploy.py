@@ -28,6 +28,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     if is_detector_request(args):
         return export_detector_cli(args, request, _progress(args))
     check_classifier_eval(request.eval_dir)
+    request.validated()  # every option's error before the model loads and its weights are announced
     model = load_model(args)
     announce_weights(model, "the artefact is only good for latency and parity checks")
     result = export(model, request, progress=_progress(args))
@@ -103,10 +104,14 @@ def _cmd_roofline_sweep(args: argparse.Namespace) -> int:
     from ..perf.roofline import plot_sweep, sweep_points, sweep_table
 
     models = A.resolve_models(args) or list(PUBLISHED)
-    profiles = _profiles_for(models, args.input_size, args.dtype)
     out = args.output or "roofline_sweep.png"
-    if not str(out).lower().endswith(".png"):
+    if not str(out).lower().endswith(".png"):  # checked before counting every model
         raise MNv4Error(f"`output` {out} must be a .png file")
+    if args.normalize != "macs" and args.normalize not in models:
+        raise MNv4Error(
+            f"`normalize` {args.normalize!r} is invalid: give 'macs' or one of the models ({', '.join(models)})"
+        )
+    profiles = _profiles_for(models, args.input_size, args.dtype)
     _, rps, rel = plot_sweep(profiles, out, max_ridge=args.max_ridge, normalize=args.normalize)
     table = sweep_table(rps, rel, sweep_points(args.max_ridge))
     A.print_table(table[0], table[1:])

@@ -182,10 +182,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     from ..data.datasets import load_data
+    from ..errors import check_float
     from ..train.distributed import pick_device
     from ..train.evaluate import evaluate_on, plot_confusion
     from .models import announce_weights, load_model, model_name
 
+    if args.val_split is not None:  # before loading the model and scanning the data
+        check_float("val_split", args.val_split, 0.0, 1.0, lo_open=True, hi_open=True)
     device = pick_device(args.device)
     model = load_model(args, teachers=True).eval()
     announce_weights(model, "its accuracy will be chance")

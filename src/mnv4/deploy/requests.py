@@ -209,7 +209,9 @@ class ExportRequest:
         if not settings.chosen():
             return
         if self.precision != "int8":
-            raise MNv4Error(f"{', '.join(settings.chosen())} apply to int8 exports only (`precision`)")
+            names = ", ".join(f"`{k}`" for k in settings.chosen())
+            verb, them = ("applies", "it") if len(settings.chosen()) == 1 else ("apply", "them")
+            raise MNv4Error(f"{names} {verb} to int8 exports only; drop {them} or set `precision` int8")
         bad = settings.unsupported(info.name)
         if bad:
             offered = ", ".join(f"{f}: {', '.join(s) or 'none'}" for f, s in ROUTE_SETTINGS.items())

@@ -257,7 +257,8 @@ def load_detector(path: str | os.PathLike) -> Detector:
     if not is_detector_config(cfg):
         raise MNv4Error(
             f"{path} is not an mnv4 detector checkpoint (no {DETECTOR_FORMAT} metadata); "
-            "for a classifier's weights use `backbone_checkpoint`"
+            "a classifier's weights work with `mnv4 predict|eval`, or start a detector's backbone "
+            "(`mnv4 detect train --backbone-checkpoint`, create_detector(backbone_checkpoint=...))"
         )
     detector = build_from_config(cfg)
     try:

@@ -127,7 +127,7 @@ def ridge_sweep(
     if normalize == "macs":
         return rps, {k: v / v[0] if v[0] else v for k, v in raw.items()}
     if normalize not in raw:
-        raise MNv4Error(f"normalize must be 'macs' or one of {list(raw)}, got {normalize!r}")
+        raise MNv4Error(f"`normalize` {normalize!r} is invalid: give 'macs' or one of the models {list(raw)}")
     return rps, {k: v / raw[normalize] for k, v in raw.items()}
 
 

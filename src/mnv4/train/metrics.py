@@ -96,9 +96,19 @@ def plot_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None) -
     path = run_dir / METRICS_FILE if run_dir.is_dir() else run_dir
     if not path.is_file():
         raise MNv4Error(f"no {METRICS_FILE} in {run_dir}; pass the folder of a training run")
-    rows = read_metrics(path)
+    try:
+        rows = read_metrics(path)
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise MNv4Error(f"{path} is not a metrics.csv a run wrote ({type(e).__name__}); pass a training run") from None
+    if rows and not {"epoch", "step"} <= set(rows[0]):
+        raise MNv4Error(f"{path} is not a metrics.csv a run wrote (no epoch and step columns); pass a training run")
     if not rows:
         raise MNv4Error(f"{path} has no epochs yet")
+    try:
+        for key in ("train_loss", "val_loss", "lr", "val_top1"):
+            _column(rows, key)
+    except ValueError:
+        raise MNv4Error(f"{path} holds values that are not numbers; it is damaged or not a run's metrics.csv") from None
     from ..plotting import pyplot, save_figure
 
     plt = pyplot()
