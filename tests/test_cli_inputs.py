@@ -206,6 +206,7 @@ def bad_input_files(tmp_path):
     torch.save({"w": RunsCode()}, tmp_path / "unsafe.pt")
     torch.save({"w": torch.zeros(3)}, tmp_path / "whole.pt")
     (tmp_path / "truncated.pt").write_bytes((tmp_path / "whole.pt").read_bytes()[:100])
+    (tmp_path / "bad.tar").write_bytes(b"not a tar archive at all" * 40)
     return tmp_path
 
 
@@ -217,6 +218,10 @@ DISTILL_SEARCH_CASES = [
         "none of 6 source images sampled across the set could be read",
     ),
     (["distill", "label", "--teacher", "{t}/missing.safetensors", "--data", "{t}/photos", "-o", "{t}/o"], "missing"),
+    (
+        ["distill", "label", "--teacher", "{t}/teacher.safetensors", "--data", "{t}/bad.tar", "-o", "{t}/o"],
+        "bad.tar (file could not be opened successfully); pass a .tar/.tar.gz of images, or a folder",
+    ),
     (
         [
             "distill",

@@ -139,7 +139,9 @@ def _archive(path: Path) -> ImageSource:
                 else:
                     offsets.append((m.name, m.offset_data, m.size))
     except (tarfile.TarError, OSError, EOFError) as e:
-        raise MNv4Error(f"cannot read archive {path}: {e}") from None
+        # tarfile lists every compression it tried, one per line: the first line says enough
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0].rstrip(":")
+        raise MNv4Error(f"cannot read archive {path} ({first}); pass a .tar/.tar.gz of images, or a folder") from None
     if not names:
         raise MNv4Error(f"archive {path} holds no images ({', '.join(s for s in ('.jpg', '.png', '.webp'))}, ...)")
     order = sorted(range(len(names)), key=lambda i: names[i])  # stable ids whatever the archive order
