@@ -41,8 +41,9 @@ def test_an_existing_run_is_never_overwritten(tmp_path):
 
 
 def test_a_run_that_failed_before_its_first_step_does_not_block_the_next(tmp_path, monkeypatch):
-    """A tracker that would not start (say) fails the run after its config.yaml is written: the folder
-    holds nothing to continue or lose, so the corrected command runs there instead of being refused."""
+    """A tracker that would not start (say) fails the run after its config.yaml is written: a folder the run
+    made is removed again; in a folder that was there before, the config is left, and as it holds nothing to
+    continue or lose, the corrected command runs there instead of being refused."""
     from mnv4.train import trackers
 
     data = tiny_digits(64, 16)
@@ -54,8 +55,12 @@ def test_a_run_that_failed_before_its_first_step_does_not_block_the_next(tmp_pat
     monkeypatch.setattr(trackers, "open_trackers", no_tracker)
     with pytest.raises(MNv4Error, match="tensorboard"):
         train(cfg, data=data, progress=False)
-    monkeypatch.undo()
     run_dir = Path(cfg.output)
+    assert not run_dir.exists()  # the run made it, and took no step
+    run_dir.mkdir(parents=True)
+    with pytest.raises(MNv4Error, match="tensorboard"):
+        train(cfg, data=data, progress=False)
+    monkeypatch.undo()
     assert (run_dir / "config.yaml").is_file() and not (run_dir / "last.pt").exists()
     result = train(cfg, data=data, progress=False)
     assert result.run_dir == run_dir and (run_dir / "summary.json").is_file()
