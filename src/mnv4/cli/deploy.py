@@ -62,12 +62,9 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 def _profiles_for(models: list[str], res: int | None, dtype: str):
     from ..deploy.zoo import build, is_baseline, native_resolution
-    from ..errors import check_input_size
     from ..perf.counting import profile
 
-    if res is not None:
-        check_input_size(res)
-    out = []
+    out = []  # res: --input-size, already in range (mnv4.cli.args.input_size_int)
     for name in models:
         target = build(name, realistic=False)[0] if is_baseline(name) else name  # counting needs no weights
         prof = profile(target, res or native_resolution(name), dtype=dtype)

@@ -143,13 +143,10 @@ def _cmd_models(args: argparse.Namespace) -> int:
 
 
 def _cmd_profile(args: argparse.Namespace) -> int:
-    from ..errors import check_input_size
     from ..models.meta import weights_meta
     from ..perf import profile
     from .detect_tools import detector_profile
 
-    if args.input_size is not None:
-        check_input_size(args.input_size)
     prof = detector_profile(args)  # None unless the model is a detector
     if prof is None:
         model = load_model(args)
