@@ -927,3 +927,42 @@ def test_a_failed_export_never_replaces_the_previous_artefact(tmp_path, suffix):
             fresh.write_text("bad")
             raise ParityError(f"{fresh} failed")
     assert fresh.read_text() == "bad"  # nothing to protect: left in place for inspection
+
+
+def test_an_export_killed_midway_gets_its_previous_artefact_back_at_the_next_export(tmp_path):
+    """previous_artefact_kept moves the previous artefact into .NAME.previous.PID.*; a SIGKILL (no except runs)
+    leaves it there beside the killed export's unchecked files. The next export to the same path puts the
+    previous files back before it starts, so a failure of that one keeps them too; a live exporter's backup
+    is left alone."""
+    import subprocess
+
+    from mnv4.deploy.writers import previous_artefact_kept
+
+    path = tmp_path / "m.onnx"
+    report = tmp_path / "m.onnx.parity.json"
+    path.write_text("good")
+    report.write_text("PASS")
+    killed = """
+import os, signal, sys
+from pathlib import Path
+from mnv4.deploy.writers import previous_artefact_kept
+path = Path(sys.argv[1])
+with previous_artefact_kept(path):
+    path.write_text("unchecked")
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+    proc = subprocess.run([sys.executable, "-c", killed, str(path)], capture_output=True)
+    assert proc.returncode == -9
+    backups = [p for p in tmp_path.iterdir() if ".previous." in p.name]
+    assert len(backups) == 1 and sorted(p.name for p in backups[0].iterdir()) == ["m.onnx", "m.onnx.parity.json"]
+    assert path.read_text() == "unchecked" and not report.exists()
+    live = tmp_path / f".m.onnx.previous.{os.getpid()}.live"  # this process's pid: an export still running
+    live.mkdir()
+    (live / "m.onnx").write_text("theirs")
+    with pytest.raises(ParityError):
+        with previous_artefact_kept(path):
+            assert not path.exists()  # the restored previous files are moved aside again
+            path.write_text("bad")
+            raise ParityError(f"{path} failed its parity check")
+    assert path.read_text() == "good" and report.read_text() == "PASS"
+    assert [p.name for p in tmp_path.iterdir() if ".previous." in p.name] == [live.name]

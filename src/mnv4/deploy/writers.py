@@ -11,6 +11,7 @@ recorded in :data:`mnv4.deploy.formats.FORMATS`.
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import shutil
@@ -113,19 +114,48 @@ def _remove(p: Path) -> None:
         p.unlink()
 
 
+_BACKUP_PREFIX = ".{name}.previous."  # + the exporting process's pid + a random part
+
+
+def _restore_interrupted(path: Path) -> list[Path]:
+    """Put back the artefact that an export killed midway (SIGKILL, power loss: no ``except`` ran) had moved
+    aside: the interrupted export's own files at ``path`` never passed their check, so they give way. Backups
+    of a live export (its pid still runs) are left alone. Returns the files put back."""
+    from ..files import _pid_alive
+
+    prefix = _BACKUP_PREFIX.format(name=path.name)
+    restored: list[Path] = []
+    for backup in sorted(path.parent.glob(glob.escape(prefix) + "*")):
+        pid = backup.name[len(prefix) :].split(".")[0]
+        if not backup.is_dir() or (pid.isdigit() and (int(pid) == os.getpid() or _pid_alive(int(pid)))):
+            continue
+        items = list(backup.iterdir())
+        if items:
+            for member in _artefact_group(path):
+                _remove(member)
+        for item in items:
+            os.replace(item, path.parent / item.name)
+            restored.append(path.parent / item.name)
+        backup.rmdir()
+    return restored
+
+
 @contextlib.contextmanager
 def previous_artefact_kept(path: Path) -> Iterator[None]:
     """An export over an existing artefact never loses it: the previous files are moved aside first; a new
     artefact that fails its parity check is moved to ``NAME.failed.EXT`` (with its report, for inspection)
     and the previous one is put back; any other failure removes the new files and puts it back; success
-    discards it. With no previous artefact this does nothing (a failed one stays at ``path``)."""
+    discards it. With no previous artefact this does nothing (a failed one stays at ``path``). An export killed
+    before it could clean up leaves the previous files in ``.NAME.previous.PID.*`` beside ``path``; the next
+    export to ``path`` puts them back first (:func:`_restore_interrupted`)."""
     from .parity import ParityError
 
     path = Path(path)
+    _restore_interrupted(path)
     if not (path.exists() or path.is_symlink()):
         yield
         return
-    backup = Path(tempfile.mkdtemp(prefix=f".{path.name}.previous.", dir=path.parent))
+    backup = Path(tempfile.mkdtemp(prefix=f"{_BACKUP_PREFIX.format(name=path.name)}{os.getpid()}.", dir=path.parent))
     for member in _artefact_group(path):
         if member.exists() or member.is_symlink():
             os.replace(member, backup / member.name)
