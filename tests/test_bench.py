@@ -178,6 +178,32 @@ def test_run_one_in_process(restore_threads):
     assert "BatchNorm statistics re-estimated" in row.weights  # timed with realistic activations
 
 
+def test_artefacts_made_only_to_be_timed_are_removed(restore_threads, monkeypatch, tmp_path):
+    """Without artefact_dir, run_one's export and bench's folder live in a temporary folder removed when
+    done (they were left in the system temp folder, one per run)."""
+    pytest.importorskip("onnxruntime")
+    import tempfile
+    from pathlib import Path
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    protocol = LatencyProtocol(runs=2, repeats=1, warmup=0, budget_s=None)
+    request = BenchRequest(input_size=64, threads=1, protocol=protocol)
+    row = run_one(Measurement("mnv4_conv_small_035", "onnxruntime", "fp32", request))
+    assert row.median_ms > 0 and not row.error and "top-1" in row.parity
+    assert list(tmp_path.iterdir()) == []
+    seen = []
+
+    def fake(m, timeout=None):
+        folder = Path(m.request.artefact_dir)
+        (folder / "m.onnx").write_bytes(b"artefact")
+        seen.append(folder)
+        return row
+
+    monkeypatch.setattr(bench_mod, "measure_in_subprocess", fake)
+    assert bench(models=["mnv4_conv_small_035"], runtimes=["onnxruntime"], threads=1, progress=False) == [row]
+    assert seen and seen[0].parent == tmp_path and list(tmp_path.iterdir()) == []
+
+
 def test_zoo_build_gives_realistic_activations():
     from mnv4.deploy.zoo import build
 

@@ -966,3 +966,32 @@ with previous_artefact_kept(path):
             raise ParityError(f"{path} failed its parity check")
     assert path.read_text() == "good" and report.read_text() == "PASS"
     assert [p.name for p in tmp_path.iterdir() if ".previous." in p.name] == [live.name]
+
+
+def test_the_temporary_folder_of_a_killed_export_is_removed_by_the_next_one(tmp_path):
+    """write_atomically's folder is named like atomic_write's temp files (the writer's pid inside): the next
+    export to the same path removes one whose writer was killed, and leaves other files' and live ones."""
+    import subprocess
+
+    from mnv4.deploy.writers import write_atomically
+
+    path = tmp_path / "m.onnx"
+    killed = """
+import os, signal, sys
+from pathlib import Path
+from mnv4.deploy.writers import write_atomically
+def write(target):
+    target.write_bytes(b"half an artefact")
+    os.kill(os.getpid(), signal.SIGKILL)
+write_atomically(Path(sys.argv[1]), write)
+"""
+    assert subprocess.run([sys.executable, "-c", killed, str(path)]).returncode == -9
+    (left,) = [p for p in tmp_path.iterdir() if p.name.startswith(".m.onnx.")]
+    assert left.is_dir() and left.name.endswith(".tmp") and (left / "m.onnx").exists() and not path.exists()
+    other = tmp_path / ".other.onnx.999999999.abc.tmp"  # another artefact's: not this export's to remove
+    other.mkdir()
+    live = tmp_path / f".m.onnx.{os.getpid()}.abc.tmp"  # a running export's
+    live.mkdir()
+    write_atomically(path, lambda target: target.write_bytes(b"whole"))
+    assert path.read_bytes() == b"whole"
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == sorted([other.name, live.name])

@@ -175,14 +175,16 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def remove_orphan_temps(folder: str | os.PathLike) -> list[Path]:
-    """Delete ``atomic_write`` temp files in ``folder`` whose writer process no longer runs."""
+def remove_orphan_temps(folder: str | os.PathLike, name: str | None = None) -> list[Path]:
+    """Delete ``atomic_write`` temp files (and folders named the same way) in ``folder`` whose writer process
+    no longer runs; with ``name``, only those of the file ``name`` (a user's folder holds other files)."""
     removed = []
     folder = Path(folder)
     if not folder.is_dir():
         return removed
+    start = _TEMP_PREFIX if name is None else f"{_TEMP_PREFIX}{name}."
     for p in folder.iterdir():
-        if not (p.name.startswith(_TEMP_PREFIX) and p.name.endswith(TEMP_SUFFIX)):
+        if not (p.name.startswith(start) and p.name.endswith(TEMP_SUFFIX)):
             continue
         parts = p.name.split(".")
         pid = next((int(x) for x in reversed(parts[:-2]) if x.isdigit()), -1)

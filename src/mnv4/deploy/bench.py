@@ -167,6 +167,9 @@ def run_one(m: Measurement) -> BenchRow:
         dataclasses.replace(req, models=(m.model_name,), runtimes=(m.runtime,), precisions=(m.precision,))
     )
     fmt = _runtime_format(m.runtime)
+    if fmt is not None and req.artefact_dir is None:  # the artefact is only a means: removed when timed
+        with tempfile.TemporaryDirectory(prefix="mnv4-bench-") as tmp:
+            return run_one(dataclasses.replace(m, request=dataclasses.replace(req, artefact_dir=tmp)))
     threads = req.thread_count
     set_threads(threads)
     flush_denormals()
@@ -184,8 +187,7 @@ def run_one(m: Measurement) -> BenchRow:
         from .formats import load_runner
         from .inputs import random_inputs
 
-        out_dir = Path(req.artefact_dir or tempfile.mkdtemp(prefix="mnv4-bench-"))
-        path = out_dir / f"{m.model_name}_{res}_{m.precision}{fmt.suffix}"
+        path = Path(req.artefact_dir) / f"{m.model_name}_{res}_{m.precision}{fmt.suffix}"
         calib = None if req.calib_dir else random_inputs(32, res, seed=1)
         result = export(
             model,
@@ -333,16 +335,20 @@ def bench(request: BenchRequest | None = None, *, progress: bool | None = None, 
     (:func:`machine_load_warning`). A measurement that fails is a row with ``error`` set, so one broken
     runtime does not cost the others; callers decide what a table without a success means.
     """
-    from tqdm import tqdm
-
     request = _request_of(request, fields)
     todo = check_bench_request(request)
     if request.threads is None and (warning := machine_load_warning(request.thread_count)):
         warnings.warn(warning, stacklevel=2)
-    artefact_dir = request.artefact_dir or tempfile.mkdtemp(prefix="mnv4-bench-")
-    todo = [
-        dataclasses.replace(m, request=dataclasses.replace(m.request, artefact_dir=str(artefact_dir))) for m in todo
-    ]
+    if request.artefact_dir is None:  # the artefacts are only a means here: removed when the table is done
+        with tempfile.TemporaryDirectory(prefix="mnv4-bench-") as tmp:
+            return _measure_all(todo, tmp, progress)
+    return _measure_all(todo, request.artefact_dir, progress)
+
+
+def _measure_all(todo: list[Measurement], artefact_dir: str, progress: bool | None) -> list[BenchRow]:
+    from tqdm import tqdm
+
+    todo = [dataclasses.replace(m, request=dataclasses.replace(m.request, artefact_dir=artefact_dir)) for m in todo]
     rows = []
     bar = tqdm(todo, desc="bench", unit="run", disable=None if progress is None else not progress)
     for m in bar:

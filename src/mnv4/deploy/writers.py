@@ -76,9 +76,15 @@ def write_atomically(path: Path, write: Callable[[Path], None]) -> Path:
     """Run ``write(tmp_dir / path.name)`` then move everything it produced next to ``path``, the main
     artefact last, so a crash never leaves a half-written artefact (OpenVINO writes .xml + .bin,
     Core ML a directory). Converters create their files with ``open()``, so they get the permissions
-    the umask allows; only the temporary folder itself is private, and it is not moved."""
+    the umask allows; only the temporary folder itself is private, and it is not moved. The folder is named
+    like ``atomic_write``'s temp files (writer's pid inside), so one left by a killed export is removed by the
+    next export to the same path."""
+    from ..files import TEMP_SUFFIX, remove_orphan_temps
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=f".{path.name}.", dir=path.parent) as tmp:
+    remove_orphan_temps(path.parent, name=path.name)
+    prefix = f".{path.name}.{os.getpid()}."
+    with tempfile.TemporaryDirectory(prefix=prefix, suffix=TEMP_SUFFIX, dir=path.parent) as tmp:
         target = Path(tmp) / path.name
         write(target)
         if not target.exists():
