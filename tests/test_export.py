@@ -221,7 +221,14 @@ def _fp16_weights(fmt: str, path) -> bool:
     raise AssertionError(fmt)
 
 
-@pytest.mark.parametrize("fmt", ["pt2", "torchscript", "onnx", pytest.param("openvino", marks=pytest.mark.slow)])
+FP16_CASES = ["pt2", "torchscript", "onnx", pytest.param("openvino", marks=pytest.mark.slow)]
+
+
+def _case_names(cases) -> set[str]:
+    return {c.values[0] if hasattr(c, "values") else c for c in cases}
+
+
+@pytest.mark.parametrize("fmt", FP16_CASES)
 def test_fp16_artefact_is_half_and_close_to_eager(tiny, tmp_path, fmt):
     _needs(fmt)
     assert "fp16" in get_format(fmt).precisions
@@ -235,7 +242,7 @@ def test_fp16_artefact_is_half_and_close_to_eager(tiny, tmp_path, fmt):
 
 
 def test_every_fp16_route_is_covered():
-    covered = {"pt2", "torchscript", "onnx", "openvino", "coreml"}  # coreml: test_coreml_program_*
+    covered = _case_names(FP16_CASES) | {"coreml"}  # coreml: test_coreml_program_*
     assert {f.name for f in FORMATS.values() if f.fp16} == covered
 
 
@@ -572,17 +579,17 @@ def _denormal_model() -> tuple[nn.Module, torch.Tensor]:
     return nn.Sequential(conv).eval(), torch.full((1, 3, 8, 8), 1e-20)
 
 
-@pytest.mark.parametrize(
-    "fmt",
-    [
-        "pt2",
-        "torchscript",
-        "onnx",
-        pytest.param("openvino", marks=pytest.mark.slow),
-        pytest.param("litert", marks=pytest.mark.slow),
-        pytest.param("executorch", marks=pytest.mark.slow),
-    ],
-)
+DENORMAL_CASES = [
+    "pt2",
+    "torchscript",
+    "onnx",
+    pytest.param("openvino", marks=pytest.mark.slow),
+    pytest.param("litert", marks=pytest.mark.slow),
+    pytest.param("executorch", marks=pytest.mark.slow),
+]
+
+
+@pytest.mark.parametrize("fmt", DENORMAL_CASES)
 def test_runtime_flushes_denormals(tmp_path, fmt, no_flush):
     from mnv4.deploy.runners import RunOptions
     from mnv4.deploy.writers import WriteJob, write_atomically
@@ -621,8 +628,7 @@ def test_executorch_runs_on_the_thread_count_asked_for(tmp_path):
 
 
 def test_every_benched_runtime_is_checked_for_denormals():
-    checked = {"pt2", "torchscript", "onnx", "openvino", "litert", "executorch"}
-    assert {f.name for f in FORMATS.values() if f.can_run() and f.name != "coreml"} <= checked
+    assert {f.name for f in FORMATS.values() if f.can_run() and f.name != "coreml"} <= _case_names(DENORMAL_CASES)
 
 
 def test_cli_export_errors_name_the_flags(tmp_path, capsys):

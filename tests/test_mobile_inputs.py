@@ -163,9 +163,17 @@ def test_every_format_says_what_inputs_it_holds():
 
 
 def test_cli_flags_come_from_the_request(capsys):
-    from mnv4.cli import main
+    """The export flags parse into the request's own fields, so the CLI and the API cannot drift apart."""
+    from mnv4.cli import args as A
+    from mnv4.cli import build_parser, main
+    from mnv4.deploy.requests import ExportRequest
 
-    main(["export", "--help"])
+    assert main(["export", "--help"]) == 0
     text = capsys.readouterr().out
     for flag in ("--input-layout", "--input-dtype", "--batch"):
         assert flag in text
+    argv = ["export", "-m", "x", "--format", "onnx", "--input-layout", "nhwc", "--input-dtype", "uint8", "--batch", "3"]
+    request = A.request_from_args(ExportRequest, build_parser().parse_args(argv))
+    assert request == ExportRequest("onnx", input_layout="nhwc", input_dtype="uint8", batch="3")
+    default = A.request_from_args(ExportRequest, build_parser().parse_args(["export", "-m", "x", "--format", "onnx"]))
+    assert default == ExportRequest("onnx")

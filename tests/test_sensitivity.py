@@ -85,8 +85,10 @@ def test_cli_quantize_analyze_writes_json_and_plot(tmp_path, capsys):
     assert d["samples"] == 4 and len(d["layers"]) == len(quantizable_layers(fuse(_tiny())))
     assert (tmp_path / "out" / "sensitivity.png").stat().st_size > 0
     assert "wrote" in capsys.readouterr().out
-    assert main([*argv, "--calib-samples", "1", "-o", str(tmp_path / "x")]) != 0  # one image: one clear line
-    assert "error" in capsys.readouterr().err
+    assert main([*argv, "--calib-samples", "1", "-o", str(tmp_path / "x")]) == 2  # one image: one clear line
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert errors == ["mnv4: error: --calib-samples 1 is invalid: must be >= 2"]
+    assert not (tmp_path / "x").exists()
 
 
 def _onnx_weight_quantized(path) -> dict[str, bool]:

@@ -255,14 +255,41 @@ def test_recipe_without_data_and_sync_bn_messages(tmp_path, capsys):
         train(tiny_cfg(tmp_path, sync_bn=True, device="cpu"), data=tiny_digits(64, 16), progress=False)
 
 
-def test_checkpoint_files_store_plain_tensors_only(tmp_path):
+class _Code:
+    def __reduce__(self):
+        return (print, ("code ran",))
+
+
+def test_checkpoint_files_store_plain_tensors_only(tmp_path, capsys):
+    """last.pt loads with weights_only=True and holds only tensors and plain Python values; a resume file
+    that needs code to unpickle is refused without running it."""
     cfg = tiny_cfg(tmp_path, epochs=1)
     res = train(cfg, data=tiny_digits(n_train=64, n_val=16), progress=False)
     sd = load_file(str(res.run_dir / "best.safetensors"))
     assert "classifier.weight" in sd and sd["classifier.weight"].shape[0] == 10
+    state = torch.load(res.run_dir / "last.pt", weights_only=True)
+
+    def leaves(x):
+        if isinstance(x, dict):
+            assert all(isinstance(k, (str, int)) for k in x)
+            for v in x.values():
+                yield from leaves(v)
+        elif isinstance(x, (list, tuple)):
+            for v in x:
+                yield from leaves(v)
+        else:
+            yield x
+
+    found = list(leaves(state))
+    assert any(isinstance(v, torch.Tensor) for v in found)
+    assert all(isinstance(v, (torch.Tensor, str, int, float, bool, type(None))) for v in found)
     with pytest.raises(MNv4Error, match="not an mnv4 training checkpoint"):
         (tmp_path / "bad.pt").write_bytes(b"junk")
         train(cfg, resume=tmp_path / "bad.pt", data=tiny_digits(64, 16), progress=False)
+    torch.save({**state, "model": _Code()}, tmp_path / "code.pt")
+    with pytest.raises(MNv4Error, match="not an mnv4 training checkpoint"):
+        train(cfg, resume=tmp_path / "code.pt", data=tiny_digits(64, 16), progress=False)
+    assert "code ran" not in capsys.readouterr().out
 
 
 def test_finetune_recipe_starts_from_a_checkpoint_with_a_new_classifier(tmp_path):
