@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 
 import torch
 
@@ -23,7 +23,7 @@ def torch_threads(n: int | None) -> Iterator[None]:
             torch.set_num_threads(saved)
 
 
-def sample_threads():
+def sample_threads() -> AbstractContextManager[None]:
     """The pool for making one training sample: one thread in the main process, as it is in a DataLoader
     worker (torch gives each worker one). Per-sample ops are tiny, and a multi-threaded pool makes them
     10-1000x slower on a busy machine (every op waits for all its threads to be scheduled)."""

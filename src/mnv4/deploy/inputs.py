@@ -11,12 +11,16 @@ import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from ..data.images import BadImage, BadImageLog, find_images, try_load_rgb
 from ..errors import MNv4Error
+
+if TYPE_CHECKING:
+    from ..models.registry import Preprocess
 
 __all__ = ["ImageSet", "load_images", "random_inputs"]
 
@@ -56,7 +60,7 @@ def _candidates(root: Path, seed: int) -> tuple[list[tuple[Path, str | None]], l
 
 def load_images(
     root: str | os.PathLike,
-    preprocess,
+    preprocess: Preprocess,
     input_size: int | None = None,
     limit: int | None = 256,
     seed: int = 0,

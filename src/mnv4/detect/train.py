@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -320,7 +321,7 @@ def train_detector(
     data: DetectionData | None = None,
     max_steps: int | None = None,
     progress: bool | None = None,
-    log=None,
+    log: Callable[[str], None] | None = None,
     exist_ok: bool = False,
 ) -> TrainResult:
     """Train a detector according to ``cfg`` (under torchrun every process calls this); see ``mnv4.train.train``."""

@@ -4,7 +4,9 @@ soft-label datasets of ``--distill``, mnv4.nas.soft_labels) for a :class:`~mnv4.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch.distributed as dist
 from torch.utils.data import Subset
@@ -17,16 +19,19 @@ from .search import SearchConfig, SearchStopped, SuperNetTrainer, _check_reachab
 from .soft_labels import SoftLabelSuperNetTrainer, soft_label_bundle
 from .space import get_space
 
+if TYPE_CHECKING:
+    from ..data.datasets import DataBundle
+
 __all__ = ["search"]
 
 
 def search(
     cfg: SearchConfig,
     resume: bool = False,
-    data=None,
+    data: DataBundle | None = None,
     max_steps: int | None = None,
     progress: bool | None = None,
-    log=None,
+    log: Callable[[str], None] | None = None,
     exist_ok: bool = False,
 ) -> SearchResult | SearchStopped:
     """Run (or, with ``resume``, continue) a search; under torchrun every process calls this with the

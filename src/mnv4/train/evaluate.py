@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -15,6 +17,9 @@ from tqdm import tqdm
 from ..data.images import BadImageLog
 from ..models.meta import weights_meta
 from .distributed import DistInfo, all_reduce_sum
+
+if TYPE_CHECKING:
+    from ..data.datasets import DataBundle
 
 __all__ = ["EvalResult", "evaluate", "evaluate_on", "plot_confusion"]
 
@@ -32,7 +37,7 @@ class EvalResult:
 @torch.inference_mode()
 def evaluate(
     model: nn.Module,
-    loader,
+    loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
     device: torch.device | str = "cpu",
     autocast: contextlib.AbstractContextManager | None = None,
     channels_last: bool = False,
@@ -82,7 +87,7 @@ def evaluate(
 
 def evaluate_on(
     model: nn.Module,
-    data,
+    data: DataBundle,
     input_size: int | None = None,
     batch_size: int = 128,
     workers: int = 0,
