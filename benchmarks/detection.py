@@ -37,7 +37,7 @@ when interrupted; ``eval.json``, ``cost.json``), so rerunning the command contin
 ``--stages train`` trains and scores only, so long training can run in the background and the timing
 stage (``--stages cost``) later, alone on the machine.
 
-    python benchmarks/detection.py --data bccd=../shared/data/bccd --data aquarium=../shared/data/aquarium \\
+    python benchmarks/detection.py --data bccd=DATA/bccd --data aquarium=DATA/aquarium \\
         --epochs 30 --work runs/detection-bench
 """
 
