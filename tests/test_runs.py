@@ -251,3 +251,30 @@ def test_max_steps_cli_prints_a_resume_command_that_works(tmp_path, capsys, monk
     assert json.loads((out / "summary.json").read_text())["steps"] == 3
     assert main(["train", "--resume", str(out), "--lr", "0.1", "--no-progress"]) == 2
     assert "--lr cannot change" in capsys.readouterr().err
+
+
+def test_a_resume_that_dies_while_trimming_metrics_keeps_the_history(tmp_path, monkeypatch):
+    """MetricsLog drops rows past the resume point by rewriting metrics.csv: atomically, so a failure midway
+    (disk full, a kill) leaves the previous file whole instead of a truncated one."""
+    import csv
+
+    from mnv4.train.metrics import METRICS_FILE, MetricsLog, read_metrics
+
+    log = MetricsLog(tmp_path, loggers=())
+    for epoch in (1, 2, 3):
+        log.log({"epoch": epoch, "loss": 1.0 / epoch})
+    log.close()
+    before = (tmp_path / METRICS_FILE).read_text()
+
+    def fail(self, rows):
+        self.writerow(next(iter(rows)))
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(csv.DictWriter, "writerows", fail)
+    with pytest.raises(OSError, match="No space"):
+        MetricsLog(tmp_path, resume_epoch=2, loggers=())
+    assert (tmp_path / METRICS_FILE).read_text() == before
+    assert [p.name for p in tmp_path.iterdir()] == [METRICS_FILE]  # no temp file left either
+    monkeypatch.undo()
+    MetricsLog(tmp_path, resume_epoch=2, loggers=()).close()
+    assert [r["epoch"] for r in read_metrics(tmp_path / METRICS_FILE)] == ["1", "2"]

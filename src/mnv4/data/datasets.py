@@ -18,6 +18,7 @@ import torch
 from torch.utils.data import Dataset, Subset
 
 from ..errors import MNv4Error, check_float
+from ..files import atomic_write
 from .folder import SafeImageFolder, scan_classes
 from .images import BadImage, BadImageLog
 
@@ -169,8 +170,12 @@ def _fashion_mnist(root: Path) -> DataBundle:
         # Debian's dataset-fashion-mnist ships the IDX files gzipped; torchvision reads them unpacked.
         raw.mkdir(parents=True, exist_ok=True)
         for gz in DEBIAN_FASHION_MNIST.glob("*.gz"):
-            with gzip.open(gz, "rb") as src, open(raw / gz.name[:-3], "wb") as dst:
-                shutil.copyfileobj(src, dst)
+
+            def unpack(tmp: str, gz: Path = gz) -> None:
+                with gzip.open(gz, "rb") as src, open(tmp, "wb") as dst:
+                    shutil.copyfileobj(src, dst)
+
+            atomic_write(raw / gz.name[:-3], unpack)  # a half-unpacked file would pass for a whole one next time
     try:
         train = FashionMNIST(str(root), train=True, download=True)
         val = FashionMNIST(str(root), train=False, download=True)

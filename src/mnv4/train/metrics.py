@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import MNv4Error
+from ..files import atomic_write
 
 __all__ = ["MetricsLog", "read_metrics", "plot_run"]
 
@@ -40,10 +41,14 @@ class MetricsLog:
         if not rows:
             self.path.unlink(missing_ok=True)
             return
-        with open(self.path, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(rows[0]))
-            w.writeheader()
-            w.writerows(rows)
+
+        def write(tmp: str) -> None:
+            with open(tmp, "w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=list(rows[0]))
+                w.writeheader()
+                w.writerows(rows)
+
+        atomic_write(self.path, write)  # a resume killed here keeps the history it was trimming
 
     def log(self, row: dict[str, Any]) -> None:
         from .trackers import log_all
