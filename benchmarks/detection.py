@@ -35,7 +35,8 @@ where it exports (MNv4 and torchvision SSDLite: backbone + head without decoding
 training wall time. Every stage is cached in ``--work`` (a training run folder per model and seed, resumed
 when interrupted; ``eval.json``, ``cost.json``), so rerunning the command continues where it stopped.
 ``--stages train`` trains and scores only, so long training can run in the background and the timing
-stage (``--stages cost``) later, alone on the machine.
+stage (``--stages cost``) later, alone on the machine; ``--stages cost`` alone times trained rows only and
+refuses a row not trained yet rather than start its training.
 
     python benchmarks/detection.py --data bccd=DATA/bccd --data aquarium=DATA/aquarium \\
         --epochs 30 --work runs/detection-bench
@@ -266,6 +267,10 @@ def run_one(args, data_name: str, data, name: str, seed: int) -> dict:
         lr = yaml.safe_load(trained.read_text()).get("lr")
         if lr is not None and abs(float(lr) - cfg.lr) > 1e-12:
             raise SystemExit(f"{folder} was trained at LR {lr:g}, not {cfg.lr:g}: give --lr {lr:g} or another --work")
+    if not summary.is_file() and "train" not in args.stages:
+        # --stages cost alone is the timing run, meant to run alone on the machine: it must not start hours of
+        # training for a row that has none yet
+        raise SystemExit(f"{folder}: not trained yet; run the same command with --stages train first")
     if not summary.is_file():
         resume = folder / "last.pt" if (folder / "last.pt").is_file() else None
         model = build(name, data, args.size, args.backbone_checkpoint)
@@ -324,12 +329,13 @@ def main() -> None:
     ap.add_argument(
         "--stages",
         default=",".join(STAGES),
-        help="train (train + score) and/or cost (params, MACs, latency: run it alone on the machine)",
+        help="train (train + score) and/or cost (params, MACs, latency of trained rows: run it alone on the machine)",
     )
     args = ap.parse_args()
     stages = {s.strip() for s in args.stages.split(",") if s.strip()}
     if not stages or stages - set(STAGES):
         raise SystemExit(f"--stages takes a comma-separated subset of {', '.join(STAGES)}, got {args.stages!r}")
+    args.stages = stages
     if args.backbone_checkpoint is not None and not Path(args.backbone_checkpoint).is_file():
         raise SystemExit(f"--backbone-checkpoint {args.backbone_checkpoint}: no such file")
     if args.lr is not None and not 0 < args.lr < 1:
